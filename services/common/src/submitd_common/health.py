@@ -1,0 +1,83 @@
+"""Health driven by real dependency checks, served as grpc.health.v1 and over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], bool | Awaitable[bool]]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """Runs named checks every ``interval`` seconds; serving means every check passed.
+
+    ``services`` are the gRPC service names whose status follows the overall result
+    (the empty name, the whole server, always does).
+    """
+
+    def __init__(self, services: list[str] | None = None, interval: float = 1.0) -> None:
+        self.servicer = HealthServicer()
+        self.services = ["", *(services or [])]
+        self.interval = interval
+        self.checks: dict[str, Check] = {}
+        self.results: dict[str, bool] = {}
+        self.draining = False
+        self._task: asyncio.Task | None = None
+
+    def add_check(self, name: str, check: Check) -> None:
+        self.checks[name] = check
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and bool(self.results) and all(self.results.values())
+
+    async def check_now(self) -> bool:
+        for name, check in self.checks.items():
+            try:
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, timeout=max(self.interval, 1.0))
+                ok = bool(result)
+            except Exception as e:  # a failing check is an unhealthy dependency, not a crash
+                log.debug("health check %s failed: %s", name, e)
+                ok = False
+            if self.results.get(name) != ok:
+                log.log(logging.INFO if ok else logging.WARNING, "health %s: %s", name, "ok" if ok else "failing")
+            self.results[name] = ok
+        if not self.checks:
+            self.results["self"] = True
+        status = SERVING if self.ready else NOT_SERVING
+        for service in self.services:
+            await self.servicer.set(service, status)
+        return self.ready
+
+    async def _loop(self) -> None:
+        while True:
+            await self.check_now()
+            await asyncio.sleep(self.interval)
+
+    async def start(self) -> Callable[[], Awaitable[None]]:
+        await self.check_now()
+        self._task = asyncio.create_task(self._loop(), name="health")
+
+        async def stop() -> None:
+            assert self._task is not None
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+        return stop
+
+    async def set_draining(self) -> None:
+        """Readiness off for good: load balancers stop sending new work."""
+        self.draining = True
+        for service in self.services:
+            await self.servicer.set(service, NOT_SERVING)

@@ -1,0 +1,109 @@
+"""The NATS connection and the JetStream queue every service agrees on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+STREAM = "SUBMITD_QUEUE"
+SUBJECT_PREFIX = "submitd.queue"
+SUBMIT_SUBJECT = f"{SUBJECT_PREFIX}.submit"
+BODY_BUCKET = "SUBMITD_BODIES"
+COUNTERS_BUCKET = "SUBMITD_COUNTERS"
+EVENTS_SUBJECT = "submitd.events"
+
+# Acknowledged messages could be lost by older servers (fixed in 2.10.23).
+MIN_SERVER_VERSION = (2, 10, 23)
+
+
+class ServerTooOld(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_bytes: int = 1 << 30
+    replicas: int = 1
+    # A frontend retries a publish for at most a few seconds; ten minutes is ample.
+    duplicate_window_s: float = 600.0
+
+
+async def connect(name: str, options: dict, **callbacks) -> NATS:
+    """Connect with endless reconnects: a NATS outage must never end a service."""
+
+    async def error_cb(e: Exception) -> None:
+        log.warning("nats error: %s", e)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats disconnected")
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected")
+
+    nc = await nats.connect(
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=2,
+        allow_reconnect=True,
+        error_cb=callbacks.get("error_cb", error_cb),
+        disconnected_cb=callbacks.get("disconnected_cb", disconnected_cb),
+        reconnected_cb=callbacks.get("reconnected_cb", reconnected_cb),
+        **options,
+    )
+    check_server_version(nc)
+    return nc
+
+
+def check_server_version(nc: NATS) -> None:
+    v = nc.connected_server_version
+    found = (v.major, v.minor, v.patch)
+    if found < MIN_SERVER_VERSION:
+        want = ".".join(map(str, MIN_SERVER_VERSION))
+        raise ServerTooOld(
+            f"nats-server {'.'.join(map(str, found))} is too old: submitd needs {want} or newer "
+            "(older servers can lose acknowledged JetStream messages)"
+        )
+
+
+def stream_config(cfg: QueueConfig) -> StreamConfig:
+    return StreamConfig(
+        name=STREAM,
+        subjects=[f"{SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=cfg.replicas,
+        # A full queue refuses new messages; it never drops accepted ones.
+        discard=DiscardPolicy.NEW,
+        max_bytes=cfg.max_bytes,
+        duplicate_window=cfg.duplicate_window_s,
+    )
+
+
+async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool = True) -> None:
+    """Create the queue stream and the body store; with ``update``, bring an existing
+    stream to this configuration (the frontend owns it; the relay only makes sure it exists)."""
+    want = stream_config(cfg)
+    try:
+        await js.stream_info(STREAM)
+        if update:
+            await js.update_stream(want)
+    except NotFoundError:
+        await js.add_stream(want)
+    try:
+        await js.object_store(BODY_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        from nats.js.api import ObjectStoreConfig
+
+        await js.create_object_store(
+            BODY_BUCKET,
+            ObjectStoreConfig(storage=StorageType.FILE, replicas=cfg.replicas),
+        )

@@ -1,0 +1,67 @@
+"""pytest fixtures for submitd: real servers on 127.0.0.1, stopped when the test ends."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from submitd_common.dev.sink import Sink
+from submitd_common.dev.stack import NatsServer, Stack, User
+
+ALICE = "alice@example.test"
+ALICE_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream and a temporary store."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A real SMTP next hop that records what it receives."""
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+def default_users() -> dict[str, User]:
+    return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
+    """Start a whole stack delivering to ``sink``: ``make_stack(**Stack kwargs)``."""
+    stacks: list[Stack] = []
+
+    def factory(start: bool = True, **kwargs) -> Stack:
+        kwargs.setdefault("users", default_users())
+        kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
+        stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stacks.append(stack)
+        if start:
+            try:
+                stack.start()
+            except Exception:
+                stack.stop()
+                raise
+        return stack
+
+    yield factory
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture
+def client_tls() -> ssl.SSLContext:
+    """Clients in tests trust the stack's self-signed certificate without checking names."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

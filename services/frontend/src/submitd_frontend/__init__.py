@@ -1,0 +1,1 @@
+"""submitd frontend: the SMTP submission server."""

@@ -1,0 +1,126 @@
+"""submitd-frontend: the SMTP submission server (587 STARTTLS, 465 implicit TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from functools import partial
+
+from submitd.v1 import policy_pb2_grpc, rewriter_pb2_grpc
+from submitd_common import grpcutil, jetstream, lifecycle
+from submitd_common.health import Health
+from submitd_common.http import health_app, serve_http
+from submitd_common.logs import setup_logging
+from submitd_common.telemetry import setup_telemetry
+
+from .backends import QueueWriter
+from .settings import Settings
+from .smtp import Backends, Sessions, SubmissionSMTP
+
+log = logging.getLogger("submitd.frontend")
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
+
+
+async def drain(sessions: Sessions, seconds: float) -> None:
+    """Idle sessions are told 421 and closed; sessions inside DATA may finish."""
+    sessions.draining = True
+    for s in list(sessions.active):
+        if not s.in_data and s.transport is not None:
+            try:
+                s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+            except Exception:
+                pass
+            s.transport.close()
+    deadline = time.monotonic() + seconds
+    while sessions.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        for s in list(sessions.active):
+            if not s.in_data and s.transport is not None:
+                s.transport.close()
+
+
+async def amain() -> None:
+    settings = Settings()
+    setup_logging("frontend", settings.log_level)
+    provider = setup_telemetry("frontend")
+
+    nc = await jetstream.connect("submitd-frontend", settings.nats_options())
+    js = nc.jetstream()
+    await jetstream.ensure_queue(
+        js, jetstream.QueueConfig(max_bytes=settings.queue_max_bytes, replicas=settings.queue_replicas)
+    )
+    policy_ch = grpcutil.channel(settings.policy_target)
+    rewriter_ch = grpcutil.channel(settings.rewriter_target)
+    backends = Backends(
+        settings=settings,
+        policy=policy_pb2_grpc.PolicyStub(policy_ch),
+        rewriter=rewriter_pb2_grpc.RewriterStub(rewriter_ch),
+        queue=QueueWriter(js, settings.inline_body_limit, settings.publish_timeout),
+    )
+
+    health = Health()
+    health.add_check("nats", lambda: nc.is_connected)
+    health.add_check("policy", lambda: grpcutil.remote_serving(policy_ch))
+    health.add_check("rewriter", lambda: grpcutil.remote_serving(rewriter_ch))
+    stop_health = await health.start()
+    http_host, http_port = split_hostport(settings.http_listen)
+    bound_http, stop_http = await serve_http(health_app(health, "submitd frontend"), http_host, http_port)
+
+    tls = server_tls_context(settings)
+    if tls is None:
+        log.warning("no TLS certificate configured: STARTTLS, port 465 and AUTH are unavailable")
+    sessions = Sessions()
+    loop = asyncio.get_running_loop()
+    servers = []
+    listeners = [(settings.submission_listen, False)]
+    if tls is not None:
+        listeners.append((settings.submissions_listen, True))
+    for listen, implicit in listeners:
+        if not listen:
+            continue
+        host, port = split_hostport(listen)
+        factory = partial(SubmissionSMTP, backends, sessions, implicit_tls=implicit, tls_context=tls)
+        server = await loop.create_server(factory, host, port, ssl=tls if implicit else None, reuse_address=True)
+        servers.append(server)
+        log.info(
+            "frontend listening",
+            extra={"fields": {"port": server.sockets[0].getsockname()[1], "implicit_tls": implicit}},
+        )
+    log.info("frontend ready", extra={"fields": {"http_port": bound_http}})
+
+    await lifecycle.wait_for_signal()
+    log.info("frontend draining", extra={"fields": {"sessions": len(sessions.active)}})
+    await health.set_draining()
+    # Listeners stay open while draining: a new client is told 421 rather than refused.
+    await drain(sessions, settings.drain_seconds)
+    for server in servers:
+        server.close()
+    await stop_http()
+    await stop_health()
+    await nc.drain()
+    await policy_ch.close()
+    await rewriter_ch.close()
+    provider.shutdown()
+
+
+def main() -> None:
+    lifecycle.run(amain)
+
+
+if __name__ == "__main__":
+    main()

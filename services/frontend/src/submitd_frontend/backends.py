@@ -1,0 +1,161 @@
+"""The frontend's calls out: the policy session stream, the rewriter and the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
+from submitd_common import jetstream
+from submitd_common.replies import reply
+from submitd_common.telemetry import inject_context
+
+log = logging.getLogger("submitd.frontend")
+
+CHUNK = 64 << 10
+
+
+class BackendUnavailable(Exception):
+    """A dependency failed; the client gets a 4xx and may retry."""
+
+    def __init__(self, smtp_reply: common_pb2.Reply) -> None:
+        super().__init__(smtp_reply.text)
+        self.reply = smtp_reply
+
+
+POLICY_DOWN = reply(421, "4.3.2", "Service temporarily unavailable, try again later")
+QUEUE_DOWN = reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
+QUEUE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
+REWRITER_DOWN = reply(451, "4.3.0", "Message processing temporarily unavailable, try again later")
+
+
+class PolicySession:
+    """One bidirectional stream per SMTP session: every event gets one verdict, in order."""
+
+    def __init__(self, stub: policy_pb2_grpc.PolicyStub, timeout: float) -> None:
+        self.call = stub.Session()
+        self.timeout = timeout
+        self.broken = False
+
+    async def ask(self, **event) -> policy_pb2.Verdict:
+        if self.broken:
+            raise BackendUnavailable(POLICY_DOWN)
+        try:
+            await asyncio.wait_for(self.call.write(policy_pb2.SessionEvent(**event)), self.timeout)
+            verdict = await asyncio.wait_for(self.call.read(), self.timeout)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as e:
+            self.broken = True
+            log.warning("policy unavailable: %s", getattr(e, "details", lambda: e)())
+            raise BackendUnavailable(POLICY_DOWN) from e
+        if verdict is grpc.aio.EOF:
+            self.broken = True
+            raise BackendUnavailable(POLICY_DOWN)
+        return verdict
+
+    async def close(self) -> None:
+        if not self.broken:
+            try:
+                await asyncio.wait_for(self.call.done_writing(), 1.0)
+            except Exception:
+                pass
+        self.call.cancel()
+
+
+async def rewrite(
+    stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
+) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
+    """Stream the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
+
+    async def requests():
+        yield rewriter_pb2.RewriteRequest(envelope=envelope)
+        view = memoryview(message)
+        for i in range(0, len(message), CHUNK):
+            yield rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + CHUNK]))
+
+    out_envelope = None
+    parts: list[bytes] = []
+    try:
+        call = stub.Rewrite(requests(), timeout=timeout)
+        async for resp in call:
+            kind = resp.WhichOneof("part")
+            if kind == "reject":
+                return None, resp.reject
+            if kind == "envelope":
+                out_envelope = resp.envelope
+            else:
+                parts.append(resp.chunk)
+    except grpc.aio.AioRpcError as e:
+        log.warning("rewriter unavailable: %s %s", e.code(), e.details())
+        raise BackendUnavailable(REWRITER_DOWN) from e
+    if out_envelope is None:
+        raise BackendUnavailable(REWRITER_DOWN)
+    return out_envelope, b"".join(parts)
+
+
+class QueueWriter:
+    """Publishes a final message to JetStream and returns only once the server stored it."""
+
+    def __init__(self, js: JetStreamContext, inline_limit: int, timeout: float) -> None:
+        self.js = js
+        self.inline_limit = inline_limit
+        self.timeout = timeout
+        self._bodies = None
+
+    async def _body_store(self):
+        if self._bodies is None:
+            self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
+        return self._bodies
+
+    async def publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
+        qid = envelope.queue_id
+        trace_context = inject_context()
+        qmsg = queue_pb2.QueuedMessage(
+            envelope=envelope, received_at_ms=int(time.time() * 1000), size=len(body), trace_context=trace_context
+        )
+        stored_object = False
+        try:
+            if len(body) > self.inline_limit:
+                store = await self._body_store()
+                await asyncio.wait_for(store.put(qid, body), self.timeout)
+                stored_object = True
+                qmsg.object_name = qid
+            else:
+                qmsg.inline_body = body
+            headers = {"Nats-Msg-Id": qid, **trace_context}
+            payload = qmsg.SerializeToString()
+            # One retry with the same Nats-Msg-Id: the server de-duplicates, so a lost
+            # acknowledgement cannot queue the message twice.
+            for attempt in (1, 2):
+                try:
+                    await self.js.publish(jetstream.SUBMIT_SUBJECT, payload, timeout=self.timeout / 2, headers=headers)
+                    return
+                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                    if attempt == 2:
+                        raise
+        except nats.js.errors.APIError as e:
+            await self._forget(qid, stored_object)
+            text = (e.description or "").lower()
+            if "maximum bytes" in text or "maximum messages" in text or "insufficient resources" in text:
+                log.warning("queue full: %s", e.description)
+                raise BackendUnavailable(QUEUE_FULL) from e
+            log.warning("queue refused the message: %s", e)
+            raise BackendUnavailable(QUEUE_DOWN) from e
+        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+            await self._forget(qid, stored_object)
+            log.warning("queue unavailable: %r", e)
+            raise BackendUnavailable(QUEUE_DOWN) from e
+
+    async def _forget(self, qid: str, stored_object: bool) -> None:
+        if not stored_object:
+            return
+        try:
+            store = await self._body_store()
+            await asyncio.wait_for(store.delete(qid), 2.0)
+        except Exception:  # an orphaned body only costs space; it is never delivered
+            log.info("could not remove body of unqueued message %s", qid)

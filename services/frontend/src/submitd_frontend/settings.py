@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from submitd_common.config import ServiceSettings
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SUBMITD_FRONTEND_", extra="forbid")
+
+    hostname: str = Field(default_factory=socket.getfqdn, description="Name in the greeting and EHLO reply")
+    submission_listen: str = Field("0.0.0.0:587", description="STARTTLS listener host:port; empty disables it")
+    submissions_listen: str = Field("0.0.0.0:465", description="Implicit-TLS listener host:port; empty disables it")
+    http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
+    tls_cert: str | None = Field(None, description="PEM certificate chain; without it there is no TLS and no AUTH")
+    tls_key: str | None = Field(None, description="PEM private key")
+    policy_target: str = Field("127.0.0.1:50051", description="gRPC target of the policy service")
+    rewriter_target: str = Field("127.0.0.1:50052", description="gRPC target of the rewriter service")
+    max_message_size: int = Field(25 << 20, description="SIZE limit in octets")
+    max_recipients: int = Field(100, description="Recipients per message (RFC 5321 §4.5.3.1.8 minimum 100)")
+    inline_body_limit: int = Field(
+        256 << 10, description="Bodies larger than this go to the JetStream Object Store"
+    )
+    queue_max_bytes: int = Field(1 << 30, description="MaxBytes of the queue stream (Discard=New)")
+    queue_replicas: int = Field(1, description="Replicas of the queue stream (3 in a cluster)")
+    policy_timeout: float = Field(10.0, description="Seconds to wait for a policy verdict")
+    rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
+    publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")
+    command_timeout: float = Field(300.0, description="Idle seconds before a session is closed (RFC 5321 §4.5.3.2)")

@@ -1,0 +1,1 @@
+"""submitd policy: decides every step of a submission session."""

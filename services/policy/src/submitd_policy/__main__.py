@@ -1,0 +1,61 @@
+"""submitd-policy: the gRPC policy service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from submitd.v1 import policy_pb2, policy_pb2_grpc
+from submitd_common import grpcutil, jetstream, lifecycle
+from submitd_common.files import WatchedFile
+from submitd_common.health import Health
+from submitd_common.logs import setup_logging
+from submitd_common.telemetry import setup_telemetry
+
+from .service import PolicyService
+from .settings import Settings
+from .users import UserDB
+
+log = logging.getLogger("submitd.policy")
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+
+
+async def amain() -> None:
+    settings = Settings()
+    setup_logging("policy", settings.log_level)
+    provider = setup_telemetry("policy")
+    users = WatchedFile(settings.users_file, UserDB.load, settings.reload_interval)
+    stop_watch = users.start()
+
+    # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
+    nc = await jetstream.connect("submitd-policy", settings.nats_options())
+    await nc.jetstream().create_key_value(bucket=jetstream.COUNTERS_BUCKET, history=1, ttl=3600)
+
+    health = Health([SERVICE_NAME])
+    health.add_check("nats", lambda: nc.is_connected)
+    health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
+    stop_health = await health.start()
+
+    service = PolicyService(users, settings.trusted_networks, settings.allow_auth_without_tls)
+    _, port, stop_grpc = await grpcutil.start_server(
+        settings.listen, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s), health
+    )
+    log.info("policy listening", extra={"fields": {"port": port, "users": len(users.value.users)}})
+
+    await lifecycle.wait_for_signal()
+    log.info("policy draining")
+    await health.set_draining()
+    await stop_grpc(settings.drain_seconds)
+    await stop_health()
+    await stop_watch()
+    await nc.drain()
+    provider.shutdown()
+
+
+def main() -> None:
+    lifecycle.run(amain)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""submitd relay: delivers queued messages to the next hop."""

@@ -1,0 +1,57 @@
+"""submitd-relay: delivers queued messages to the next hop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from submitd_common import jetstream, lifecycle
+from submitd_common.health import Health
+from submitd_common.http import health_app, serve_http
+from submitd_common.logs import setup_logging
+from submitd_common.telemetry import setup_telemetry
+
+from .consumer import Relay
+from .delivery import NextHopPool
+from .settings import Settings
+
+log = logging.getLogger("submitd.relay")
+
+
+async def amain() -> None:
+    settings = Settings()
+    setup_logging("relay", settings.log_level)
+    provider = setup_telemetry("relay")
+    nc = await jetstream.connect("submitd-relay", settings.nats_options())
+    js = nc.jetstream()
+    await jetstream.ensure_queue(js, jetstream.QueueConfig(), update=False)
+    pool = NextHopPool(settings)
+    relay = Relay(js, pool, settings)
+    await relay.start()
+
+    health = Health()
+    health.add_check("nats", lambda: nc.is_connected)
+    stop_health = await health.start()
+    host, _, port = settings.http_listen.rpartition(":")
+    bound, stop_http = await serve_http(health_app(health, "submitd relay"), host or "0.0.0.0", int(port))
+    runner = asyncio.create_task(relay.run(), name="relay")
+    log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})
+
+    await lifecycle.wait_for_signal()
+    log.info("relay draining", extra={"fields": {"inflight": len(relay.inflight)}})
+    await health.set_draining()
+    await relay.stop(settings.drain_seconds)
+    await runner
+    await pool.close()
+    await stop_http()
+    await stop_health()
+    await nc.drain()
+    provider.shutdown()
+
+
+def main() -> None:
+    lifecycle.run(amain)
+
+
+if __name__ == "__main__":
+    main()

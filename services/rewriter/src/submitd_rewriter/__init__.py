@@ -1,0 +1,1 @@
+"""submitd rewriter: completes, rewrites and signs messages."""
