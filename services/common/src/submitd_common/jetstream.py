@@ -36,7 +36,7 @@ class QueueConfig:
     duplicate_window_s: float = 600.0
 
 
-async def connect(name: str, options: dict, **callbacks) -> NATS:
+async def connect(name: str, options: dict, **kwargs) -> NATS:
     """Connect with endless reconnects: a NATS outage must never end a service."""
 
     async def error_cb(e: Exception) -> None:
@@ -54,10 +54,11 @@ async def connect(name: str, options: dict, **callbacks) -> NATS:
         reconnect_time_wait=0.5,
         connect_timeout=2,
         allow_reconnect=True,
-        error_cb=callbacks.get("error_cb", error_cb),
-        disconnected_cb=callbacks.get("disconnected_cb", disconnected_cb),
-        reconnected_cb=callbacks.get("reconnected_cb", reconnected_cb),
+        error_cb=kwargs.pop("error_cb", error_cb),
+        disconnected_cb=kwargs.pop("disconnected_cb", disconnected_cb),
+        reconnected_cb=kwargs.pop("reconnected_cb", reconnected_cb),
         **options,
+        **kwargs,
     )
     check_server_version(nc)
     return nc

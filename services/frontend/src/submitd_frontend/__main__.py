@@ -59,7 +59,9 @@ async def amain() -> None:
     setup_logging("frontend", settings.log_level)
     provider = setup_telemetry("frontend")
 
-    nc = await jetstream.connect("submitd-frontend", settings.nats_options())
+    # No publish buffering while reconnecting: a publish during an outage must fail now
+    # (the client gets 451), not be flushed later after the client was told to retry.
+    nc = await jetstream.connect("submitd-frontend", settings.nats_options(), pending_size=0)
     js = nc.jetstream()
     await jetstream.ensure_queue(
         js, jetstream.QueueConfig(max_bytes=settings.queue_max_bytes, replicas=settings.queue_replicas)
@@ -70,7 +72,7 @@ async def amain() -> None:
         settings=settings,
         policy=policy_pb2_grpc.PolicyStub(policy_ch),
         rewriter=rewriter_pb2_grpc.RewriterStub(rewriter_ch),
-        queue=QueueWriter(js, settings.inline_body_limit, settings.publish_timeout),
+        queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
     )
 
     health = Health()

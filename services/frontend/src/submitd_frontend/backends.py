@@ -9,7 +9,7 @@ import time
 import grpc
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import jetstream
@@ -101,11 +101,16 @@ async def rewrite(
 class QueueWriter:
     """Publishes a final message to JetStream and returns only once the server stored it."""
 
-    def __init__(self, js: JetStreamContext, inline_limit: int, timeout: float) -> None:
-        self.js = js
+    def __init__(self, nc: NATS, inline_limit: int, timeout: float) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.inline_limit = inline_limit
         self.timeout = timeout
         self._bodies = None
+
+    @property
+    def available(self) -> bool:
+        return self.nc.is_connected
 
     async def _body_store(self):
         if self._bodies is None:

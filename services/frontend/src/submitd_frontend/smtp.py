@@ -24,7 +24,7 @@ from submitd_common.addresses import AddressError, split_path
 from submitd_common.ids import new_queue_id
 from submitd_common.replies import render
 
-from .backends import BackendUnavailable, PolicySession, QueueWriter, rewrite
+from .backends import QUEUE_DOWN, BackendUnavailable, PolicySession, QueueWriter, rewrite
 from .settings import Settings
 
 log = logging.getLogger("submitd.frontend")
@@ -389,6 +389,9 @@ class SubmissionSMTP(SMTP):
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if not self.backends.queue.available:
+            await self.push(render(QUEUE_DOWN))
             return
         verdict = await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
         if not verdict.accept:

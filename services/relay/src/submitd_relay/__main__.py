@@ -42,6 +42,7 @@ async def amain() -> None:
     await health.set_draining()
     await relay.stop(settings.drain_seconds)
     await runner
+    await relay.close()
     await pool.close()
     await stop_http()
     await stop_health()

@@ -77,6 +77,13 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def close(self) -> None:
+        # A pull subscription's internal queue is never joined by anyone: left subscribed,
+        # it would hold nc.drain() until the drain timeout.
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
     async def _body(self, qmsg: queue_pb2.QueuedMessage) -> bytes:
         if qmsg.WhichOneof("body") == "inline_body":
             return qmsg.inline_body

@@ -58,7 +58,8 @@ class SinkHandler:
             if self.data_replies:
                 return self.data_replies.popleft()
             msg = Received(
-                envelope.mail_from,
+                # aiosmtpd reports the null return path as "<>": record it as the empty path.
+                "" if envelope.mail_from == "<>" else envelope.mail_from,
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 list(envelope.mail_options),
@@ -69,6 +70,12 @@ class SinkHandler:
                 self._box.add(msg.data)
             self.arrived.notify_all()
         return "250 2.0.0 Ok: stored"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.data_replies.clear()
+            self.rcpt_replies.clear()
 
     def wait_for(self, count: int, timeout: float) -> list[Received]:
         """Block until at least ``count`` messages arrived (or the timeout passed)."""
@@ -84,7 +91,7 @@ class Sink:
         self.handler = SinkHandler(maildir=maildir)
         self.port = port or free_port()
         self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, server_kwargs={"enable_SMTPUTF8": True}
+            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True
         )
 
     def start(self) -> "Sink":
@@ -93,6 +100,7 @@ class Sink:
 
     def stop(self) -> None:
         self.controller.stop()
+        self.controller.loop.close()
 
 
 async def _serve(port: int, maildir: Path) -> None:

@@ -77,8 +77,8 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> "NatsServer":
-        log = open(self.root / "nats-server.log", "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log)
+        with open(self.root / "nats-server.log", "ab") as log:
+            self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log)
         if not wait_port("127.0.0.1", self.port, 15):
             raise RuntimeError(f"nats-server did not start; see {self.root / 'nats-server.log'}")
         return self
@@ -116,6 +116,7 @@ class Stack:
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname
         self.procs: dict[str, subprocess.Popen] = {}
+        self.sink = None  # the next hop, when the caller runs one (tests)
         self.nats = NatsServer(self.root / "nats", self.ports.nats)
         self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
         self.users_file = self.root / "users.yaml"
@@ -191,10 +192,10 @@ class Stack:
         return self
 
     def start_service(self, name: str) -> None:
-        log = open(self.root / "log" / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"submitd_{name}"], env=self.service_env(name), stdout=log, stderr=log
-        )
+        with open(self.root / "log" / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"submitd_{name}"], env=self.service_env(name), stdout=log, stderr=log
+            )
 
     def ready(self, name: str) -> bool:
         p = self.ports

@@ -35,6 +35,27 @@ def default_users() -> dict[str, User]:
     return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
 
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for a whole test module, for tests that do not change it."""
+    next_hop = Sink().start()
+    stack = Stack(tmp_path_factory.mktemp("stack"), users=default_users(), next_hop=("127.0.0.1", next_hop.port))
+    stack.sink = next_hop
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        next_hop.stop()
+
+
+@pytest.fixture
+def stack(shared_stack: Stack) -> Stack:
+    """The module's stack, its next hop emptied for this test."""
+    shared_stack.sink.handler.reset()
+    return shared_stack
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
     """Start a whole stack delivering to ``sink``: ``make_stack(**Stack kwargs)``."""
@@ -44,6 +65,7 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
         kwargs.setdefault("users", default_users())
         kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
         stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stack.sink = sink
         stacks.append(stack)
         if start:
             try:
