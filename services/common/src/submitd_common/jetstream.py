@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -62,6 +63,16 @@ async def connect(name: str, options: dict, **kwargs) -> NATS:
     )
     check_server_version(nc)
     return nc
+
+
+async def close(nc: NATS, timeout: float = 5.0) -> None:
+    """Drain (finish what is in flight, then close); a server that is gone ends it sooner."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception as e:
+        log.warning("nats drain incomplete: %r", e)
+        if not nc.is_closed:
+            await nc.close()
 
 
 def check_server_version(nc: NATS) -> None:

@@ -114,7 +114,7 @@ async def amain() -> None:
         server.close()
     await stop_http()
     await stop_health()
-    await nc.drain()
+    await jetstream.close(nc)
     await policy_ch.close()
     await rewriter_ch.close()
     provider.shutdown()

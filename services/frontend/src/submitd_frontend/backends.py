@@ -49,7 +49,7 @@ class PolicySession:
         try:
             await asyncio.wait_for(self.call.write(policy_pb2.SessionEvent(**event)), self.timeout)
             verdict = await asyncio.wait_for(self.call.read(), self.timeout)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as e:
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
             self.broken = True
             log.warning("policy unavailable: %s", getattr(e, "details", lambda: e)())
             raise BackendUnavailable(POLICY_DOWN) from e

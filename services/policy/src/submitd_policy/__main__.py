@@ -49,7 +49,7 @@ async def amain() -> None:
     await stop_grpc(settings.drain_seconds)
     await stop_health()
     await stop_watch()
-    await nc.drain()
+    await jetstream.close(nc)
     provider.shutdown()
 
 

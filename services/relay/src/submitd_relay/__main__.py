@@ -46,7 +46,7 @@ async def amain() -> None:
     await pool.close()
     await stop_http()
     await stop_health()
-    await nc.drain()
+    await jetstream.close(nc)
     provider.shutdown()
 
 

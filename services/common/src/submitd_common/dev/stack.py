@@ -78,7 +78,11 @@ class NatsServer:
 
     def start(self) -> "NatsServer":
         with open(self.root / "nats-server.log", "ab") as log:
-            self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log)
+            # A session of its own: Ctrl-C in `make run` reaches the supervisor, which
+            # stops the services first and NATS last.
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
+            )
         if not wait_port("127.0.0.1", self.port, 15):
             raise RuntimeError(f"nats-server did not start; see {self.root / 'nats-server.log'}")
         return self
@@ -194,7 +198,11 @@ class Stack:
     def start_service(self, name: str) -> None:
         with open(self.root / "log" / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"submitd_{name}"], env=self.service_env(name), stdout=log, stderr=log
+                [sys.executable, "-m", f"submitd_{name}"],
+                env=self.service_env(name),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
 
     def ready(self, name: str) -> bool:

@@ -1,0 +1,112 @@
+"""`make run`: the whole submitd stack on this machine, with a demo user and a local next
+hop that stores delivered mail in a Maildir under ./var. Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from submitd_common.dev.ports import wait_port
+from submitd_common.dev.stack import Ports, Stack, User
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var"
+DEMO_USER = "demo@example.test"
+
+
+def port(name: str, default: int) -> int:
+    return int(os.environ.get(f"SUBMITD_RUN_{name.upper()}_PORT", default))
+
+
+def demo_password() -> str:
+    # Kept across runs so that a configured mail client keeps working.
+    path = VAR / "demo-password"
+    if not path.exists():
+        VAR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(12) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def main() -> int:
+    ports = Ports(
+        nats=port("nats", 4222),
+        policy=port("policy", 50051),
+        rewriter=port("rewriter", 50052),
+        submission=port("submission", 2587),
+        submissions=port("submissions", 2465),
+        frontend_http=port("frontend_http", 8081),
+        relay_http=port("relay_http", 8082),
+    )
+    sink_port = port("sink", 2525)
+    busy = [f"{n}={p}" for n, p in {**vars(ports), "sink": sink_port}.items() if wait_port("127.0.0.1", p, 0.05)]
+    if busy:
+        print(f"ports already in use: {', '.join(busy)}; set SUBMITD_RUN_<NAME>_PORT to move them", file=sys.stderr)
+        return 1
+    password = demo_password()
+    maildir = VAR / "maildir"
+    stack = Stack(
+        VAR,
+        next_hop=("127.0.0.1", sink_port),
+        ports=ports,
+        users={DEMO_USER: User(password, [DEMO_USER, "@example.test"])},
+    )
+    with open(VAR / "log" / "sink.log", "ab") as log:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "submitd_common.dev.sink", "--port", str(sink_port), "--maildir", str(maildir)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        print("starting nats-server, policy, rewriter, relay and frontend ...", flush=True)
+        stack.start()
+        print(
+            f"""
+submitd is running.
+
+  submission (STARTTLS)  127.0.0.1:{ports.submission}
+  submissions (TLS)      127.0.0.1:{ports.submissions}
+  user                   {DEMO_USER}
+  password               {password}
+  delivered mail         {maildir}/new/
+  logs                   {VAR / 'log'}/
+  health and metrics     http://127.0.0.1:{ports.frontend_http}/readyz  http://127.0.0.1:{ports.relay_http}/metrics
+
+Send a message:
+
+  swaks --server 127.0.0.1:{ports.submission} --tls \\
+        --auth-user {DEMO_USER} --auth-password '{password}' \\
+        --from {DEMO_USER} --to someone@example.net
+
+Ctrl-C stops everything.
+""",
+            flush=True,
+        )
+        while not stopping.wait(0.5):
+            crashed = [n for n, p in stack.procs.items() if p.poll() is not None]
+            if crashed:
+                print(f"{crashed[0]} stopped unexpectedly; its log:\n{stack.log_tail(crashed[0])}", file=sys.stderr)
+                return 1
+    except RuntimeError as e:
+        print(f"submitd did not start: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+        sink.terminate()
+        sink.wait(10)
+    return 0
+
+
+stopping = threading.Event()
+
+if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Faults with real processes: NATS, relay, next hop and dependencies going away."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from submitd_common.dev.sink import Sink
+from submitd_common.dev.stack import Stack
+from submitd_common.testing.plugin import ALICE
+from submitd_common.testing.smtp import logged_in, reply_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def message(n: int | str) -> bytes:
+    return f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: message {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+def subjects(sink: Sink) -> list[str]:
+    out = []
+    for m in sink.handler.messages:
+        for line in m.data.split(b"\r\n"):
+            if line.startswith(b"Subject: "):
+                out.append(line[9:].decode())
+    return sorted(out)
+
+
+def readyz(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def grpc_status(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+def eventually(predicate, timeout: float = 15, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s: {predicate}")
+
+
+def test_nats_lost_before_end_of_data_gives_451_then_retry_is_delivered_once(make_stack):
+    stack: Stack = make_stack(env={"frontend": {"PUBLISH_TIMEOUT": "2"}})
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        assert client.docmd("DATA")[0] == 354
+        client.send(message("first try")[:40])
+        stack.nats.stop()
+        client.send(message("first try")[40:] + b".\r\n")
+        code, text = client.getreply()
+        assert (code, text[:5]) == (451, b"4.3.0")
+        # The session goes on, and a new attempt while NATS is away is refused up front.
+        assert client.noop()[0] == 250
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        assert reply_of(client, "DATA")[0] == 451
+        client.rset()
+        eventually(lambda: readyz(stack.ports.frontend_http)[0] == 503)
+
+        stack.nats.start()
+        eventually(lambda: readyz(stack.ports.frontend_http)[0] == 200)
+        client.sendmail(ALICE, ["bob@example.net"], message("retry"))
+    stack.sink.handler.wait_for(1, 20)
+    time.sleep(2)  # room for a stray second copy to show up
+    assert subjects(stack.sink) == ["message retry"], "the refused attempt must not be queued"
+
+
+def test_messages_wait_while_relay_is_down_and_none_is_lost(make_stack):
+    stack: Stack = make_stack()
+    stack.stop_service("relay")
+    with logged_in(stack) as client:
+        for n in range(30):
+            client.sendmail(ALICE, ["bob@example.net"], message(n))
+    time.sleep(1)
+    assert stack.sink.handler.messages == []
+    stack.start_service("relay")
+    stack.sink.handler.wait_for(30, 30)
+    time.sleep(1)
+    assert subjects(stack.sink) == sorted(f"message {n}" for n in range(30))
+
+
+def test_relay_killed_hard_messages_are_still_delivered(make_stack):
+    stack: Stack = make_stack(env={"relay": {"ACK_WAIT": "3"}})
+    stack.stop_service("relay", sig=9)
+    with logged_in(stack) as client:
+        for n in range(10):
+            client.sendmail(ALICE, ["bob@example.net"], message(n))
+    stack.start_service("relay")
+    stack.sink.handler.wait_for(10, 30)
+    assert subjects(stack.sink) == sorted(f"message {n}" for n in range(10))
+
+
+def test_next_hop_temporary_failure_is_retried(make_stack):
+    stack: Stack = make_stack(env={"relay": {"RETRY_SCHEDULE": "[0.5]"}})
+    stack.sink.handler.data_replies.extend(["451 4.3.0 busy, try later", "421 4.4.2 closing"])
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], message("deferred"))
+    stack.sink.handler.wait_for(1, 20)
+    assert subjects(stack.sink) == ["message deferred"]
+    assert not stack.sink.handler.data_replies, "both failures were seen before the delivery"
+
+
+def test_unreachable_next_hop_is_retried_until_it_comes_up(make_stack, tmp_path):
+    from submitd_common.dev.ports import free_port
+
+    port = free_port()
+    stack: Stack = make_stack(next_hop=("127.0.0.1", port), env={"relay": {"RETRY_SCHEDULE": "[0.5]"}})
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], message("later"))
+    time.sleep(1.5)
+    late = Sink(port=port).start()
+    try:
+        late.handler.wait_for(1, 20)
+        assert subjects(late) == ["message later"]
+    finally:
+        late.stop()
+
+
+def test_partial_failure_retries_only_the_deferred_recipient(make_stack):
+    stack: Stack = make_stack(env={"relay": {"RETRY_SCHEDULE": "[0.5]"}})
+    stack.sink.handler.rcpt_replies["carol@example.org"] = "450 4.2.1 mailbox busy"
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net", "carol@example.org"], message("partial"))
+    [first] = stack.sink.handler.wait_for(1, 20)
+    assert first.rcpt_tos == ["bob@example.net"]
+    del stack.sink.handler.rcpt_replies["carol@example.org"]
+    msgs = stack.sink.handler.wait_for(2, 20)
+    assert [m.rcpt_tos for m in msgs] == [["bob@example.net"], ["carol@example.org"]]
+    time.sleep(1.5)
+    assert len(stack.sink.handler.messages) == 2, "bob must not get a second copy"
+
+
+def test_health_follows_nats(make_stack):
+    stack: Stack = make_stack()
+    p = stack.ports
+    assert readyz(p.frontend_http)[0] == 200 and readyz(p.relay_http)[0] == 200
+    assert grpc_status(p.policy) == health_pb2.HealthCheckResponse.SERVING
+    stack.nats.stop()
+    eventually(lambda: readyz(p.frontend_http)[0] == 503)
+    assert readyz(p.frontend_http)[1]["checks"]["nats"] is False
+    eventually(lambda: readyz(p.relay_http)[0] == 503)
+    eventually(lambda: grpc_status(p.policy) == health_pb2.HealthCheckResponse.NOT_SERVING)
+    stack.nats.start()
+    eventually(lambda: readyz(p.frontend_http)[0] == 200)
+    eventually(lambda: readyz(p.relay_http)[0] == 200)
+    eventually(lambda: grpc_status(p.policy) == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("dependency", ["policy", "rewriter"])
+def test_frontend_unready_without_its_grpc_dependency(make_stack, dependency):
+    stack: Stack = make_stack()
+    stack.stop_service(dependency)
+    status, body = eventually(lambda: (r := readyz(stack.ports.frontend_http))[0] == 503 and r)
+    assert body["checks"][dependency] is False
+    stack.start_service(dependency)
+    eventually(lambda: readyz(stack.ports.frontend_http)[0] == 200)
+
+
+def test_policy_down_mid_session_is_a_4xx_never_5xx(make_stack):
+    stack: Stack = make_stack(env={"policy": {"DRAIN_SECONDS": "1"}})
+    with logged_in(stack) as client:
+        stack.stop_service("policy")
+        code, text = reply_of(client, f"MAIL FROM:<{ALICE}>")
+    assert code == 421 and text.startswith("4.3.2")
+
+
+def test_rewriter_down_at_end_of_data_is_451(make_stack):
+    stack: Stack = make_stack()
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        stack.stop_service("rewriter")
+        code, text = client.data(message("no rewriter"))
+        assert (code, text[:5]) == (451, b"4.3.0")
+        assert client.noop()[0] == 250, "the session survives"
