@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import time
 import smtplib
 
 import pytest
@@ -145,3 +146,24 @@ def test_large_message_goes_through_the_object_store(stack):
         client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\n" + body)
     [msg] = stack.sink.handler.wait_for(1, 30)
     assert msg.data.endswith(b"\r\n\r\n" + body)
+
+
+def test_users_file_changes_apply_without_restart(make_stack):
+    from submitd_common.dev.stack import User
+
+    stack = make_stack()
+    stack.users["newbie@example.test"] = User("fresh password", ["newbie@example.test"])
+    stack.write_users()
+
+    def login_works() -> bool:
+        try:
+            with connect(stack) as client:
+                client.login("newbie@example.test", "fresh password")
+            return True
+        except smtplib.SMTPAuthenticationError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while not login_works():
+        assert time.monotonic() < deadline, "the new user never became valid"
+        time.sleep(0.3)
