@@ -25,6 +25,14 @@ async def wait_for_signal(*signals: signal.Signals) -> signal.Signals:
 
 
 def run(amain) -> None:
-    """Run a service's async main; Ctrl-C before the handlers exist still exits quietly."""
+    """Run a service's async main (on uvloop, where installed: it spends fewer cycles per
+    socket operation); Ctrl-C before the handlers exist still exits quietly."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(amain())
+        if uvloop is not None:
+            uvloop.run(amain())
+        else:
+            asyncio.run(amain())

@@ -70,7 +70,16 @@ class PolicySession:
 async def rewrite(
     stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
 ) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
-    """Stream the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
+    """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
+    if len(message) <= CHUNK:
+        try:
+            result = await stub.RewriteWhole(rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            log.warning("rewriter unavailable: %s %s", e.code(), e.details())
+            raise BackendUnavailable(REWRITER_DOWN) from e
+        if result.WhichOneof("result") == "reject":
+            return None, result.reject
+        return result.accepted.envelope, result.accepted.message
 
     async def requests():
         yield rewriter_pb2.RewriteRequest(envelope=envelope)

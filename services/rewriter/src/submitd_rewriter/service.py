@@ -7,7 +7,7 @@ import logging
 import grpc
 from opentelemetry import trace
 
-from submitd.v1 import rewriter_pb2, rewriter_pb2_grpc
+from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common.replies import reply
 
 from . import headers
@@ -38,31 +38,53 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             split = headers.split_header(bytes(pending))
             if split is None:
                 if len(pending) > self.settings.max_header_bytes:
-                    yield rewriter_pb2.RewriteResponse(reject=reply(552, "5.3.4", "Message header section too large"))
+                    yield rewriter_pb2.RewriteResponse(reject=TOO_LARGE)
                     return
                 continue
             header_done = True
-            for out in self._rewrite(envelope, *split):
-                yield out
+            result = self.process(envelope, *split)
+            if isinstance(result, common_pb2.Reply):
+                yield rewriter_pb2.RewriteResponse(reject=result)
+                return
+            yield rewriter_pb2.RewriteResponse(envelope=result[0])
+            yield rewriter_pb2.RewriteResponse(chunk=result[1])
             pending.clear()
         if envelope is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no envelope")
         if not header_done:
-            # The whole message is a header section without a body (or without its blank line).
-            msg = bytes(pending)
-            if msg and not msg.endswith(b"\r\n"):
-                msg += b"\r\n"
-            for out in self._rewrite(envelope, msg, b""):
-                yield out
+            result = self.process(envelope, *header_only(bytes(pending)))
+            if isinstance(result, common_pb2.Reply):
+                yield rewriter_pb2.RewriteResponse(reject=result)
+                return
+            yield rewriter_pb2.RewriteResponse(envelope=result[0])
+            yield rewriter_pb2.RewriteResponse(chunk=result[1])
 
-    def _rewrite(self, envelope, header: bytes, rest: bytes):
+    async def RewriteWhole(self, request: rewriter_pb2.WholeMessage, context) -> rewriter_pb2.WholeResult:
+        split = headers.split_header(request.message) or header_only(request.message)
+        if len(split[0]) > self.settings.max_header_bytes:
+            return rewriter_pb2.WholeResult(reject=TOO_LARGE)
+        result = self.process(request.envelope, *split)
+        if isinstance(result, common_pb2.Reply):
+            return rewriter_pb2.WholeResult(reject=result)
+        return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=result[0], message=result[1]))
+
+    def process(self, envelope: common_pb2.Envelope, header: bytes, rest: bytes):
+        """The rewritten (envelope, header + rest), or the Reply refusing the message."""
         new_header, actions = headers.complete(
             header,
             add_date=self.settings.add_date,
             add_message_id=self.settings.add_message_id,
             domain=self.settings.message_id_domain,
         )
-        span = trace.get_current_span()
-        span.set_attribute("submitd.rewriter.actions", actions)
-        yield rewriter_pb2.RewriteResponse(envelope=envelope)
-        yield rewriter_pb2.RewriteResponse(chunk=new_header + rest)
+        trace.get_current_span().set_attribute("submitd.rewriter.actions", actions)
+        return envelope, new_header + rest
+
+
+TOO_LARGE = reply(552, "5.3.4", "Message header section too large")
+
+
+def header_only(message: bytes) -> tuple[bytes, bytes]:
+    """A message that is all header section (no blank line): the header and no rest."""
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message, b""
