@@ -29,4 +29,16 @@ class Settings(ServiceSettings):
     policy_timeout: float = Field(10.0, description="Seconds to wait for a policy verdict")
     rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
     publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")
-    command_timeout: float = Field(300.0, description="Idle seconds before a session is closed (RFC 5321 §4.5.3.2)")
+    command_timeout: float = Field(
+        300.0, description="Seconds a whole command line may take to arrive (RFC 5321 §4.5.3.2)"
+    )
+    data_read_timeout: float = Field(180.0, description="Seconds to wait for the next data block (RFC 5321 §4.5.3.2)")
+    min_data_rate: int = Field(
+        500, description="Octets per second a client must average in DATA/BDAT after the first 30 seconds"
+    )
+    max_errors: int = Field(20, description="Error replies after which the session is closed with 421 4.7.0")
+    max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
+    max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")
+    proxy_protocol: bool = Field(
+        False, description="Expect a PROXY protocol v1/v2 header on every connection (behind a load balancer)"
+    )

@@ -1,8 +1,11 @@
 """The SMTP dialog of a Message Submission Agent on top of aiosmtpd's connection handling.
 
-aiosmtpd supplies the socket, the line reader, STARTTLS (with the RFC 3207 buffer reset)
-and the command dispatch. The commands that carry submission policy (EHLO, AUTH, MAIL,
-RCPT, DATA, RSET) are ours: each is one event on the session's policy stream.
+aiosmtpd supplies the protocol object, STARTTLS (with the RFC 3207 reset of what the client
+pipelined before the handshake) and PROXY header parsing. The command loop is ours, so that
+every line is checked before anything interprets it (length, bare CR or LF, NUL, 8-bit bytes),
+errors are counted, and every reply carries an enhanced status code. The commands that carry
+submission policy (EHLO, AUTH, MAIL, RCPT, DATA, BDAT, RSET) are events on the session's policy
+stream.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import ssl
 import time
 import uuid
 from dataclasses import dataclass
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP
 from opentelemetry import trace
 
 from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2_grpc
@@ -31,8 +36,27 @@ log = logging.getLogger("submitd.frontend")
 tracer = trace.get_tracer("submitd.frontend")
 
 LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6), plus one for a stuffed dot
+COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
+# Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
+# (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
+EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
+DATA_GRACE = 30.0  # seconds before the minimum data rate applies
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
+BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+
+
+def message_problem(message: bytes) -> str | None:
+    """What a message received by BDAT (no dot-stuffing, any octets) must still satisfy."""
+    if b"\r" in message.replace(b"\r\n", b"") or b"\n" in message.replace(b"\r\n", b""):
+        return BARE_CR_LF
+    if message and not message.endswith(b"\r\n"):
+        return "554 5.6.0 Message does not end with CRLF"
+    if LONG_LINE.search(message):
+        return "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
+    return None
 
 
 @dataclass
@@ -44,11 +68,26 @@ class Backends:
 
 
 class Sessions:
-    """The live sessions of this frontend, for draining."""
+    """The live sessions of this frontend: for limits and for draining."""
 
     def __init__(self) -> None:
         self.active: set["SubmissionSMTP"] = set()
+        self.per_client: dict[str, int] = {}
         self.draining = False
+
+    def add(self, session: "SubmissionSMTP", client: str) -> None:
+        self.active.add(session)
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+
+    def remove(self, session: "SubmissionSMTP", client: str) -> None:
+        if session not in self.active:
+            return
+        self.active.discard(session)
+        left = self.per_client.get(client, 1) - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
 
 
 def parse_params(text: str) -> dict[str, str] | None:
@@ -62,6 +101,10 @@ def parse_params(text: str) -> dict[str, str] | None:
 
 
 class SubmissionSMTP(SMTP):
+    # The reader's buffer limit: room for the longest extended MAIL line, so that a line
+    # over the limit is answered 500 5.5.2 rather than breaking the reader.
+    line_length_limit = 2048
+
     def __init__(self, backends: Backends, sessions: Sessions, *, implicit_tls: bool, tls_context: ssl.SSLContext | None):
         s = backends.settings
         super().__init__(
@@ -71,9 +114,11 @@ class SubmissionSMTP(SMTP):
             tls_context=None if implicit_tls else tls_context,
             data_size_limit=s.max_message_size,
             enable_SMTPUTF8=True,
-            timeout=s.command_timeout,
+            # aiosmtpd's idle timer is only a backstop; the command loop keeps the deadlines.
+            timeout=s.command_timeout + s.data_read_timeout,
             auth_require_tls=True,
         )
+        self.settings = s
         self.backends = backends
         self.sessions = sessions
         self.implicit_tls = implicit_tls
@@ -81,6 +126,12 @@ class SubmissionSMTP(SMTP):
         self.in_data = False
         self.session_id = uuid.uuid4().hex[:16]
         self.user: str | None = None
+        self.client_address = ""
+        self.errors = 0
+        self._closing = False
+        self._bdat: list[bytes] | None = None  # chunks of a BDAT transaction in progress
+        self._bdat_size = 0
+        self._bdat_problem: str | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -98,24 +149,39 @@ class SubmissionSMTP(SMTP):
         assert self.session is not None
         peer = self.session.peer or ("", 0)
         sockname = self.transport.get_extra_info("sockname") if self.transport else None
-        self.sessions.active.add(self)
+        self.client_address = str(peer[0])
         with tracer.start_as_current_span(
             "smtp.session",
             kind=trace.SpanKind.SERVER,
             attributes={
-                "network.peer.address": str(peer[0]),
+                "network.peer.address": self.client_address,
                 "network.peer.port": int(peer[1]) if len(peer) > 1 else 0,
                 "server.port": sockname[1] if sockname else 0,
                 "submitd.session_id": self.session_id,
                 "smtp.implicit_tls": self.implicit_tls,
             },
-        ):
-            try:
-                if self.sessions.draining:
-                    await self.push("421 4.3.2 Service shutting down, try again later")
+        ) as span:
+            proxy_address = ""
+            if self.settings.proxy_protocol:
+                try:
+                    proxy = await asyncio.wait_for(get_proxy(self._reader), 10)
+                except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+                    proxy = None
+                if proxy is None or not proxy.valid or proxy.src_addr is None:
+                    log.warning("invalid or missing PROXY header", extra={"fields": {"peer": self.client_address}})
                     self.transport.close()
                     return
-                self.policy = PolicySession(self.backends.policy, self.backends.settings.policy_timeout)
+                proxy_address = str(proxy.src_addr)
+                self.client_address = proxy_address
+                span.set_attribute("client.address", proxy_address)
+            self.sessions.add(self, self.client_address)
+            try:
+                refusal = self._admission()
+                if refusal:
+                    await self.push(refusal)
+                    self.transport.close()
+                    return
+                self.policy = PolicySession(self.backends.policy, self.settings.policy_timeout)
                 try:
                     verdict = await self.policy.ask(
                         connect=policy_pb2.Connect(
@@ -125,6 +191,7 @@ class SubmissionSMTP(SMTP):
                             local_port=sockname[1] if sockname else 0,
                             implicit_tls=self.implicit_tls,
                             tls=self._tls_info(),
+                            proxy_address=proxy_address,
                         )
                     )
                 except BackendUnavailable as e:
@@ -135,24 +202,113 @@ class SubmissionSMTP(SMTP):
                     await self.push(render(verdict.reply))
                     self.transport.close()
                     return
-                await super()._handle_client()
+                await self.push(f"220 {self.hostname} ESMTP submitd")
+                await self._command_loop()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
             finally:
-                self.sessions.active.discard(self)
+                self.sessions.remove(self, self.client_address)
                 if self.policy is not None:
                     await self.policy.close()
+                if self.transport is not None:
+                    self.transport.close()
+
+    def _admission(self) -> str | None:
+        if self.sessions.draining:
+            return "421 4.3.2 Service shutting down, try again later"
+        if len(self.sessions.active) > self.settings.max_sessions:
+            return "421 4.3.2 Too many sessions, try again later"
+        if self.sessions.per_client.get(self.client_address, 0) > self.settings.max_connections_per_client:
+            return "421 4.7.0 Too many connections from your address"
+        return None
+
+    async def _command_loop(self) -> None:
+        reader = self._reader
+        while self.transport is not None and not self._closing:
+            # A deadline for the whole line, not an idle timer: a client dripping one byte
+            # at a time cannot hold the session (see _timeout_cb).
+            self._reset_timeout(self.settings.command_timeout)
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                await self._discard_line()
+                await self.push("500 5.5.2 Line too long")
+                continue
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line:
+                # A bare LF or CR ends nothing here: other servers read such lines differently.
+                await self.push("500 5.5.2 Syntax error: bare CR or LF, or NUL, in command")
+                continue
+            line = line[:-2]
+            verb_bytes, _, arg_bytes = line.partition(b" ")
+            try:
+                verb = verb_bytes.decode("ascii").upper()
+                arg = arg_bytes.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                await self.push("500 5.5.2 Syntax error: invalid characters in command")
+                continue
+            limit = EXTENDED_LIMITS.get(verb, COMMAND_LIMIT) if self.session.extended_smtp else COMMAND_LIMIT
+            if len(line) + 2 > limit:
+                await self.push("500 5.5.2 Line too long")
+                continue
+            if arg and not arg.isascii() and not self._utf8_allowed(verb, arg):
+                await self.push("553 5.6.7 Non-ASCII characters require SMTPUTF8")
+                continue
+            method = self._smtp_methods.get(verb)
+            if method is None or not verb.isalpha():
+                await self.push("500 5.5.1 Command unrecognized")
+                continue
+            if self._bdat is not None and verb not in ("BDAT", "RSET", "QUIT", "NOOP"):
+                await self.push("503 5.5.1 Only BDAT, RSET, NOOP or QUIT during a BDAT transfer")
+                continue
+            try:
+                await method(arg)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await self.push(await self.handle_exception(error))
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write(b"421 4.4.2 Timeout, closing connection\r\n")
+            except Exception:
+                pass
+        super()._timeout_cb()
+
+    def _utf8_allowed(self, verb: str, arg: str) -> bool:
+        if verb == "MAIL":
+            return any(p.upper() == "SMTPUTF8" for p in arg.split()[1:])
+        return verb == "RCPT" and bool(self.envelope.smtp_utf8)
+
+    async def _discard_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.readexactly(e.consumed)
 
     async def handle_exception(self, error: Exception) -> str:
         # Never an exception text on the wire; the client may retry.
         if isinstance(error, BackendUnavailable):
             if error.reply.code == 421:
-                self._close_after_reply = True
+                self._closing = True
             return render(error.reply)
         log.exception("session %s: internal error", self.session_id)
         return "451 4.3.0 Internal error, try again later"
 
     async def push(self, status) -> None:
         await super().push(status)
-        if getattr(self, "_close_after_reply", False) and self.transport is not None:
+        code = status[:1] if isinstance(status, str) else status[:1].decode()
+        if code == "5":
+            self.errors += 1
+            if self.errors >= self.settings.max_errors and not self._closing:
+                self._closing = True
+                log.warning("too many errors", extra={"fields": {"peer": self.client_address, "session": self.session_id}})
+                await super().push("421 4.7.0 Too many errors, closing connection")
+        if status.startswith("421" if isinstance(status, str) else b"421"):
+            self._closing = True
+        if self._closing and self.transport is not None:
             self.transport.close()
 
     async def ask(self, **event) -> policy_pb2.Verdict:
@@ -201,6 +357,7 @@ class SubmissionSMTP(SMTP):
             "ENHANCEDSTATUSCODES",
             "DSN",
             "SMTPUTF8",
+            "CHUNKING",
         ]
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -224,7 +381,7 @@ class SubmissionSMTP(SMTP):
 
     async def smtp_QUIT(self, arg: str):
         await self.push("221 2.0.0 Bye")
-        self._handler_coroutine.cancel()
+        self._closing = True
         self.transport.close()
 
     async def smtp_VRFY(self, arg: str):
@@ -286,7 +443,6 @@ class SubmissionSMTP(SMTP):
             span.set_attribute("smtp.reply.code", verdict.reply.code)
         if verdict.accept:
             session.authenticated = True
-            session.login_data = verdict.authenticated_user
             self.user = verdict.authenticated_user
         await self.refuse_or(verdict, "235 2.7.0 Authentication successful")
 
@@ -376,6 +532,7 @@ class SubmissionSMTP(SMTP):
 
     async def smtp_RSET(self, arg: str):
         self._set_rset_state()
+        self._end_bdat()
         await self.ask(reset=policy_pb2.Reset())
         await self.push("250 2.0.0 OK")
 
@@ -427,24 +584,26 @@ class SubmissionSMTP(SMTP):
         """
         limit = self.data_size_limit
         lines: list[bytes] = []
-        size = 0
+        size = received = 0
         problem: str | None = None
         reader = self._reader
         mid_line = False  # after an over-long fragment, the next read continues that line
+        started = time.monotonic()
         count = 0
         while True:
             count += 1
-            if count & 255 == 0:
-                self._reset_timeout()
+            self._reset_timeout(self.settings.data_read_timeout)
+            if count & 255 == 0 and self._too_slow(started, received):
+                return b"", None
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as e:
+                received += e.consumed
                 await reader.readexactly(e.consumed)
                 problem = problem or "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
                 mid_line = True
                 continue
-            except asyncio.IncompleteReadError:
-                raise ConnectionResetError("connection closed during DATA")
+            received += len(line)
             if mid_line:
                 mid_line = False
                 continue
@@ -453,13 +612,13 @@ class SubmissionSMTP(SMTP):
             if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
                 # A bare LF or CR: only <CRLF>.<CRLF> may end the data, and such a line
                 # must not be passed on to an MTA that reads it differently.
-                problem = problem or "554 5.6.0 Message contains bare CR or LF characters"
+                problem = problem or BARE_CR_LF
                 continue
             if problem:
                 continue
             size += len(line)
             if limit and size > limit:
-                problem = "552 5.3.4 Message size exceeds fixed maximum message size"
+                problem = TOO_BIG
                 lines.clear()
                 continue
             if len(line) > LINE_LIMIT + 1:
@@ -468,6 +627,90 @@ class SubmissionSMTP(SMTP):
                 continue
             lines.append(line[1:] if line[:1] == b"." else line)
         return (b"" if problem else b"".join(lines)), problem
+
+    def _too_slow(self, started: float, received: int) -> bool:
+        elapsed = time.monotonic() - started
+        if elapsed > DATA_GRACE and received < self.settings.min_data_rate * elapsed:
+            log.warning("data rate too low", extra={"fields": {"peer": self.client_address, "session": self.session_id}})
+            self._writer.write(b"421 4.4.2 Data rate too low, closing connection\r\n")
+            self._closing = True
+            self.transport.close()
+            return True
+        return False
+
+    # -- CHUNKING (RFC 3030) ---------------------------------------------------------
+
+    def _end_bdat(self) -> None:
+        self._bdat = None
+        self._bdat_size = 0
+        self._bdat_problem = None
+        self.in_data = False
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        parts = (arg or "").split()
+        if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        first = self._bdat is None
+        if first:
+            self._bdat, self._bdat_size, self._bdat_problem = [], 0, None
+            self.in_data = True
+        # The chunk is read whatever happens next: its octets are not commands.
+        chunk = await self._read_chunk(size)
+        if chunk is None:
+            return
+        if first:
+            if self.envelope.mail_from is None:
+                self._bdat_problem = "503 5.5.1 Need MAIL command"
+            elif not self.envelope.rcpt_tos:
+                self._bdat_problem = "554 5.5.1 No valid recipients"
+            elif not self.backends.queue.available:
+                self._bdat_problem = render(QUEUE_DOWN)
+            else:
+                verdict = await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
+                if not verdict.accept:
+                    self._bdat_problem = render(verdict.reply)
+        if not self._bdat_problem:
+            self._bdat_size += size
+            if self.data_size_limit and self._bdat_size > self.data_size_limit:
+                self._bdat_problem = TOO_BIG
+                self._bdat.clear()
+            else:
+                self._bdat.append(chunk)
+        if not last:
+            await self.push(self._bdat_problem or f"250 2.0.0 {size} octets received")
+            return
+        problem, message = self._bdat_problem, b"".join(self._bdat)
+        self._end_bdat()
+        problem = problem or message_problem(message)
+        if problem:
+            self._set_rset_state()
+            await self.push(problem)
+            return
+        try:
+            status = await self._submit(message)
+        finally:
+            self._set_rset_state()
+        await self.push(status)
+
+    async def _read_chunk(self, size: int) -> bytes | None:
+        """Read exactly ``size`` octets, within the data deadlines; None if the client went away."""
+        keep = self._bdat_problem is None and (not self.data_size_limit or self._bdat_size + size <= self.data_size_limit)
+        parts: list[bytes] = []
+        remaining = size
+        started = time.monotonic()
+        while remaining:
+            self._reset_timeout(self.settings.data_read_timeout)
+            if self._too_slow(started, size - remaining):
+                return None
+            piece = await self._reader.read(min(remaining, 1 << 16))
+            if not piece:
+                raise ConnectionResetError("connection closed during BDAT")
+            remaining -= len(piece)
+            if keep:
+                parts.append(piece)
+        return b"".join(parts)
 
     def _envelope(self, queue_id: str) -> common_pb2.Envelope:
         params = getattr(self, "_mail_params", {})
