@@ -81,6 +81,25 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
 
 @pytest.fixture
+def raw() -> Iterator[Callable[..., "RawClient"]]:
+    """Raw SMTP sockets (``raw(port, tls=False)``), all closed when the test ends."""
+    from .smtp import RawClient, insecure_context
+
+    opened: list[RawClient] = []
+
+    def factory(port: int, tls: bool = False, timeout: float = 10) -> RawClient:
+        client = RawClient(port, timeout=timeout)
+        opened.append(client)
+        if tls:
+            client.sock = insecure_context().wrap_socket(client.sock, server_hostname="localhost")
+        return client
+
+    yield factory
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
 def client_tls() -> ssl.SSLContext:
     """Clients in tests trust the stack's self-signed certificate without checking names."""
     ctx = ssl.create_default_context()

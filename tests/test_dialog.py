@@ -1,0 +1,313 @@
+"""The SMTP surface under input real clients never send: it answers with the right code and
+enhanced code, and the session (or at least the service) keeps working."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+
+import aiosmtplib
+import pytest
+
+from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_common.testing.smtp import RawClient, connect, insecure_context, logged_in, reply_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def raw_factory(raw):
+    return raw
+MSG = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: dialog\r\n\r\nbody\r\n".encode()
+PLAIN = base64.b64encode(f"\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+
+
+def raw_tls(stack, raw_factory) -> RawClient:
+    """A raw client on the implicit-TLS port, already logged in."""
+    raw = raw_factory(stack.ports.submissions, tls=True)
+    assert raw.reply().startswith("220 ")
+    raw.send(b"EHLO raw.example.test\r\n")
+    assert raw.reply().startswith("250")
+    raw.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+    assert raw.reply().startswith("235 2.7.0")
+    return raw
+
+
+def test_every_reply_has_an_enhanced_code(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    for cmd in [b"NOOP", b"HELP", b"VRFY bob", b"EXPN list", b"FOO", b"MAIL", b"RCPT TO:<a@b.c>", b"DATA",
+                b"MAIL FROM:<alice@example.test> FOO=1", b"RSET", b"STARTTLS", b"ETRN example.net"]:
+        raw.send(cmd + b"\r\n")
+        reply = raw.reply()
+        code, enhanced = reply[:3], reply[4:].split(" ", 1)[0]
+        assert enhanced.count(".") == 2 and enhanced[0] == code[0], f"{cmd!r} -> {reply!r}"
+    raw.close()
+
+
+def test_etrn_is_not_a_command(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"ETRN example.net\r\n")
+    assert raw.reply().startswith("500 5.5.1")
+
+
+def test_long_command_line_is_500_and_session_goes_on(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"NOOP " + b"x" * 600 + b"\r\n")
+    assert raw.reply().startswith("500 5.5.2")
+    raw.send(b"NOOP " + b"x" * 5000 + b"\r\n")  # beyond the reader's buffer too
+    assert raw.reply().startswith("500 5.5.2")
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith("250 2.0.0")
+
+
+def test_bare_lf_or_cr_in_command_is_a_syntax_error(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"MAIL FROM:<alice@example.test>\n")
+    assert raw.reply().startswith("500 5.5.2")
+    raw.send(b"MAIL FROM:<alice@example.test>\rRCPT TO:<x@example.net>\r\n")
+    assert raw.reply().startswith("500 5.5.2")
+    raw.send(b"NOOP\x00\r\n")
+    assert raw.reply().startswith("500 5.5.2")
+    raw.send(b"MAIL FROM:<alice@example.test>\r\n")
+    assert raw.reply().startswith("250 2.1.0"), "no transaction was started by the bad lines"
+
+
+def test_8bit_command_without_smtputf8(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send("MAIL FROM:<jösé@example.test>\r\n".encode())
+    assert raw.reply().startswith("553 5.6.7")
+    raw.send(b"MAIL FROM:<\xff@example.test>\r\n")
+    assert raw.reply().startswith("500 5.5.2")
+
+
+@pytest.mark.parametrize(
+    "smuggle",
+    [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"],
+    ids=["lf-dot-lf", "lf-dot-crlf", "crlf-dot-lf", "cr-dot-crlf", "crlf-dot-cr"],
+)
+def test_smuggling_bare_line_endings_never_end_data(stack, smuggle, raw_factory):
+    """CVE-2023-51764 family: only <CRLF>.<CRLF> ends DATA; the message is refused whole."""
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+    assert raw.reply().startswith("250")
+    assert raw.reply().startswith("250")
+    assert raw.reply().startswith("354")
+    raw.send(b"Subject: first\r\n\r\nhello" + smuggle +
+             b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+             b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
+    reply = raw.reply()
+    assert reply.startswith("554 5.6.0") and "bare CR or LF" in reply
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith("250"), "nothing of the message was read as a command"
+    raw.close()
+    time.sleep(0.5)
+    assert stack.sink.handler.messages == []
+
+
+def test_long_text_line_in_data_is_refused_after_the_whole_message(stack):
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\nafter\r\n")
+        assert (code, text[:5]) == (500, b"5.5.2")
+        assert client.noop()[0] == 250
+
+
+def test_oversize_message_is_read_to_its_end_then_552(make_stack):
+    stack = make_stack(env={"frontend": {"MAX_MESSAGE_SIZE": "10000"}})
+    with logged_in(stack) as client:
+        assert client.has_extn("size") and client.esmtp_features["size"] == "10000"
+        code, text = reply_of(client, f"MAIL FROM:<{ALICE}> SIZE=20000")
+        assert (code, text[:5]) == (552, "5.3.4")
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(b"Subject: big\r\n\r\n" + (b"z" * 70 + b"\r\n") * 300)
+        assert (code, text[:5]) == (552, b"5.3.4")
+        assert client.noop()[0] == 250, "the body was not read as commands"
+
+
+def test_recipient_limit_keeps_earlier_recipients(make_stack):
+    stack = make_stack(env={"frontend": {"MAX_RECIPIENTS": "3"}})
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        for n in range(3):
+            assert client.rcpt(f"r{n}@example.net")[0] == 250
+        code, text = client.rcpt("r3@example.net")
+        assert (code, text[:5]) == (452, b"4.5.3")
+        assert client.data(MSG)[0] == 250
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.rcpt_tos == ["r0@example.net", "r1@example.net", "r2@example.net"]
+
+
+def test_starttls_discards_pipelined_plaintext(stack, raw_factory):
+    """CVE-2011-0411: commands sent with STARTTLS before the handshake are not executed."""
+    raw = raw_factory(stack.ports.submission)
+    assert raw.reply().startswith("220")
+    raw.send(b"EHLO raw.example.test\r\n")
+    raw.reply()
+    raw.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<alice@example.test>\r\n")
+    assert raw.reply().startswith("220")
+    raw.sock = insecure_context().wrap_socket(raw.sock, server_hostname="localhost")
+    raw.buf = b""
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith("250 2.0.0"), "the injected RSET/MAIL got no reply"
+    raw.send(b"MAIL FROM:<alice@example.test>\r\n")
+    assert raw.reply().startswith("503 5.5.1"), "a new EHLO is required after STARTTLS"
+    raw.send(b"EHLO raw.example.test\r\n")
+    assert "AUTH PLAIN LOGIN" in raw.reply()
+
+
+def test_auth_errors(stack):
+    with connect(stack) as client:
+        assert reply_of(client, "AUTH PLAIN not*base64") == (501, "5.5.2 Cannot decode base64")
+        assert reply_of(client, "AUTH PLAIN " + base64.b64encode(b"no-nuls").decode())[0] == 501
+        assert reply_of(client, "AUTH CRAM-MD5")[0] == 504
+        code, _ = reply_of(client, "AUTH LOGIN")
+        assert code == 334
+        assert reply_of(client, "*") == (501, "5.0.0 Authentication cancelled")
+        other = base64.b64encode(f"bob@example.test\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+        assert reply_of(client, f"AUTH PLAIN {other}")[0] == 535, "authzid of another user"
+        assert reply_of(client, f"AUTH PLAIN {PLAIN}")[0] == 235
+        assert reply_of(client, f"AUTH PLAIN {PLAIN}") == (503, "5.5.1 Already authenticated")
+
+
+def test_auth_inside_transaction_is_503(make_stack):
+    stack = make_stack(trusted_networks=["127.0.0.0/8"])
+    with connect(stack) as client:
+        client.mail("x@example.net")
+        assert reply_of(client, f"AUTH PLAIN {PLAIN}")[0] == 503
+
+
+def test_too_many_errors_closes_with_421(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    for _ in range(19):
+        raw.send(b"BOGUS\r\n")
+        assert raw.reply().startswith("500")
+    raw.send(b"BOGUS\r\n")
+    assert raw.reply().startswith("500")
+    assert raw.reply().startswith("421 4.7.0")
+    with pytest.raises((ConnectionError, OSError)):
+        raw.send(b"NOOP\r\n")
+        raw.reply()
+
+
+def test_slow_command_is_cut_off(make_stack, raw_factory):
+    stack = make_stack(env={"frontend": {"COMMAND_TIMEOUT": "1.5"}})
+    raw = raw_factory(stack.ports.submission)
+    assert raw.reply().startswith("220")
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, OSError)):
+        for ch in b"EHLO slow.example.test":  # one byte every 0.3 s: too slow for one command
+            raw.send(bytes([ch]))
+            time.sleep(0.3)
+        raw.reply()
+    assert time.monotonic() - started < 5
+
+
+def test_connections_per_client_are_limited(make_stack, raw_factory):
+    stack = make_stack(env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "2"}})
+    held = [raw_factory(stack.ports.submission) for _ in range(2)]
+    for c in held:
+        assert c.reply().startswith("220")
+    extra = raw_factory(stack.ports.submission)
+    assert extra.reply().startswith("421 4.7.0")
+    held[0].close()
+    time.sleep(0.3)
+    again = raw_factory(stack.ports.submission)
+    assert again.reply().startswith("220")
+
+
+def test_bdat_chunking(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    body = MSG.replace(b"body", b"chunked body")
+    half = len(body) // 2
+    raw.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\n")
+    assert raw.reply().startswith("250") and raw.reply().startswith("250")
+    raw.send(b"BDAT %d\r\n" % half + body[:half])
+    assert raw.reply().startswith(f"250 2.0.0 {half} octets")
+    raw.send(b"BDAT %d LAST\r\n" % (len(body) - half) + body[half:])
+    assert raw.reply().startswith("250 2.0.0 Ok: queued as")
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.data.endswith(b"\r\n\r\nchunked body\r\n")
+
+
+def test_bdat_without_transaction_reads_the_chunk_then_503(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"BDAT 12 LAST\r\nNOOP\r\nNOOP\r\n")
+    assert raw.reply().startswith("503 5.5.1")
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith("250 2.0.0"), "the chunk's NOOPs were data, not commands"
+    raw.send(b"BDAT x\r\n")
+    assert raw.reply().startswith("501 5.5.4")
+
+
+def test_bdat_with_bare_lf_is_refused(stack, raw_factory):
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\n")
+    assert raw.reply().startswith("250") and raw.reply().startswith("250")
+    data = b"Subject: x\r\n\r\nline\nmore\r\n"
+    raw.send(b"BDAT %d LAST\r\n" % len(data) + data)
+    assert raw.reply().startswith("554 5.6.0")
+
+
+async def test_aiosmtplib_client_with_pipelining(stack):
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.ports.submission, start_tls=True,
+                             tls_context=insecure_context())
+    await client.connect()
+    await client.ehlo()
+    await client.auth_plain(ALICE, ALICE_PASSWORD)
+    errors, reply = await client.sendmail(ALICE, ["bob@example.net", "carol@example.net"], MSG)
+    assert errors == {} and reply.startswith("2.0.0 Ok: queued as")
+    await client.quit()
+    assert stack.sink.handler.wait_for(1, 20)
+
+
+def test_swaks_submission(stack):
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{stack.ports.submission}", "--tls", "--auth", "LOGIN",
+         "--auth-user", ALICE, "--auth-password", ALICE_PASSWORD, "--from", ALICE, "--to", "bob@example.net",
+         "--pipeline", "--h-Subject", "via swaks"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 Ok: queued as" in result.stdout
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert b"Subject: via swaks" in msg.data
+
+
+def test_one_abusive_client_does_not_hurt_the_others(stack, raw_factory):
+    """An abusive client floods junk and holds slow sessions; 10 honest clients still submit."""
+    import threading
+
+    stop = threading.Event()
+
+    def abuse():
+        while not stop.is_set():
+            try:
+                with contextlib.closing(RawClient(stack.ports.submission, timeout=5)) as raw:
+                    raw.reply()
+                    for _ in range(25):
+                        raw.send(b"X" * 3000 + b"\r\n")
+            except OSError:
+                pass
+
+    abusers = [threading.Thread(target=abuse) for _ in range(3)]
+    for t in abusers:
+        t.start()
+    try:
+        started = time.monotonic()
+        for n in range(10):
+            with logged_in(stack) as client:
+                client.sendmail(ALICE, ["bob@example.net"], MSG.replace(b"dialog", b"honest %d" % n))
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        for t in abusers:
+            t.join()
+    assert len(stack.sink.handler.wait_for(10, 30)) == 10
+    assert elapsed < 30
