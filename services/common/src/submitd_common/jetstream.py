@@ -19,6 +19,7 @@ SUBJECT_PREFIX = "submitd.queue"
 SUBMIT_SUBJECT = f"{SUBJECT_PREFIX}.submit"
 BODY_BUCKET = "SUBMITD_BODIES"
 COUNTERS_BUCKET = "SUBMITD_COUNTERS"
+AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
 EVENTS_SUBJECT = "submitd.events"
 
 # Acknowledged messages could be lost by older servers (fixed in 2.10.23).

@@ -13,6 +13,9 @@ from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from nats.js.api import KeyValueConfig
+
+from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
 from .users import UserDB
@@ -25,19 +28,29 @@ async def amain() -> None:
     settings = Settings()
     setup_logging("policy", settings.log_level)
     provider = setup_telemetry("policy")
-    users = WatchedFile(settings.users_file, UserDB.load, settings.reload_interval)
+    users = WatchedFile(
+        settings.users_file, lambda path: UserDB.load(path, settings.dovecot_passwd_file), settings.reload_interval
+    )
     stop_watch = users.start()
 
     # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
     nc = await jetstream.connect("submitd-policy", settings.nats_options())
-    await nc.jetstream().create_key_value(bucket=jetstream.COUNTERS_BUCKET, history=1, ttl=3600)
+    js = nc.jetstream()
+    await js.create_key_value(
+        KeyValueConfig(bucket=jetstream.COUNTERS_BUCKET, history=1, ttl=max(2 * settings.rate_window, 60))
+    )
+    await js.create_key_value(
+        KeyValueConfig(bucket=jetstream.AUTHFAIL_BUCKET, history=1, ttl=settings.auth_lockout_seconds)
+    )
+    rates = Counters(await js.key_value(jetstream.COUNTERS_BUCKET))
+    authfail = Counters(await js.key_value(jetstream.AUTHFAIL_BUCKET))
 
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
     stop_health = await health.start()
 
-    service = PolicyService(users, settings.trusted_networks, settings.allow_auth_without_tls)
+    service = PolicyService(settings, users, rates, authfail)
     _, port, stop_grpc = await grpcutil.start_server(
         settings.listen, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s), health
     )

@@ -1,20 +1,30 @@
 """Submission rules. Each rule looks at the session and one event and returns a Verdict to
-refuse (or None to let the next rule decide); an event that no rule refuses is accepted.
+refuse, or None to let the next rule decide; an event that no rule refuses is accepted.
 
-Adding a rule is adding a function to the list for its event.
+Adding a rule is adding a function to the list for its event. Rules may be coroutines.
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from submitd.v1 import policy_pb2
-from submitd_common.addresses import AddressError, parse_mailbox
+from submitd_common.addresses import Address, AddressError, parse_mailbox
 from submitd_common.replies import reply
 
-from .users import User
+from .counters import Counters, window_key
+from .settings import Settings
+from .users import User, UserDB
+
+
+@dataclass
+class Context:
+    settings: Settings
+    users: UserDB
+    counters: Counters | None = None
 
 
 @dataclass
@@ -36,6 +46,14 @@ class SessionState:
         return self.user is not None or self.trusted
 
 
+@dataclass
+class Ask:
+    """One MAIL or RCPT to decide: the event and its address as parsed (and completed)."""
+
+    event: object
+    address: Address | None  # None for the null return path
+
+
 def refuse(code: int, enhanced: str, text: str, disconnect: bool = False) -> policy_pb2.Verdict:
     return policy_pb2.Verdict(accept=False, reply=reply(code, enhanced, text), disconnect=disconnect)
 
@@ -50,53 +68,150 @@ def in_networks(address: str, networks: list[ipaddress._BaseNetwork]) -> bool:
     return any(ip in net for net in networks)
 
 
-Rule = Callable[[SessionState, object], policy_pb2.Verdict | None]
+def complete(address: str, ctx: Context, *, utf8: bool) -> Address:
+    """Parse, and complete a single-label domain where the site says so (RFC 6409 §4.2).
+    Multi-label domains are never completed: an incomplete one cannot be told from a real one."""
+    addr = parse_mailbox(address, utf8=utf8)
+    if not addr.fully_qualified and ctx.settings.complete_domain and not addr.is_literal and "." not in addr.domain:
+        addr = Address(addr.local, f"{addr.domain}.{ctx.settings.complete_domain.lower()}")
+    return addr
 
 
-def require_authorization(state: SessionState, _event) -> policy_pb2.Verdict | None:
-    if not state.authorized:
-        return refuse(530, "5.7.0", "Authentication required")
-    return None
+def is_postmaster(addr: Address | None, ctx: Context) -> bool:
+    if addr is None or addr.local.lower() != "postmaster":
+        return False
+    return addr.domain == "" or addr.domain in {d.lower() for d in ctx.settings.local_domains}
 
 
-def sender_syntax(state: SessionState, event: policy_pb2.MailFrom) -> policy_pb2.Verdict | None:
-    if not event.address:  # the null return path is always acceptable (RFC 6409 §3.2)
+Rule = Callable[[Context, SessionState, Ask], policy_pb2.Verdict | None]
+
+# -- MAIL ---------------------------------------------------------------------------------
+
+
+def mail_authorized(ctx: Context, state: SessionState, ask: Ask):
+    if state.authorized or ctx.settings.postmaster_without_auth:
+        return None  # the postmaster exception is enforced recipient by recipient
+    return refuse(530, "5.7.0", "Authentication required")
+
+
+def user_active(ctx: Context, state: SessionState, ask: Ask):
+    if state.user is None:
         return None
-    try:
-        addr = parse_mailbox(event.address, utf8="SMTPUTF8" in event.parameters)
-    except AddressError as e:
-        return refuse(501, "5.1.7", f"Bad sender address syntax: {e}")
-    if not addr.fully_qualified:
-        return refuse(554, "5.1.8", f"Sender domain {addr.domain} is not fully qualified")
+    current = ctx.users.users.get(state.user.login)  # the file may have changed since AUTH
+    if current is None or current.suspended:
+        return refuse(550, "5.7.1", "Account suspended")
+    state.user = current
     return None
 
 
-def sender_owned(state: SessionState, event: policy_pb2.MailFrom) -> policy_pb2.Verdict | None:
-    if not event.address or state.user is None:
+def sender_domain(ctx: Context, state: SessionState, ask: Ask):
+    if ask.address is not None and not ask.address.fully_qualified:
+        return refuse(554, "5.1.8", f"Sender domain {ask.address.domain} is not fully qualified")
+    return None
+
+
+def sender_owned(ctx: Context, state: SessionState, ask: Ask):
+    if ask.address is None or state.user is None:
         return None
-    if not state.user.may_send_as(event.address):
-        return refuse(550, "5.7.1", f"Sender address <{event.address}> not owned by user {state.user.login}")
+    if not state.user.may_send_as(str(ask.address), ctx.users.aliases):
+        return refuse(550, "5.7.1", f"Sender address <{ask.address}> not owned by user {state.user.login}")
     return None
 
 
-def recipient_syntax(state: SessionState, event: policy_pb2.RcptTo) -> policy_pb2.Verdict | None:
-    try:
-        addr = parse_mailbox(event.address, utf8=True)
-    except AddressError as e:
-        return refuse(501, "5.1.3", f"Bad recipient address syntax: {e}")
-    if not addr.fully_qualified:
-        return refuse(554, "5.1.2", f"Recipient domain {addr.domain} is not fully qualified")
+async def message_rate(ctx: Context, state: SessionState, ask: Ask):
+    limit = _limit(ctx, state, "messages_per_hour")
+    if limit is None:
+        return None
+    sent = await ctx.counters.get(window_key("msgs", state.user.login, ctx.settings.rate_window))
+    if sent >= limit:
+        return refuse(450, "4.7.1", "Message rate limit exceeded, try again later")
     return None
 
 
-MAIL_RULES: list[Rule] = [require_authorization, sender_syntax, sender_owned]
-RCPT_RULES: list[Rule] = [require_authorization, recipient_syntax]
-DATA_RULES: list[Rule] = [require_authorization]
+def _limit(ctx: Context, state: SessionState, name: str) -> int | None:
+    if state.user is None or ctx.counters is None:
+        return None
+    own = getattr(state.user.limits, name)
+    return own if own is not None else getattr(ctx.settings, name)
 
 
-def first_refusal(rules: list[Rule], state: SessionState, event) -> policy_pb2.Verdict | None:
+# -- RCPT ---------------------------------------------------------------------------------
+
+
+def rcpt_authorized(ctx: Context, state: SessionState, ask: Ask):
+    if state.authorized:
+        return None
+    if ctx.settings.postmaster_without_auth and is_postmaster(ask.address, ctx):
+        return None
+    return refuse(530, "5.7.0", "Authentication required")
+
+
+def recipient_domain(ctx: Context, state: SessionState, ask: Ask):
+    if is_postmaster(ask.address, ctx):
+        return None  # <postmaster> without a domain is valid (RFC 5321 §4.1.1.3)
+    if not ask.address.fully_qualified:
+        return refuse(554, "5.1.2", f"Recipient domain {ask.address.domain} is not fully qualified")
+    return None
+
+
+def recipient_permitted(ctx: Context, state: SessionState, ask: Ask):
+    if state.user is None or state.user.may_send_to(str(ask.address)):
+        return None
+    return refuse(550, "5.7.1", f"Recipient <{ask.address}> not permitted for user {state.user.login}")
+
+
+async def recipient_rate(ctx: Context, state: SessionState, ask: Ask):
+    limit = _limit(ctx, state, "recipients_per_hour")
+    if limit is None:
+        return None
+    key = window_key("rcpts", state.user.login, ctx.settings.rate_window)
+    if await ctx.counters.get(key) >= limit:
+        return refuse(451, "4.7.1", "Recipient rate limit exceeded, try again later")
+    await ctx.counters.incr(key)
+    return None
+
+
+# -- DATA ---------------------------------------------------------------------------------
+
+
+def data_authorized(ctx: Context, state: SessionState, ask: Ask):
+    if state.authorized or state.extra.get("postmaster_only"):
+        return None
+    return refuse(530, "5.7.0", "Authentication required")
+
+
+async def count_message(ctx: Context, state: SessionState, ask: Ask):
+    if _limit(ctx, state, "messages_per_hour") is not None:
+        await ctx.counters.incr(window_key("msgs", state.user.login, ctx.settings.rate_window))
+    return None
+
+
+MAIL_RULES: list[Rule] = [mail_authorized, user_active, sender_domain, sender_owned, message_rate]
+RCPT_RULES: list[Rule] = [rcpt_authorized, recipient_domain, recipient_permitted, recipient_rate]
+DATA_RULES: list[Rule] = [data_authorized, count_message]
+
+
+async def first_refusal(rules: list[Rule], ctx: Context, state: SessionState, ask: Ask) -> policy_pb2.Verdict | None:
     for rule in rules:
-        verdict = rule(state, event)
+        verdict = rule(ctx, state, ask)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
         if verdict is not None:
             return verdict
     return None
+
+
+def parse_for(event, ctx: Context, *, sender: bool, utf8: bool) -> Address | None | policy_pb2.Verdict:
+    """The event's address parsed and completed, None for <>, or the Verdict refusing it."""
+    if sender and not event.address:
+        return None  # the null return path is always acceptable (RFC 6409 §3.2)
+    if not sender and event.address.lower() == "postmaster":
+        return Address("postmaster", "")
+    if "@" not in event.address:
+        if sender:
+            return refuse(550, "5.1.7", f"No return path can be determined from <{event.address}>")
+        return refuse(501, "5.1.3", "Bad recipient address syntax: expected local-part@domain")
+    try:
+        return complete(event.address, ctx, utf8=utf8)
+    except AddressError as e:
+        return refuse(501, "5.1.7" if sender else "5.1.3", f"Bad {'sender' if sender else 'recipient'} address syntax: {e}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import time
 
 import grpc
 
@@ -12,7 +14,9 @@ from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
 
 from . import rules
+from .counters import Counters, key_part
 from .sasl import MECHANISMS, SaslMalformed
+from .settings import Settings
 from .users import UserDB
 
 log = logging.getLogger("submitd.policy")
@@ -20,11 +24,55 @@ log = logging.getLogger("submitd.policy")
 ACCEPT = policy_pb2.Verdict(accept=True)
 
 
+class ErrorLog:
+    """RFC 6409 §5.2: refusals are logged with the client's identity and the reason, at most
+    ``per_minute`` lines per client address (then one line saying how many were left out)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.windows: dict[str, list] = {}
+
+    def refused(self, state: rules.SessionState, event: str, verdict: policy_pb2.Verdict) -> None:
+        now = time.monotonic()
+        window = self.windows.get(state.peer)
+        if window is None or now - window[0] >= 60:
+            if window and window[2]:
+                log.warning("refusals not logged", extra={"fields": {"peer": state.peer, "suppressed": window[2]}})
+            window = self.windows[state.peer] = [now, 0, 0]
+            if len(self.windows) > 10_000:  # bounded memory under address-spraying clients
+                self.windows = {state.peer: window}
+        if window[1] >= self.per_minute:
+            window[2] += 1
+            return
+        window[1] += 1
+        log.warning(
+            "refused",
+            extra={
+                "fields": {
+                    "peer": state.peer,
+                    "helo": state.helo,
+                    "user": state.user.login if state.user else None,
+                    "session": state.session_id,
+                    "event": event,
+                    "reply": f"{verdict.reply.code} {verdict.reply.enhanced} {verdict.reply.text}",
+                }
+            },
+        )
+
+
 class PolicyService(policy_pb2_grpc.PolicyServicer):
-    def __init__(self, users: WatchedFile[UserDB], trusted_networks: list[str], allow_auth_without_tls: bool) -> None:
+    def __init__(
+        self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None, authfail: Counters | None
+    ) -> None:
+        self.settings = settings
         self.users = users
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_networks]
-        self.allow_auth_without_tls = allow_auth_without_tls
+        self.rates = rates
+        self.counters = authfail
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_networks]
+        self.errors = ErrorLog(settings.error_log_per_minute)
+
+    def context(self) -> rules.Context:
+        return rules.Context(self.settings, self.users.value, self.rates)
 
     async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
         state = rules.SessionState()
@@ -35,6 +83,8 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             except Exception:
                 log.exception("policy failure on %s", kind)
                 verdict = policy_pb2.Verdict(accept=False, reply=reply(451, "4.3.0", "Temporary policy failure"))
+            if not verdict.accept and not verdict.has_challenge:
+                self.errors.refused(state, kind, verdict)
             yield verdict
 
     async def decide(self, state: rules.SessionState, kind: str, ev) -> policy_pb2.Verdict:
@@ -56,30 +106,60 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             return await self.auth_start(state, ev)
         if kind == "auth_response":
             return await self.auth_step(state, ev)
-        if kind == "mail_from":
-            verdict = rules.first_refusal(rules.MAIL_RULES, state, ev)
-            if verdict is None:
-                state.mail_from = ev.address
-                state.recipients = 0
-            return verdict or ACCEPT
-        if kind == "rcpt_to":
-            verdict = rules.first_refusal(rules.RCPT_RULES, state, ev)
-            if verdict is None:
-                state.recipients += 1
-            return verdict or ACCEPT
-        if kind == "data_start":
-            return rules.first_refusal(rules.DATA_RULES, state, ev) or ACCEPT
         if kind == "reset":
-            state.mail_from = None
-            state.recipients = 0
+            self._reset(state)
             return ACCEPT
+        ctx = self.context()
+        if kind == "mail_from":
+            self._reset(state)
+            parsed = rules.parse_for(ev, ctx, sender=True, utf8="SMTPUTF8" in ev.parameters)
+            if isinstance(parsed, policy_pb2.Verdict):
+                return parsed
+            verdict = await rules.first_refusal(rules.MAIL_RULES, ctx, state, rules.Ask(ev, parsed))
+            if verdict is not None:
+                return verdict
+            state.mail_from = str(parsed) if parsed else ""
+            return self._accept_address(ev.address, parsed)
+        if kind == "rcpt_to":
+            parsed = rules.parse_for(ev, ctx, sender=False, utf8=True)
+            if isinstance(parsed, policy_pb2.Verdict):
+                return parsed
+            verdict = await rules.first_refusal(rules.RCPT_RULES, ctx, state, rules.Ask(ev, parsed))
+            if verdict is not None:
+                return verdict
+            state.recipients += 1
+            if not state.authorized:
+                state.extra["postmaster_only"] = True
+            return self._accept_address(ev.address, parsed)
+        if kind == "data_start":
+            return await rules.first_refusal(rules.DATA_RULES, ctx, state, rules.Ask(ev, None)) or ACCEPT
         return rules.refuse(502, "5.5.1", "Command not implemented")
 
+    @staticmethod
+    def _reset(state: rules.SessionState) -> None:
+        state.mail_from = None
+        state.recipients = 0
+        state.extra.pop("postmaster_only", None)
+
+    @staticmethod
+    def _accept_address(given: str, parsed) -> policy_pb2.Verdict:
+        # Tell the frontend when the address changed (domain completion).
+        if parsed is not None and parsed.domain and str(parsed) != given and parsed.local == given.rpartition("@")[0]:
+            return policy_pb2.Verdict(accept=True, address=str(parsed))
+        return ACCEPT
+
+    # -- AUTH -----------------------------------------------------------------------------
+
     async def auth_start(self, state: rules.SessionState, ev: policy_pb2.AuthStart) -> policy_pb2.Verdict:
-        if not state.tls and not self.allow_auth_without_tls:
+        if not state.tls and not self.settings.allow_auth_without_tls:
             return rules.refuse(538, "5.7.11", "Encryption required for requested authentication mechanism")
         if state.user is not None:
             return rules.refuse(503, "5.5.1", "Already authenticated")
+        if self.counters is not None:
+            failures = await self.counters.get(f"client.{key_part(state.peer)}")
+            if failures >= self.settings.auth_failures_per_client:
+                await asyncio.sleep(self.settings.auth_failure_delay)
+                return rules.refuse(421, "4.7.0", "Too many authentication failures, try again later", disconnect=True)
         factory = MECHANISMS.get(ev.mechanism.upper())
         if factory is None:
             return rules.refuse(504, "5.5.4", "Unrecognized authentication type")
@@ -105,8 +185,20 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
         state.sasl = None
         creds = step.credentials
         assert creds is not None
-        user = await self.users.value.authenticate(creds.login, creds.password)
-        if user is None or (creds.authzid and creds.authzid != creds.login):
+        login_key = f"login.{key_part(creds.login + chr(0) + state.peer)}"
+        if self.counters is not None and await self.counters.get(login_key) >= self.settings.auth_failures_per_login:
+            # Locked for this login from this address only: the user elsewhere is not affected.
+            await asyncio.sleep(self.settings.auth_failure_delay)
+            return rules.refuse(454, "4.7.0", "Temporary authentication failure, try again later")
+        users = self.users.value
+        user = await users.authenticate(creds.login, creds.password)
+        if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
+            user = None
+        if user is None:
+            if self.counters is not None:
+                await self.counters.incr(login_key)
+                await self.counters.incr(f"client.{key_part(state.peer)}")
+            await asyncio.sleep(self.settings.auth_failure_delay)
             log.warning("authentication failed", extra={"fields": {"peer": state.peer, "session": state.session_id}})
             return rules.refuse(535, "5.7.8", "Authentication credentials invalid")
         state.user = user

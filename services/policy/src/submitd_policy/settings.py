@@ -10,10 +10,28 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_POLICY_", extra="forbid")
 
     listen: str = Field("0.0.0.0:50051", description="gRPC listen address host:port")
-    users_file: str = Field(description="YAML users file: password hashes and send-as grants")
+    users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
+    dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")
+    reload_interval: float = Field(2.0, description="Seconds between checks of the users files")
     trusted_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs whose clients may submit without AUTH (RFC 6409 §4.3); empty by default",
     )
     allow_auth_without_tls: bool = Field(False, description="Accept AUTH on an unencrypted connection")
-    reload_interval: float = Field(2.0, description="Seconds between checks of the users file")
+    local_domains: list[str] = Field(default_factory=list, description="This site's domains (postmaster)")
+    complete_domain: str | None = Field(
+        None, description="RFC 6409 §4.2: completes single-label domains (user@sales -> user@sales.<this>)"
+    )
+    postmaster_without_auth: bool = Field(
+        False, description="RFC 6409 §6.4: unauthenticated clients may send to postmaster (and only there)"
+    )
+    messages_per_hour: int | None = Field(None, description="Default per-user message rate; none: unlimited")
+    recipients_per_hour: int | None = Field(None, description="Default per-user recipient rate; none: unlimited")
+    rate_window: int = Field(3600, description="Seconds of a rate window")
+    auth_failures_per_client: int = Field(10, description="Failed AUTHs from one address before 421 4.7.0")
+    auth_failures_per_login: int = Field(
+        5, description="Failed AUTHs for one login from one address before 454 4.7.0 for that login there"
+    )
+    auth_lockout_seconds: int = Field(900, description="Failures are forgotten this long after the last one")
+    auth_failure_delay: float = Field(1.0, description="Seconds every failed AUTH waits before its reply")
+    error_log_per_minute: int = Field(10, description="RFC 6409 §5.2 error log lines per client per minute")

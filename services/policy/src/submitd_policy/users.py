@@ -1,28 +1,50 @@
-"""The users file: logins, password hashes and the addresses each user may send as.
+"""The users file: logins, password hashes and what each user may do.
 
     users:
-      alice:
+      alice@example.net:
         password: "$argon2id$v=19$m=65536,t=3,p=4$..."
         send_as: [alice@example.net, "@sales.example.net"]
+        act_as: [shared-mailbox]            # SASL authzid values this user may take
+        recipients:                         # RFC 6409 §6.2; absent means any recipient
+          allow: ["@example.net"]           # only these (addresses or @domains) ...
+          deny: [ceo@example.net]           # ... and never these
+        limits: {messages_per_hour: 200, recipients_per_hour: 1000}
         suspended: false
+    aliases:                                # shared sender addresses -> logins that may use them
+      sales@example.net: [alice@example.net, bob@example.net]
 
-``send_as`` entries are exact addresses (a ``+detail`` sub-address of one is included) or
+``send_as`` entries are exact addresses (their ``+detail`` sub-addresses included) or
 ``@domain`` for a whole domain. A login that is itself an address may always send as itself.
+
+Passwords: argon2id (``$argon2id$...``), and, so that a site can bring its Dovecot users along
+without resetting passwords, bcrypt (``$2y$``/``$2b$``, Dovecot ``{BLF-CRYPT}``) and SHA512-CRYPT
+(``$6$``, Dovecot ``{SHA512-CRYPT}``). A Dovecot passwd-file can be read directly as well
+(``SUBMITD_POLICY_DOVECOT_PASSWD_FILE``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from passlib.hash import bcrypt as bcrypt_hash
+from passlib.hash import sha512_crypt
 
 from submitd_common.files import load_yaml
 
 _hasher = PasswordHasher()
 # Unknown logins are checked against this so that they cost what a known login costs.
 _DUMMY_HASH = _hasher.hash("submitd-dummy-password")
+_SCHEME = re.compile(r"^\{([A-Z0-9-]+)\}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    messages_per_hour: int | None = None
+    recipients_per_hour: int | None = None
 
 
 @dataclass(frozen=True)
@@ -30,45 +52,73 @@ class User:
     login: str
     password_hash: str
     send_as: frozenset[str] = field(default_factory=frozenset)
+    act_as: frozenset[str] = field(default_factory=frozenset)
+    allow_recipients: frozenset[str] | None = None
+    deny_recipients: frozenset[str] = field(default_factory=frozenset)
+    limits: Limits = field(default_factory=Limits)
     suspended: bool = False
 
-    def may_send_as(self, address: str) -> bool:
-        address = _normalize(address)
-        local, _, domain = address.rpartition("@")
-        base = local.split("+", 1)[0]
-        candidates = {address, f"{base}@{domain}", f"@{domain}"}
-        grants = self.send_as | ({_normalize(self.login)} if "@" in self.login else set())
-        return bool(candidates & grants)
+    def may_send_as(self, address: str, aliases: dict[str, frozenset[str]] | None = None) -> bool:
+        candidates = _candidates(address)
+        grants = self.send_as | ({normalize(self.login)} if "@" in self.login else set())
+        if candidates & grants:
+            return True
+        return any(self.login in (aliases or {}).get(c, ()) for c in candidates)
+
+    def may_send_to(self, address: str) -> bool:
+        candidates = _candidates(address)
+        if candidates & self.deny_recipients:
+            return False
+        return self.allow_recipients is None or bool(candidates & self.allow_recipients)
 
 
-def _normalize(address: str) -> str:
+def normalize(address: str) -> str:
     local, at, domain = address.rpartition("@")
     return f"{local}@{domain.lower()}" if at else address
 
 
+def _candidates(address: str) -> set[str]:
+    """The grant entries that would cover ``address``: itself, its base address, its domain."""
+    address = normalize(address)
+    local, _, domain = address.rpartition("@")
+    return {address, f"{local.split('+', 1)[0]}@{domain}", f"@{domain}"}
+
+
+def _addresses(values) -> frozenset[str]:
+    return frozenset(normalize(str(a)) for a in values or [])
+
+
 class UserDB:
-    def __init__(self, users: dict[str, User]) -> None:
+    def __init__(self, users: dict[str, User], aliases: dict[str, frozenset[str]] | None = None) -> None:
         self.users = users
+        self.aliases = aliases or {}
 
     @classmethod
-    def load(cls, path: str) -> "UserDB":
+    def load(cls, path: str, dovecot_passwd: str | None = None) -> "UserDB":
+        users = load_dovecot_passwd(dovecot_passwd) if dovecot_passwd else {}
         data = load_yaml(path)
-        users: dict[str, User] = {}
         for login, entry in (data.get("users") or {}).items():
             if not isinstance(entry, dict) or not entry.get("password"):
                 raise ValueError(f"user {login!r}: a password hash is required")
+            recipients = entry.get("recipients") or {}
+            limits = entry.get("limits") or {}
             users[str(login)] = User(
                 login=str(login),
                 password_hash=str(entry["password"]),
-                send_as=frozenset(_normalize(str(a)) for a in entry.get("send_as") or []),
+                send_as=_addresses(entry.get("send_as")),
+                act_as=frozenset(str(a) for a in entry.get("act_as") or []),
+                allow_recipients=_addresses(recipients["allow"]) if "allow" in recipients else None,
+                deny_recipients=_addresses(recipients.get("deny")),
+                limits=Limits(limits.get("messages_per_hour"), limits.get("recipients_per_hour")),
                 suspended=bool(entry.get("suspended", False)),
             )
-        return cls(users)
+        aliases = {normalize(str(a)): frozenset(str(u) for u in logins or []) for a, logins in (data.get("aliases") or {}).items()}
+        return cls(users, aliases)
 
     async def authenticate(self, login: str, password: str) -> User | None:
         """The user if the password matches and the account is active, else None.
 
-        Hash verification is deliberately slow (argon2id): it runs off the event loop.
+        Hash verification is deliberately slow: it runs off the event loop.
         """
         user = self.users.get(login)
         hashed = user.password_hash if user else _DUMMY_HASH
@@ -78,11 +128,36 @@ class UserDB:
         return user
 
 
+def load_dovecot_passwd(path: str) -> dict[str, User]:
+    """Dovecot passwd-file lines: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
+    users: dict[str, User] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            login, sep, rest = line.partition(":")
+            if not sep or not login:
+                raise ValueError(f"{path}:{number}: expected user:password")
+            users[login] = User(login=login, password_hash=rest.split(":", 1)[0])
+    return users
+
+
 def verify_password(hashed: str, password: str) -> bool:
+    scheme = None
+    m = _SCHEME.match(hashed)
+    if m:
+        scheme, hashed = m.group(1), hashed[m.end() :]
     try:
-        return _hasher.verify(hashed, password)
-    except (VerificationError, InvalidHashError):
+        if hashed.startswith("$argon2") and scheme in (None, "ARGON2ID", "ARGON2I"):
+            return _hasher.verify(hashed, password)
+        if hashed.startswith(("$2y$", "$2b$", "$2a$")) and scheme in (None, "BLF-CRYPT"):
+            return bcrypt_hash.verify(password, hashed)
+        if hashed.startswith("$6$") and scheme in (None, "SHA512-CRYPT"):
+            return sha512_crypt.verify(password, hashed)
+    except (VerificationError, InvalidHashError, ValueError):
         return False
+    return False  # an unknown scheme never matches
 
 
 def hash_password(password: str) -> str:

@@ -1,13 +1,30 @@
 from __future__ import annotations
 
+import random
 import socket
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nobody uses right now (the caller binds it soon after).
+
+    Chosen below the ephemeral range, where the kernel never picks the source ports of
+    outgoing connections, so a client socket cannot take it before the server binds it.
+    """
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        if port in _handed_out:  # reserved by an earlier caller that may not have bound it yet
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found")
 
 
 def wait_port(host: str, port: int, timeout: float) -> bool:

@@ -37,6 +37,8 @@ def nats_server_binary() -> str:
 class User:
     password: str
     send_as: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # more users-file keys: recipients, limits, act_as ...
+    hashed: str | None = None  # a ready hash (bcrypt, SHA512-CRYPT ...) instead of argon2id
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Stack:
         self.ports = (ports or Ports()).fill()
         self.next_hop = next_hop
         self.users = users or {}
+        self.aliases: dict[str, list[str]] = {}
         self.extra_env = env or {}
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname
@@ -133,9 +136,10 @@ class Stack:
 
         data = {
             "users": {
-                login: {"password": hash_password(u.password), "send_as": u.send_as}
+                login: {"password": u.hashed or hash_password(u.password), "send_as": u.send_as, **u.extra}
                 for login, u in self.users.items()
-            }
+            },
+            "aliases": self.aliases,
         }
         tmp = self.users_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(data))

@@ -1,0 +1,292 @@
+"""Submission policy end to end: grants, permissions, postmaster, domains, rates and lockouts,
+decided by the real policy service with its counters in a real NATS."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import time
+
+import pytest
+from passlib.hash import bcrypt, sha512_crypt
+
+from submitd_common.dev.stack import Stack, User
+from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_common.testing.smtp import connect, insecure_context, reply_of
+
+pytestmark = pytest.mark.timeout(120)
+MSG = b"From: someone@example.test\r\nSubject: policy\r\n\r\nbody\r\n"
+BOB = "bob@example.test"
+
+
+def users(**extra_alice) -> dict[str, User]:
+    return {
+        ALICE: User(ALICE_PASSWORD, [ALICE], extra=extra_alice),
+        BOB: User("bob password", [BOB]),
+    }
+
+
+def login(stack: Stack, user: str = ALICE, password: str = ALICE_PASSWORD, source: str | None = None) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30,
+                          source_address=(source, 0) if source else None)
+    try:
+        client.ehlo("client.example.test")
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.test")
+        client.login(user, password)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def auth_plain(stack: Stack, user: str, password: str, source: str) -> int:
+    """One AUTH PLAIN attempt (smtplib's login() would try LOGIN after a failed PLAIN)."""
+    import base64
+
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30, source_address=(source, 0)) as client:
+        client.ehlo("client.example.test")
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.test")
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        try:
+            return client.docmd("AUTH", f"PLAIN {token}")[0]
+        except smtplib.SMTPServerDisconnected:
+            return -1
+
+
+def test_shared_address_aliases(make_stack):
+    stack = make_stack(start=False, users=users())
+    stack.aliases = {"sales@example.test": [ALICE]}
+    stack.write_users()
+    stack.start()
+    with login(stack) as c:
+        assert c.mail("sales@example.test")[0] == 250
+    with login(stack, BOB, "bob password") as c:
+        code, text = reply_of(c, "MAIL FROM:<sales@example.test>")
+        assert (code, text[:5]) == (550, "5.7.1")
+
+
+def test_authzid_needs_an_act_as_grant(make_stack):
+    import base64
+
+    stack = make_stack(users=users(act_as=["shared-desk"]))
+    with connect(stack) as c:
+        token = base64.b64encode(f"shared-desk\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+        assert reply_of(c, f"AUTH PLAIN {token}")[0] == 235
+    with connect(stack) as c:
+        token = base64.b64encode(f"someone-else\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+        assert reply_of(c, f"AUTH PLAIN {token}")[0] == 535
+
+
+def test_internal_only_user(make_stack):
+    stack = make_stack(users=users(recipients={"allow": ["@example.test"], "deny": ["ceo@example.test"]}))
+    with login(stack) as c:
+        c.mail(ALICE)
+        assert c.rcpt("carol@example.test")[0] == 250
+        code, text = c.rcpt("friend@example.net")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        code, text = c.rcpt("ceo@example.test")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        assert c.data(MSG)[0] == 250
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.rcpt_tos == ["carol@example.test"]
+
+
+def test_postmaster_reachable_without_auth_and_nothing_else(make_stack):
+    stack = make_stack(env={"policy": {"POSTMASTER_WITHOUT_AUTH": "true", "LOCAL_DOMAINS": '["example.test"]'}})
+    with connect(stack, starttls=False) as c:
+        assert c.mail("stranger@example.net")[0] == 250
+        code, text = c.rcpt("bob@example.test")
+        assert (code, text[:5]) == (530, b"5.7.0")
+        assert c.rcpt("postmaster@example.test")[0] == 250
+        assert c.rcpt("postmaster")[0] == 250
+        assert c.data(MSG)[0] == 250
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.rcpt_tos == ["postmaster@example.test", "postmaster"]
+
+
+def test_postmaster_needs_auth_by_default(stack):
+    with connect(stack, starttls=False) as c:
+        assert reply_of(c, "MAIL FROM:<stranger@example.net>")[0] == 530
+
+
+def test_single_label_domains_are_completed_multi_label_never(make_stack):
+    stack = make_stack(users={ALICE: User(ALICE_PASSWORD, ["@sales.example.test", ALICE])},
+                       env={"policy": {"COMPLETE_DOMAIN": "example.test"}})
+    with login(stack) as c:
+        assert c.mail("alice@sales")[0] == 250
+        assert c.rcpt("bob@sales")[0] == 250
+        assert c.rcpt("carol@dept.corp")[0] == 250
+        assert c.data(MSG)[0] == 250
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == "alice@sales.example.test"
+    assert msg.rcpt_tos == ["bob@sales.example.test", "carol@dept.corp"]
+
+
+def test_unqualified_domains_are_554_without_completion(stack):
+    with login(stack) as c:
+        code, text = reply_of(c, "MAIL FROM:<alice@localhost>")
+        assert (code, text[:5]) == (554, "5.1.8")
+        c.mail(ALICE)
+        code, text = c.rcpt("bob@intranet")
+        assert (code, text[:5]) == (554, b"5.1.2")
+
+
+def test_return_path_that_cannot_be_determined_is_550(stack):
+    with login(stack) as c:
+        code, text = reply_of(c, "MAIL FROM:<alice>")
+        assert (code, text[:5]) == (550, "5.1.7")
+
+
+def test_address_syntax_errors_are_501(stack):
+    with login(stack) as c:
+        assert reply_of(c, "MAIL FROM:<alice..x@example.test>")[:1] == (501,)
+        assert reply_of(c, "MAIL FROM:<alice..x@example.test>")[1][:5] == "5.1.7"
+        c.mail(ALICE)
+        code, text = reply_of(c, "RCPT TO:<bob@exa mple.net>")
+        assert (code, text[:5]) == (501, "5.1.3")
+
+
+def test_message_and_recipient_rates(make_stack):
+    stack = make_stack(users=users(limits={"messages_per_hour": 2, "recipients_per_hour": 3}))
+    with login(stack) as c:
+        for n in range(2):
+            c.sendmail(ALICE, [f"r{n}@example.net"], MSG)
+        code, text = reply_of(c, f"MAIL FROM:<{ALICE}>")
+        assert (code, text[:5]) == (450, "4.7.1")
+    with login(stack, BOB, "bob password") as c:  # another user is not affected
+        c.mail(BOB)
+        for n in range(3):
+            assert c.rcpt(f"x{n}@example.net")[0] == 250
+        c.rset()
+    stack2 = stack
+    with login(stack2) as c:
+        assert reply_of(c, f"MAIL FROM:<{ALICE}>")[0] == 450
+
+
+def test_recipient_rate(make_stack):
+    stack = make_stack(users=users(limits={"recipients_per_hour": 3}))
+    with login(stack) as c:
+        c.mail(ALICE)
+        for n in range(3):
+            assert c.rcpt(f"r{n}@example.net")[0] == 250
+        code, text = c.rcpt("r4@example.net")
+        assert (code, text[:5]) == (451, b"4.7.1")
+
+
+async def test_counters_are_shared_between_replicas(nats_server):
+    """Two policy replicas are two NATS connections on one KV bucket: one count."""
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    from submitd_policy.counters import Counters
+
+    a, b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    try:
+        await a.jetstream().create_key_value(KeyValueConfig(bucket="T", history=1, ttl=60))
+        ca, cb = Counters(await a.jetstream().key_value("T")), Counters(await b.jetstream().key_value("T"))
+        import asyncio
+
+        await asyncio.gather(*(c.incr("k") for _ in range(20) for c in (ca, cb)))
+        assert await ca.get("k") == 40 and await cb.get("k") == 40
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_auth_failures_lock_the_login_from_that_address_only(make_stack):
+    stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "3"}})
+    assert [auth_plain(stack, ALICE, "guess", "127.0.0.2") for _ in range(3)] == [535] * 3
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.2") == 454, "even the right password, from there"
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.3") == 235, "alice elsewhere is not affected"
+    assert auth_plain(stack, BOB, "bob password", "127.0.0.2") == 235, "nor bob there"
+
+
+def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
+    stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_CLIENT": "4"}})
+    assert [auth_plain(stack, f"u{n}@example.test", "guess", "127.0.0.4") for n in range(4)] == [535] * 4
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.4") == 421
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.5") == 235, "other clients are not affected"
+
+
+def test_suspension_applies_without_restart(make_stack):
+    stack = make_stack(users=users())
+    with login(stack) as c:
+        assert c.mail(ALICE)[0] == 250
+        c.rset()
+        stack.users[ALICE].extra["suspended"] = True
+        stack.write_users()
+        deadline = time.monotonic() + 10
+        while True:
+            code, text = reply_of(c, f"MAIL FROM:<{ALICE}>")
+            if code != 250:
+                break
+            c.rset()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert (code, text) == (550, "5.7.1 Account suspended")
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        login(stack)
+
+
+@pytest.mark.parametrize(
+    "hashed",
+    [
+        bcrypt.hash("legacy pw").replace("$2b$", "$2y$", 1),
+        "{BLF-CRYPT}" + bcrypt.hash("legacy pw"),
+        sha512_crypt.using(rounds=5000).hash("legacy pw"),
+        "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("legacy pw"),
+    ],
+    ids=["bcrypt-2y", "dovecot-blf-crypt", "sha512-crypt", "dovecot-sha512-crypt"],
+)
+def test_migrated_password_hashes(make_stack, hashed):
+    stack = make_stack(users={"old@example.test": User("", ["old@example.test"], hashed=hashed)})
+    with login(stack, "old@example.test", "legacy pw") as c:
+        assert c.noop()[0] == 250
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        login(stack, "old@example.test", "wrong")
+
+
+def test_dovecot_passwd_file(make_stack, tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(
+        "# migrated\n"
+        f"carol@example.test:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('carol pw')}:1000:1000::/home/carol::\n"
+    )
+    stack = make_stack(env={"policy": {"DOVECOT_PASSWD_FILE": str(passwd)}})
+    with login(stack, "carol@example.test", "carol pw") as c:
+        assert c.mail("carol@example.test")[0] == 250
+
+
+def test_refusals_are_logged_with_identity_and_rate_limited(make_stack):
+    stack = make_stack(env={"policy": {"ERROR_LOG_PER_MINUTE": "5"}})
+    with login(stack) as c:
+        for _ in range(12):
+            assert reply_of(c, "MAIL FROM:<bob@example.net>")[0] == 550
+    time.sleep(0.5)
+    lines = [json.loads(line) for line in stack.log_path("policy").read_text().splitlines()]
+    refused = [e for e in lines if e.get("msg") == "refused"]
+    assert len(refused) == 5
+    assert refused[0]["peer"] == "127.0.0.1" and refused[0]["user"] == ALICE
+    assert refused[0]["reply"].startswith("550 5.7.1") and refused[0]["helo"] == "client.example.test"
+
+
+def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
+    stack = make_stack(trusted_networks=["203.0.113.0/24"], env={"frontend": {"PROXY_PROTOCOL": "true"}})
+    c = raw(stack.ports.submission)
+    c.send(f"PROXY TCP4 203.0.113.9 127.0.0.1 40000 {stack.ports.submission}\r\n".encode())
+    assert c.reply().startswith("220")
+    c.send(b"EHLO lb.example.test\r\nMAIL FROM:<anyone@example.net>\r\n")
+    c.reply()
+    assert c.reply().startswith("250 2.1.0"), "203.0.113.9 is a trusted network"
+    other = raw(stack.ports.submission)
+    other.send(f"PROXY TCP4 198.51.100.1 127.0.0.1 40001 {stack.ports.submission}\r\n".encode())
+    assert other.reply().startswith("220")
+    other.send(b"EHLO lb.example.test\r\nMAIL FROM:<anyone@example.net>\r\n")
+    other.reply()
+    assert other.reply().startswith("530 5.7.0")
+    missing = raw(stack.ports.submission)
+    missing.send(b"EHLO no-proxy-header\r\n")
+    with pytest.raises(ConnectionError):
+        missing.reply()
