@@ -311,3 +311,31 @@ def test_one_abusive_client_does_not_hurt_the_others(stack, raw_factory):
             t.join()
     assert len(stack.sink.handler.wait_for(10, 30)) == 10
     assert elapsed < 30
+
+
+def test_dsn_parameters_are_checked_and_accepted(stack):
+    with logged_in(stack) as client:
+        assert reply_of(client, f"MAIL FROM:<{ALICE}> RET=SOMETIMES")[0] == 501
+        assert reply_of(client, f"MAIL FROM:<{ALICE}> ENVID=bad\x7fid")[0] in (500, 501)
+        assert reply_of(client, f"MAIL FROM:<{ALICE}> RET=HDRS ENVID=QQ314159")[0] == 250
+        assert reply_of(client, "RCPT TO:<bob@example.net> NOTIFY=NEVER,SUCCESS")[0] == 501
+        assert reply_of(client, "RCPT TO:<bob@example.net> ORCPT=bob@example.net")[0] == 501
+        code, _ = reply_of(client, "RCPT TO:<bob@example.net> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;bob@example.net")
+        assert code == 250
+        assert client.data(MSG)[0] == 250
+    assert stack.sink.handler.wait_for(1, 20)
+
+
+def test_smtputf8_submission_end_to_end(make_stack):
+    stack = make_stack(trusted_networks=["127.0.0.0/8"])
+    msg = "From: jösé@exämple.test\r\nTo: zoë@exämple.net\r\nSubject: ünïcode\r\n\r\nçà va\r\n".encode()
+    with connect(stack) as client:
+        assert "smtputf8" in client.esmtp_features
+        client.command_encoding = "utf-8"
+        assert reply_of(client, "MAIL FROM:<jösé@exämple.test> SMTPUTF8 BODY=8BITMIME")[0] == 250
+        assert reply_of(client, "RCPT TO:<zoë@exämple.net>")[0] == 250
+        assert client.data(msg)[0] == 250
+    [got] = stack.sink.handler.wait_for(1, 20)
+    assert got.mail_from == "jösé@exämple.test" and got.rcpt_tos == ["zoë@exämple.net"]
+    assert "Subject: ünïcode\r\n".encode() in got.data
+    assert got.data.endswith("\r\n\r\nçà va\r\n".encode())

@@ -190,3 +190,43 @@ def test_rewriter_down_at_end_of_data_is_451(make_stack):
         code, text = client.data(message("no rewriter"))
         assert (code, text[:5]) == (451, b"4.3.0")
         assert client.noop()[0] == 250, "the session survives"
+
+
+def test_slow_policy_is_a_4xx(make_stack):
+    import os
+    import signal
+
+    stack: Stack = make_stack(env={"frontend": {"POLICY_TIMEOUT": "1"}})
+    with logged_in(stack) as client:
+        os.kill(stack.procs["policy"].pid, signal.SIGSTOP)
+        try:
+            code, text = reply_of(client, f"MAIL FROM:<{ALICE}>")
+        finally:
+            os.kill(stack.procs["policy"].pid, signal.SIGCONT)
+    assert code == 421 and text.startswith("4.3.2")
+    with logged_in(stack) as client:  # the service recovers for the next session
+        client.sendmail(ALICE, ["bob@example.net"], message("after a stall"))
+    stack.sink.handler.wait_for(1, 20)
+
+
+def test_full_queue_is_452_and_recovers(make_stack):
+    stack: Stack = make_stack(env={"frontend": {"QUEUE_MAX_BYTES": "6000"}})
+    stack.stop_service("relay")
+    accepted = []
+    with logged_in(stack) as client:
+        for n in range(20):
+            client.mail(ALICE)
+            client.rcpt("bob@example.net")
+            code, text = client.data(message(n) + b"x" * 900 + b"\r\n")
+            if code != 250:
+                break
+            accepted.append(n)
+        assert (code, text[:5]) == (452, b"4.3.1"), "a full queue refuses new mail with 452"
+        assert accepted, "some messages fit before the queue was full"
+        assert client.noop()[0] == 250
+    stack.start_service("relay")
+    stack.sink.handler.wait_for(len(accepted), 30)
+    assert subjects(stack.sink) == sorted(f"message {n}" for n in accepted), "nothing accepted was dropped"
+    with logged_in(stack) as client:  # space freed: accepted again
+        client.sendmail(ALICE, ["bob@example.net"], message("after"))
+    stack.sink.handler.wait_for(len(accepted) + 1, 30)

@@ -124,6 +124,15 @@ def test_single_label_domains_are_completed_multi_label_never(make_stack):
     assert msg.rcpt_tos == ["bob@sales.example.test", "carol@dept.corp"]
 
 
+def test_incomplete_multi_level_domains_are_refused_not_expanded(make_stack):
+    stack = make_stack(env={"policy": {"COMPLETE_DOMAIN": "example.test", "LOCAL_SUBDOMAINS": '["sales"]'}})
+    with login(stack) as c:
+        c.mail(ALICE)
+        assert c.rcpt("bob@sales")[0] == 250
+        code, text = c.rcpt("bob@squeaky.sales")
+        assert (code, text[:5]) == (554, b"5.1.2")
+
+
 def test_unqualified_domains_are_554_without_completion(stack):
     with login(stack) as c:
         code, text = reply_of(c, "MAIL FROM:<alice@localhost>")
@@ -286,6 +295,18 @@ def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
     other.send(b"EHLO lb.example.test\r\nMAIL FROM:<anyone@example.net>\r\n")
     other.reply()
     assert other.reply().startswith("530 5.7.0")
+    # PROXY v2: the binary header (TCP over IPv4), as HAProxy and cloud load balancers send it.
+    import ipaddress
+    import struct
+
+    v2 = raw(stack.ports.submission)
+    addresses = ipaddress.ip_address("203.0.113.77").packed + ipaddress.ip_address("127.0.0.1").packed
+    v2.send(b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12) + addresses
+            + struct.pack("!HH", 40002, stack.ports.submission))
+    assert v2.reply().startswith("220")
+    v2.send(b"EHLO lb.example.test\r\nMAIL FROM:<anyone@example.net>\r\n")
+    v2.reply()
+    assert v2.reply().startswith("250 2.1.0"), "v2 carried the trusted client address"
     missing = raw(stack.ports.submission)
     missing.send(b"EHLO no-proxy-header\r\n")
     with pytest.raises(ConnectionError):

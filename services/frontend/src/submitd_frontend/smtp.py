@@ -90,6 +90,26 @@ class Sessions:
             self.per_client.pop(client, None)
 
 
+XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
+
+
+def dsn_problem(params: dict[str, str]) -> str | None:
+    """RFC 3461 syntax of the DSN parameters present, or None."""
+    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
+        return "501 5.5.4 RET must be FULL or HDRS"
+    if "ENVID" in params and (len(params["ENVID"]) > 100 or not XTEXT.match(params["ENVID"])):
+        return "501 5.5.4 ENVID must be xtext of at most 100 characters"
+    if "NOTIFY" in params:
+        values = params["NOTIFY"].upper().split(",")
+        if not (values == ["NEVER"] or (set(values) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(values)) == len(values))):
+            return "501 5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE and DELAY"
+    if "ORCPT" in params:
+        kind, semi, value = params["ORCPT"].partition(";")
+        if not semi or not kind or not value or not XTEXT.match(value):
+            return "501 5.5.4 ORCPT must be addr-type;xtext"
+    return None
+
+
 def parse_params(text: str) -> dict[str, str] | None:
     params: dict[str, str] = {}
     for token in text.split():
@@ -488,6 +508,10 @@ class SubmissionSMTP(SMTP):
         if not address.isascii() and "SMTPUTF8" not in params:
             await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
             return
+        problem = dsn_problem(params)
+        if problem:
+            await self.push(problem)
+            return
         verdict = await self.ask(mail_from=policy_pb2.MailFrom(address=address, parameters=params))
         if verdict.accept:
             self.envelope.mail_from = verdict.address or address
@@ -520,6 +544,10 @@ class SubmissionSMTP(SMTP):
             return
         if not address.isascii() and not self.envelope.smtp_utf8:
             await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        problem = dsn_problem(params)
+        if problem:
+            await self.push(problem)
             return
         if len(self.envelope.rcpt_tos) >= self.backends.settings.max_recipients:
             await self.push("452 4.5.3 Too many recipients")

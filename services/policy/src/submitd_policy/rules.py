@@ -77,6 +77,12 @@ def complete(address: str, ctx: Context, *, utf8: bool) -> Address:
     return addr
 
 
+def incomplete(addr: Address, ctx: Context) -> bool:
+    """A multi-level domain that ends in one of the site's own single labels ('squeaky.sales')."""
+    labels = addr.domain.split(".")
+    return len(labels) > 1 and labels[-1] in {x.lower() for x in ctx.settings.local_subdomains}
+
+
 def is_postmaster(addr: Address | None, ctx: Context) -> bool:
     if addr is None or addr.local.lower() != "postmaster":
         return False
@@ -105,7 +111,7 @@ def user_active(ctx: Context, state: SessionState, ask: Ask):
 
 
 def sender_domain(ctx: Context, state: SessionState, ask: Ask):
-    if ask.address is not None and not ask.address.fully_qualified:
+    if ask.address is not None and (not ask.address.fully_qualified or incomplete(ask.address, ctx)):
         return refuse(554, "5.1.8", f"Sender domain {ask.address.domain} is not fully qualified")
     return None
 
@@ -149,7 +155,7 @@ def rcpt_authorized(ctx: Context, state: SessionState, ask: Ask):
 def recipient_domain(ctx: Context, state: SessionState, ask: Ask):
     if is_postmaster(ask.address, ctx):
         return None  # <postmaster> without a domain is valid (RFC 5321 §4.1.1.3)
-    if not ask.address.fully_qualified:
+    if not ask.address.fully_qualified or incomplete(ask.address, ctx):
         return refuse(554, "5.1.2", f"Recipient domain {ask.address.domain} is not fully qualified")
     return None
 

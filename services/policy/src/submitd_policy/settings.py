@@ -22,6 +22,11 @@ class Settings(ServiceSettings):
     complete_domain: str | None = Field(
         None, description="RFC 6409 §4.2: completes single-label domains (user@sales -> user@sales.<this>)"
     )
+    local_subdomains: list[str] = Field(
+        default_factory=list,
+        description="Single labels the site completes (e.g. sales): a multi-level domain ending in one "
+        "(squeaky.sales) is incomplete and refused, never expanded (RFC 6409 §4.2)",
+    )
     postmaster_without_auth: bool = Field(
         False, description="RFC 6409 §6.4: unauthenticated clients may send to postmaster (and only there)"
     )

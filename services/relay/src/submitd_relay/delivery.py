@@ -87,6 +87,10 @@ class NextHopPool:
                     # the connection, but the message may go through later or elsewhere.
                     raise NextHopError(f"{e.code} {e.message}") from e
                 raise NextHopError(str(e) or type(e).__name__) from e
+            except BaseException:
+                if client is not None:
+                    client.close()
+                raise
             outcome.next_hop = self.name
             self.idle.append(client)
             return outcome
@@ -116,8 +120,9 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
         mail_options.append(f"RET={envelope.dsn_ret}")
     if dsn and envelope.dsn_envid:
         mail_options.append(f"ENVID={envelope.dsn_envid}")
+    encoding = "utf-8" if envelope.smtputf8 else "ascii"
     try:
-        await client.mail(envelope.return_path, options=mail_options)
+        await client.mail(envelope.return_path, options=mail_options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as e:
         outcome.fail_all(recipients, e.code, e.message)
         await _rset(client)
@@ -130,7 +135,7 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
         if dsn and r.orcpt:
             options.append(f"ORCPT={r.orcpt}")
         try:
-            await client.rcpt(r.address, options=options)
+            await client.rcpt(r.address, options=options, encoding=encoding)
             accepted.append(r.address)
         except aiosmtplib.SMTPResponseException as e:
             outcome.fail_all([r.address], e.code, e.message)
