@@ -15,7 +15,7 @@ from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
 from submitd_common.testing.smtp import connect, insecure_context, reply_of
 
 pytestmark = pytest.mark.timeout(120)
-MSG = b"From: someone@example.test\r\nSubject: policy\r\n\r\nbody\r\n"
+MSG = b"From: alice@example.test\r\nSubject: policy\r\n\r\nbody\r\n"
 BOB = "bob@example.test"
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from submitd_policy.sasl import Login, Plain, SaslMalformed
-from submitd_policy.users import User, UserDB, hash_password
+from submitd_common.users import User, UserDB, hash_password
 
 
 def user(*grants: str, login: str = "alice@example.net") -> User:

@@ -1,12 +1,14 @@
-from submitd_rewriter.headers import complete, parse_fields, split_header
+from submitd.v1 import common_pb2
+from submitd_rewriter.headers import parse_fields, split_header
+from submitd_rewriter.message import Options, rewrite_header
 
 DOMAIN = "mx.example.net"
 
 
 def run(message: bytes) -> tuple[bytes, list[str]]:
     header, rest = split_header(message)
-    new_header, actions = complete(header, add_date=True, add_message_id=True, domain=DOMAIN)
-    return new_header + rest, actions
+    result = rewrite_header(header, common_pb2.Envelope(), None, Options(domain=DOMAIN, check_addresses=False))
+    return result.header + rest, result.actions
 
 
 def test_adds_missing_fields_after_the_existing_ones():

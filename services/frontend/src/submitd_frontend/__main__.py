@@ -75,7 +75,11 @@ async def amain() -> None:
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
     )
 
+    servers: list[asyncio.Server] = []
     health = Health()
+    # Ready only once the SMTP listeners are bound: /readyz must never send clients to a
+    # port that refuses them.
+    health.add_check("listening", lambda: bool(servers) and all(s.is_serving() for s in servers))
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("policy", lambda: grpcutil.remote_serving(policy_ch))
     health.add_check("rewriter", lambda: grpcutil.remote_serving(rewriter_ch))
@@ -88,7 +92,6 @@ async def amain() -> None:
         log.warning("no TLS certificate configured: STARTTLS, port 465 and AUTH are unavailable")
     sessions = Sessions()
     loop = asyncio.get_running_loop()
-    servers = []
     listeners = [(settings.submission_listen, False)]
     if tls is not None:
         listeners.append((settings.submissions_listen, True))
@@ -103,6 +106,7 @@ async def amain() -> None:
             "frontend listening",
             extra={"fields": {"port": server.sockets[0].getsockname()[1], "implicit_tls": implicit}},
         )
+    await health.check_now()
     log.info("frontend ready", extra={"fields": {"http_port": bound_http}})
 
     await lifecycle.wait_for_signal()

@@ -89,6 +89,7 @@ async def rewrite(
 
     out_envelope = None
     parts: list[bytes] = []
+    prepend = b""
     try:
         call = stub.Rewrite(requests(), timeout=timeout)
         async for resp in call:
@@ -97,6 +98,8 @@ async def rewrite(
                 return None, resp.reject
             if kind == "envelope":
                 out_envelope = resp.envelope
+            elif kind == "prepend":
+                prepend = resp.prepend
             else:
                 parts.append(resp.chunk)
     except grpc.aio.AioRpcError as e:
@@ -104,7 +107,7 @@ async def rewrite(
         raise BackendUnavailable(REWRITER_DOWN) from e
     if out_envelope is None:
         raise BackendUnavailable(REWRITER_DOWN)
-    return out_envelope, b"".join(parts)
+    return out_envelope, prepend + b"".join(parts)
 
 
 class QueueWriter:

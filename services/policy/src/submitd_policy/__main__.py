@@ -18,7 +18,7 @@ from nats.js.api import KeyValueConfig
 from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
-from .users import UserDB
+from submitd_common.users import UserDB
 
 log = logging.getLogger("submitd.policy")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name

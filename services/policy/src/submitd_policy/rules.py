@@ -17,7 +17,7 @@ from submitd_common.replies import reply
 
 from .counters import Counters, window_key
 from .settings import Settings
-from .users import User, UserDB
+from submitd_common.users import User, UserDB
 
 
 @dataclass

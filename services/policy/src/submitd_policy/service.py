@@ -17,7 +17,7 @@ from . import rules
 from .counters import Counters, key_part
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
-from .users import UserDB
+from submitd_common.users import UserDB
 
 log = logging.getLogger("submitd.policy")
 

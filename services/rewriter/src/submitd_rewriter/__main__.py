@@ -1,15 +1,26 @@
-"""submitd-rewriter: the gRPC message completion and signing service."""
+"""submitd-rewriter: the gRPC message completion and signing service.
+
+    submitd-rewriter                                   run the service
+    submitd-rewriter dkim-keygen DOMAIN SELECTOR [--algorithm rsa|ed25519] --out KEY.pem
+    submitd-rewriter dkim-txt DOMAIN SELECTOR KEY.pem  print the DNS TXT record for a key
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import sys
 
 from submitd.v1 import rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import grpcutil, lifecycle
+from submitd_common.files import WatchedFile
 from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
+from submitd_common.users import UserDB
 
+from . import dkim
 from .service import RewriterService
 from .settings import Settings
 
@@ -21,22 +32,69 @@ async def amain() -> None:
     settings = Settings()
     setup_logging("rewriter", settings.log_level)
     provider = setup_telemetry("rewriter")
+    stops = []
+    users = keys = None
+    if settings.users_file:
+        users = WatchedFile(
+            settings.users_file, lambda p: UserDB.load(p, settings.dovecot_passwd_file), settings.reload_interval
+        )
+        stops.append(users.start())
+    if settings.dkim_keys_file:
+        keys = WatchedFile(settings.dkim_keys_file, dkim.load_keys, settings.reload_interval)
+        stops.append(keys.start())
     health = Health([SERVICE_NAME])
+    for name, path in (("users_file", settings.users_file), ("dkim_keys_file", settings.dkim_keys_file)):
+        if path:
+            health.add_check(name, lambda path=path: os.access(path, os.R_OK))
     stop_health = await health.start()
-    service = RewriterService(settings)
+    service = RewriterService(settings, users, keys)
     _, port, stop_grpc = await grpcutil.start_server(
         settings.listen, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s), health
     )
-    log.info("rewriter listening", extra={"fields": {"port": port}})
+    log.info(
+        "rewriter listening",
+        extra={"fields": {"port": port, "dkim_domains": sorted(keys.value) if keys else []}},
+    )
     await lifecycle.wait_for_signal()
     log.info("rewriter draining")
     await health.set_draining()
     await stop_grpc(settings.drain_seconds)
     await stop_health()
+    for stop in stops:
+        await stop()
     provider.shutdown()
 
 
+def dkim_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="submitd-rewriter", description="DKIM key tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("dkim-keygen", help="generate a key and print its DNS TXT record")
+    gen.add_argument("domain")
+    gen.add_argument("selector")
+    gen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    gen.add_argument("--out", required=True, help="where to write the private key (PEM)")
+    txt = sub.add_parser("dkim-txt", help="print the DNS TXT record of an existing key")
+    txt.add_argument("domain")
+    txt.add_argument("selector")
+    txt.add_argument("key_file")
+    args = parser.parse_args(argv)
+    if args.command == "dkim-keygen":
+        key = dkim.generate_key(args.algorithm)
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(dkim.private_pem(key))
+    else:
+        from cryptography.hazmat.primitives import serialization
+
+        with open(args.key_file, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    print(dkim.txt_record(key, args.domain, args.selector))
+    return 0
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("dkim-"):
+        sys.exit(dkim_command(sys.argv[1:]))
     lifecycle.run(amain)
 
 

@@ -54,17 +54,3 @@ def new_message_id(domain: str) -> str:
 
 def new_date(now: datetime | None = None) -> str:
     return format_datetime((now or datetime.now(timezone.utc)).astimezone())
-
-
-def complete(header: bytes, *, add_date: bool, add_message_id: bool, domain: str) -> tuple[bytes, list[str]]:
-    """Append the fields the header section lacks. Returns the new section and the actions."""
-    present = {f.key for f in parse_fields(header)}
-    added: list[bytes] = []
-    actions: list[str] = []
-    if add_date and "date" not in present:
-        added.append(b"Date: " + new_date().encode() + b"\r\n")
-        actions.append("date_added")
-    if add_message_id and "message-id" not in present:
-        added.append(b"Message-ID: " + new_message_id(domain).encode() + b"\r\n")
-        actions.append("message_id_added")
-    return header + b"".join(added), actions

@@ -1,4 +1,5 @@
-"""The Rewriter gRPC service: envelope and chunks in; a reject, or envelope and chunks out."""
+"""The Rewriter gRPC service: envelope and chunks in; a reject, or envelope, chunks and the
+signature fields out."""
 
 from __future__ import annotations
 
@@ -8,22 +9,44 @@ import grpc
 from opentelemetry import trace
 
 from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
+from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
+from submitd_common.users import UserDB
 
-from . import headers
+from . import dkim, headers
+from .message import Options, Refused, rewrite_header
 from .settings import Settings
 
 log = logging.getLogger("submitd.rewriter")
+TOO_LARGE = reply(552, "5.3.4", "Message header section too large")
 
 
 class RewriterService(rewriter_pb2_grpc.RewriterServicer):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        users: WatchedFile[UserDB] | None = None,
+        keys: WatchedFile[dict[str, list[dkim.Key]]] | None = None,
+    ) -> None:
         self.settings = settings
+        self.users = users
+        self.keys = keys
+        self.options = Options(
+            domain=settings.message_id_domain,
+            add_date=settings.add_date,
+            fix_date=settings.fix_date,
+            add_message_id=settings.add_message_id,
+            fix_message_id=settings.fix_message_id,
+            add_sender=settings.add_sender,
+            check_addresses=settings.check_header_addresses,
+            check_from=settings.check_header_from,
+            complete_domain=settings.complete_domain,
+        )
 
     async def Rewrite(self, request_iterator, context: grpc.aio.ServicerContext):
         envelope = None
         pending = bytearray()
-        header_done = False
+        job: Job | None = None
         async for req in request_iterator:
             part = req.WhichOneof("part")
             if part == "envelope":
@@ -31,8 +54,8 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                 continue
             if envelope is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the envelope comes first")
-            if header_done:
-                yield rewriter_pb2.RewriteResponse(chunk=req.chunk)
+            if job is not None:
+                yield rewriter_pb2.RewriteResponse(chunk=job.body(req.chunk))
                 continue
             pending += req.chunk
             split = headers.split_header(bytes(pending))
@@ -41,46 +64,91 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                     yield rewriter_pb2.RewriteResponse(reject=TOO_LARGE)
                     return
                 continue
-            header_done = True
-            result = self.process(envelope, *split)
-            if isinstance(result, common_pb2.Reply):
-                yield rewriter_pb2.RewriteResponse(reject=result)
-                return
-            yield rewriter_pb2.RewriteResponse(envelope=result[0])
-            yield rewriter_pb2.RewriteResponse(chunk=result[1])
             pending.clear()
+            job = Job(self, envelope)
+            try:
+                first = job.start(*split)
+            except Refused as e:
+                yield rewriter_pb2.RewriteResponse(reject=e.reply)
+                return
+            yield rewriter_pb2.RewriteResponse(envelope=envelope)
+            yield rewriter_pb2.RewriteResponse(chunk=first)
         if envelope is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no envelope")
-        if not header_done:
-            result = self.process(envelope, *header_only(bytes(pending)))
-            if isinstance(result, common_pb2.Reply):
-                yield rewriter_pb2.RewriteResponse(reject=result)
+        if job is None:
+            job = Job(self, envelope)
+            try:
+                first = job.start(*header_only(bytes(pending)))
+            except Refused as e:
+                yield rewriter_pb2.RewriteResponse(reject=e.reply)
                 return
-            yield rewriter_pb2.RewriteResponse(envelope=result[0])
-            yield rewriter_pb2.RewriteResponse(chunk=result[1])
+            yield rewriter_pb2.RewriteResponse(envelope=envelope)
+            yield rewriter_pb2.RewriteResponse(chunk=first)
+        yield rewriter_pb2.RewriteResponse(prepend=job.finish())
 
     async def RewriteWhole(self, request: rewriter_pb2.WholeMessage, context) -> rewriter_pb2.WholeResult:
         split = headers.split_header(request.message) or header_only(request.message)
         if len(split[0]) > self.settings.max_header_bytes:
             return rewriter_pb2.WholeResult(reject=TOO_LARGE)
-        result = self.process(request.envelope, *split)
-        if isinstance(result, common_pb2.Reply):
-            return rewriter_pb2.WholeResult(reject=result)
-        return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=result[0], message=result[1]))
-
-    def process(self, envelope: common_pb2.Envelope, header: bytes, rest: bytes):
-        """The rewritten (envelope, header + rest), or the Reply refusing the message."""
-        new_header, actions = headers.complete(
-            header,
-            add_date=self.settings.add_date,
-            add_message_id=self.settings.add_message_id,
-            domain=self.settings.message_id_domain,
-        )
-        trace.get_current_span().set_attribute("submitd.rewriter.actions", actions)
-        return envelope, new_header + rest
+        job = Job(self, request.envelope)
+        try:
+            first = job.start(*split)
+        except Refused as e:
+            return rewriter_pb2.WholeResult(reject=e.reply)
+        message = job.finish() + first
+        return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=request.envelope, message=message))
 
 
-TOO_LARGE = reply(552, "5.3.4", "Message header section too large")
+class Job:
+    """One message: its header rewritten at once, its body hashed as it streams by."""
+
+    def __init__(self, service: RewriterService, envelope: common_pb2.Envelope) -> None:
+        self.service = service
+        self.envelope = envelope
+        self.fields = []
+        self.keys: list[dkim.Key] = []
+        self.hasher: dkim.BodyHash | None = None
+
+    def start(self, header: bytes, rest: bytes) -> bytes:
+        users = self.service.users.value if self.service.users else None
+        result = rewrite_header(header, self.envelope, users, self.service.options)
+        self.fields = [(f.name, f.raw) for f in result.fields]
+        self.keys = self._signing_keys(result.fields)
+        span = trace.get_current_span()
+        span.set_attribute("submitd.rewriter.actions", result.actions)
+        span.set_attribute("submitd.dkim.selectors", [k.selector for k in self.keys])
+        if self.keys:
+            self.hasher = dkim.BodyHash()
+            # rest starts with the blank line that ends the header: not part of the body
+            self.hasher.update(rest[2:] if rest.startswith(b"\r\n") else rest)
+        return result.header + rest
+
+    def body(self, chunk: bytes) -> bytes:
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        if not self.keys:
+            return b""
+        body_hash = self.hasher.digest()
+        return b"".join(dkim.sign(self.fields, body_hash, key) for key in self.keys)
+
+    def _signing_keys(self, fields) -> list[dkim.Key]:
+        if self.service.keys is None:
+            return []
+        froms = [f for f in fields if f.key == "from"]
+        if len(froms) != 1:
+            return []
+        try:
+            from .message import addresses_of
+
+            addrs = addresses_of(froms[0], self.envelope.smtputf8)
+        except Refused:
+            return []
+        if len(addrs) != 1:
+            return []
+        return list(self.service.keys.value.get(addrs[0].domain, []))
 
 
 def header_only(message: bytes) -> tuple[bytes, bytes]:

@@ -15,6 +15,16 @@ class Settings(ServiceSettings):
     message_id_domain: str = Field(
         default_factory=socket.getfqdn, description="Domain part of the Message-IDs the rewriter adds"
     )
+    users_file: str | None = Field(None, description="The policy's users file: header From grants, Sender")
+    dovecot_passwd_file: str | None = Field(None, description="The policy's Dovecot passwd-file, if any")
+    dkim_keys_file: str | None = Field(None, description="YAML list of DKIM keys (domain, selector, key_file)")
+    reload_interval: float = Field(2.0, description="Seconds between checks of the files above")
     add_date: bool = Field(True, description="RFC 6409 §8.2: add a Date header when missing")
-    add_message_id: bool = Field(True, description="RFC 6409 §8.3: add a Message-ID header when missing")
+    fix_date: bool = Field(True, description="RFC 6409 §8.2: replace a Date that does not parse")
+    add_message_id: bool = Field(True, description="RFC 6409 §8.3: add a Message-ID when missing")
+    fix_message_id: bool = Field(True, description="RFC 6409 §8.3: replace a Message-ID of invalid syntax")
+    add_sender: bool = Field(True, description="RFC 6409 §8.1: add Sender when the user is not the From")
+    check_header_addresses: bool = Field(True, description="RFC 6409 §4.2/§5.1: address headers valid and qualified")
+    check_header_from: bool = Field(True, description="RFC 6409 §6.3: From and Sender owned by the user")
+    complete_domain: str | None = Field(None, description="Completes single-label domains, as the policy does")
     max_header_bytes: int = Field(1 << 20, description="Largest header section accepted")

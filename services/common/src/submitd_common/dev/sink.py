@@ -91,7 +91,7 @@ class Sink:
         self.handler = SinkHandler(maildir=maildir)
         self.port = port or free_port()
         self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True
+            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True, data_size_limit=None
         )
 
     def start(self) -> "Sink":
@@ -107,7 +107,7 @@ async def _serve(port: int, maildir: Path) -> None:
     handler = SinkHandler(maildir=maildir)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.localhost", enable_SMTPUTF8=True), "127.0.0.1", port
+        lambda: SMTP(handler, hostname="sink.localhost", enable_SMTPUTF8=True, data_size_limit=None), "127.0.0.1", port
     )
     async with server:
         await server.serve_forever()

@@ -132,7 +132,7 @@ class Stack:
     # -- configuration ------------------------------------------------------------
 
     def write_users(self) -> None:
-        from submitd_policy.users import hash_password
+        from submitd_common.users import hash_password
 
         data = {
             "users": {
@@ -161,7 +161,12 @@ class Stack:
                 "RELOAD_INTERVAL": "0.5",
             }
         elif name == "rewriter":
-            env |= {"LISTEN": f"127.0.0.1:{p.rewriter}", "MESSAGE_ID_DOMAIN": self.hostname}
+            env |= {
+                "LISTEN": f"127.0.0.1:{p.rewriter}",
+                "MESSAGE_ID_DOMAIN": self.hostname,
+                "USERS_FILE": str(self.users_file),
+                "RELOAD_INTERVAL": "0.5",
+            }
         elif name == "frontend":
             env |= {
                 "HOSTNAME": self.hostname,

@@ -33,7 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from passlib.hash import bcrypt as bcrypt_hash
 from passlib.hash import sha512_crypt
 
-from submitd_common.files import load_yaml
+from .files import load_yaml
 
 _hasher = PasswordHasher()
 # Unknown logins are checked against this so that they cost what a known login costs.
@@ -57,6 +57,15 @@ class User:
     deny_recipients: frozenset[str] = field(default_factory=frozenset)
     limits: Limits = field(default_factory=Limits)
     suspended: bool = False
+    header_from_check: bool = True  # RFC 6409 §6.3: the header From must be the user's too
+
+    @property
+    def address(self) -> str | None:
+        """The user's own address: the login when it is one, else the first exact grant."""
+        if "@" in self.login:
+            return normalize(self.login)
+        exact = sorted(a for a in self.send_as if not a.startswith("@"))
+        return exact[0] if exact else None
 
     def may_send_as(self, address: str, aliases: dict[str, frozenset[str]] | None = None) -> bool:
         candidates = _candidates(address)
@@ -111,6 +120,7 @@ class UserDB:
                 deny_recipients=_addresses(recipients.get("deny")),
                 limits=Limits(limits.get("messages_per_hour"), limits.get("recipients_per_hour")),
                 suspended=bool(entry.get("suspended", False)),
+                header_from_check=bool(entry.get("header_from_check", True)),
             )
         aliases = {normalize(str(a)): frozenset(str(u) for u in logins or []) for a, logins in (data.get("aliases") or {}).items()}
         return cls(users, aliases)

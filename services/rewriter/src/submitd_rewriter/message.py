@@ -1,0 +1,150 @@
+"""What the rewriter does to one message's header section, as byte surgery.
+
+Fields are located and edited as byte ranges; the fields it does not touch, and the body,
+leave exactly as they came.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass, field
+
+from submitd.v1 import common_pb2
+from submitd_common.addresses import Address, AddressError, parse_mailbox
+from submitd_common.replies import reply
+from submitd_common.users import UserDB
+
+from .headers import HeaderField, new_date, new_message_id, parse_fields
+
+ADDRESS_FIELDS = {
+    "from", "sender", "reply-to", "to", "cc", "bcc",
+    "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
+}
+_EMPTY_GROUP = re.compile(r"^\s*[^:]+:\s*;\s*$")
+_MSGID = re.compile(rb"^\s*<[^<>@\s\"]+@[^<>@\s]+>\s*$")
+
+
+class Refused(Exception):
+    def __init__(self, smtp_reply: common_pb2.Reply) -> None:
+        super().__init__(smtp_reply.text)
+        self.reply = smtp_reply
+
+
+@dataclass
+class Options:
+    domain: str                      # for new Message-IDs
+    add_date: bool = True
+    fix_date: bool = True
+    add_message_id: bool = True
+    fix_message_id: bool = True
+    add_sender: bool = True
+    check_addresses: bool = True
+    check_from: bool = True
+    complete_domain: str | None = None
+
+
+@dataclass
+class Result:
+    header: bytes
+    actions: list[str] = field(default_factory=list)
+    fields: list[HeaderField] = field(default_factory=list)
+
+
+def field_text(f: HeaderField, utf8: bool) -> str:
+    value = f.raw.split(b":", 1)[1].replace(b"\r\n", b"")
+    return value.decode("utf-8" if utf8 else "ascii", "surrogateescape")
+
+
+def addresses_of(f: HeaderField, utf8: bool) -> list[Address]:
+    """The addresses of an address field; Refused (554 5.6.0) naming the field if invalid."""
+    text = field_text(f, utf8)
+    if _EMPTY_GROUP.match(text):
+        return []
+    name = f.name.decode("ascii", "replace")
+    out = []
+    for _, addr in email.utils.getaddresses([text]):
+        try:
+            if not addr:
+                raise AddressError("unparseable address list")
+            out.append(parse_mailbox(addr, utf8=utf8))
+        except AddressError as e:
+            raise Refused(reply(554, "5.6.0", f"Invalid address in {name} header: {e}")) from e
+    if not out:
+        raise Refused(reply(554, "5.6.0", f"Invalid address in {name} header: no address"))
+    return out
+
+
+def _complete_in_field(f: HeaderField, addr: Address, completed: str) -> None:
+    # Surgical: only "@<domain>" right after this local part changes.
+    pattern = re.escape(f"{addr.local}@{addr.domain}".encode()) + rb"(?=[\s>,;)]|$)"
+    f.raw = re.sub(pattern, f"{addr.local}@{completed}".encode(), f.raw, flags=re.IGNORECASE)
+
+
+def rewrite_header(header: bytes, envelope: common_pb2.Envelope, users: UserDB | None, opts: Options) -> Result:
+    fields = parse_fields(header)
+    result = Result(header=b"", fields=fields)
+    utf8 = envelope.smtputf8
+    by_key: dict[str, list[HeaderField]] = {}
+    for f in fields:
+        by_key.setdefault(f.key, []).append(f)
+
+    from_addresses: list[Address] = []
+    if opts.check_addresses:
+        for f in fields:
+            if f.key not in ADDRESS_FIELDS:
+                continue
+            for addr in addresses_of(f, utf8):
+                if not addr.fully_qualified:
+                    if opts.complete_domain and "." not in addr.domain and not addr.is_literal:
+                        completed = f"{addr.domain}.{opts.complete_domain.lower()}"
+                        _complete_in_field(f, addr, completed)
+                        result.actions.append("domain_completed")
+                        addr = Address(addr.local, completed)
+                    else:
+                        name = f.name.decode("ascii", "replace")
+                        raise Refused(reply(554, "5.6.0", f"Domain {addr.domain} in {name} header is not fully qualified"))
+                if f.key == "from":
+                    from_addresses.append(addr)
+
+    user = users.users.get(envelope.authenticated_user) if users and envelope.authenticated_user else None
+    if user is not None and opts.check_from and user.header_from_check:
+        owned = [*from_addresses]
+        for f in by_key.get("sender", []):
+            owned.extend(addresses_of(f, utf8))
+        for addr in owned:
+            if not user.may_send_as(str(addr), users.aliases):
+                raise Refused(reply(550, "5.7.1", f"Header address <{addr}> not owned by user {user.login}"))
+
+    added: list[bytes] = []
+    if opts.add_sender and user is not None and user.address and not by_key.get("sender"):
+        if user.address not in {str(a) for a in from_addresses}:
+            added.append(b"Sender: " + user.address.encode() + b"\r\n")
+            result.actions.append("sender_added")
+
+    dates = by_key.get("date", [])
+    if not dates and opts.add_date:
+        added.append(b"Date: " + new_date().encode() + b"\r\n")
+        result.actions.append("date_added")
+    elif dates and opts.fix_date and not _valid_date(dates[0]):
+        dates[0].raw = b"Date: " + new_date().encode() + b"\r\n"
+        result.actions.append("date_replaced")
+
+    ids = by_key.get("message-id", [])
+    if not ids and opts.add_message_id:
+        added.append(b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n")
+        result.actions.append("message_id_added")
+    elif ids and opts.fix_message_id and not _MSGID.match(ids[0].raw.split(b":", 1)[1].replace(b"\r\n", b"")):
+        ids[0].raw = b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n"
+        result.actions.append("message_id_replaced")
+
+    result.header = b"".join(f.raw for f in fields) + b"".join(added)
+    result.fields = parse_fields(result.header)
+    return result
+
+
+def _valid_date(f: HeaderField) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(field_text(f, True).strip()) is not None
+    except (TypeError, ValueError, IndexError):
+        return False

@@ -1,0 +1,97 @@
+"""Golden cases of header completion: odd but legal input and exactly what comes out."""
+
+import pytest
+
+from submitd.v1 import common_pb2
+from submitd_common.users import User, UserDB
+from submitd_rewriter import headers
+from submitd_rewriter.message import Options, Refused, rewrite_header
+
+DATE = b"Date: Tue, 01 Dec 2026 10:00:00 +0000"
+MSGID = b"Message-ID: <fixed@mx.example.net>"
+USERS = UserDB(
+    {"alice@example.net": User("alice@example.net", "x", send_as=frozenset({"@shared.example.net"}))},
+    {"team@example.net": frozenset({"alice@example.net"})},
+)
+
+
+@pytest.fixture(autouse=True)
+def fixed_values(monkeypatch):
+    monkeypatch.setattr(headers, "new_date", lambda now=None: DATE[6:].decode())
+    monkeypatch.setattr(headers, "new_message_id", lambda domain: MSGID[12:].decode())
+    import submitd_rewriter.message as message
+
+    monkeypatch.setattr(message, "new_date", lambda now=None: DATE[6:].decode())
+    monkeypatch.setattr(message, "new_message_id", lambda domain: MSGID[12:].decode())
+
+
+def run(header: bytes, user: str = "alice@example.net", utf8: bool = False, **opts) -> bytes:
+    envelope = common_pb2.Envelope(authenticated_user=user, smtputf8=utf8)
+    return rewrite_header(header, envelope, USERS, Options(domain="mx.example.net", **opts)).header
+
+
+GOLDEN = [
+    (  # folded fields and encoded words stay as they are; the missing fields are appended
+        b"From: =?utf-8?q?Al=C3=AFce?=\r\n <alice@example.net>\r\nSubject: a\r\n\tfolded subject\r\n",
+        b"From: =?utf-8?q?Al=C3=AFce?=\r\n <alice@example.net>\r\nSubject: a\r\n\tfolded subject\r\n"
+        + DATE + b"\r\n" + MSGID + b"\r\n",
+    ),
+    (  # group syntax and comments in addresses are valid
+        b"From: alice@example.net (Alice in comments)\r\nTo: undisclosed-recipients:;\r\n"
+        b"Cc: Team: a@example.org, (c) b@example.org;\r\n" + DATE + b"\r\n" + MSGID + b"\r\n",
+        b"From: alice@example.net (Alice in comments)\r\nTo: undisclosed-recipients:;\r\n"
+        b"Cc: Team: a@example.org, (c) b@example.org;\r\n" + DATE + b"\r\n" + MSGID + b"\r\n",
+    ),
+    (  # From a shared alias: Sender names the user (RFC 6409 §8.1)
+        b"From: Team <team@example.net>\r\n" + DATE + b"\r\n" + MSGID + b"\r\n",
+        b"From: Team <team@example.net>\r\n" + DATE + b"\r\n" + MSGID + b"\r\nSender: alice@example.net\r\n",
+    ),
+    (  # an unparseable Date and an invalid Message-ID are replaced in place
+        b"Date: yesterday-ish\r\nFrom: alice@example.net\r\nMessage-ID: not an id\r\n",
+        DATE + b"\r\nFrom: alice@example.net\r\n" + MSGID + b"\r\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("given,expected", GOLDEN, ids=["folded-encoded", "groups-comments", "sender", "fix"])
+def test_golden(given, expected):
+    assert run(given) == expected
+
+
+def test_8bit_headers_under_smtputf8():
+    given = "From: Zoë <alice@example.net>\r\nTo: jösé@exämple.org\r\n".encode() + DATE + b"\r\n" + MSGID + b"\r\n"
+    assert run(given, utf8=True) == given
+    with pytest.raises(Refused) as err:
+        run(given, utf8=False)
+    assert err.value.reply.code == 554
+
+
+@pytest.mark.parametrize(
+    "field,code,enhanced",
+    [
+        (b"To: bob@localhost\r\n", 554, "5.6.0"),
+        (b"Cc: bob@@example.org\r\n", 554, "5.6.0"),
+        (b"Reply-To: <>\r\n", 554, "5.6.0"),
+        (b"Sender: mallory@evil.example\r\n", 550, "5.7.1"),
+    ],
+)
+def test_refusals_name_the_header(field, code, enhanced):
+    with pytest.raises(Refused) as err:
+        run(b"From: alice@example.net\r\n" + field)
+    assert (err.value.reply.code, err.value.reply.enhanced) == (code, enhanced)
+    if code == 554:
+        assert field.split(b":")[0].decode() in err.value.reply.text
+
+
+def test_header_from_must_be_owned_unless_disabled():
+    with pytest.raises(Refused) as err:
+        run(b"From: ceo@example.net\r\n")
+    assert (err.value.reply.code, err.value.reply.enhanced) == (550, "5.7.1")
+    assert run(b"From: anyone@shared.example.net\r\n" + DATE + b"\r\n" + MSGID + b"\r\n").startswith(b"From: anyone@")
+    assert run(b"From: ceo@example.net\r\n", check_from=False).startswith(b"From: ceo@")
+    assert run(b"From: ceo@example.net\r\n", user="").startswith(b"From: ceo@"), "no user (trusted network)"
+
+
+def test_single_label_header_domains_are_completed_in_place():
+    out = run(b"From: alice@example.net\r\nTo: Bob <bob@sales>, carol@example.org\r\n", complete_domain="example.net")
+    assert b"To: Bob <bob@sales.example.net>, carol@example.org\r\n" in out

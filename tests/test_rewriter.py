@@ -1,0 +1,186 @@
+"""The rewriter through the real frontend: signatures that independent verifiers accept,
+header checks answered in the SMTP session, and bounded memory for large messages."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dkim as dkimpy
+import pytest
+import yaml
+
+from submitd_common.dev.stack import User
+from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_common.testing.smtp import logged_in
+from submitd_rewriter import dkim
+
+pytestmark = pytest.mark.timeout(180)
+HEADER = f"From: Alice <{ALICE}>\r\nTo: bob@example.net\r\nSubject: signed\r\n".encode()
+
+
+class Keys:
+    """DKIM keys for example.test on disk, as an operator's mounted Secret would hold them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.file = root / "dkim.yaml"
+        self.keys: dict[str, object] = {}
+        self.entries: list[dict] = []
+
+    def add(self, selector: str, algorithm: str, domain: str = "example.test") -> None:
+        key = dkim.generate_key(algorithm)
+        path = self.root / f"{selector}.pem"
+        path.write_bytes(dkim.private_pem(key))
+        self.keys[f"{selector}._domainkey.{domain}."] = key
+        self.entries.append({"domain": domain, "selector": selector, "key_file": str(path)})
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"keys": self.entries}))
+        tmp.replace(self.file)
+
+    def dns(self, name: bytes, timeout: float = 5) -> bytes:
+        key = self.keys.get(name.decode())
+        return dkim.txt_value(key) if key else b""
+
+    def opendkim_results(self, message: bytes) -> list[str]:
+        """What opendkim (a C verifier, in its offline test mode) says of each signature."""
+        (self.root / "msg.eml").write_bytes(message)
+        (self.root / "keys.txt").write_text(
+            "".join(f"{name.rstrip('.')} {dkim.txt_value(key).decode()}\n" for name, key in self.keys.items())
+        )
+        (self.root / "opendkim.conf").write_text(
+            f"Mode v\nTestPublicKeys {self.root / 'keys.txt'}\nSyslog no\nAlwaysAddARHeader yes\nAuthservID test\n"
+        )
+        out = subprocess.run(
+            ["opendkim", "-x", str(self.root / "opendkim.conf"), "-t", str(self.root / "msg.eml"), "-vv"],
+            capture_output=True, text=True, timeout=60,
+        )
+        return re.findall(r"dkim=(\w+)", out.stdout + out.stderr)
+
+
+@pytest.fixture
+def keys(tmp_path) -> Keys:
+    k = Keys(tmp_path / "dkim")
+    k.root.mkdir()
+    k.add("rsa2026", "rsa")
+    k.add("ed2026", "ed25519")
+    return k
+
+
+@pytest.fixture
+def signing_stack(make_stack, keys):
+    users = {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
+    return make_stack(users=users, env={"rewriter": {"DKIM_KEYS_FILE": str(keys.file)}})
+
+
+def verify_all(message: bytes, keys: Keys) -> list[bool]:
+    d = dkimpy.DKIM(message)
+    count = len(re.findall(rb"^DKIM-Signature:", message, flags=re.MULTILINE | re.IGNORECASE))
+    results = []
+    for i in range(count):
+        try:
+            results.append(bool(d.verify(idx=i, dnsfunc=keys.dns)))
+        except dkimpy.ValidationError:
+            results.append(False)
+    return results
+
+
+def test_signatures_verify_with_dkimpy_and_opendkim(signing_stack, keys):
+    body = b"Hello  \t world\r\n\r\n.dot line\r\ncaf\xc3\xa9\r\n"
+    with logged_in(signing_stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\n" + body)
+    [msg] = signing_stack.sink.handler.wait_for(1, 20)
+    assert msg.data.startswith(b"DKIM-Signature: v=1; a=")
+    assert msg.data.endswith(b"\r\n\r\n" + body), "the body leaves byte for byte"
+    assert verify_all(msg.data, keys) == [True, True]
+    if shutil.which("opendkim"):
+        assert keys.opendkim_results(msg.data) == ["pass", "pass"]
+    tampered = msg.data.replace(b"Hello", b"Jello")
+    assert verify_all(tampered, keys) == [False, False]
+    if shutil.which("opendkim"):
+        assert keys.opendkim_results(tampered) == ["fail", "fail"]
+
+
+def test_new_selector_signs_without_restart(signing_stack, keys):
+    keys.add("next2027", "ed25519")
+    deadline = time.monotonic() + 10
+    while True:
+        with logged_in(signing_stack) as client:
+            client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\nrotation\r\n")
+        msg = signing_stack.sink.handler.wait_for(1, 20)[-1]
+        if b"s=next2027" in msg.data:
+            break
+        assert time.monotonic() < deadline, "the added key never signed"
+        signing_stack.sink.handler.reset()
+        time.sleep(0.5)
+    assert verify_all(msg.data, keys) == [True, True, True]
+
+
+def test_header_errors_answer_in_the_session(stack):
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(HEADER.replace(b"bob@example.net", b"bob@intranet") + b"\r\nx\r\n")
+        assert (code, text[:5]) == (554, b"5.6.0") and b"To header" in text
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(b"From: ceo@example.test\r\nSubject: x\r\n\r\nx\r\n")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        assert client.noop()[0] == 250, "the session goes on"
+        client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\nfine\r\n")
+    assert len(stack.sink.handler.wait_for(1, 20)) == 1
+
+
+def test_sender_is_added_for_an_alias(stack):
+    with logged_in(stack) as client:
+        client.sendmail("sales@alias.example.test", ["bob@example.net"],
+                        b"From: Sales <sales@alias.example.test>\r\nSubject: x\r\n\r\nbody\r\n")
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert f"\r\nSender: {ALICE}\r\n".encode() in msg.data
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_40mb_message_is_signed_with_bounded_rewriter_memory(make_stack, keys):
+    stack = make_stack(env={"rewriter": {"DKIM_KEYS_FILE": str(keys.file)},
+                            "frontend": {"MAX_MESSAGE_SIZE": str(50 << 20)}})
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+    body = line * ((40 << 20) // len(line))
+    before = peak_rss_kb(stack.procs["rewriter"].pid)
+    frontend_before = peak_rss_kb(stack.procs["frontend"].pid)
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\n" + body)
+    [msg] = stack.sink.handler.wait_for(1, 120)
+    grown_mb = (peak_rss_kb(stack.procs["rewriter"].pid) - before) / 1024
+    print(
+        f"\n{len(body) / 2**20:.0f} MB message: rewriter peak RSS {before / 1024:.0f} -> "
+        f"{peak_rss_kb(stack.procs['rewriter'].pid) / 1024:.0f} MB; frontend peak RSS {frontend_before / 1024:.0f} -> "
+        f"{peak_rss_kb(stack.procs['frontend'].pid) / 1024:.0f} MB",
+        file=sys.stderr,
+    )
+    assert msg.data.endswith(b"\r\n\r\n" + body)
+    assert verify_all(msg.data, keys) == [True, True]
+    assert grown_mb < 16, "the rewriter streams the body: its memory must not follow the message size"
+
+
+def test_dkim_key_commands(tmp_path):
+    out = tmp_path / "k.pem"
+    gen = subprocess.run([sys.executable, "-m", "submitd_rewriter", "dkim-keygen", "example.test", "sel1", "--algorithm", "ed25519",
+                          "--out", str(out)], capture_output=True, text=True, check=True)
+    assert gen.stdout.startswith('sel1._domainkey.example.test. IN TXT ( "v=DKIM1; k=ed25519; p=')
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run([sys.executable, "-m", "submitd_rewriter", "dkim-txt", "example.test", "sel1", str(out)],
+                           capture_output=True, text=True, check=True)
+    assert again.stdout == gen.stdout
+    rsa = subprocess.run([sys.executable, "-m", "submitd_rewriter", "dkim-keygen", "example.test", "sel2", "--out", str(tmp_path / "r.pem")],
+                         capture_output=True, text=True, check=True)
+    assert "k=rsa; p=MIIBIjAN" in rsa.stdout.replace('" "', "")
