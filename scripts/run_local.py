@@ -42,6 +42,8 @@ def main() -> int:
         submissions=port("submissions", 2465),
         frontend_http=port("frontend_http", 8081),
         relay_http=port("relay_http", 8082),
+        policy_http=port("policy_http", 8083),
+        rewriter_http=port("rewriter_http", 8084),
     )
     sink_port = port("sink", 2525)
     busy = [f"{n}={p}" for n, p in {**vars(ports), "sink": sink_port}.items() if wait_port("127.0.0.1", p, 0.05)]

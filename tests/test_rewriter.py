@@ -184,3 +184,37 @@ def test_dkim_key_commands(tmp_path):
     rsa = subprocess.run([sys.executable, "-m", "submitd_rewriter", "dkim-keygen", "example.test", "sel2", "--out", str(tmp_path / "r.pem")],
                          capture_output=True, text=True, check=True)
     assert "k=rsa; p=MIIBIjAN" in rsa.stdout.replace('" "', "")
+
+
+def test_rewrite_rules_reach_the_envelope_and_headers(make_stack, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"rules": [{"match": "jru@example.test", "replace": "J.Random.User@example.test"}]}))
+    stack = make_stack(users={ALICE: User(ALICE_PASSWORD, [ALICE, "jru@example.test"])},
+                       env={"rewriter": {"REWRITE_RULES_FILE": str(rules)}})
+    with logged_in(stack) as client:
+        client.sendmail("jru@example.test", ["bob@example.net"],
+                        b"From: Jay <jru@example.test>\r\nSubject: rules\r\n\r\nbody\r\n")
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == "J.Random.User@example.test", "the envelope change travelled back to the frontend"
+    assert msg.data.startswith(b"From: Jay <J.Random.User@example.test>\r\n")
+
+
+def test_rewriter_actions_are_counted(stack):
+    import urllib.request
+
+    def counter(name: str, label: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.rewriter_http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        m = re.search(rf'^{name}{{{label}}} ([0-9.e+]+)$', text, flags=re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+    before = counter("submitd_rewriter_actions_total", 'action="date_added"')
+    refused = counter("submitd_rewriter_refused_total", 'code="550"')
+    with logged_in(stack) as client:
+        for _ in range(3):
+            client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\nno date\r\n")
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        assert client.data(b"From: ceo@example.test\r\n\r\nx\r\n")[0] == 550
+    assert counter("submitd_rewriter_actions_total", 'action="date_added"') == before + 3
+    assert counter("submitd_rewriter_refused_total", 'code="550"') == refused + 1

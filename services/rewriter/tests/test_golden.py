@@ -95,3 +95,31 @@ def test_header_from_must_be_owned_unless_disabled():
 def test_single_label_header_domains_are_completed_in_place():
     out = run(b"From: alice@example.net\r\nTo: Bob <bob@sales>, carol@example.org\r\n", complete_domain="example.net")
     assert b"To: Bob <bob@sales.example.net>, carol@example.org\r\n" in out
+
+
+def test_rewrite_rules_change_only_matching_addresses():
+    from submitd_rewriter.rules import RewriteRules, Rule
+
+    rules = RewriteRules(
+        (Rule("jru@example.net", "J.Random.User@example.net"), Rule("@*.sales.example.net", "@example.net"))
+    )
+    envelope = common_pb2.Envelope(
+        return_path="jru@example.net",
+        recipients=[common_pb2.Recipient(address="x@east.sales.example.net")],
+    )
+    users = UserDB({})
+    header = (
+        b"From: Jay <jru@example.net>\r\nReply-To: team@east.sales.example.net\r\n"
+        b"To: x@east.sales.example.net\r\nCc: jru@example.org\r\n" + DATE + b"\r\n" + MSGID + b"\r\n"
+    )
+    out = rewrite_header(header, envelope, users, Options(domain="mx.example.net"), rules).header
+    assert out.startswith(b"From: Jay <J.Random.User@example.net>\r\nReply-To: team@example.net\r\n")
+    assert b"To: x@east.sales.example.net\r\n" in out, "destinations are left alone unless asked"
+    assert b"Cc: jru@example.org\r\n" in out, "no rule, no change"
+    assert envelope.return_path == "J.Random.User@example.net"
+    assert envelope.recipients[0].address == "x@east.sales.example.net"
+
+    both = RewriteRules(rules.rules, headers=True, recipients=True)
+    envelope.recipients[0].address = "x@east.sales.example.net"
+    out = rewrite_header(header, envelope, users, Options(domain="mx.example.net"), both).header
+    assert b"To: x@example.net\r\n" in out and envelope.recipients[0].address == "x@example.net"

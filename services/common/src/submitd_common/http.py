@@ -41,6 +41,11 @@ class _Server(uvicorn.Server):
         yield
 
 
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 async def serve_http(app: FastAPI, host: str, port: int) -> tuple[int, Callable[[], Awaitable[None]]]:
     """Serve ``app`` on the running loop. Returns the bound port and a finalizer."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)

@@ -11,7 +11,7 @@ from functools import partial
 from submitd.v1 import policy_pb2_grpc, rewriter_pb2_grpc
 from submitd_common import grpcutil, jetstream, lifecycle
 from submitd_common.health import Health
-from submitd_common.http import health_app, serve_http
+from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
@@ -20,11 +20,6 @@ from .settings import Settings
 from .smtp import Backends, Sessions, SubmissionSMTP
 
 log = logging.getLogger("submitd.frontend")
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -9,6 +9,7 @@ from submitd_common.config import ServiceSettings
 class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_POLICY_", extra="forbid")
 
+    http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50051", description="gRPC listen address host:port")
     users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
     dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")

@@ -7,7 +7,7 @@ import logging
 
 from submitd_common import jetstream, lifecycle
 from submitd_common.health import Health
-from submitd_common.http import health_app, serve_http
+from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
@@ -32,8 +32,7 @@ async def amain() -> None:
     health = Health()
     health.add_check("nats", lambda: nc.is_connected)
     stop_health = await health.start()
-    host, _, port = settings.http_listen.rpartition(":")
-    bound, stop_http = await serve_http(health_app(health, "submitd relay"), host or "0.0.0.0", int(port))
+    bound, stop_http = await serve_http(health_app(health, "submitd relay"), *split_hostport(settings.http_listen))
     runner = asyncio.create_task(relay.run(), name="relay")
     log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})
 

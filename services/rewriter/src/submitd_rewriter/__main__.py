@@ -16,11 +16,13 @@ from submitd.v1 import rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import grpcutil, lifecycle
 from submitd_common.files import WatchedFile
 from submitd_common.health import Health
+from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 from submitd_common.users import UserDB
 
 from . import dkim
+from .rules import load_rules
 from .service import RewriterService
 from .settings import Settings
 
@@ -42,15 +44,25 @@ async def amain() -> None:
     if settings.dkim_keys_file:
         keys = WatchedFile(settings.dkim_keys_file, dkim.load_keys, settings.reload_interval)
         stops.append(keys.start())
+    rules = None
+    if settings.rewrite_rules_file:
+        rules = WatchedFile(settings.rewrite_rules_file, load_rules, settings.reload_interval)
+        stops.append(rules.start())
     health = Health([SERVICE_NAME])
-    for name, path in (("users_file", settings.users_file), ("dkim_keys_file", settings.dkim_keys_file)):
+    for name, path in (
+        ("users_file", settings.users_file),
+        ("dkim_keys_file", settings.dkim_keys_file),
+        ("rewrite_rules_file", settings.rewrite_rules_file),
+    ):
         if path:
             health.add_check(name, lambda path=path: os.access(path, os.R_OK))
     stop_health = await health.start()
-    service = RewriterService(settings, users, keys)
+    service = RewriterService(settings, users, keys, rules)
     _, port, stop_grpc = await grpcutil.start_server(
         settings.listen, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s), health
     )
+    http_app = health_app(health, "submitd rewriter")
+    _, stop_http = await serve_http(http_app, *split_hostport(settings.http_listen))
     log.info(
         "rewriter listening",
         extra={"fields": {"port": port, "dkim_domains": sorted(keys.value) if keys else []}},
@@ -59,6 +71,7 @@ async def amain() -> None:
     log.info("rewriter draining")
     await health.set_draining()
     await stop_grpc(settings.drain_seconds)
+    await stop_http()
     await stop_health()
     for stop in stops:
         await stop()

@@ -17,6 +17,7 @@ from submitd_common.users import UserDB
 
 from .headers import HeaderField, new_date, new_message_id, parse_fields
 
+ORIGINATOR_FIELDS = {"from", "sender", "reply-to", "resent-from", "resent-sender"}
 ADDRESS_FIELDS = {
     "from", "sender", "reply-to", "to", "cc", "bcc",
     "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
@@ -81,7 +82,35 @@ def _complete_in_field(f: HeaderField, addr: Address, completed: str) -> None:
     f.raw = re.sub(pattern, f"{addr.local}@{completed}".encode(), f.raw, flags=re.IGNORECASE)
 
 
-def rewrite_header(header: bytes, envelope: common_pb2.Envelope, users: UserDB | None, opts: Options) -> Result:
+def apply_rules(fields: list[HeaderField], envelope: common_pb2.Envelope, rules, utf8: bool, result: "Result") -> None:
+    """§8.8: rewrite matching addresses in the envelope and, where enabled, in header fields."""
+    new = rules.rewrite(envelope.return_path)
+    if new:
+        envelope.return_path = new
+        result.actions.append("envelope_rewritten")
+    if rules.recipients:
+        for r in envelope.recipients:
+            new = rules.rewrite(r.address)
+            if new:
+                r.address = new
+                result.actions.append("envelope_rewritten")
+    if not rules.headers:
+        return
+    wanted = ORIGINATOR_FIELDS | (ADDRESS_FIELDS if rules.recipients else set())
+    for f in fields:
+        if f.key not in wanted:
+            continue
+        for addr in addresses_of(f, utf8):
+            new = rules.rewrite(str(addr))
+            if new:
+                pattern = re.escape(f"{addr.local}@".encode()) + re.escape(addr.domain.encode()) + rb"(?=[\s>,;)]|$)"
+                f.raw = re.sub(pattern, new.encode(), f.raw, flags=re.IGNORECASE)
+                result.actions.append("header_rewritten")
+
+
+def rewrite_header(
+    header: bytes, envelope: common_pb2.Envelope, users: UserDB | None, opts: Options, rules=None
+) -> Result:
     fields = parse_fields(header)
     result = Result(header=b"", fields=fields)
     utf8 = envelope.smtputf8
@@ -115,6 +144,9 @@ def rewrite_header(header: bytes, envelope: common_pb2.Envelope, users: UserDB |
         for addr in owned:
             if not user.may_send_as(str(addr), users.aliases):
                 raise Refused(reply(550, "5.7.1", f"Header address <{addr}> not owned by user {user.login}"))
+
+    if rules is not None and rules.rules:
+        apply_rules(fields, envelope, rules, utf8, result)
 
     added: list[bytes] = []
     if opts.add_sender and user is not None and user.address and not by_key.get("sender"):

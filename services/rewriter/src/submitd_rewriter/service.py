@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from prometheus_client import Counter
 from opentelemetry import trace
 
 from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
@@ -18,6 +19,9 @@ from .message import Options, Refused, rewrite_header
 from .settings import Settings
 
 log = logging.getLogger("submitd.rewriter")
+ACTIONS = Counter("submitd_rewriter_actions_total", "Changes the rewriter made to messages", ["action"])
+SIGNATURES = Counter("submitd_dkim_signatures_total", "DKIM signatures added", ["algorithm"])
+REFUSED = Counter("submitd_rewriter_refused_total", "Messages the rewriter refused", ["code"])
 TOO_LARGE = reply(552, "5.3.4", "Message header section too large")
 
 
@@ -27,10 +31,12 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         settings: Settings,
         users: WatchedFile[UserDB] | None = None,
         keys: WatchedFile[dict[str, list[dkim.Key]]] | None = None,
+        rules: WatchedFile | None = None,
     ) -> None:
         self.settings = settings
         self.users = users
         self.keys = keys
+        self.rules = rules
         self.options = Options(
             domain=settings.message_id_domain,
             add_date=settings.add_date,
@@ -71,7 +77,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             except Refused as e:
                 yield rewriter_pb2.RewriteResponse(reject=e.reply)
                 return
-            yield rewriter_pb2.RewriteResponse(envelope=envelope)
+            yield rewriter_pb2.RewriteResponse(envelope=job.envelope)
             yield rewriter_pb2.RewriteResponse(chunk=first)
         if envelope is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no envelope")
@@ -82,7 +88,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             except Refused as e:
                 yield rewriter_pb2.RewriteResponse(reject=e.reply)
                 return
-            yield rewriter_pb2.RewriteResponse(envelope=envelope)
+            yield rewriter_pb2.RewriteResponse(envelope=job.envelope)
             yield rewriter_pb2.RewriteResponse(chunk=first)
         yield rewriter_pb2.RewriteResponse(prepend=job.finish())
 
@@ -96,7 +102,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         except Refused as e:
             return rewriter_pb2.WholeResult(reject=e.reply)
         message = job.finish() + first
-        return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=request.envelope, message=message))
+        return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=job.envelope, message=message))
 
 
 class Job:
@@ -104,18 +110,27 @@ class Job:
 
     def __init__(self, service: RewriterService, envelope: common_pb2.Envelope) -> None:
         self.service = service
-        self.envelope = envelope
+        self.envelope = common_pb2.Envelope()
+        self.envelope.CopyFrom(envelope)
         self.fields = []
         self.keys: list[dkim.Key] = []
         self.hasher: dkim.BodyHash | None = None
 
     def start(self, header: bytes, rest: bytes) -> bytes:
         users = self.service.users.value if self.service.users else None
-        result = rewrite_header(header, self.envelope, users, self.service.options)
+        rules = self.service.rules.value if self.service.rules else None
+        try:
+            result = rewrite_header(header, self.envelope, users, self.service.options, rules)
+        except Refused as e:
+            REFUSED.labels(str(e.reply.code)).inc()
+            trace.get_current_span().set_attribute("smtp.reply.code", e.reply.code)
+            raise
         self.fields = [(f.name, f.raw) for f in result.fields]
         self.keys = self._signing_keys(result.fields)
         span = trace.get_current_span()
         span.set_attribute("submitd.rewriter.actions", result.actions)
+        for action in result.actions:
+            ACTIONS.labels(action).inc()
         span.set_attribute("submitd.dkim.selectors", [k.selector for k in self.keys])
         if self.keys:
             self.hasher = dkim.BodyHash()
@@ -132,6 +147,8 @@ class Job:
         if not self.keys:
             return b""
         body_hash = self.hasher.digest()
+        for key in self.keys:
+            SIGNATURES.labels(key.algorithm).inc()
         return b"".join(dkim.sign(self.fields, body_hash, key) for key in self.keys)
 
     def _signing_keys(self, fields) -> list[dkim.Key]:

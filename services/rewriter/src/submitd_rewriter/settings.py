@@ -11,6 +11,7 @@ from submitd_common.config import ServiceSettings
 class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_REWRITER_", extra="forbid")
 
+    http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50052", description="gRPC listen address host:port")
     message_id_domain: str = Field(
         default_factory=socket.getfqdn, description="Domain part of the Message-IDs the rewriter adds"
@@ -18,6 +19,7 @@ class Settings(ServiceSettings):
     users_file: str | None = Field(None, description="The policy's users file: header From grants, Sender")
     dovecot_passwd_file: str | None = Field(None, description="The policy's Dovecot passwd-file, if any")
     dkim_keys_file: str | None = Field(None, description="YAML list of DKIM keys (domain, selector, key_file)")
+    rewrite_rules_file: str | None = Field(None, description="YAML address rewriting rules (RFC 6409 §8.8)")
     reload_interval: float = Field(2.0, description="Seconds between checks of the files above")
     add_date: bool = Field(True, description="RFC 6409 §8.2: add a Date header when missing")
     fix_date: bool = Field(True, description="RFC 6409 §8.2: replace a Date that does not parse")

@@ -50,6 +50,8 @@ class Ports:
     submissions: int = 0
     frontend_http: int = 0
     relay_http: int = 0
+    policy_http: int = 0
+    rewriter_http: int = 0
 
     def fill(self) -> "Ports":
         for name, value in vars(self).items():
@@ -156,6 +158,7 @@ class Stack:
         if name == "policy":
             env |= {
                 "LISTEN": f"127.0.0.1:{p.policy}",
+                "HTTP_LISTEN": f"127.0.0.1:{p.policy_http}",
                 "USERS_FILE": str(self.users_file),
                 "TRUSTED_NETWORKS": json.dumps(self.trusted_networks),
                 "RELOAD_INTERVAL": "0.5",
@@ -163,6 +166,7 @@ class Stack:
         elif name == "rewriter":
             env |= {
                 "LISTEN": f"127.0.0.1:{p.rewriter}",
+                "HTTP_LISTEN": f"127.0.0.1:{p.rewriter_http}",
                 "MESSAGE_ID_DOMAIN": self.hostname,
                 "USERS_FILE": str(self.users_file),
                 "RELOAD_INTERVAL": "0.5",
