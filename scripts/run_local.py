@@ -58,6 +58,7 @@ def main() -> int:
         ports=ports,
         users={DEMO_USER: User(password, [DEMO_USER, "@example.test"])},
     )
+    dkim_records = stack.make_dkim_keys("example.test")
     with open(VAR / "log" / "sink.log", "ab") as log:
         sink = subprocess.Popen(
             [sys.executable, "-m", "submitd_common.dev.sink", "--port", str(sink_port), "--maildir", str(maildir)],
@@ -85,6 +86,9 @@ Send a message:
   swaks --server 127.0.0.1:{ports.submission} --tls \\
         --auth-user {DEMO_USER} --auth-password '{password}' \\
         --from {DEMO_USER} --to someone@example.net
+
+Messages from @example.test are DKIM-signed (RSA and Ed25519); the DNS records would be:
+  {chr(10).join('  ' + r[:110] + ('...' if len(r) > 110 else '') for r in dkim_records).lstrip()}
 
 Ctrl-C stops everything.
 """,

@@ -230,3 +230,13 @@ def test_full_queue_is_452_and_recovers(make_stack):
     with logged_in(stack) as client:  # space freed: accepted again
         client.sendmail(ALICE, ["bob@example.net"], message("after"))
     stack.sink.handler.wait_for(len(accepted) + 1, 30)
+
+
+def test_policy_restarts_with_changed_windows_on_the_same_nats(make_stack):
+    stack: Stack = make_stack()
+    stack.stop_service("policy")
+    stack.extra_env["policy"] = {"RATE_WINDOW": "600", "AUTH_LOCKOUT_SECONDS": "60"}
+    stack.start_service("policy")
+    stack.wait_ready("policy")
+    with logged_in(stack) as client:
+        assert client.mail(ALICE)[0] == 250

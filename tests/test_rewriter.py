@@ -218,3 +218,18 @@ def test_rewriter_actions_are_counted(stack):
         assert client.data(b"From: ceo@example.test\r\n\r\nx\r\n")[0] == 550
     assert counter("submitd_rewriter_actions_total", 'action="date_added"') == before + 3
     assert counter("submitd_rewriter_refused_total", 'code="550"') == refused + 1
+
+
+def test_8bit_text_is_made_7bit_before_signing(make_stack, keys):
+    import email
+
+    stack = make_stack(env={"rewriter": {"DKIM_KEYS_FILE": str(keys.file), "SEVEN_BIT": "true"}})
+    body = "Grüße aus Köln\r\n".encode()
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], HEADER + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body,
+                        mail_options=["BODY=8BITMIME"])
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert msg.data.isascii() and b"Content-Transfer-Encoding: quoted-printable\r\n" in msg.data
+    assert "BODY=8BITMIME" not in msg.mail_options, "the relay no longer declares an 8-bit body"
+    assert email.message_from_bytes(msg.data).get_payload(decode=True) == body
+    assert verify_all(msg.data, keys) == [True, True], "signed after the conversion"

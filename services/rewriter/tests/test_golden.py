@@ -123,3 +123,18 @@ def test_rewrite_rules_change_only_matching_addresses():
     envelope.recipients[0].address = "x@east.sales.example.net"
     out = rewrite_header(header, envelope, users, Options(domain="mx.example.net"), both).header
     assert b"To: x@example.net\r\n" in out and envelope.recipients[0].address == "x@example.net"
+
+
+def test_quoted_printable_streaming_matches_the_stdlib_decoder():
+    import quopri
+
+    from submitd_rewriter.encoding import QuotedPrintable
+
+    body = "Grüße aus Köln = 100%\r\ntrailing space \r\n".encode() + ("é" * 60).encode() + b"\r\n"
+    for size in (1, 7, 1000):
+        qp, out = QuotedPrintable(), b""
+        for i in range(0, len(body), size):
+            out += qp.update(body[i : i + size])
+        out += qp.finish()
+        assert out.isascii() and max(len(line) for line in out.split(b"\r\n")) <= 76
+        assert quopri.decodestring(out.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n") == body

@@ -76,6 +76,23 @@ async def close(nc: NATS, timeout: float = 5.0) -> None:
             await nc.close()
 
 
+async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int = 1):
+    """The KV bucket, created or brought to this TTL (a changed setting must not stop a restart)."""
+    from nats.js.api import KeyValueConfig
+    from nats.js.errors import BadRequestError
+
+    try:
+        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas))
+    except BadRequestError as e:
+        if e.err_code != 10058:  # "stream name already in use with a different configuration"
+            raise
+        config = (await js.stream_info(f"KV_{bucket}")).config
+        config.max_age = ttl
+        config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
+        await js.update_stream(config)
+    return await js.key_value(bucket)
+
+
 def check_server_version(nc: NATS) -> None:
     v = nc.connected_server_version
     found = (v.major, v.minor, v.patch)

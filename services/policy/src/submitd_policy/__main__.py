@@ -14,8 +14,6 @@ from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
-from nats.js.api import KeyValueConfig
-
 from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
@@ -37,14 +35,8 @@ async def amain() -> None:
     # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
     nc = await jetstream.connect("submitd-policy", settings.nats_options())
     js = nc.jetstream()
-    await js.create_key_value(
-        KeyValueConfig(bucket=jetstream.COUNTERS_BUCKET, history=1, ttl=max(2 * settings.rate_window, 60))
-    )
-    await js.create_key_value(
-        KeyValueConfig(bucket=jetstream.AUTHFAIL_BUCKET, history=1, ttl=settings.auth_lockout_seconds)
-    )
-    rates = Counters(await js.key_value(jetstream.COUNTERS_BUCKET))
-    authfail = Counters(await js.key_value(jetstream.AUTHFAIL_BUCKET))
+    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, max(2 * settings.rate_window, 60)))
+    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds))
 
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)

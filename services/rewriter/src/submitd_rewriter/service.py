@@ -14,7 +14,7 @@ from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
 from submitd_common.users import UserDB
 
-from . import dkim, headers
+from . import dkim, encoding, headers
 from .message import Options, Refused, rewrite_header
 from .settings import Settings
 
@@ -90,6 +90,9 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                 return
             yield rewriter_pb2.RewriteResponse(envelope=job.envelope)
             yield rewriter_pb2.RewriteResponse(chunk=first)
+        tail = job.tail()
+        if tail:
+            yield rewriter_pb2.RewriteResponse(chunk=tail)
         yield rewriter_pb2.RewriteResponse(prepend=job.finish())
 
     async def RewriteWhole(self, request: rewriter_pb2.WholeMessage, context) -> rewriter_pb2.WholeResult:
@@ -101,6 +104,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             first = job.start(*split)
         except Refused as e:
             return rewriter_pb2.WholeResult(reject=e.reply)
+        first += job.tail()
         message = job.finish() + first
         return rewriter_pb2.WholeResult(accepted=rewriter_pb2.WholeMessage(envelope=job.envelope, message=message))
 
@@ -115,6 +119,7 @@ class Job:
         self.fields = []
         self.keys: list[dkim.Key] = []
         self.hasher: dkim.BodyHash | None = None
+        self.qp: encoding.QuotedPrintable | None = None
 
     def start(self, header: bytes, rest: bytes) -> bytes:
         users = self.service.users.value if self.service.users else None
@@ -125,8 +130,21 @@ class Job:
             REFUSED.labels(str(e.reply.code)).inc()
             trace.get_current_span().set_attribute("smtp.reply.code", e.reply.code)
             raise
-        self.fields = [(f.name, f.raw) for f in result.fields]
-        self.keys = self._signing_keys(result.fields)
+        new_header = result.header
+        fields = result.fields
+        if (
+            self.service.settings.seven_bit
+            and self.envelope.body_type == "8BITMIME"
+            and encoding.convertible(fields)
+        ):
+            new_header = encoding.mark_quoted_printable(fields)
+            fields = headers.parse_fields(new_header)
+            self.qp = encoding.QuotedPrintable()
+            self.envelope.body_type = "7BIT"
+            result.actions.append("transfer_encoded")
+            rest = b"\r\n" + self.qp.update(rest[2:] if rest.startswith(b"\r\n") else rest)
+        self.fields = [(f.name, f.raw) for f in fields]
+        self.keys = self._signing_keys(fields)
         span = trace.get_current_span()
         span.set_attribute("submitd.rewriter.actions", result.actions)
         for action in result.actions:
@@ -136,14 +154,26 @@ class Job:
             self.hasher = dkim.BodyHash()
             # rest starts with the blank line that ends the header: not part of the body
             self.hasher.update(rest[2:] if rest.startswith(b"\r\n") else rest)
-        return result.header + rest
+        return new_header + rest
 
     def body(self, chunk: bytes) -> bytes:
+        if self.qp is not None:
+            chunk = self.qp.update(chunk)
+        return self.body_bytes(chunk)
+
+    def tail(self) -> bytes:
+        """What a conversion still holds back (a last line without CRLF)."""
+        if self.qp is None:
+            return b""
+        return self.body_bytes(self.qp.finish())
+
+    def body_bytes(self, data: bytes) -> bytes:
         if self.hasher is not None:
-            self.hasher.update(chunk)
-        return chunk
+            self.hasher.update(data)
+        return data
 
     def finish(self) -> bytes:
+        """The fields to put in front: the signatures over everything sent."""
         if not self.keys:
             return b""
         body_hash = self.hasher.digest()

@@ -29,4 +29,8 @@ class Settings(ServiceSettings):
     check_header_addresses: bool = Field(True, description="RFC 6409 §4.2/§5.1: address headers valid and qualified")
     check_header_from: bool = Field(True, description="RFC 6409 §6.3: From and Sender owned by the user")
     complete_domain: str | None = Field(None, description="Completes single-label domains, as the policy does")
+    seven_bit: bool = Field(
+        False, description="RFC 6409 §8.4: make 8-bit single-part text 7-bit (quoted-printable) before signing, "
+        "for a next hop without 8BITMIME"
+    )
     max_header_bytes: int = Field(1 << 20, description="Largest header section accepted")

@@ -130,6 +130,29 @@ class Stack:
         self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
         self.users_file = self.root / "users.yaml"
         self.write_users()
+        self.dkim_keys_file: Path | None = None
+
+    def make_dkim_keys(self, domain: str) -> list[str]:
+        """An RSA and an Ed25519 key for ``domain`` (kept across runs); returns their TXT records."""
+        from cryptography.hazmat.primitives import serialization
+
+        from submitd_rewriter import dkim
+
+        keydir = self.root / "dkim"
+        keydir.mkdir(exist_ok=True)
+        entries, records = [], []
+        for algorithm in ("rsa", "ed25519"):
+            selector = f"submitd-{algorithm}"
+            path = keydir / f"{domain}.{selector}.pem"
+            if not path.exists():
+                path.write_bytes(dkim.private_pem(dkim.generate_key(algorithm)))
+                path.chmod(0o600)
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            entries.append({"domain": domain, "selector": selector, "key_file": str(path)})
+            records.append(dkim.txt_record(key, domain, selector))
+        self.dkim_keys_file = keydir / "keys.yaml"
+        self.dkim_keys_file.write_text(yaml.safe_dump({"keys": entries}))
+        return records
 
     # -- configuration ------------------------------------------------------------
 
@@ -171,6 +194,8 @@ class Stack:
                 "USERS_FILE": str(self.users_file),
                 "RELOAD_INTERVAL": "0.5",
             }
+            if self.dkim_keys_file:
+                env["DKIM_KEYS_FILE"] = str(self.dkim_keys_file)
         elif name == "frontend":
             env |= {
                 "HOSTNAME": self.hostname,

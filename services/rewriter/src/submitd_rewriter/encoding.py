@@ -1,0 +1,79 @@
+"""RFC 6409 §8.4: 8-bit bodies made 7-bit for a next hop without 8BITMIME.
+
+Done before signing (RFC 6376 §5.3): a conversion after it would break the body hash. Only a
+single-part text/* message with no transfer encoding or 7bit/8bit is converted (to
+quoted-printable, line by line as it streams); anything else is left alone, and the relay
+refuses to send an 8-bit message to a next hop that cannot take it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+
+from .headers import HeaderField
+
+_SAFE = re.compile(rb"[\x21-\x3c\x3e-\x7e \t]")
+
+
+def convertible(fields: list[HeaderField]) -> bool:
+    ctype = next((f for f in fields if f.key == "content-type"), None)
+    cte = next((f for f in fields if f.key == "content-transfer-encoding"), None)
+    if ctype is not None:
+        value = ctype.raw.split(b":", 1)[1].strip().lower()
+        if not value.startswith(b"text/"):
+            return False
+    if cte is not None and cte.raw.split(b":", 1)[1].strip().lower() not in (b"7bit", b"8bit"):
+        return False
+    return True
+
+
+def mark_quoted_printable(fields: list[HeaderField]) -> bytes:
+    """The header section with Content-Transfer-Encoding: quoted-printable (and MIME-Version)."""
+    out, done = [], False
+    for f in fields:
+        if f.key == "content-transfer-encoding":
+            out.append(b"Content-Transfer-Encoding: quoted-printable\r\n")
+            done = True
+        else:
+            out.append(f.raw)
+    if not done:
+        out.append(b"Content-Transfer-Encoding: quoted-printable\r\n")
+    if not any(f.key == "mime-version" for f in fields):
+        out.append(b"MIME-Version: 1.0\r\n")
+    return b"".join(out)
+
+
+class QuotedPrintable:
+    """Streams CRLF text into quoted-printable (RFC 2045 §6.7), lines of at most 76."""
+
+    def __init__(self) -> None:
+        self.partial = b""
+
+    def update(self, data: bytes) -> bytes:
+        data = self.partial + data
+        end = data.rfind(b"\r\n")
+        if end < 0:
+            self.partial = data
+            return b""
+        self.partial = data[end + 2 :]
+        return b"".join(self._line(line) for line in data[:end].split(b"\r\n"))
+
+    def finish(self) -> bytes:
+        return self._line(self.partial, last=True) if self.partial else b""
+
+    @staticmethod
+    def _line(line: bytes, last: bool = False) -> bytes:
+        pieces = []
+        for i, byte in enumerate(line):
+            ch = bytes([byte])
+            trailing_space = ch in (b" ", b"\t") and i == len(line) - 1
+            pieces.append(ch if _SAFE.match(ch) and not trailing_space else b"=" + binascii.hexlify(ch).upper())
+        out, width = [], 0
+        for p in pieces:
+            if width + len(p) > 75:
+                out.append(b"=\r\n")
+                width = 0
+            out.append(p)
+            width += len(p)
+        return b"".join(out) + (b"" if last else b"\r\n")
