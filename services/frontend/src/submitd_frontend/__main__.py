@@ -68,6 +68,8 @@ async def amain() -> None:
         policy=policy_pb2_grpc.PolicyStub(policy_ch),
         rewriter=rewriter_pb2_grpc.RewriterStub(rewriter_ch),
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
+        policy_channel=policy_ch,
+        rewriter_channel=rewriter_ch,
     )
 
     servers: list[asyncio.Server] = []

@@ -35,6 +35,17 @@ QUEUE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
 REWRITER_DOWN = reply(451, "4.3.0", "Message processing temporarily unavailable, try again later")
 
 
+async def ready(channel: grpc.aio.Channel, timeout: float, down: common_pb2.Reply) -> None:
+    """Wait (briefly) for a channel that is reconnecting, e.g. to a peer that just restarted,
+    instead of failing at once; a peer that stays away is a 4xx after ``timeout``."""
+    if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        return
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError as e:
+        raise BackendUnavailable(down) from e
+
+
 class PolicySession:
     """One bidirectional stream per SMTP session: every event gets one verdict, in order."""
 
@@ -73,7 +84,9 @@ async def rewrite(
     """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
     if len(message) <= CHUNK:
         try:
-            result = await stub.RewriteWhole(rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout)
+            result = await stub.RewriteWhole(
+                rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout
+            )
         except grpc.aio.AioRpcError as e:
             log.warning("rewriter unavailable: %s %s", e.code(), e.details())
             raise BackendUnavailable(REWRITER_DOWN) from e

@@ -26,6 +26,9 @@ class Settings(ServiceSettings):
     )
     queue_max_bytes: int = Field(1 << 30, description="MaxBytes of the queue stream (Discard=New)")
     queue_replicas: int = Field(1, description="Replicas of the queue stream (3 in a cluster)")
+    backend_connect_timeout: float = Field(
+        5.0, description="Seconds to wait for a reconnecting policy or rewriter before answering 4xx"
+    )
     policy_timeout: float = Field(10.0, description="Seconds to wait for a policy verdict")
     rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
     publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")

@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import grpc
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP
 from opentelemetry import trace
@@ -29,7 +30,16 @@ from submitd_common.addresses import AddressError, split_path
 from submitd_common.ids import new_queue_id
 from submitd_common.replies import render
 
-from .backends import QUEUE_DOWN, BackendUnavailable, PolicySession, QueueWriter, rewrite
+from .backends import (
+    POLICY_DOWN,
+    QUEUE_DOWN,
+    REWRITER_DOWN,
+    BackendUnavailable,
+    PolicySession,
+    QueueWriter,
+    ready,
+    rewrite,
+)
 from .settings import Settings
 
 log = logging.getLogger("submitd.frontend")
@@ -65,6 +75,8 @@ class Backends:
     policy: policy_pb2_grpc.PolicyStub
     rewriter: rewriter_pb2_grpc.RewriterStub
     queue: QueueWriter
+    policy_channel: grpc.aio.Channel
+    rewriter_channel: grpc.aio.Channel
 
 
 class Sessions:
@@ -201,8 +213,9 @@ class SubmissionSMTP(SMTP):
                     await self.push(refusal)
                     self.transport.close()
                     return
-                self.policy = PolicySession(self.backends.policy, self.settings.policy_timeout)
                 try:
+                    await ready(self.backends.policy_channel, self.settings.backend_connect_timeout, POLICY_DOWN)
+                    self.policy = PolicySession(self.backends.policy, self.settings.policy_timeout)
                     verdict = await self.policy.ask(
                         connect=policy_pb2.Connect(
                             session_id=self.session_id,
@@ -772,6 +785,7 @@ class SubmissionSMTP(SMTP):
         ) as span:
             envelope = self._envelope(queue_id)
             try:
+                await ready(self.backends.rewriter_channel, self.settings.backend_connect_timeout, REWRITER_DOWN)
                 final_envelope, result = await rewrite(
                     self.backends.rewriter, envelope, message, self.backends.settings.rewriter_timeout
                 )
