@@ -339,3 +339,33 @@ def test_smtputf8_submission_end_to_end(make_stack):
     assert got.mail_from == "jösé@exämple.test" and got.rcpt_tos == ["zoë@exämple.net"]
     assert "Subject: ünïcode\r\n".encode() in got.data
     assert got.data.endswith("\r\n\r\nçà va\r\n".encode())
+
+
+def test_slow_drip_data_is_cut_off(make_stack, raw_factory):
+    stack = make_stack(env={"frontend": {"DATA_RATE_GRACE": "1", "MIN_DATA_RATE": "1000"}})
+    raw = raw_tls(stack, raw_factory)
+    raw.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+    assert raw.reply().startswith("250") and raw.reply().startswith("250") and raw.reply().startswith("354")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 2.5:
+            raw.send(b"x\r\n")  # 3 octets every 0.2 s: far below 1000 octets/s
+            time.sleep(0.2)
+    except OSError:
+        pass
+    assert raw.reply().startswith("421 4.4.2")
+    time.sleep(0.5)
+    assert stack.sink.handler.messages == [], "nothing of the cut-off message was queued"
+
+
+def test_unknown_users_cost_what_wrong_passwords_cost(stack):
+    def failed_login_seconds(user: str) -> float:
+        with connect(stack) as client:
+            token = base64.b64encode(f"\0{user}\0wrong password".encode()).decode()
+            t0 = time.monotonic()
+            assert reply_of(client, f"AUTH PLAIN {token}")[0] == 535
+            return time.monotonic() - t0
+
+    known = sorted(failed_login_seconds(ALICE) for _ in range(3))[1]
+    unknown = sorted(failed_login_seconds(f"nobody{n}@example.test") for n in range(3))[1]
+    assert 0.7 < unknown / known < 1.4, (known, unknown)

@@ -138,3 +138,22 @@ def test_quoted_printable_streaming_matches_the_stdlib_decoder():
         out += qp.finish()
         assert out.isascii() and max(len(line) for line in out.split(b"\r\n")) <= 76
         assert quopri.decodestring(out.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n") == body
+
+
+async def test_message_without_final_crlf_is_completed_and_signed():
+    from submitd.v1 import rewriter_pb2
+    from submitd_rewriter.service import RewriterService
+    from submitd_rewriter.settings import Settings
+
+    service = RewriterService(Settings(message_id_domain="mx.example.net"))
+    for message in (b"From: alice@example.net\r\nSubject: no body, no CRLF", b"From: a@example.net\r\n\r\nlast line"):
+        result = await service.RewriteWhole(
+            rewriter_pb2.WholeMessage(envelope=common_pb2.Envelope(), message=message), None
+        )
+        out = result.accepted.message
+        assert out.startswith(message.split(b"\r\n\r\n")[0].split(b"\r\nSubject")[0])
+        assert b"\r\n" + DATE in out and b"\r\n" + MSGID in out
+        if b"last line" in message:
+            assert out.endswith(b"\r\n\r\nlast line"), "the body is left exactly as sent"
+        else:
+            assert out.endswith(b"Subject: no body, no CRLF\r\n" + DATE + b"\r\n" + MSGID + b"\r\n")

@@ -39,6 +39,7 @@ class Settings(ServiceSettings):
     min_data_rate: int = Field(
         500, description="Octets per second a client must average in DATA/BDAT after the first 30 seconds"
     )
+    data_rate_grace: float = Field(30.0, description="Seconds of DATA/BDAT before MIN_DATA_RATE applies")
     max_errors: int = Field(20, description="Error replies after which the session is closed with 421 4.7.0")
     max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
     max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")

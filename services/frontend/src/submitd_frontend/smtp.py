@@ -50,7 +50,6 @@ COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 # Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
 # (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
 EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
-DATA_GRACE = 30.0  # seconds before the minimum data rate applies
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
@@ -634,8 +633,8 @@ class SubmissionSMTP(SMTP):
         while True:
             count += 1
             self._reset_timeout(self.settings.data_read_timeout)
-            if count & 255 == 0 and self._too_slow(started, received):
-                return b"", None
+            if count & 255 == 0 or time.monotonic() - started > self.settings.data_rate_grace:
+                self._check_rate(started, received)
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as e:
@@ -669,15 +668,15 @@ class SubmissionSMTP(SMTP):
             lines.append(line[1:] if line[:1] == b"." else line)
         return (b"" if problem else b"".join(lines)), problem
 
-    def _too_slow(self, started: float, received: int) -> bool:
+    def _check_rate(self, started: float, received: int) -> None:
+        """A client slower than the minimum data rate is told 421 and the session ends here."""
         elapsed = time.monotonic() - started
-        if elapsed > DATA_GRACE and received < self.settings.min_data_rate * elapsed:
+        if elapsed > self.settings.data_rate_grace and received < self.settings.min_data_rate * elapsed:
             log.warning("data rate too low", extra={"fields": {"peer": self.client_address, "session": self.session_id}})
             self._writer.write(b"421 4.4.2 Data rate too low, closing connection\r\n")
             self._closing = True
             self.transport.close()
-            return True
-        return False
+            raise ConnectionAbortedError("data rate too low")
 
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------
 
@@ -699,8 +698,6 @@ class SubmissionSMTP(SMTP):
             self.in_data = True
         # The chunk is read whatever happens next: its octets are not commands.
         chunk = await self._read_chunk(size)
-        if chunk is None:
-            return
         if first:
             if self.envelope.mail_from is None:
                 self._bdat_problem = "503 5.5.1 Need MAIL command"
@@ -735,16 +732,15 @@ class SubmissionSMTP(SMTP):
             self._set_rset_state()
         await self.push(status)
 
-    async def _read_chunk(self, size: int) -> bytes | None:
-        """Read exactly ``size`` octets, within the data deadlines; None if the client went away."""
+    async def _read_chunk(self, size: int) -> bytes:
+        """Read exactly ``size`` octets, within the data deadlines."""
         keep = self._bdat_problem is None and (not self.data_size_limit or self._bdat_size + size <= self.data_size_limit)
         parts: list[bytes] = []
         remaining = size
         started = time.monotonic()
         while remaining:
             self._reset_timeout(self.settings.data_read_timeout)
-            if self._too_slow(started, size - remaining):
-                return None
+            self._check_rate(started, size - remaining)
             piece = await self._reader.read(min(remaining, 1 << 16))
             if not piece:
                 raise ConnectionResetError("connection closed during BDAT")
