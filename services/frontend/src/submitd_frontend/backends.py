@@ -7,6 +7,7 @@ import logging
 import time
 
 import grpc
+from opentelemetry import trace
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -15,6 +16,8 @@ from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, queue_pb2, rewri
 from submitd_common import jetstream
 from submitd_common.replies import reply
 from submitd_common.telemetry import inject_context
+
+tracer = trace.get_tracer("submitd.frontend")
 
 log = logging.getLogger("submitd.frontend")
 
@@ -70,12 +73,20 @@ class PolicySession:
         return verdict
 
     async def close(self) -> None:
+        # End the stream the orderly way (half-close, then read to the end): the call and its
+        # client span then finish, and the trace shows the session's policy stream.
         if not self.broken:
             try:
-                await asyncio.wait_for(self.call.done_writing(), 1.0)
+                await asyncio.wait_for(self._finish(), 1.0)
+                return
             except Exception:
                 pass
         self.call.cancel()
+
+    async def _finish(self) -> None:
+        await self.call.done_writing()
+        while await self.call.read() is not grpc.aio.EOF:
+            pass
 
 
 async def rewrite(
@@ -143,7 +154,24 @@ class QueueWriter:
         return self._bodies
 
     async def publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
+        with tracer.start_as_current_span(
+            f"{jetstream.SUBMIT_SUBJECT} publish",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": jetstream.SUBMIT_SUBJECT,
+                "messaging.message.id": envelope.queue_id,
+                "submitd.queue_id": envelope.queue_id,
+                "messaging.message.body.size": len(body),
+            },
+        ):
+            await self._publish(envelope, body)
+
+    async def _publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
         qid = envelope.queue_id
+        # The relay continues this trace: every delivery attempt, however late, is a child
+        # of this publish span.
         trace_context = inject_context()
         qmsg = queue_pb2.QueuedMessage(
             envelope=envelope, received_at_ms=int(time.time() * 1000), size=len(body), trace_context=trace_context

@@ -43,6 +43,9 @@ class Settings(ServiceSettings):
     max_errors: int = Field(20, description="Error replies after which the session is closed with 421 4.7.0")
     max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
     max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")
+    trace_addresses: bool = Field(
+        False, description="Put whole addresses on traces (default: only their domains)"
+    )
     proxy_protocol: bool = Field(
         False, description="Expect a PROXY protocol v1/v2 header on every connection (behind a load balancer)"
     )

@@ -40,6 +40,7 @@ from .backends import (
     ready,
     rewrite,
 )
+from . import metrics
 from .settings import Settings
 
 log = logging.getLogger("submitd.frontend")
@@ -52,6 +53,7 @@ COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
 BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -159,6 +161,8 @@ class SubmissionSMTP(SMTP):
         self.user: str | None = None
         self.client_address = ""
         self.errors = 0
+        self.accepted: list[str] = []  # queue ids of this session's messages
+        self.refused = 0
         self._closing = False
         self._bdat: list[bytes] | None = None  # chunks of a BDAT transaction in progress
         self._bdat_size = 0
@@ -206,6 +210,10 @@ class SubmissionSMTP(SMTP):
                 self.client_address = proxy_address
                 span.set_attribute("client.address", proxy_address)
             self.sessions.add(self, self.client_address)
+            metrics.SESSIONS.inc()
+            metrics.SESSIONS_ACTIVE.inc()
+            if self.implicit_tls:
+                metrics.TLS.labels(self._tls_info().version or "unknown").inc()
             try:
                 refusal = self._admission()
                 if refusal:
@@ -239,9 +247,24 @@ class SubmissionSMTP(SMTP):
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
+                metrics.SESSIONS_ACTIVE.dec()
                 self.sessions.remove(self, self.client_address)
+                log.info(
+                    "session closed",
+                    extra={"fields": {
+                        "session": self.session_id, "peer": self.client_address, "user": self.user,
+                        "tls": self.tls_active, "queued": self.accepted, "refused": self.refused,
+                        "errors": self.errors,
+                    }},
+                )
                 if self.policy is not None:
-                    await self.policy.close()
+                    # aiosmtpd may cancel this task again (EOF, then connection lost): the
+                    # stream's orderly end must still run, or its span is never finished.
+                    closing = asyncio.ensure_future(self.policy.close())
+                    try:
+                        await asyncio.shield(closing)
+                    except asyncio.CancelledError:
+                        pass
                 if self.transport is not None:
                     self.transport.close()
 
@@ -331,7 +354,11 @@ class SubmissionSMTP(SMTP):
 
     async def push(self, status) -> None:
         await super().push(status)
-        code = status[:1] if isinstance(status, str) else status[:1].decode()
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        last = text.rsplit("\n", 1)[-1]
+        enhanced = last[4:].split(" ", 1)[0]
+        metrics.REPLIES.labels(f"{last[:1]}xx", enhanced if ENHANCED.match(enhanced) else "").inc()
+        code = text[:1]
         if code == "5":
             self.errors += 1
             if self.errors >= self.settings.max_errors and not self._closing:
@@ -345,7 +372,12 @@ class SubmissionSMTP(SMTP):
 
     async def ask(self, **event) -> policy_pb2.Verdict:
         assert self.policy is not None
-        return await self.policy.ask(**event)
+        with metrics.BACKEND_LATENCY.labels("policy").time():
+            return await self.policy.ask(**event)
+
+    def _address_attribute(self, address: str) -> str:
+        # Full addresses on traces only where the operator wants them; the domain otherwise.
+        return address if self.settings.trace_addresses else address.rpartition("@")[2]
 
     async def refuse_or(self, verdict: policy_pb2.Verdict, default: str) -> bool:
         """Send the verdict's reply (or ``default`` when accepted without one). True if accepted."""
@@ -406,6 +438,7 @@ class SubmissionSMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
         if self._tls_protocol is not None:
+            metrics.TLS.labels(self._tls_info().version or "unknown").inc()
             await self.ask(tls_started=policy_pb2.TlsStarted(tls=self._tls_info()))
 
     async def smtp_NOOP(self, arg: str):
@@ -473,6 +506,7 @@ class SubmissionSMTP(SMTP):
                     return
                 verdict = await self.ask(auth_response=policy_pb2.AuthResponse(data=data))
             span.set_attribute("smtp.reply.code", verdict.reply.code)
+        metrics.AUTH.labels("success" if verdict.accept else str(verdict.reply.code or "error")).inc()
         if verdict.accept:
             session.authenticated = True
             self.user = verdict.authenticated_user
@@ -524,7 +558,9 @@ class SubmissionSMTP(SMTP):
         if problem:
             await self.push(problem)
             return
-        verdict = await self.ask(mail_from=policy_pb2.MailFrom(address=address, parameters=params))
+        with tracer.start_as_current_span("smtp.mail", attributes={"smtp.mail_from": self._address_attribute(address)}) as span:
+            verdict = await self.ask(mail_from=policy_pb2.MailFrom(address=address, parameters=params))
+            span.set_attribute("smtp.reply.code", verdict.reply.code or 250)
         if verdict.accept:
             self.envelope.mail_from = verdict.address or address
             self.envelope.mail_options = [f"{k}={v}" if v else k for k, v in params.items()]
@@ -564,7 +600,9 @@ class SubmissionSMTP(SMTP):
         if len(self.envelope.rcpt_tos) >= self.backends.settings.max_recipients:
             await self.push("452 4.5.3 Too many recipients")
             return
-        verdict = await self.ask(rcpt_to=policy_pb2.RcptTo(address=address, parameters=params))
+        with tracer.start_as_current_span("smtp.rcpt", attributes={"smtp.rcpt_to": self._address_attribute(address)}) as span:
+            verdict = await self.ask(rcpt_to=policy_pb2.RcptTo(address=address, parameters=params))
+            span.set_attribute("smtp.reply.code", verdict.reply.code or 250)
         if verdict.accept:
             self.envelope.rcpt_tos.append(verdict.address or address)
             self.envelope.rcpt_options.append(params)
@@ -610,10 +648,14 @@ class SubmissionSMTP(SMTP):
         finally:
             self._set_rset_state()
         await self.push(status)
+        self._count_message(status, len(message), started)
         log.info(
             "message %s",
             "accepted" if status.startswith("250") else "refused",
-            extra={"fields": {"session": self.session_id, "reply": status, "ms": round((time.monotonic() - started) * 1000, 1)}},
+            extra={"fields": {
+                "session": self.session_id, "reply": status, "ms": round((time.monotonic() - started) * 1000, 1),
+                "queue_id": status.rsplit(" ", 1)[-1] if status.startswith("250") else None,
+            }},
         )
 
     async def _read_data(self) -> tuple[bytes, str | None]:
@@ -726,11 +768,13 @@ class SubmissionSMTP(SMTP):
             self._set_rset_state()
             await self.push(problem)
             return
+        started = time.monotonic()
         try:
             status = await self._submit(message)
         finally:
             self._set_rset_state()
         await self.push(status)
+        self._count_message(status, len(message), started)
 
     async def _read_chunk(self, size: int) -> bytes:
         """Read exactly ``size`` octets, within the data deadlines."""
@@ -748,6 +792,17 @@ class SubmissionSMTP(SMTP):
             if keep:
                 parts.append(piece)
         return b"".join(parts)
+
+    def _count_message(self, status: str, size: int, started: float) -> None:
+        metrics.EOD_LATENCY.observe(time.monotonic() - started)
+        accepted = status.startswith("250")
+        if accepted:
+            self.accepted.append(status.rsplit(" ", 1)[-1])
+        else:
+            self.refused += 1
+        metrics.MESSAGES.labels("accepted" if accepted else "refused", status[:3]).inc()
+        if accepted:
+            metrics.SIZE.observe(size)
 
     def _envelope(self, queue_id: str) -> common_pb2.Envelope:
         params = getattr(self, "_mail_params", {})
@@ -782,9 +837,10 @@ class SubmissionSMTP(SMTP):
             envelope = self._envelope(queue_id)
             try:
                 await ready(self.backends.rewriter_channel, self.settings.backend_connect_timeout, REWRITER_DOWN)
-                final_envelope, result = await rewrite(
-                    self.backends.rewriter, envelope, message, self.backends.settings.rewriter_timeout
-                )
+                with metrics.BACKEND_LATENCY.labels("rewriter").time():
+                    final_envelope, result = await rewrite(
+                        self.backends.rewriter, envelope, message, self.backends.settings.rewriter_timeout
+                    )
                 if final_envelope is None:
                     assert isinstance(result, common_pb2.Reply)
                     span.set_attribute("smtp.reply.code", result.code)

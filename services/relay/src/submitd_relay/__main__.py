@@ -34,6 +34,7 @@ async def amain() -> None:
     stop_health = await health.start()
     bound, stop_http = await serve_http(health_app(health, "submitd relay"), *split_hostport(settings.http_listen))
     runner = asyncio.create_task(relay.run(), name="relay")
+    watcher = asyncio.create_task(relay.watch_queue(), name="queue metrics")
     log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})
 
     await lifecycle.wait_for_signal()
@@ -41,6 +42,7 @@ async def amain() -> None:
     await health.set_draining()
     await relay.stop(settings.drain_seconds)
     await runner
+    await watcher
     await relay.close()
     await pool.close()
     await stop_http()

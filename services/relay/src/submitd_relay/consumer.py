@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
+from prometheus_client import Counter, Gauge, Histogram
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
@@ -21,6 +22,17 @@ from .delivery import NextHopError, NextHopPool, Outcome
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")
+ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
+RECIPIENTS = Counter("submitd_delivery_recipients_total", "Recipient outcomes", ["result"])
+DELIVERY_LATENCY = Histogram(
+    "submitd_delivery_seconds", "From acceptance to delivery",
+    buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 14400, 86400, 432000),
+)
+QUEUE_DEPTH = Gauge("submitd_queue_messages", "Messages in the queue stream")
+QUEUE_BYTES = Gauge("submitd_queue_bytes", "Bytes in the queue stream")
+QUEUE_OLDEST = Gauge("submitd_queue_oldest_age_seconds", "Age of the oldest queued message")
+CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a relay")
+IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
 
@@ -67,6 +79,29 @@ class Relay:
                 task = asyncio.create_task(self.handle(msg))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
+
+    async def watch_queue(self, interval: float = 5.0) -> None:
+        """Queue depth, age and consumer lag for /metrics (and the alerts built on them)."""
+        while not self.stopping.is_set():
+            try:
+                stream = await self.js.stream_info(jetstream.STREAM)
+                consumer = await self.js.consumer_info(jetstream.STREAM, DURABLE)
+                QUEUE_DEPTH.set(stream.state.messages)
+                QUEUE_BYTES.set(stream.state.bytes)
+                CONSUMER_LAG.set(consumer.num_pending)
+                IN_FLIGHT.set(consumer.num_ack_pending)
+                oldest = 0.0
+                if stream.state.messages:
+                    first = await self.js.get_msg(jetstream.STREAM, stream.state.first_seq)
+                    received = queue_pb2.QueuedMessage.FromString(first.data).received_at_ms / 1000
+                    oldest = max(0.0, time.time() - received)
+                QUEUE_OLDEST.set(oldest)
+            except Exception as e:  # metrics must never disturb delivery
+                log.debug("queue metrics: %r", e)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
 
     async def stop(self, grace: float) -> None:
         """Stop fetching; let deliveries in flight finish, then hand the rest back."""
@@ -150,6 +185,19 @@ class Relay:
 
     async def _settle(self, msg: Msg, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, attempt: int, span) -> None:
         env = qmsg.envelope
+        result = "delivered" if not outcome.temporary and not outcome.permanent else (
+            "deferred" if outcome.temporary else "failed")
+        ATTEMPTS.labels(result, outcome.next_hop).inc()
+        for name, count in (("delivered", len(outcome.delivered)), ("deferred", len(outcome.temporary)),
+                            ("failed", len(outcome.permanent))):
+            if count:
+                RECIPIENTS.labels(name).inc(count)
+        if outcome.delivered:
+            DELIVERY_LATENCY.observe(max(0.0, time.time() - qmsg.received_at_ms / 1000))
+        span.set_attribute("submitd.outcome", result)
+        replies = {**outcome.temporary, **outcome.permanent}
+        if replies:
+            span.set_attribute("smtp.reply", sorted(set(replies.values()))[:5])
         span.set_attribute("submitd.delivered", len(outcome.delivered))
         span.set_attribute("submitd.deferred", len(outcome.temporary))
         span.set_attribute("submitd.failed", len(outcome.permanent))

@@ -216,10 +216,12 @@ class Stack:
                 "NEXT_HOP_TLS": "opportunistic",
                 "NEXT_HOP_VERIFY_TLS": "false",
             }
-        env |= self.extra_env.get(name, {})
+        extra = self.extra_env.get(name, {})
+        env |= {k: v for k, v in extra.items() if not k.startswith("OTEL_")}
         out = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITD_")}
         out["OTEL_SERVICE_NAME"] = name
         out.update({prefix + k: v for k, v in env.items()})
+        out.update({k: v for k, v in extra.items() if k.startswith("OTEL_")})  # standard names, unprefixed
         return out
 
     # -- processes --------------------------------------------------------------------

@@ -100,6 +100,22 @@ def raw() -> Iterator[Callable[..., "RawClient"]]:
 
 
 @pytest.fixture
+def otlp():
+    """A real OTLP/gRPC receiver; stacks started with ``env=otlp_env(otlp)`` export to it."""
+    from .otlp import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def otlp_env(receiver, **extra: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Per-service environment that exports every span to ``receiver`` without delay."""
+    common = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    return {svc: {**common, **extra.get(svc, {})} for svc in ("frontend", "policy", "rewriter", "relay")}
+
+
+@pytest.fixture
 def client_tls() -> ssl.SSLContext:
     """Clients in tests trust the stack's self-signed certificate without checking names."""
     ctx = ssl.create_default_context()

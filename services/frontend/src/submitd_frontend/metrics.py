@@ -1,0 +1,16 @@
+"""Prometheus metrics of the frontend (low cardinality: no addresses in labels)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SESSIONS_ACTIVE = Gauge("submitd_smtp_sessions_active", "SMTP sessions open now")
+SESSIONS = Counter("submitd_smtp_sessions_total", "SMTP sessions accepted")
+TLS = Counter("submitd_smtp_tls_total", "TLS sessions by protocol version", ["version"])
+AUTH = Counter("submitd_smtp_auth_total", "AUTH attempts by result", ["result"])
+REPLIES = Counter("submitd_smtp_replies_total", "Replies sent, by class and enhanced code", ["code_class", "enhanced"])
+MESSAGES = Counter("submitd_messages_total", "Messages at end of data, by outcome and reply code", ["outcome", "code"])
+SIZE = Histogram(
+    "submitd_message_size_bytes", "Size of accepted messages",
+    buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6),
+)
+EOD_LATENCY = Histogram("submitd_end_of_data_seconds", "End of data to the final reply (rewrite and queue)")
+BACKEND_LATENCY = Histogram("submitd_backend_call_seconds", "Policy verdicts and rewriter calls", ["backend"])

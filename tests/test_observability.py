@@ -1,0 +1,130 @@
+"""One trace per message, as an operator reads it in Jaeger (received here over real OTLP/gRPC),
+metrics that move by what happened, and logs that join the trace."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+import pytest
+
+from submitd_common.testing.plugin import ALICE, otlp_env
+from submitd_common.testing.smtp import logged_in, reply_of
+
+pytestmark = pytest.mark.timeout(120)
+MSG = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: traced\r\n\r\nbody\r\n".encode()
+
+
+def by_name(spans, name):
+    return [s for s in spans if s.name == name]
+
+
+def test_one_trace_from_connect_to_delivery(make_stack, otlp):
+    stack = make_stack(env=otlp_env(otlp))
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], MSG)
+    stack.sink.handler.wait_for(1, 20)
+    def complete(ss) -> bool:
+        """The delivery and the session arrived, and every parent any span names is there."""
+        ids = {s.span_id for s in ss}
+        return bool(by_name(ss, "relay.deliver") and by_name(ss, "smtp.session")) and all(
+            s.parent_id in ids for s in ss if s.parent_id
+        ) and any(s.service == "rewriter" for s in ss) and any(s.service == "policy" for s in ss)
+
+    spans = otlp.wait_for(complete)
+    [deliver] = by_name(spans, "relay.deliver")
+    [session] = [s for s in by_name(spans, "smtp.session") if s.trace_id == deliver.trace_id]
+    trace = [s for s in spans if s.trace_id == session.trace_id]
+    ids = {s.span_id: s for s in trace}
+
+    assert session.kind == "SERVER" and session.parent_id == "" and session.service == "frontend"
+    for name in ("smtp.auth", "smtp.mail", "smtp.rcpt", "smtp.data"):
+        [span] = by_name(trace, name)
+        assert span.parent_id == session.span_id, name
+    [data] = by_name(trace, "smtp.data")
+    [publish] = [s for s in trace if s.kind == "PRODUCER"]
+    assert publish.parent_id == data.span_id and publish.attributes["messaging.system"] == "nats"
+    assert deliver.kind == "CONSUMER" and deliver.parent_id == publish.span_id and deliver.service == "relay"
+    assert deliver.attributes["submitd.attempt"] == 1 and deliver.attributes["submitd.outcome"] == "delivered"
+    queue_id = data.attributes["submitd.queue_id"]
+    assert publish.attributes["submitd.queue_id"] == deliver.attributes["submitd.queue_id"] == queue_id
+
+    # gRPC calls: client span in the frontend, server span in the service, one trace.
+    policy_server = [s for s in trace if s.service == "policy" and s.kind == "SERVER"]
+    rewriter_server = [s for s in trace if s.service == "rewriter" and s.kind == "SERVER"]
+    assert policy_server and rewriter_server
+    for server in policy_server + rewriter_server:
+        client_span = ids[server.parent_id]
+        assert client_span.kind == "CLIENT" and client_span.service == "frontend"
+    assert "smtp.message.size" in data.attributes and data.attributes["smtp.recipients.count"] == 1
+
+    # Addresses: the domain only, unless an operator turns full addresses on.
+    assert by_name(trace, "smtp.mail")[0].attributes["smtp.mail_from"] == "example.test"
+    # Health checks make no spans.
+    assert not [s for s in spans if "health" in s.name.lower()]
+
+    # Logs of the session and of the delivery carry the same trace id (and the queue id).
+    def log_lines(service):
+        return [json.loads(line) for line in stack.log_path(service).read_text().splitlines() if line.startswith("{")]
+
+    accepted = [e for e in log_lines("frontend") if e["msg"] == "message accepted"]
+    assert accepted and accepted[-1]["trace_id"] == session.trace_id and accepted[-1]["queue_id"] == queue_id
+    closed = [e for e in log_lines("frontend") if e["msg"] == "session closed"]
+    assert closed[-1]["queued"] == [queue_id] and closed[-1]["user"] == ALICE
+    assert closed[-1]["trace_id"] == session.trace_id
+    delivered = [e for e in log_lines("relay") if e["msg"] == "delivered"]
+    assert delivered[-1]["trace_id"] == session.trace_id and delivered[-1]["queue_id"] == queue_id
+
+
+def test_a_deferred_message_shows_both_attempts_in_its_trace(make_stack, otlp):
+    stack = make_stack(env=otlp_env(otlp, relay={"RETRY_SCHEDULE": "[0.5]"}))
+    stack.sink.handler.data_replies.append("451 4.3.0 try again")
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], MSG)
+    stack.sink.handler.wait_for(1, 20)
+    spans = otlp.wait_for(lambda ss: len(by_name(ss, "relay.deliver")) >= 2)
+    attempts = sorted(by_name(spans, "relay.deliver"), key=lambda s: s.attributes["submitd.attempt"])
+    assert [a.attributes["submitd.attempt"] for a in attempts] == [1, 2]
+    assert [a.attributes["submitd.outcome"] for a in attempts] == ["deferred", "delivered"]
+    assert attempts[0].trace_id == attempts[1].trace_id
+    assert attempts[0].parent_id == attempts[1].parent_id, "both are children of the publish"
+    assert "451" in attempts[0].attributes["smtp.reply"][0]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def value(text: str, name: str, labels: str = "") -> float:
+    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} ([0-9.e+-]+)$"
+    m = re.search(pattern, text, flags=re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_move_by_the_workload(stack):
+    p = stack.ports
+    f0, r0 = scrape(p.frontend_http), scrape(p.relay_http)
+    with logged_in(stack) as client:
+        for _ in range(3):
+            client.sendmail(ALICE, ["bob@example.net"], MSG)
+        assert reply_of(client, "MAIL FROM:<bob@example.net>")[0] == 550
+    stack.sink.handler.wait_for(3, 20)
+    time.sleep(0.5)
+    f1, r1 = scrape(p.frontend_http), scrape(p.relay_http)
+
+    def delta(before, after, name, labels=""):
+        return value(after, name, labels) - value(before, name, labels)
+
+    assert delta(f0, f1, "submitd_messages_total", 'code="250",outcome="accepted"') == 3
+    assert delta(f0, f1, "submitd_smtp_replies_total", 'code_class="5xx",enhanced="5.7.1"') == 1
+    assert delta(f0, f1, "submitd_smtp_auth_total", 'result="success"') == 1
+    assert delta(f0, f1, "submitd_smtp_sessions_total") == 1
+    assert delta(f0, f1, "submitd_message_size_bytes_count") == 3
+    assert delta(f0, f1, "submitd_backend_call_seconds_count", 'backend="rewriter"') == 3
+    next_hop = f"127.0.0.1:{stack.sink.port}"
+    assert delta(r0, r1, "submitd_delivery_attempts_total", f'next_hop="{next_hop}",result="delivered"') == 3
+    assert "submitd_queue_oldest_age_seconds" in r1 and "submitd_consumer_pending" in r1
+    assert not re.search(r"alice|bob@", f1 + r1), "no addresses in metric labels"
