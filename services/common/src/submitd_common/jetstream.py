@@ -10,7 +10,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ BODY_BUCKET = "SUBMITD_BODIES"
 COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
 EVENTS_SUBJECT = "submitd.events"
+
+# JetStream's answer when a stream of that name exists with another configuration.
+STREAM_NAME_IN_USE = 10058
 
 # Acknowledged messages could be lost by older servers (fixed in 2.10.23).
 MIN_SERVER_VERSION = (2, 10, 23)
@@ -79,12 +82,11 @@ async def close(nc: NATS, timeout: float = 5.0) -> None:
 async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int = 1):
     """The KV bucket, created or brought to this TTL (a changed setting must not stop a restart)."""
     from nats.js.api import KeyValueConfig
-    from nats.js.errors import BadRequestError
 
     try:
         await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas))
     except BadRequestError as e:
-        if e.err_code != 10058:  # "stream name already in use with a different configuration"
+        if e.err_code != STREAM_NAME_IN_USE:
             raise
         config = (await js.stream_info(f"KV_{bucket}")).config
         config.max_age = ttl
@@ -124,16 +126,28 @@ async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool =
     want = stream_config(cfg)
     try:
         await js.stream_info(STREAM)
-        if update:
-            await js.update_stream(want)
+        exists = True
     except NotFoundError:
-        await js.add_stream(want)
+        exists = False
+    if not exists:
+        try:
+            await js.add_stream(want)
+        except BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+            exists = True  # another service created it at the same moment
+    if exists and update:
+        await js.update_stream(want)
     try:
         await js.object_store(BODY_BUCKET)
     except (BucketNotFoundError, NotFoundError):
         from nats.js.api import ObjectStoreConfig
 
-        await js.create_object_store(
-            BODY_BUCKET,
-            ObjectStoreConfig(storage=StorageType.FILE, replicas=cfg.replicas),
-        )
+        try:
+            await js.create_object_store(
+                BODY_BUCKET,
+                ObjectStoreConfig(storage=StorageType.FILE, replicas=cfg.replicas),
+            )
+        except BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
