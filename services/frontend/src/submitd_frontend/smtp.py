@@ -638,25 +638,7 @@ class SubmissionSMTP(SMTP):
             message, problem = await self._read_data()
         finally:
             self.in_data = False
-        if problem:
-            self._set_rset_state()
-            await self.push(problem)
-            return
-        started = time.monotonic()
-        try:
-            status = await self._submit(message)
-        finally:
-            self._set_rset_state()
-        await self.push(status)
-        self._count_message(status, len(message), started)
-        log.info(
-            "message %s",
-            "accepted" if status.startswith("250") else "refused",
-            extra={"fields": {
-                "session": self.session_id, "reply": status, "ms": round((time.monotonic() - started) * 1000, 1),
-                "queue_id": status.rsplit(" ", 1)[-1] if status.startswith("250") else None,
-            }},
-        )
+        await self._end_of_data(message, problem)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read up to the lone dot. Returns (message, None) or (b"", the reply refusing it).
@@ -763,18 +745,7 @@ class SubmissionSMTP(SMTP):
             return
         problem, message = self._bdat_problem, b"".join(self._bdat)
         self._end_bdat()
-        problem = problem or message_problem(message)
-        if problem:
-            self._set_rset_state()
-            await self.push(problem)
-            return
-        started = time.monotonic()
-        try:
-            status = await self._submit(message)
-        finally:
-            self._set_rset_state()
-        await self.push(status)
-        self._count_message(status, len(message), started)
+        await self._end_of_data(message, problem or message_problem(message))
 
     async def _read_chunk(self, size: int) -> bytes:
         """Read exactly ``size`` octets, within the data deadlines."""
@@ -792,6 +763,28 @@ class SubmissionSMTP(SMTP):
             if keep:
                 parts.append(piece)
         return b"".join(parts)
+
+    async def _end_of_data(self, message: bytes, problem: str | None) -> None:
+        """The end of a transaction (DATA or the last BDAT): refuse, or rewrite, queue and answer."""
+        if problem:
+            self._set_rset_state()
+            await self.push(problem)
+            return
+        started = time.monotonic()
+        try:
+            status = await self._submit(message)
+        finally:
+            self._set_rset_state()
+        await self.push(status)
+        self._count_message(status, len(message), started)
+        log.info(
+            "message %s",
+            "accepted" if status.startswith("250") else "refused",
+            extra={"fields": {
+                "session": self.session_id, "reply": status, "ms": round((time.monotonic() - started) * 1000, 1),
+                "queue_id": status.rsplit(" ", 1)[-1] if status.startswith("250") else None,
+            }},
+        )
 
     def _count_message(self, status: str, size: int, started: float) -> None:
         metrics.EOD_LATENCY.observe(time.monotonic() - started)
