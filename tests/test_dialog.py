@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import smtplib
-import socket
-import ssl
 import subprocess
 import time
 

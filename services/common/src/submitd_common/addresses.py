@@ -88,7 +88,3 @@ def parse_mailbox(path: str, *, utf8: bool = False) -> Address:
     elif not (_DOMAIN_UTF8 if utf8 else _DOMAIN).match(domain) or len(domain) > 253:
         raise AddressError("invalid domain")
     return Address(local, domain.lower())
-
-
-def is_ascii(s: str) -> bool:
-    return s.isascii()

@@ -35,7 +35,6 @@ class WatchedFile(Generic[T]):
         self.parse = parse
         self.interval = interval
         self.value: T = parse(path)
-        self.generation = 1
         self.last_error: str | None = None
         self._stamp = self._stat()
         self._task: asyncio.Task | None = None
@@ -58,7 +57,6 @@ class WatchedFile(Generic[T]):
             self.last_error = str(e)
             log.error("keeping the previous %s: %s", self.path, e)
             return False
-        self.generation += 1
         self.last_error = None
         log.info("reloaded %s", self.path)
         return True

@@ -20,7 +20,6 @@ SUBMIT_SUBJECT = f"{SUBJECT_PREFIX}.submit"
 BODY_BUCKET = "SUBMITD_BODIES"
 COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
-EVENTS_SUBJECT = "submitd.events"
 
 # JetStream's answer when a stream of that name exists with another configuration.
 STREAM_NAME_IN_USE = 10058

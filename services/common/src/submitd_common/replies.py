@@ -16,6 +16,3 @@ def render(r: common_pb2.Reply) -> str:
     out = [f"{r.code}-{prefix}{line}" for line in lines[:-1]]
     out.append(f"{r.code} {prefix}{lines[-1]}")
     return "\r\n".join(out)
-
-
-TEMPFAIL = reply(451, "4.3.0", "Temporary local problem, please try again later")

@@ -65,7 +65,7 @@ class PolicySession:
             verdict = await asyncio.wait_for(self.call.read(), self.timeout)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
             self.broken = True
-            log.warning("policy unavailable: %s", getattr(e, "details", lambda: e)())
+            log.warning("policy unavailable: %r", e)
             raise BackendUnavailable(POLICY_DOWN) from e
         if verdict is grpc.aio.EOF:
             self.broken = True

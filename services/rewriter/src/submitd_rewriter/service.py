@@ -15,7 +15,7 @@ from submitd_common.replies import reply
 from submitd_common.users import UserDB
 
 from . import dkim, encoding, headers
-from .message import Options, Refused, rewrite_header
+from .message import Options, Refused, addresses_of, rewrite_header
 from .settings import Settings
 
 log = logging.getLogger("submitd.rewriter")
@@ -188,8 +188,6 @@ class Job:
         if len(froms) != 1:
             return []
         try:
-            from .message import addresses_of
-
             addrs = addresses_of(froms[0], self.envelope.smtputf8)
         except Refused:
             return []

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
 
 from submitd_common.dev.sink import Sink
 from submitd_common.dev.stack import NatsServer, Stack, User
+
+if TYPE_CHECKING:
+    from .smtp import RawClient
 
 ALICE = "alice@example.test"
 ALICE_PASSWORD = "correct horse battery staple"
@@ -115,10 +118,3 @@ def otlp_env(receiver, **extra: dict[str, str]) -> dict[str, dict[str, str]]:
     return {svc: {**common, **extra.get(svc, {})} for svc in ("frontend", "policy", "rewriter", "relay")}
 
 
-@pytest.fixture
-def client_tls() -> ssl.SSLContext:
-    """Clients in tests trust the stack's self-signed certificate without checking names."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
