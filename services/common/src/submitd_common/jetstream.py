@@ -20,6 +20,10 @@ SUBMIT_SUBJECT = f"{SUBJECT_PREFIX}.submit"
 BODY_BUCKET = "SUBMITD_BODIES"
 COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
+# Per-queue-id delivery record: recipients done, attempts and their replies (relay).
+DELIVERY_BUCKET = "SUBMITD_DELIVERY"
+# Outcome events (core NATS, outside the queue stream): submitd.events.<delivered|deferred|bounced|...>
+EVENTS_PREFIX = "submitd.events"
 
 # JetStream's answer when a stream of that name exists with another configuration.
 STREAM_NAME_IN_USE = 10058
@@ -150,3 +154,51 @@ async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool =
         except BadRequestError as e:
             if e.err_code != STREAM_NAME_IN_USE:
                 raise
+
+
+async def enqueue(
+    js: JetStreamContext,
+    qmsg,
+    body: bytes,
+    *,
+    msg_id: str,
+    inline_limit: int,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    subject: str = SUBMIT_SUBJECT,
+) -> None:
+    """Queue ``qmsg`` with ``body`` and return once JetStream stored it.
+
+    Bodies above ``inline_limit`` go to the Object Store under ``msg_id`` first. The publish is
+    retried once with the same ``Nats-Msg-Id``: the server de-duplicates, so a lost
+    acknowledgement cannot queue a message twice. On failure the stored body is removed again
+    and the error is raised."""
+    import nats.errors
+    import nats.js.errors
+
+    stored_object = False
+    try:
+        if len(body) > inline_limit:
+            store = await js.object_store(BODY_BUCKET)
+            await asyncio.wait_for(store.put(msg_id, body), timeout)
+            stored_object = True
+            qmsg.object_name = msg_id
+        else:
+            qmsg.inline_body = body
+        payload = qmsg.SerializeToString()
+        all_headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
+        for attempt in (1, 2):
+            try:
+                await js.publish(subject, payload, timeout=timeout / 2, headers=all_headers)
+                return
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                if attempt == 2:
+                    raise
+    except BaseException:
+        if stored_object:
+            try:
+                store = await js.object_store(BODY_BUCKET)
+                await asyncio.wait_for(store.delete(msg_id), 2.0)
+            except Exception:  # an orphaned body only costs space; it is never delivered
+                log.info("could not remove body of unqueued message %s", msg_id)
+        raise

@@ -142,16 +142,10 @@ class QueueWriter:
         self.js = nc.jetstream()
         self.inline_limit = inline_limit
         self.timeout = timeout
-        self._bodies = None
 
     @property
     def available(self) -> bool:
         return self.nc.is_connected
-
-    async def _body_store(self):
-        if self._bodies is None:
-            self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
-        return self._bodies
 
     async def publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
         with tracer.start_as_current_span(
@@ -176,28 +170,12 @@ class QueueWriter:
         qmsg = queue_pb2.QueuedMessage(
             envelope=envelope, received_at_ms=int(time.time() * 1000), size=len(body), trace_context=trace_context
         )
-        stored_object = False
         try:
-            if len(body) > self.inline_limit:
-                store = await self._body_store()
-                await asyncio.wait_for(store.put(qid, body), self.timeout)
-                stored_object = True
-                qmsg.object_name = qid
-            else:
-                qmsg.inline_body = body
-            headers = {"Nats-Msg-Id": qid, **trace_context}
-            payload = qmsg.SerializeToString()
-            # One retry with the same Nats-Msg-Id: the server de-duplicates, so a lost
-            # acknowledgement cannot queue the message twice.
-            for attempt in (1, 2):
-                try:
-                    await self.js.publish(jetstream.SUBMIT_SUBJECT, payload, timeout=self.timeout / 2, headers=headers)
-                    return
-                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
-                    if attempt == 2:
-                        raise
+            await jetstream.enqueue(
+                self.js, qmsg, body, msg_id=qid, inline_limit=self.inline_limit, timeout=self.timeout,
+                headers=trace_context,
+            )
         except nats.js.errors.APIError as e:
-            await self._forget(qid, stored_object)
             text = (e.description or "").lower()
             if "maximum bytes" in text or "maximum messages" in text or "insufficient resources" in text:
                 log.warning("queue full: %s", e.description)
@@ -205,15 +183,5 @@ class QueueWriter:
             log.warning("queue refused the message: %s", e)
             raise BackendUnavailable(QUEUE_DOWN) from e
         except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
-            await self._forget(qid, stored_object)
             log.warning("queue unavailable: %r", e)
             raise BackendUnavailable(QUEUE_DOWN) from e
-
-    async def _forget(self, qid: str, stored_object: bool) -> None:
-        if not stored_object:
-            return
-        try:
-            store = await self._body_store()
-            await asyncio.wait_for(store.delete(qid), 2.0)
-        except Exception:  # an orphaned body only costs space; it is never delivered
-            log.info("could not remove body of unqueued message %s", qid)

@@ -23,10 +23,9 @@ async def amain() -> None:
     setup_logging("relay", settings.log_level)
     provider = setup_telemetry("relay")
     nc = await jetstream.connect("submitd-relay", settings.nats_options())
-    js = nc.jetstream()
-    await jetstream.ensure_queue(js, jetstream.QueueConfig(), update=False)
+    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(), update=False)
     pool = NextHopPool(settings)
-    relay = Relay(js, pool, settings)
+    relay = Relay(nc, pool, settings)
     await relay.start()
 
     health = Health()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 
@@ -16,10 +18,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
+from submitd_common.ids import new_queue_id
 from submitd_common.telemetry import extract_context
 
+from . import dsn
 from .delivery import NextHopError, NextHopPool, Outcome
 from .settings import Settings
+from .state import DeliveryState, StateStore
 
 log = logging.getLogger("submitd.relay")
 ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
@@ -33,13 +38,17 @@ QUEUE_BYTES = Gauge("submitd_queue_bytes", "Bytes in the queue stream")
 QUEUE_OLDEST = Gauge("submitd_queue_oldest_age_seconds", "Age of the oldest queued message")
 CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a relay")
 IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
+EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on NATS", ["event"])
+REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
 
 
 class Relay:
-    def __init__(self, js: JetStreamContext, pool: NextHopPool, settings: Settings) -> None:
-        self.js = js
+    def __init__(self, nc, pool: NextHopPool, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.state = StateStore(self.js, settings.max_lifetime + 2 * 86400, settings.replicas)
         self.pool = pool
         self.s = settings
         self.inflight: set[asyncio.Task] = set()
@@ -48,6 +57,7 @@ class Relay:
         self._sub = None
 
     async def start(self) -> None:
+        await self.state.open()
         self._sub = await self.js.pull_subscribe(
             f"{jetstream.SUBJECT_PREFIX}.>",
             durable=DURABLE,
@@ -130,6 +140,8 @@ class Relay:
         if qmsg.WhichOneof("body") != "object_name":
             return
         try:
+            if self._bodies is None:
+                self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
             await self._bodies.delete(qmsg.object_name)
         except Exception as e:
             log.warning("could not delete body %s: %r", qmsg.object_name, e)
@@ -152,19 +164,33 @@ class Relay:
                 "messaging.destination.name": msg.subject,
                 "submitd.queue_id": env.queue_id,
                 "submitd.attempt": attempt,
-                "server.address": self.s.next_hop_host,
-                "server.port": self.s.next_hop_port,
+                "server.address": self.pool.name,
             },
         ) as span:
             keepalive = asyncio.create_task(self._keepalive(msg))
             try:
+                state = await self.state.get(env.queue_id)
+                pending = [r for r in env.recipients if r.address not in state.finished]
+                if not pending:
+                    # Redelivered after a crash between the next hop's 250 and our ack.
+                    log.info("already delivered", extra={"fields": {"queue_id": env.queue_id, "attempt": attempt}})
+                    span.set_attribute("submitd.outcome", "duplicate")
+                    await msg.ack_sync()
+                    await self._delete_body(qmsg)
+                    return
+                work = queue_pb2.QueuedMessage()
+                work.CopyFrom(qmsg)
+                del work.envelope.recipients[:]
+                work.envelope.recipients.extend(pending)
                 body = await self._body(qmsg)
                 try:
-                    outcome = await self.pool.deliver(env, body)
+                    outcome = await self.pool.deliver(work.envelope, body)
                 except NextHopError as e:
                     outcome = Outcome(next_hop=self.pool.name)
-                    outcome.fail_all([r.address for r in env.recipients], 451, f"4.4.1 next hop: {e}")
-                await self._settle(msg, qmsg, outcome, attempt, span)
+                    outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+                if outcome.delivered:
+                    await self._failpoint("after-next-hop")
+                await self._settle(msg, work, body, outcome, state, attempt, span)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()
@@ -176,6 +202,11 @@ class Relay:
             finally:
                 keepalive.cancel()
 
+    async def _failpoint(self, name: str) -> None:
+        if self.s.failpoint == name:
+            log.warning("failpoint %s reached: stopping here", name)
+            await asyncio.Event().wait()
+
     async def _keepalive(self, msg: Msg) -> None:
         # A slow delivery must not be redelivered elsewhere while it still runs.
         while True:
@@ -183,11 +214,129 @@ class Relay:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _settle(self, msg: Msg, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, attempt: int, span) -> None:
+    async def _settle(
+        self, msg: Msg, qmsg: queue_pb2.QueuedMessage, body: bytes, outcome: Outcome,
+        state: DeliveryState, attempt: int, span,
+    ) -> None:
         env = qmsg.envelope
-        result = "delivered" if not outcome.temporary and not outcome.permanent else (
-            "deferred" if outcome.temporary else "failed")
-        ATTEMPTS.labels(result, outcome.next_hop).inc()
+        age = time.time() - qmsg.received_at_ms / 1000
+        expired = bool(outcome.temporary) and age > self.s.max_lifetime
+        kinds = [k for k, v in (("delivered", outcome.delivered), ("deferred", outcome.temporary),
+                                ("failed", outcome.permanent)) if v]
+        result = "expired" if expired else kinds[0] if len(kinds) == 1 else "partial"
+        replies = {**outcome.temporary, **outcome.permanent}
+        state.record(attempt, outcome.next_hop, result, outcome.delivered, replies)
+        # The record comes before anything else: from here on a crash cannot send to these
+        # recipients again.
+        await self.state.put(env.queue_id, state)
+        await self._failpoint("after-record")
+
+        self._count(qmsg, outcome, result, span)
+        fields = {"queue_id": env.queue_id, "attempt": attempt, "next_hop": outcome.next_hop}
+
+        # Reports, queued (and acknowledged by JetStream) before the original is acked.
+        by_address = {r.address: r for r in env.recipients}
+        failed = [dsn.RecipientStatus(by_address[a], "failed", reply, outcome.remote.get(a, ""))
+                  for a, reply in outcome.permanent.items()]
+        if expired:
+            days = self.s.max_lifetime / 86400
+            failed += [
+                dsn.RecipientStatus(by_address[a], "failed", reply, outcome.remote.get(a, ""), status="4.4.7",
+                                    note=f"given up after {days:g} days in the queue")
+                for a, reply in outcome.temporary.items()
+            ]
+        relayed = [dsn.RecipientStatus(by_address[a], "relayed", f"250 2.0.0 relayed to {outcome.remote.get(a, '')}",
+                                       outcome.remote.get(a, ""))
+                   for a in outcome.delivered if a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS")]
+        delayed = []
+        if not expired and not state.delay_notified and age >= self.s.delay_warning_after:
+            delayed = [dsn.RecipientStatus(by_address[a], "delayed", reply, outcome.remote.get(a, ""))
+                       for a, reply in outcome.temporary.items() if dsn.wants(by_address[a], "DELAY")]
+        failures = [f for f in failed if dsn.wants(f.recipient, "FAILURE")]
+        reports = [("failed", failures), ("delayed", delayed), ("relayed", relayed)]
+        if any(statuses for _, statuses in reports):
+            if not env.return_path:
+                log.info("no DSN to the null return path", extra={"fields": fields})
+            else:
+                for kind, statuses in reports:
+                    if statuses:
+                        report_id = await self._report(qmsg, body, kind, statuses)
+                        state.reports.append(report_id)
+                        self._event("dsn", env, {"action": kind, "report_queue_id": report_id,
+                                                 "recipients": [s.recipient.address for s in statuses]})
+        if failed:
+            log.error("bounced", extra={"fields": {**fields, "failed": {f.recipient.address: f.reply for f in failed}}})
+            self._event("expired" if expired else "bounced", env, {
+                "recipients": {f.recipient.address: f.reply for f in failed}, "attempt": attempt,
+                "next_hop": outcome.next_hop})
+        if delayed:
+            state.delay_notified = True
+        state.finish(f.recipient.address for f in failed)
+        if failed or delayed or relayed:
+            await self.state.put(env.queue_id, state)
+        if outcome.delivered:
+            self._event("delivered", env, {"recipients": outcome.delivered, "attempt": attempt,
+                                           "next_hop": outcome.next_hop})
+
+        remaining = [r for r in env.recipients if r.address not in state.finished]
+        if not remaining:
+            await msg.ack_sync()
+            await self._delete_body(qmsg)
+            if outcome.delivered:
+                log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})
+            return
+        delay = self.backoff(attempt)
+        self._event("deferred", env, {"recipients": outcome.temporary, "attempt": attempt,
+                                      "next_hop": outcome.next_hop, "retry_in": delay})
+        if len(remaining) < len(env.recipients):
+            # Some recipients are done: only the deferred ones are queued again, under an id
+            # derived from this attempt so that a repeated republish is de-duplicated.
+            retry = queue_pb2.QueuedMessage()
+            retry.CopyFrom(qmsg)
+            del retry.envelope.recipients[:]
+            retry.envelope.recipients.extend(remaining)
+            headers = {k: v for k, v in (msg.headers or {}).items() if k != "Nats-Msg-Id"}
+            await self.js.publish(
+                jetstream.SUBMIT_SUBJECT, retry.SerializeToString(),
+                headers={**headers, "Nats-Msg-Id": f"{env.queue_id}.{attempt}"},
+                timeout=self.s.publish_timeout,
+            )
+            await msg.ack_sync()
+            log.info("partially delivered", extra={"fields": {**fields, "deferred": outcome.temporary}})
+            return
+        await msg.nak(delay=delay)
+        log.info("deferred", extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
+
+    async def _report(self, qmsg: queue_pb2.QueuedMessage, body: bytes, kind: str,
+                      statuses: list[dsn.RecipientStatus]) -> str:
+        env = qmsg.envelope
+        report = dsn.build(
+            kind=kind, envelope=env, original=body, statuses=statuses, reporting_mta=self.s.helo_name,
+            from_address=self.s.bounce_from or f"MAILER-DAEMON@{self.s.helo_name}",
+            arrival=qmsg.received_at_ms / 1000,
+            will_retry_until=qmsg.received_at_ms / 1000 + self.s.max_lifetime,
+        )
+        report_id = new_queue_id()
+        out = queue_pb2.QueuedMessage(
+            envelope=dsn.report_envelope(env, report_id, report),
+            received_at_ms=int(time.time() * 1000),
+            size=len(report),
+            trace_context=dict(qmsg.trace_context),
+        )
+        # The same report for the same recipients has the same Nats-Msg-Id: queued once even
+        # if this delivery is retried after a crash.
+        digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]
+        await jetstream.enqueue(
+            self.js, out, report, msg_id=f"{env.queue_id}.dsn-{kind}.{digest}", inline_limit=self.s.inline_body_limit,
+            timeout=self.s.publish_timeout, headers=dict(qmsg.trace_context),
+        )
+        REPORTS.labels(kind).inc()
+        log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
+                                                 "recipients": len(statuses)}})
+        return report_id
+
+    def _count(self, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, result: str, span) -> None:
+        ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()
         for name, count in (("delivered", len(outcome.delivered)), ("deferred", len(outcome.temporary)),
                             ("failed", len(outcome.permanent))):
             if count:
@@ -201,36 +350,11 @@ class Relay:
         span.set_attribute("submitd.delivered", len(outcome.delivered))
         span.set_attribute("submitd.deferred", len(outcome.temporary))
         span.set_attribute("submitd.failed", len(outcome.permanent))
-        fields = {"queue_id": env.queue_id, "attempt": attempt, "next_hop": outcome.next_hop}
-        if outcome.permanent:
-            # Bounces (RFC 3464) are not generated yet: the failure is logged loudly.
-            log.error("undeliverable recipients", extra={"fields": {**fields, "failed": outcome.permanent}})
-        if not outcome.temporary:
-            await msg.ack_sync()
-            await self._delete_body(qmsg)
-            log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})
-            return
-        age = time.time() - qmsg.received_at_ms / 1000
-        if age > self.s.max_lifetime:
-            log.error("giving up after max lifetime", extra={"fields": {**fields, "failed": outcome.temporary}})
-            await msg.ack_sync()
-            await self._delete_body(qmsg)
-            return
-        delay = self.backoff(attempt)
-        if outcome.delivered or outcome.permanent:
-            # Some recipients are done: only the deferred ones are queued again, under an id
-            # derived from this attempt so that a repeated republish is de-duplicated.
-            retry = queue_pb2.QueuedMessage()
-            retry.CopyFrom(qmsg)
-            del retry.envelope.recipients[:]
-            retry.envelope.recipients.extend(r for r in env.recipients if r.address in outcome.temporary)
-            await self.js.publish(
-                jetstream.SUBMIT_SUBJECT,
-                retry.SerializeToString(),
-                headers={"Nats-Msg-Id": f"{env.queue_id}.{attempt}", **{k: v for k, v in (msg.headers or {}).items() if k != "Nats-Msg-Id"}},
-            )
-            await msg.ack_sync()
-            log.info("partially delivered", extra={"fields": {**fields, "deferred": outcome.temporary}})
-            return
-        await msg.nak(delay=delay)
-        log.info("deferred", extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
+
+    def _event(self, event: str, env, fields: dict) -> None:
+        """An outcome event on NATS (submitd.events.<event>), fire and forget: events inform,
+        the queue and the delivery record are what count."""
+        EVENTS.labels(event).inc()
+        payload = {"event": event, "queue_id": env.queue_id, "return_path": env.return_path, "at": time.time(), **fields}
+        task = asyncio.ensure_future(self.nc.publish(f"{jetstream.EVENTS_PREFIX}.{event}", json.dumps(payload).encode()))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())

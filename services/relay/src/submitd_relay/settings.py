@@ -12,9 +12,11 @@ from submitd_common.config import ServiceSettings
 class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_RELAY_", extra="forbid")
 
-    http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
-    helo_name: str = Field(default_factory=socket.getfqdn, description="Name the relay gives in EHLO")
-    next_hop_host: str = Field(description="Smarthost to deliver every message to")
+    http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz, /metrics and the queue admin API")
+    helo_name: str = Field(default_factory=socket.getfqdn, description="Name the relay gives in EHLO and in DSNs")
+    next_hop_host: str | None = Field(
+        None, description="Smarthost to deliver every message to; unset: direct delivery by MX"
+    )
     next_hop_port: int = Field(25, description="Smarthost port")
     next_hop_tls: Literal["none", "opportunistic", "required"] = Field(
         "opportunistic", description="STARTTLS to the smarthost"
@@ -23,7 +25,19 @@ class Settings(ServiceSettings):
     next_hop_ca_file: str | None = Field(None, description="CA bundle for the smarthost's certificate")
     next_hop_username: str | None = Field(None, description="AUTH user at the smarthost")
     next_hop_password: str | None = Field(None, description="AUTH password at the smarthost")
-    connections: int = Field(20, description="Concurrent deliveries (and connections) to the next hop")
+    mx_port: int = Field(25, description="Port of MX hosts (direct delivery)")
+    mx_tls: Literal["none", "opportunistic", "required"] = Field(
+        "opportunistic", description="STARTTLS to MX hosts (unverified, RFC 7435 opportunistic security)"
+    )
+    dns_nameservers: list[str] = Field(
+        default_factory=list, description="Resolvers for MX lookups (default: /etc/resolv.conf)"
+    )
+    dns_port: int = Field(53, description="Port of DNS_NAMESERVERS")
+    dns_timeout: float = Field(10.0, description="Seconds for one DNS lookup")
+    connections: int = Field(20, description="Concurrent deliveries by this relay")
+    destination_concurrency: int = Field(
+        10, description="Concurrent deliveries (and connections) to one destination: smarthost or domain"
+    )
     connect_timeout: float = Field(30.0, description="Seconds to connect to the next hop")
     command_timeout: float = Field(300.0, description="Seconds to wait for a next-hop reply (RFC 5321 §4.5.3.2)")
     ack_wait: float = Field(900.0, description="JetStream AckWait: longer than the slowest delivery")
@@ -32,3 +46,15 @@ class Settings(ServiceSettings):
         description="Seconds before each retry; the last value repeats (RFC 5321 §4.5.4.1)",
     )
     max_lifetime: float = Field(5 * 86400, description="Seconds a message may stay queued before it bounces")
+    delay_warning_after: float = Field(
+        4 * 3600, description="Seconds after which a delay DSN goes to senders who asked (NOTIFY=DELAY)"
+    )
+    bounce_from: str | None = Field(None, description="From of DSNs (default MAILER-DAEMON@HELO_NAME)")
+    inline_body_limit: int = Field(256 << 10, description="DSNs larger than this keep their body in the Object Store")
+    publish_timeout: float = Field(10.0, description="Seconds to wait for JetStream to store a DSN or retry")
+    replicas: int = Field(1, description="Replicas of the delivery-record KV bucket (3 in a cluster)")
+    admin_token: str | None = Field(None, description="Bearer token of the queue admin API (or ADMIN_TOKEN_FILE)")
+    admin_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret)")
+    failpoint: Literal["after-next-hop", "after-record"] | None = Field(
+        None, description="Fault tests only: stop dead at this point of a delivery"
+    )

@@ -1,5 +1,7 @@
 """A next-hop SMTP server for local runs and tests: it stores what it receives (in memory
-and, optionally, in a Maildir) and can be told to answer with failures.
+and, optionally, in a Maildir) and can be told to answer with failures, to drop the
+connection, or to stall at the end of data. Its extensions can be chosen (DSN on, 8BITMIME or
+SMTPUTF8 off) to act as the kinds of next hop a relay meets.
 
     python -m submitd_common.dev.sink --port 2525 --maildir var/maildir
 """
@@ -29,6 +31,13 @@ class Received:
     rcpt_options: list[str]
 
 
+# Special entries of SinkHandler.data_replies:
+DROP = "DROP"  # close the connection instead of answering
+STALL = "STALL"  # never answer and keep nothing: as if the transfer had not completed
+STALL_STORED = "STALL-STORED"  # keep the message, but never answer (RFC 1047's duplicate window)
+STALL_LIMIT = 120.0
+
+
 @dataclass
 class SinkHandler:
     maildir: Path | None = None
@@ -39,6 +48,23 @@ class SinkHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(default=None)  # type: ignore[assignment]
+    # Extensions: DSN advertised (and its MAIL parameters accepted), 8BITMIME withdrawn.
+    dsn: bool = False
+    eightbitmime: bool = True
+    stalled: int = 0  # transactions now stalled at the end of data
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        out = [r for r in responses if self.eightbitmime or r != "250-8BITMIME"]
+        if self.dsn:
+            out.insert(-1, "250-DSN")
+        return out
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.mail_options.extend(getattr(server, "dsn_params", []))
+        return "250 OK"
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
@@ -55,27 +81,52 @@ class SinkHandler:
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
-            if self.data_replies:
-                return self.data_replies.popleft()
-            msg = Received(
-                # aiosmtpd reports the null return path as "<>": record it as the empty path.
-                "" if envelope.mail_from == "<>" else envelope.mail_from,
-                list(envelope.rcpt_tos),
-                envelope.original_content,
-                list(envelope.mail_options),
-                list(envelope.rcpt_options),
-            )
-            self.messages.append(msg)
-            if self._box is not None:
-                self._box.add(msg.data)
-            self.arrived.notify_all()
-        return "250 2.0.0 Ok: stored"
+            special = self.data_replies.popleft() if self.data_replies else None
+            if special == DROP:
+                server.transport.close()
+                return "421 4.4.2 dropped"
+            if special in (STALL, STALL_STORED):
+                if special == STALL_STORED:
+                    self._store(envelope)
+                self.stalled += 1
+                self.arrived.notify_all()
+            elif special:
+                return special
+            else:
+                self._store(envelope)
+                return "250 2.0.0 Ok: stored"
+        try:
+            # Until the client goes away (aiosmtpd cancels this handler then).
+            await asyncio.sleep(STALL_LIMIT)
+        finally:
+            with self.lock:
+                self.stalled -= 1
+        return "451 4.3.0 stalled"
+
+    def _store(self, envelope) -> None:
+        msg = Received(
+            # aiosmtpd reports the null return path as "<>": record it as the empty path.
+            "" if envelope.mail_from == "<>" else envelope.mail_from,
+            list(envelope.rcpt_tos),
+            envelope.original_content,
+            list(envelope.mail_options),
+            list(envelope.rcpt_options),
+        )
+        self.messages.append(msg)
+        if self._box is not None:
+            self._box.add(msg.data)
+        self.arrived.notify_all()
 
     def reset(self) -> None:
         with self.lock:
             self.messages.clear()
             self.data_replies.clear()
             self.rcpt_replies.clear()
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Block until ``predicate(handler)`` holds (checked whenever something arrives or stalls)."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: predicate(self), timeout)
 
     def wait_for(self, count: int, timeout: float) -> list[Received]:
         """Block until at least ``count`` messages arrived (or the timeout passed)."""
@@ -84,14 +135,34 @@ class SinkHandler:
             return list(self.messages)
 
 
+class _DsnSMTP(SMTP):
+    """Takes RFC 3461's MAIL parameters (RET, ENVID), which aiosmtpd would refuse with 555."""
+
+    async def smtp_MAIL(self, arg):
+        self.dsn_params = []
+        if arg and getattr(self.event_handler, "dsn", False):
+            words = arg.split()
+            self.dsn_params = [w for w in words if w.upper().startswith(("RET=", "ENVID="))]
+            arg = " ".join(w for w in words if w not in self.dsn_params)
+        await super().smtp_MAIL(arg)
+
+
+class _Controller(Controller):
+    def factory(self):
+        return _DsnSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class Sink:
     """A sink on 127.0.0.1 in a thread of its own (for tests)."""
 
-    def __init__(self, port: int = 0, maildir: Path | None = None) -> None:
-        self.handler = SinkHandler(maildir=maildir)
+    def __init__(
+        self, port: int = 0, maildir: Path | None = None, *, dsn: bool = False, eightbitmime: bool = True,
+        smtputf8: bool = True,
+    ) -> None:
+        self.handler = SinkHandler(maildir=maildir, dsn=dsn, eightbitmime=eightbitmime)
         self.port = port or free_port()
-        self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True, data_size_limit=None
+        self.controller = _Controller(
+            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8, data_size_limit=None
         )
 
     def start(self) -> "Sink":
@@ -107,7 +178,7 @@ async def _serve(port: int, maildir: Path) -> None:
     handler = SinkHandler(maildir=maildir)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.localhost", enable_SMTPUTF8=True, data_size_limit=None), "127.0.0.1", port
+        lambda: _DsnSMTP(handler, hostname="sink.localhost", enable_SMTPUTF8=True, data_size_limit=None), "127.0.0.1", port
     )
     async with server:
         await server.serve_forever()

@@ -1,0 +1,179 @@
+"""Delivery status notifications (RFC 3464): bounces, delay notices and "relayed" reports.
+
+A report is a multipart/report with a human-readable part, a message/delivery-status part
+with one block per recipient, and the original's header section (text/rfc822-headers), or the
+whole original (message/rfc822) when the sender asked for RET=FULL. For messages that were
+sent with SMTPUTF8 the RFC 6533 types (message/global-headers, message/global) are used."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+from dataclasses import dataclass
+
+from submitd.v1 import common_pb2
+
+_ENHANCED = re.compile(rb"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+_REPLY = re.compile(r"^\s*(\d{3})[ -]?(.*)$", re.S)
+
+TITLES = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Delivery Report (relayed)",
+}
+EXPLANATIONS = {
+    "failed": "Your message could not be delivered to one or more recipients. It has been given up.",
+    "delayed": (
+        "Your message has not been delivered yet to one or more recipients. It is still being\n"
+        "retried; you do not need to send it again. You will be told if it is finally given up."
+    ),
+    "relayed": (
+        "Your message was handed to the next mail server, which does not return delivery\n"
+        "notifications: no further report will come from there."
+    ),
+}
+
+
+@dataclass
+class RecipientStatus:
+    recipient: common_pb2.Recipient
+    action: str  # failed | delayed | relayed
+    reply: str  # the next hop's (or our own) SMTP reply, "550 5.1.1 ..."
+    remote_mta: str = ""
+    status: str = ""  # instead of the one in the reply (4.4.7 for an expired message)
+    note: str = ""  # for the human-readable part
+
+
+def status_of(reply: str) -> str:
+    """The enhanced status code (RFC 3463) in a reply, or the one its basic code implies."""
+    m = _REPLY.match(reply or "")
+    if not m:
+        return "4.0.0"
+    code, text = m.group(1), m.group(2)
+    e = _ENHANCED.match(text.encode("utf-8", "replace"))
+    if e and e.group(1).decode() == code[0]:
+        return b".".join(e.groups()).decode()
+    return f"{code[0]}.0.0"
+
+
+def xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def wants(recipient: common_pb2.Recipient, what: str) -> bool:
+    """RFC 3461 §4.1: without NOTIFY, failures are reported and delays at our discretion (not)."""
+    notify = [n.strip().upper() for n in recipient.notify.split(",") if n.strip()]
+    if not notify:
+        return what == "FAILURE"
+    return what in notify
+
+
+def header_section(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
+
+
+def build(
+    *,
+    kind: str,
+    envelope: common_pb2.Envelope,
+    original: bytes,
+    statuses: list[RecipientStatus],
+    reporting_mta: str,
+    from_address: str,
+    arrival: float,
+    will_retry_until: float | None = None,
+) -> bytes:
+    """The report as wire-format bytes (CRLF line ends), ready to queue."""
+    utf8 = envelope.smtputf8 or not header_section(original).isascii()
+    full = kind == "failed" and envelope.dsn_ret.upper() == "FULL"
+    boundary = f"submitd-{secrets.token_hex(12)}"
+    now = email.utils.formatdate(localtime=False)
+    message_id = f"<{envelope.queue_id}.{kind}.{secrets.token_hex(4)}@{reporting_mta}>"
+    lines: list[str] = [
+        f"From: Mail Delivery System <{from_address}>",
+        f"To: <{envelope.return_path}>" if envelope.return_path.isascii() else "To: undisclosed-recipients:;",
+        f"Subject: {TITLES[kind]}",
+        f"Date: {now}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "Content-Description: Notification",
+        "",
+        f"This is the mail system at {reporting_mta}.",
+        "",
+        EXPLANATIONS[kind],
+        "",
+    ]
+    for s in statuses:
+        note = f" ({s.note})" if s.note else ""
+        lines.append(f"<{_ascii(s.recipient.address)}>{note}: {_ascii(s.reply)}")
+    lines += [
+        "",
+        f"Queue id: {envelope.queue_id}",
+        "",
+        f"--{boundary}",
+        "Content-Type: message/global-delivery-status" if utf8 else "Content-Type: message/delivery-status",
+        "Content-Description: Delivery report",
+        "",
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Submitd-Queue-ID: {envelope.queue_id}",
+    ]
+    if envelope.dsn_envid:
+        lines.append(f"Original-Envelope-Id: {xtext_decode(envelope.dsn_envid)}")
+    lines.append(f"Arrival-Date: {email.utils.formatdate(arrival)}")
+    for s in statuses:
+        address = s.recipient.address
+        addr_type = "rfc822" if address.isascii() else "utf-8"
+        lines.append("")
+        if s.recipient.orcpt:
+            kind_, _, value = s.recipient.orcpt.partition(";")
+            lines.append(f"Original-Recipient: {kind_}; {xtext_decode(value)}")
+        lines += [
+            f"Final-Recipient: {addr_type}; {address}",
+            f"Action: {s.action}",
+            f"Status: {s.status or (status_of(s.reply) if s.action != 'relayed' else '2.0.0')}",
+        ]
+        if s.remote_mta:
+            lines.append(f"Remote-MTA: dns; {s.remote_mta}")
+        if s.reply:
+            lines.append(f"Diagnostic-Code: smtp; {_ascii(s.reply) if not utf8 else s.reply.replace(chr(13), ' ').replace(chr(10), ' ')}")
+        lines.append(f"Last-Attempt-Date: {now}")
+        if kind == "delayed" and will_retry_until:
+            lines.append(f"Will-Retry-Until: {email.utils.formatdate(will_retry_until)}")
+    lines += ["", f"--{boundary}"]
+    if full:
+        lines += ["Content-Type: message/global" if utf8 else "Content-Type: message/rfc822",
+                  "Content-Description: Undelivered message" if kind == "failed" else "Content-Description: Message", ""]
+        attached = original
+    else:
+        lines += ["Content-Type: message/global-headers" if utf8 else "Content-Type: text/rfc822-headers",
+                  "Content-Description: Message headers", ""]
+        attached = header_section(original)
+    head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    if attached and not attached.endswith(b"\r\n"):
+        attached += b"\r\n"
+    return head + attached + f"\r\n--{boundary}--\r\n".encode()
+
+
+def report_envelope(original: common_pb2.Envelope, queue_id: str, report: bytes) -> common_pb2.Envelope:
+    """The envelope of a report: from the null path (so it can never bounce back), to the
+    original's return path, with NOTIFY=NEVER."""
+    return common_pb2.Envelope(
+        queue_id=queue_id,
+        return_path="",
+        recipients=[common_pb2.Recipient(address=original.return_path, notify="NEVER")],
+        smtputf8=not original.return_path.isascii(),
+        body_type="7BIT" if report.isascii() else "8BITMIME",
+    )

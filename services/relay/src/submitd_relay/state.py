@@ -1,0 +1,80 @@
+"""What happened to each queued message, kept in a NATS KV bucket under its queue id.
+
+The record makes delivery idempotent: a message redelivered after a crash (or published twice)
+skips the recipients that are already done. It also holds the attempts and their replies for
+the queue admin API, and whether a delay notice went out. Any relay replica reads the same
+record, so none of this depends on which replica handled the message before."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from submitd_common import jetstream
+
+MAX_ATTEMPTS_KEPT = 50
+
+
+@dataclass
+class Attempt:
+    at: float
+    attempt: int
+    next_hop: str
+    result: str  # delivered | deferred | failed | partial | expired
+    replies: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DeliveryState:
+    delivered: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # delivered, bounced or given up
+    attempts: list[Attempt] = field(default_factory=list)
+    delay_notified: bool = False
+    reports: list[str] = field(default_factory=list)  # queue ids of the DSNs sent
+
+    def record(self, attempt: int, next_hop: str, result: str, delivered: list[str], replies: dict[str, str]) -> None:
+        for r in delivered:
+            if r not in self.delivered:
+                self.delivered.append(r)
+        self.finish(delivered)
+        self.attempts.append(Attempt(time.time(), attempt, next_hop, result, dict(replies)))
+        del self.attempts[:-MAX_ATTEMPTS_KEPT]
+
+    def finish(self, recipients) -> None:
+        for r in recipients:
+            if r not in self.finished:
+                self.finished.append(r)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "DeliveryState":
+        raw = json.loads(data)
+        raw["attempts"] = [Attempt(**a) for a in raw.get("attempts", [])]
+        return cls(**raw)
+
+
+class StateStore:
+    def __init__(self, js: JetStreamContext, ttl: float, replicas: int = 1) -> None:
+        self.js = js
+        self.ttl = ttl
+        self.replicas = replicas
+        self.kv = None
+
+    async def open(self) -> None:
+        self.kv = await jetstream.ensure_kv(self.js, jetstream.DELIVERY_BUCKET, self.ttl, self.replicas)
+
+    async def get(self, queue_id: str) -> DeliveryState:
+        try:
+            entry = await self.kv.get(queue_id)
+        except KeyNotFoundError:
+            return DeliveryState()
+        return DeliveryState.from_bytes(entry.value) if entry.value else DeliveryState()
+
+    async def put(self, queue_id: str, state: DeliveryState) -> None:
+        await self.kv.put(queue_id, state.to_bytes())
