@@ -11,6 +11,7 @@ from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from . import admin
 from .consumer import Relay
 from .delivery import NextHopPool
 from .settings import Settings
@@ -31,7 +32,9 @@ async def amain() -> None:
     health = Health()
     health.add_check("nats", lambda: nc.is_connected)
     stop_health = await health.start()
-    bound, stop_http = await serve_http(health_app(health, "submitd relay"), *split_hostport(settings.http_listen))
+    app = health_app(health, "submitd relay")
+    app.include_router(admin.router(relay))
+    bound, stop_http = await serve_http(app, *split_hostport(settings.http_listen))
     runner = asyncio.create_task(relay.run(), name="relay")
     watcher = asyncio.create_task(relay.watch_queue(), name="queue metrics")
     log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})

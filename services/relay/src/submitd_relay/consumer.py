@@ -129,14 +129,14 @@ class Relay:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    async def _body(self, qmsg: queue_pb2.QueuedMessage) -> bytes:
+    async def body_of(self, qmsg: queue_pb2.QueuedMessage) -> bytes:
         if qmsg.WhichOneof("body") == "inline_body":
             return qmsg.inline_body
         if self._bodies is None:
             self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
         return (await self._bodies.get(qmsg.object_name)).data
 
-    async def _delete_body(self, qmsg: queue_pb2.QueuedMessage) -> None:
+    async def delete_body(self, qmsg: queue_pb2.QueuedMessage) -> None:
         if qmsg.WhichOneof("body") != "object_name":
             return
         try:
@@ -176,13 +176,13 @@ class Relay:
                     log.info("already delivered", extra={"fields": {"queue_id": env.queue_id, "attempt": attempt}})
                     span.set_attribute("submitd.outcome", "duplicate")
                     await msg.ack_sync()
-                    await self._delete_body(qmsg)
+                    await self.delete_body(qmsg)
                     return
                 work = queue_pb2.QueuedMessage()
                 work.CopyFrom(qmsg)
                 del work.envelope.recipients[:]
                 work.envelope.recipients.extend(pending)
-                body = await self._body(qmsg)
+                body = await self.body_of(qmsg)
                 try:
                     outcome = await self.pool.deliver(work.envelope, body)
                 except NextHopError as e:
@@ -260,13 +260,13 @@ class Relay:
             else:
                 for kind, statuses in reports:
                     if statuses:
-                        report_id = await self._report(qmsg, body, kind, statuses)
+                        report_id = await self.queue_report(qmsg, body, kind, statuses)
                         state.reports.append(report_id)
-                        self._event("dsn", env, {"action": kind, "report_queue_id": report_id,
+                        self.event("dsn", env, {"action": kind, "report_queue_id": report_id,
                                                  "recipients": [s.recipient.address for s in statuses]})
         if failed:
             log.error("bounced", extra={"fields": {**fields, "failed": {f.recipient.address: f.reply for f in failed}}})
-            self._event("expired" if expired else "bounced", env, {
+            self.event("expired" if expired else "bounced", env, {
                 "recipients": {f.recipient.address: f.reply for f in failed}, "attempt": attempt,
                 "next_hop": outcome.next_hop})
         if delayed:
@@ -275,18 +275,18 @@ class Relay:
         if failed or delayed or relayed:
             await self.state.put(env.queue_id, state)
         if outcome.delivered:
-            self._event("delivered", env, {"recipients": outcome.delivered, "attempt": attempt,
+            self.event("delivered", env, {"recipients": outcome.delivered, "attempt": attempt,
                                            "next_hop": outcome.next_hop})
 
         remaining = [r for r in env.recipients if r.address not in state.finished]
         if not remaining:
             await msg.ack_sync()
-            await self._delete_body(qmsg)
+            await self.delete_body(qmsg)
             if outcome.delivered:
                 log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})
             return
         delay = self.backoff(attempt)
-        self._event("deferred", env, {"recipients": outcome.temporary, "attempt": attempt,
+        self.event("deferred", env, {"recipients": outcome.temporary, "attempt": attempt,
                                       "next_hop": outcome.next_hop, "retry_in": delay})
         if len(remaining) < len(env.recipients):
             # Some recipients are done: only the deferred ones are queued again, under an id
@@ -307,7 +307,7 @@ class Relay:
         await msg.nak(delay=delay)
         log.info("deferred", extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
 
-    async def _report(self, qmsg: queue_pb2.QueuedMessage, body: bytes, kind: str,
+    async def queue_report(self, qmsg: queue_pb2.QueuedMessage, body: bytes, kind: str,
                       statuses: list[dsn.RecipientStatus]) -> str:
         env = qmsg.envelope
         report = dsn.build(
@@ -351,7 +351,7 @@ class Relay:
         span.set_attribute("submitd.deferred", len(outcome.temporary))
         span.set_attribute("submitd.failed", len(outcome.permanent))
 
-    def _event(self, event: str, env, fields: dict) -> None:
+    def event(self, event: str, env, fields: dict) -> None:
         """An outcome event on NATS (submitd.events.<event>), fire and forget: events inform,
         the queue and the delivery record are what count."""
         EVENTS.labels(event).inc()

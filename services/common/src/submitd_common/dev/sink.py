@@ -52,9 +52,15 @@ class SinkHandler:
     dsn: bool = False
     eightbitmime: bool = True
     stalled: int = 0  # transactions now stalled at the end of data
+    data_delay: float = 0.0  # seconds to take before answering at the end of data
+    ehlos: int = 0
+    concurrent: int = 0
+    max_concurrent: int = 0  # most transactions at the end of data at one time
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        with self.lock:
+            self.ehlos += 1
         out = [r for r in responses if self.eightbitmime or r != "250-8BITMIME"]
         if self.dsn:
             out.insert(-1, "250-DSN")
@@ -77,9 +83,19 @@ class SinkHandler:
             return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        envelope.rcpt_options.extend(getattr(server, "dsn_rcpt_params", []))
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            with self.lock:
+                self.concurrent += 1
+                self.max_concurrent = max(self.max_concurrent, self.concurrent)
+            try:
+                await asyncio.sleep(self.data_delay)
+            finally:
+                with self.lock:
+                    self.concurrent -= 1
         with self.lock:
             special = self.data_replies.popleft() if self.data_replies else None
             if special == DROP:
@@ -122,6 +138,8 @@ class SinkHandler:
             self.messages.clear()
             self.data_replies.clear()
             self.rcpt_replies.clear()
+            self.data_delay = 0.0
+            self.ehlos = self.max_concurrent = 0
 
     def wait_until(self, predicate, timeout: float) -> bool:
         """Block until ``predicate(handler)`` holds (checked whenever something arrives or stalls)."""
@@ -145,6 +163,14 @@ class _DsnSMTP(SMTP):
             self.dsn_params = [w for w in words if w.upper().startswith(("RET=", "ENVID="))]
             arg = " ".join(w for w in words if w not in self.dsn_params)
         await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        self.dsn_rcpt_params = []
+        if arg and getattr(self.event_handler, "dsn", False):
+            words = arg.split()
+            self.dsn_rcpt_params = [w for w in words if w.upper().startswith(("NOTIFY=", "ORCPT="))]
+            arg = " ".join(w for w in words if w not in self.dsn_rcpt_params)
+        await super().smtp_RCPT(arg)
 
 
 class _Controller(Controller):

@@ -1,0 +1,232 @@
+"""The relay against a real nats-server and real SMTP next hops: what leaves, routing by MX,
+DSNs (RFC 3464), outcome events and the queue admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+import pytest
+from relay_helpers import (
+    ALICE, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_async, queue_depth, relay_only,
+    reports,
+)
+
+from submitd_common.dev.dns import DnsServer
+from submitd_common.dev.sink import Sink
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def dsn_sink():
+    s = Sink(dsn=True).start()
+    yield s
+    s.stop()
+
+
+def test_what_leaves_is_byte_identical_dot_stuffed_and_one_transaction_each(make_stack, sink):
+    stack = relay_only(make_stack)
+    # Lines a careless client would end the data with or lose a dot from, 8-bit text, a
+    # 990-octet line and a last line that is a single dot.
+    data = body("exact") + b".\r\n..two dots\r\n.one dot\r\n" + "café 8-bit\r\n".encode() + b"x" * 990 + b"\r\n.\r\n"
+    qid = queue(stack, envelope(["bob@example.net", "carol@example.net"], eight_bit=True), data)
+    others = [queue(stack, envelope(), body(f"n{i}")) for i in range(5)]
+    got = sink.handler.wait_for(6, 20)
+    exact = [m for m in got if b"Subject: exact" in m.data]
+    assert len(exact) == 1, "one transaction for both recipients"
+    assert exact[0].data == data, "the next hop receives exactly the queued bytes"
+    assert exact[0].rcpt_tos == ["bob@example.net", "carol@example.net"]
+    assert "BODY=8BITMIME" in exact[0].mail_options
+    assert len(got) == 6 and qid and others
+    eventually(lambda: queue_depth(stack) == 0)
+
+
+def test_per_destination_concurrency_limit_and_connection_reuse(make_stack, sink):
+    stack = relay_only(make_stack, DESTINATION_CONCURRENCY=2)
+    sink.handler.data_delay = 0.2
+    queue_many_ids = [queue(stack, envelope(), body(f"c{i}")) for i in range(12)]
+    sink.handler.wait_for(12, 30)
+    assert sink.handler.max_concurrent == 2, "never more than DESTINATION_CONCURRENCY transactions at once"
+    assert sink.handler.ehlos <= 3, f"connections are reused ({sink.handler.ehlos} EHLOs for 12 messages)"
+    assert len(queue_many_ids) == 12
+
+
+def test_permanent_failure_bounces_one_recipient_with_a_report(make_stack, sink):
+    stack = relay_only(make_stack)
+    sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: Recipient address rejected"
+    qid = queue(
+        stack,
+        envelope(["bob@example.net", "nobody@example.net"], envid="ENV+2B1", orcpt="rfc822;nobody@example.net"),
+        body("bounce me"),
+    )
+    sink.handler.wait_for(2, 20)
+    eventually(lambda: queue_depth(stack) == 0)
+    assert [m.rcpt_tos for m in ordinary(sink)] == [["bob@example.net"]], "the good recipient got it once"
+    (report,) = reports(sink)
+    assert report.rcpt_tos == [ALICE] and report.mail_from == "", "to the return path, from the null path"
+    msg, blocks, returned = parse_report(report)
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert blocks[0]["Reporting-MTA"] == "dns; submitd.localhost"
+    assert blocks[0]["Original-Envelope-Id"] == "ENV+1", "ENVID is xtext-decoded"
+    assert blocks[0]["X-Submitd-Queue-ID"] == qid
+    rcpt = blocks[1]
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@example.net"
+    assert rcpt["Original-Recipient"] == "rfc822; nobody@example.net"
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.1.1"
+    assert rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    assert rcpt["Remote-MTA"] == "dns; 127.0.0.1"
+    assert len(blocks) == 2, "only the failed recipient is reported"
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert "Subject: bounce me" in returned.get_payload() and "hello" not in returned.get_payload()
+
+
+def test_ret_full_returns_the_whole_message(make_stack, sink):
+    stack = relay_only(make_stack)
+    sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    queue(stack, envelope(["nobody@example.net"], ret="FULL"), body("full", "the whole body"))
+    sink.handler.wait_for(1, 20)
+    _, _, returned = parse_report(reports(sink)[0])
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.get_payload()[0]["Subject"] == "full"
+    assert "the whole body" in returned.get_payload()[0].get_payload()
+
+
+def test_no_report_to_null_return_path_or_for_notify_never(make_stack, sink):
+    stack = relay_only(make_stack)
+    sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    queue(stack, envelope(["nobody@example.net"], sender=""), body("from null"))
+    queue(stack, envelope(["nobody@example.net"], notify="NEVER"), body("never"))
+    queue(stack, envelope(["nobody@example.net"], notify="SUCCESS"), body("success only"))
+    eventually(lambda: queue_depth(stack) == 0)
+    eventually(lambda: metric(stack, "submitd_delivery_events_total", 'event="bounced"') == 3)
+    assert sink.handler.messages == [], "no report for any of them, and nothing stays queued"
+
+
+def test_max_lifetime_gives_up_with_a_4_4_7_report(make_stack, sink):
+    stack = relay_only(make_stack, MAX_LIFETIME=1.5)
+    sink.handler.rcpt_replies["bob@example.net"] = "451 4.3.0 mailbox busy"
+    queue(stack, envelope(), body("too late"))
+    sink.handler.wait_for(1, 20)
+    (report,) = reports(sink)
+    _, blocks, _ = parse_report(report)
+    assert blocks[1]["Action"] == "failed" and blocks[1]["Status"] == "4.4.7"
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 451 4.3.0 mailbox busy", "the last reply is kept"
+    assert b"given up after" in report.data
+    eventually(lambda: queue_depth(stack) == 0)
+
+
+def test_delay_notice_once_when_asked_then_delivered(make_stack, sink):
+    stack = relay_only(make_stack, DELAY_WARNING_AFTER=0.3, RETRY_SCHEDULE="[0.4]")
+    sink.handler.data_replies.extend(["451 4.3.0 busy"] * 4)
+    env = envelope(["bob@example.net"], notify="DELAY,FAILURE")
+    env.recipients.add(address="carol@example.net")  # no NOTIFY: no delay notice for her
+    queue(stack, env, body("slow"))
+    eventually(lambda: len(ordinary(sink)) == 1, 30)
+    assert ordinary(sink)[0].rcpt_tos == ["bob@example.net", "carol@example.net"]
+    (notice,) = reports(sink)
+    msg, blocks, _ = parse_report(notice)
+    assert msg["Subject"].startswith("Delayed Mail")
+    assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; bob@example.net"]
+    assert blocks[1]["Action"] == "delayed" and blocks[1]["Status"] == "4.3.0"
+    assert "Will-Retry-Until" in blocks[1]
+
+
+def test_relayed_report_when_notify_success_meets_a_next_hop_without_dsn(make_stack, sink):
+    stack = relay_only(make_stack)
+    queue(stack, envelope(["bob@example.net"], notify="SUCCESS,FAILURE"), body("tell me"))
+    sink.handler.wait_for(2, 20)
+    assert "NOTIFY=SUCCESS,FAILURE" not in ordinary(sink)[0].rcpt_options, "not passed to a next hop without DSN"
+    msg, blocks, _ = parse_report(reports(sink)[0])
+    assert msg["Subject"].startswith("Successful Mail Delivery Report")
+    assert blocks[1]["Action"] == "relayed" and blocks[1]["Status"] == "2.0.0"
+
+
+def test_dsn_parameters_go_to_a_next_hop_that_offers_dsn(make_stack, dsn_sink):
+    stack = relay_only(make_stack, dsn_sink)
+    queue(stack, envelope(["bob@example.net"], notify="SUCCESS,FAILURE", orcpt="rfc822;bob@example.net",
+                          ret="HDRS", envid="abc123"), body("dsn"))
+    (got,) = dsn_sink.handler.wait_for(1, 20)
+    assert "RET=HDRS" in got.mail_options and "ENVID=abc123" in got.mail_options
+    assert "NOTIFY=SUCCESS,FAILURE" in got.rcpt_options and "ORCPT=rfc822;bob@example.net" in got.rcpt_options
+    eventually(lambda: queue_depth(stack) == 0)
+    assert len(dsn_sink.handler.messages) == 1, "the next hop reports success; the relay sends no DSN of its own"
+
+
+@pytest.mark.parametrize("kind", ["8bit", "smtputf8"])
+def test_message_the_next_hop_cannot_take_bounces_with_a_clear_reason(make_stack, kind):
+    hop = Sink(eightbitmime=kind != "8bit", smtputf8=kind != "smtputf8").start()
+    try:
+        stack = relay_only(make_stack, hop)
+        if kind == "8bit":
+            queue(stack, envelope(eight_bit=True), body("eight", "caf\u00e9".encode().decode("latin-1")))
+        else:
+            queue(stack, envelope(["b\u00f8b@example.net"], smtputf8=True), body("utf8"))
+        (report,) = hop.handler.wait_for(1, 20)
+        assert report.mail_from == ""
+        _, blocks, _ = parse_report(report)
+        status = {"8bit": "5.6.3", "smtputf8": "5.6.7"}[kind]
+        assert blocks[1]["Status"] == status
+        assert {"8bit": "8BITMIME", "smtputf8": "SMTPUTF8"}[kind] in blocks[1]["Diagnostic-Code"]
+    finally:
+        hop.stop()
+
+
+def test_mx_routing_by_domain_with_fallback_null_mx_and_nxdomain(make_stack, sink):
+    dns = DnsServer({
+        "example.net": {"MX": ["10 mx.example.net."]},
+        "mx.example.net": {"A": ["127.0.0.1"]},
+        # The preferred host refuses connections (nothing listens on 127.0.0.2): the backup takes it.
+        "example.org": {"MX": ["10 down.example.org.", "20 backup.example.org."]},
+        "down.example.org": {"A": ["127.0.0.2"]},
+        "backup.example.org": {"A": ["127.0.0.1"]},
+        "nomx.example": {"A": ["127.0.0.1"]},  # no MX: the domain itself (RFC 5321 §5.1)
+        "nullmx.example": {"MX": ["0 ."]},
+        "example.test": {"MX": ["10 mx.example.net."]},
+    }).start()
+    try:
+        stack = relay_only(
+            make_stack, NEXT_HOP_HOST="", MX_PORT=sink.port, DNS_NAMESERVERS=json.dumps(["127.0.0.1"]),
+            DNS_PORT=dns.port, CONNECT_TIMEOUT=2,
+        )
+        queue(stack, envelope(["bob@example.net", "carol@example.org", "dave@nomx.example",
+                               "eve@nullmx.example", "frank@nx.example"]), body("by mx"))
+        eventually(lambda: len(sink.handler.messages) == 4)
+        assert sorted(m.rcpt_tos[0] for m in ordinary(sink)) == ["bob@example.net", "carol@example.org", "dave@nomx.example"]
+        assert all(len(m.rcpt_tos) == 1 for m in ordinary(sink)), "one transaction per destination"
+        (report,) = reports(sink)
+        _, blocks, _ = parse_report(report)
+        by_rcpt = {b["Final-Recipient"]: b for b in blocks[1:]}
+        assert by_rcpt["rfc822; eve@nullmx.example"]["Status"] == "5.1.10"
+        assert "null MX" in by_rcpt["rfc822; eve@nullmx.example"]["Diagnostic-Code"]
+        assert by_rcpt["rfc822; frank@nx.example"]["Status"] == "5.1.2"
+        assert ("down.example.org.", "A") in dns.queries and ("nullmx.example.", "MX") in dns.queries
+    finally:
+        dns.stop()
+
+
+def test_outcomes_are_published_as_events_and_counted(make_stack, sink):
+    stack = relay_only(make_stack)
+    sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    sink.handler.data_replies.append("451 4.3.0 later")
+
+    async def run():
+        nc = await nats.connect(stack.nats.url)
+        sub = await nc.subscribe("submitd.events.>")
+        (qid,) = await queue_async(stack.nats.url, [(envelope(["bob@example.net", "nobody@example.net"]), body("events"))])
+        events = []
+        while not any(e["event"] == "delivered" and e["queue_id"] == qid for e in events):
+            m = await sub.next_msg(timeout=20)
+            events.append(json.loads(m.data))
+        await nc.close()
+        return [e for e in events if e["queue_id"] == qid]
+
+    mine = asyncio.run(run())
+    kinds = [e["event"] for e in mine]
+    assert "bounced" in kinds and "deferred" in kinds and "delivered" in kinds and "dsn" in kinds
+    bounced = next(e for e in mine if e["event"] == "bounced")
+    assert bounced["recipients"] == {"nobody@example.net": "550 5.1.1 no such user"}
+    eventually(lambda: metric(stack, "submitd_delivery_events_total", 'event="delivered"') >= 2)  # the message and its DSN
+    assert metric(stack, "submitd_dsn_total", 'action="failed"') == 1
