@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 
 import nats
 import pytest
 from relay_helpers import (
-    ALICE, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_async, queue_depth, relay_only,
+    ALICE, admin, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_async, queue_depth, relay_only,
     reports,
 )
 
@@ -230,3 +231,60 @@ def test_outcomes_are_published_as_events_and_counted(make_stack, sink):
     assert bounced["recipients"] == {"nobody@example.net": "550 5.1.1 no such user"}
     eventually(lambda: metric(stack, "submitd_delivery_events_total", 'event="delivered"') >= 2)  # the message and its DSN
     assert metric(stack, "submitd_dsn_total", 'action="failed"') == 1
+
+
+def test_queue_admin_api_lists_shows_retries_deletes_and_bounces(make_stack, sink):
+    stack = relay_only(make_stack, ADMIN_TOKEN="s3cret", RETRY_SCHEDULE="[3600]")
+    for who in ("bob", "carol", "dave"):
+        sink.handler.rcpt_replies[f"{who}@example.net"] = f"451 4.2.1 {who}'s mailbox busy"
+    bob = queue(stack, envelope(["bob@example.net"]), body("for bob"))
+    carol = queue(stack, envelope(["carol@example.net"]), body("for carol"))
+    dave = queue(stack, envelope(["dave@example.net"]), body("for dave"))
+
+    def deferred():
+        code, listing = admin(stack, "GET", "/api/v1/queue/messages?state=deferred")
+        return code == 200 and len(listing["messages"]) == 3 and listing
+
+    listing = eventually(deferred)
+    assert {m["id"] for m in listing["messages"]} == {bob, carol, dave}
+    assert admin(stack, "GET", "/api/v1/queue/messages", token=None)[0] == 401
+    assert admin(stack, "GET", "/api/v1/queue/messages", token="wrong")[0] == 401
+
+    code, found = admin(stack, "GET", "/api/v1/queue/messages?recipient=carol")
+    assert [m["id"] for m in found["messages"]] == [carol]
+    assert found["messages"][0]["last_reply"] == "451 4.2.1 carol's mailbox busy"
+    assert admin(stack, "GET", "/api/v1/queue/messages?sender=nobody")[1]["messages"] == []
+
+    code, shown = admin(stack, "GET", f"/api/v1/queue/messages/{bob}")
+    assert code == 200 and shown["sender"] == ALICE and shown["recipients"] == ["bob@example.net"]
+    assert ["Subject", "for bob"] in shown["headers"]
+    assert shown["attempt_log"][0]["replies"] == {"bob@example.net": "451 4.2.1 bob's mailbox busy"}
+    assert admin(stack, "GET", "/api/v1/queue/messages/NOSUCHID")[0] == 404
+
+    code, totals = admin(stack, "GET", "/api/v1/queue/totals")
+    assert totals["messages"] == 3 and totals["deferred"] == 3
+
+    # Retry now: delivered at once instead of in an hour.
+    sink.handler.rcpt_replies.clear()
+    assert admin(stack, "POST", f"/api/v1/queue/messages/{bob}/retry")[1]["entries"] == 1
+    (delivered,) = sink.handler.wait_for(1, 15)
+    assert b"Subject: for bob" in delivered.data
+
+    # Delete: gone, never delivered, no report. Bounce: gone, with a report to the sender.
+    assert admin(stack, "DELETE", f"/api/v1/queue/messages/{carol}")[0] == 200
+    code, bounced = admin(stack, "POST", f"/api/v1/queue/messages/{dave}/bounce")
+    assert code == 200 and bounced["report_queue_id"]
+    eventually(lambda: len(reports(sink)) == 1)
+    _, blocks, _ = parse_report(reports(sink)[0])
+    assert blocks[1]["Final-Recipient"] == "rfc822; dave@example.net" and blocks[1]["Status"] == "5.0.0"
+    eventually(lambda: queue_depth(stack) == 0)
+    assert [b"for carol" in m.data for m in sink.handler.messages] == [False, False]
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.relay_http}/openapi.json", timeout=5) as r:
+        paths = json.load(r)["paths"]
+    assert "/api/v1/queue/messages/{queue_id}/bounce" in paths
+
+
+def test_queue_admin_api_is_off_without_a_token(make_stack):
+    stack = relay_only(make_stack)
+    assert admin(stack, "GET", "/api/v1/queue/totals")[0] == 403

@@ -42,6 +42,7 @@ EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on N
 REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
+INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
 
 
 class Relay:
@@ -196,9 +197,11 @@ class Relay:
                     await msg.nak()
                 raise
             except Exception:
+                # Our own trouble (NATS away, a record not written): soon again, not on the
+                # next hop's schedule. What is done is in the record, so nothing goes twice.
                 log.exception("delivery of %s failed", env.queue_id)
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=self.backoff(attempt))
+                    await msg.nak(delay=INTERNAL_RETRY)
             finally:
                 keepalive.cancel()
 

@@ -1,0 +1,186 @@
+"""The queue's promise under faults, with real processes: every message answered 250 is
+delivered (or bounced), through relay crashes, NATS restarts, next hops that fail, and
+several relays sharing one queue."""
+
+from __future__ import annotations
+
+import collections
+import email
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from relay_helpers import (
+    ALICE, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_depth, queue_many, relay_only,
+    reports,
+)
+
+from submitd_common.dev.ports import free_port
+from submitd_common.dev.sink import DROP, STALL, STALL_STORED
+from submitd_common.testing.smtp import connect, logged_in
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def subjects(messages) -> list[str]:
+    return [email.message_from_bytes(m.data)["Subject"] for m in messages]
+
+
+def test_relay_killed_mid_delivery_next_hop_gets_one_complete_copy(make_stack, sink):
+    stack = relay_only(make_stack, ACK_WAIT=2)
+    sink.handler.data_replies.append(STALL)  # the transfer never completes at the next hop
+    queue(stack, envelope(), body("killed mid-transfer"))
+    assert sink.handler.wait_until(lambda h: h.stalled == 1, 15)
+    stack.stop_service("relay", sig=signal.SIGKILL)
+    stack.start_service("relay")
+    (got,) = sink.handler.wait_for(1, 20)
+    eventually(lambda: queue_depth(stack) == 0)
+    time.sleep(1)
+    assert subjects(sink.handler.messages) == ["killed mid-transfer"], "exactly one complete copy"
+    assert got.data == body("killed mid-transfer")
+
+
+def test_relay_killed_after_next_hop_kept_it_but_before_the_reply_gives_two_copies(make_stack, sink):
+    # RFC 1047's window: the next hop has the message, the relay never saw its 250. At least
+    # once means a second copy here, never none.
+    stack = relay_only(make_stack, ACK_WAIT=2)
+    sink.handler.data_replies.append(STALL_STORED)
+    queue(stack, envelope(), body("duplicate window"))
+    assert sink.handler.wait_until(lambda h: h.stalled == 1, 15)
+    stack.stop_service("relay", sig=signal.SIGKILL)
+    stack.start_service("relay")
+    eventually(lambda: len(sink.handler.messages) == 2)
+    eventually(lambda: queue_depth(stack) == 0)
+    assert subjects(sink.handler.messages) == ["duplicate window"] * 2
+
+
+def test_relay_killed_after_recording_the_delivery_sends_no_second_copy(make_stack, sink):
+    stack = relay_only(make_stack, ACK_WAIT=2, FAILPOINT="after-record")
+    qid = queue(stack, envelope(), body("recorded"))
+    sink.handler.wait_for(1, 15)
+    eventually(lambda: "failpoint after-record reached" in stack.log_tail("relay", 5))
+    stack.stop_service("relay", sig=signal.SIGKILL)
+    del stack.extra_env["relay"]["FAILPOINT"]
+    stack.start_service("relay")
+    eventually(lambda: queue_depth(stack) == 0)  # redelivered, found done, acknowledged
+    assert f'"queue_id": "{qid}"' in stack.log_tail("relay", 20) and "already delivered" in stack.log_tail("relay", 20)
+    assert len(sink.handler.messages) == 1, "delivery is idempotent by queue id"
+
+
+def test_next_hop_dropping_the_connection_is_retried(make_stack, sink):
+    stack = relay_only(make_stack)
+    sink.handler.data_replies.extend([DROP, DROP])
+    queue(stack, envelope(), body("dropped"))
+    (got,) = sink.handler.wait_for(1, 20)
+    assert subjects([got]) == ["dropped"] and not sink.handler.data_replies
+    assert metric(stack, "submitd_delivery_attempts_total", f'next_hop="127.0.0.1:{sink.port}",result="deferred"') == 2
+
+
+def test_two_relays_share_the_queue_and_deliver_2000_messages_once_each(make_stack, sink):
+    stack = relay_only(make_stack)
+    stack.stop_service("relay")
+    n = 2000
+    queue_many(stack, [(envelope(), body(f"m{i}")) for i in range(n)])
+    # Two replicas of the same relay on one durable consumer.
+    stack.start_service("relay")
+    env = stack.service_env("relay")
+    second_port = free_port()
+    env["SUBMITD_RELAY_HTTP_LISTEN"] = f"127.0.0.1:{second_port}"
+    with open(stack.root / "log" / "relay2.log", "ab") as log:
+        second = subprocess.Popen([sys.executable, "-m", "submitd_relay"], env=env, stdout=log, stderr=log,
+                                  start_new_session=True)
+    try:
+        sink.handler.wait_for(n, 90)
+        eventually(lambda: queue_depth(stack) == 0, 30)
+        time.sleep(1)
+        counts = collections.Counter(subjects(sink.handler.messages))
+        assert len(counts) == n and max(counts.values()) == 1, "every message delivered exactly once"
+        first_share = metric(stack, "submitd_delivery_recipients_total", 'result="delivered"')
+        assert 0 < first_share < n, f"both replicas delivered (the first did {first_share:.0f})"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(20)
+        except subprocess.TimeoutExpired:
+            second.kill()
+
+
+def test_nats_restarted_while_1000_messages_flow_loses_none_answered_250(make_stack, sink):
+    stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"frontend": {"PUBLISH_TIMEOUT": "3"}})
+    n_threads, per_thread = 4, 250
+    accepted: list[str] = []
+    refused = collections.Counter()
+    lock = threading.Lock()
+
+    def send(t: int) -> None:
+        client = None
+        for i in range(per_thread):
+            subject = f"t{t}-{i}"
+            try:
+                if client is None:
+                    client = connect(stack, starttls=False, timeout=20)
+                client.sendmail("someone@example.test", ["bob@example.net"], body(subject))
+                with lock:
+                    accepted.append(subject)
+            except (smtplib.SMTPServerDisconnected, OSError):
+                refused["disconnected"] += 1
+                if client is not None:
+                    client.close()
+                client = None
+                time.sleep(0.1)
+            except smtplib.SMTPResponseException as e:
+                refused[e.smtp_code] += 1
+                try:
+                    client.rset()
+                except Exception:
+                    client.close()
+                    client = None
+                time.sleep(0.05)
+        if client is not None:
+            client.close()
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    eventually(lambda: len(accepted) >= 200, 60, 0.01)
+    stack.nats.stop()
+    time.sleep(1)
+    stack.nats.start()
+    for t in threads:
+        t.join(120)
+    assert len(accepted) + sum(refused.values()) == n_threads * per_thread
+    assert len(accepted) > 500, f"most messages got through ({len(accepted)}; refused: {dict(refused)})"
+    assert all(str(code).startswith("4") or code == "disconnected" for code in refused), refused
+    sink.handler.wait_until(lambda h: set(accepted) <= set(subjects(h.messages)), 90)
+    missing = set(accepted) - set(subjects(sink.handler.messages))
+    assert not missing, f"{len(missing)} messages answered 250 never arrived"
+
+
+@pytest.mark.parametrize("megabytes", [5, 40])
+def test_large_messages_end_to_end(make_stack, sink, megabytes):
+    stack = make_stack(env={"frontend": {"MAX_MESSAGE_SIZE": str(50 << 20)}, "relay": {"COMMAND_TIMEOUT": "60"}})
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+    payload = line * (megabytes * 1_000_000 // len(line))
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], body(f"{megabytes} MB").rstrip(b"\r\n") + b"\r\n" + payload)
+    (got,) = sink.handler.wait_for(1, 90)
+    assert got.data.endswith(payload) and len(got.data) > megabytes * 1_000_000
+    eventually(lambda: queue_depth(stack) == 0)
+
+
+def test_permanent_failure_bounce_reaches_the_senders_mailbox(make_stack, sink):
+    stack = make_stack(env={"relay": {"RETRY_SCHEDULE": "[0.5]"}})
+    sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: user unknown"
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net", "nobody@example.net"], body("half of it bounces"))
+    sink.handler.wait_for(2, 20)
+    assert [m.rcpt_tos for m in ordinary(sink)] == [["bob@example.net"]]
+    (report,) = reports(sink)
+    assert report.rcpt_tos == [ALICE], "the bounce goes to the sender"
+    msg, blocks, returned = parse_report(report)
+    assert blocks[1]["Final-Recipient"] == "rfc822; nobody@example.net" and blocks[1]["Status"] == "5.1.1"
+    assert "Subject: half of it bounces" in returned.get_payload()
