@@ -4,6 +4,7 @@ several relays sharing one queue."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import email
 import signal
@@ -13,6 +14,8 @@ import sys
 import threading
 import time
 
+import nats
+import nats.js.errors
 import pytest
 from relay_helpers import (
     ALICE, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_depth, queue_many, relay_only,
@@ -184,3 +187,33 @@ def test_permanent_failure_bounce_reaches_the_senders_mailbox(make_stack, sink):
     msg, blocks, returned = parse_report(report)
     assert blocks[1]["Final-Recipient"] == "rfc822; nobody@example.net" and blocks[1]["Status"] == "5.1.1"
     assert "Subject: half of it bounces" in returned.get_payload()
+
+
+def test_orphaned_bodies_are_swept_and_queued_ones_kept(make_stack, sink):
+    stack = relay_only(make_stack, ORPHAN_SWEEP_INTERVAL=0.5, ORPHAN_MIN_AGE=0, RETRY_SCHEDULE="[2]")
+    sink.handler.rcpt_replies["bob@example.net"] = "451 4.2.1 busy"
+    big = body("big", ("y" * 70 + "\r\n") * 6000)  # above the inline limit: its body is in the Object Store
+    queue(stack, envelope(), big)
+
+    async def objects() -> set[str]:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            store = await nc.jetstream().object_store("SUBMITD_BODIES")
+            return {o.name for o in await store.list(ignore_deletes=True)}
+        except nats.js.errors.NotFoundError:
+            return set()
+        finally:
+            await nc.close()
+
+    async def put_orphan() -> None:
+        nc = await nats.connect(stack.nats.url)
+        await (await nc.jetstream().object_store("SUBMITD_BODIES")).put("ORPHANED", b"x" * 1000)
+        await nc.close()
+
+    asyncio.run(put_orphan())
+    eventually(lambda: asyncio.run(objects()) and "ORPHANED" not in asyncio.run(objects()), 15)
+    assert len(asyncio.run(objects())) == 1, "the queued message's body stays"
+    sink.handler.rcpt_replies.clear()
+    (got,) = sink.handler.wait_for(1, 20)
+    assert got.data == big
+    eventually(lambda: asyncio.run(objects()) == set(), 10)  # deleted once the message is done

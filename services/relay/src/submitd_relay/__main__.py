@@ -37,6 +37,7 @@ async def amain() -> None:
     bound, stop_http = await serve_http(app, *split_hostport(settings.http_listen))
     runner = asyncio.create_task(relay.run(), name="relay")
     watcher = asyncio.create_task(relay.watch_queue(), name="queue metrics")
+    sweeper = asyncio.create_task(relay.sweep(), name="orphan sweep")
     log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})
 
     await lifecycle.wait_for_signal()
@@ -45,6 +46,7 @@ async def amain() -> None:
     await relay.stop(settings.drain_seconds)
     await runner
     await watcher
+    await sweeper
     await relay.close()
     await pool.close()
     await stop_http()

@@ -111,23 +111,62 @@ def _summary(seq: int, qmsg: queue_pb2.QueuedMessage, state: DeliveryState) -> S
     )
 
 
+async def scan_queue(js, limit: int = MAX_SCAN):
+    """(raw stream message, QueuedMessage) for every entry in the queue, oldest first."""
+    info = await js.stream_info(jetstream.STREAM)
+    seq, seen = info.state.first_seq, 0
+    while seen < limit and seq <= info.state.last_seq:
+        try:
+            raw = await js.get_msg(jetstream.STREAM, seq, subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
+        except NotFoundError:
+            return
+        seen += 1
+        yield raw, queue_pb2.QueuedMessage.FromString(raw.data or b"")
+        seq = raw.seq + 1
+
+
+async def sweep_orphaned_bodies(js, min_age: float) -> int:
+    """Delete Object Store bodies no queue entry refers to (left by a publish that failed
+    and whose clean-up failed too), once they are older than ``min_age`` seconds."""
+    from datetime import datetime
+
+    try:
+        store = await js.object_store(jetstream.BODY_BUCKET)
+        objects = await store.list(ignore_deletes=True)
+    except NotFoundError:
+        return 0
+    candidates = []
+    for info in objects:
+        stamp = info.mtime or ""
+        if "." in stamp:  # nanoseconds: more digits than fromisoformat takes
+            head, _, frac = stamp.partition(".")
+            stamp = f"{head}.{frac.rstrip('Z')[:6]}+00:00"
+        try:
+            age = time.time() - datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        if age >= min_age:
+            candidates.append(info.name)
+    if not candidates:
+        return 0
+    referenced = {q.object_name async for _, q in scan_queue(js) if q.WhichOneof("body") == "object_name"}
+    removed = 0
+    for name in candidates:
+        if name not in referenced:
+            await store.delete(name)
+            removed += 1
+    if removed:
+        log.warning("removed orphaned bodies", extra={"fields": {"count": removed}})
+    return removed
+
+
 class QueueAdmin:
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
         self.js = relay.js
 
-    async def entries(self, limit: int = MAX_SCAN):
-        """(seq, QueuedMessage) for every entry in the queue, oldest first."""
-        info = await self.js.stream_info(jetstream.STREAM)
-        seq, seen = info.state.first_seq, 0
-        while seen < limit and seq <= info.state.last_seq:
-            try:
-                raw = await self.js.get_msg(jetstream.STREAM, seq, subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
-            except NotFoundError:
-                return
-            seen += 1
-            yield raw, queue_pb2.QueuedMessage.FromString(raw.data or b"")
-            seq = raw.seq + 1
+    def entries(self, limit: int = MAX_SCAN):
+        return scan_queue(self.js, limit)
 
     async def find(self, queue_id: str):
         found = [(raw, q) async for raw, q in self.entries() if q.envelope.queue_id == queue_id]

@@ -39,6 +39,7 @@ QUEUE_OLDEST = Gauge("submitd_queue_oldest_age_seconds", "Age of the oldest queu
 CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a relay")
 IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
 EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on NATS", ["event"])
+ORPHANS = Counter("submitd_orphaned_bodies_removed_total", "Message bodies no queue entry referred to")
 REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
@@ -113,6 +114,20 @@ class Relay:
                 await asyncio.wait_for(self.stopping.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def sweep(self) -> None:
+        from .admin import sweep_orphaned_bodies
+
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.s.orphan_sweep_interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                ORPHANS.inc(await sweep_orphaned_bodies(self.js, self.s.orphan_min_age))
+            except Exception as e:
+                log.warning("orphan sweep failed: %r", e)
 
     async def stop(self, grace: float) -> None:
         """Stop fetching; let deliveries in flight finish, then hand the rest back."""

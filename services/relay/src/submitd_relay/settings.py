@@ -52,6 +52,10 @@ class Settings(ServiceSettings):
     bounce_from: str | None = Field(None, description="From of DSNs (default MAILER-DAEMON@HELO_NAME)")
     inline_body_limit: int = Field(256 << 10, description="DSNs larger than this keep their body in the Object Store")
     publish_timeout: float = Field(10.0, description="Seconds to wait for JetStream to store a DSN or retry")
+    orphan_sweep_interval: float = Field(
+        3600.0, description="Seconds between sweeps for message bodies no queue entry refers to"
+    )
+    orphan_min_age: float = Field(3600.0, description="Age before an unreferenced body is removed")
     replicas: int = Field(1, description="Replicas of the delivery-record KV bucket (3 in a cluster)")
     admin_token: str | None = Field(None, description="Bearer token of the queue admin API (or ADMIN_TOKEN_FILE)")
     admin_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret)")
