@@ -17,6 +17,7 @@ from submitd_common.dev.stack import Ports, Stack, User
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
 DEMO_USER = "demo@example.test"
+UNKNOWN = "nobody@example.net"  # the local next hop refuses it: a way to see a bounce
 
 
 def port(name: str, default: int) -> int:
@@ -25,7 +26,10 @@ def port(name: str, default: int) -> int:
 
 def demo_password() -> str:
     # Kept across runs so that a configured mail client keeps working.
-    path = VAR / "demo-password"
+    return kept_secret(VAR / "demo-password")
+
+
+def kept_secret(path: Path) -> str:
     if not path.exists():
         VAR.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(12) + "\n")
@@ -51,17 +55,21 @@ def main() -> int:
         print(f"ports already in use: {', '.join(busy)}; set SUBMITD_RUN_<NAME>_PORT to move them", file=sys.stderr)
         return 1
     password = demo_password()
+    admin_token_file = VAR / "admin-token"
+    kept_secret(admin_token_file)
     maildir = VAR / "maildir"
     stack = Stack(
         VAR,
         next_hop=("127.0.0.1", sink_port),
         ports=ports,
         users={DEMO_USER: User(password, [DEMO_USER, "@example.test"])},
+        env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file)}},
     )
     dkim_records = stack.make_dkim_keys("example.test")
     with open(VAR / "log" / "sink.log", "ab") as log:
         sink = subprocess.Popen(
-            [sys.executable, "-m", "submitd_common.dev.sink", "--port", str(sink_port), "--maildir", str(maildir)],
+            [sys.executable, "-m", "submitd_common.dev.sink", "--port", str(sink_port), "--maildir", str(maildir),
+             "--unknown", UNKNOWN],
             stdout=log,
             stderr=log,
             start_new_session=True,
@@ -86,6 +94,11 @@ Send a message:
   swaks --server 127.0.0.1:{ports.submission} --tls \\
         --auth-user {DEMO_USER} --auth-password '{password}' \\
         --from {DEMO_USER} --to someone@example.net
+
+Mail to {UNKNOWN} is refused by the next hop: the bounce (RFC 3464) lands in the
+same Maildir, addressed to you. The queue admin API (its OpenAPI description is at /openapi.json):
+
+  curl -H "Authorization: Bearer $(cat {admin_token_file})" http://127.0.0.1:{ports.relay_http}/api/v1/queue/totals
 
 Messages from @example.test are DKIM-signed (RSA and Ed25519); the DNS records would be:
   {chr(10).join('  ' + r[:110] + ('...' if len(r) > 110 else '') for r in dkim_records).lstrip()}

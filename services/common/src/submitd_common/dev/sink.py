@@ -200,8 +200,10 @@ class Sink:
         self.controller.loop.close()
 
 
-async def _serve(port: int, maildir: Path) -> None:
+async def _serve(port: int, maildir: Path, unknown: list[str]) -> None:
     handler = SinkHandler(maildir=maildir)
+    for address in unknown:
+        handler.rcpt_replies[address] = f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _DsnSMTP(handler, hostname="sink.localhost", enable_SMTPUTF8=True, data_size_limit=None), "127.0.0.1", port
@@ -214,9 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=2525)
     parser.add_argument("--maildir", type=Path, required=True)
+    parser.add_argument("--unknown", action="append", default=[], help="refuse this recipient with 550 5.1.1")
     args = parser.parse_args()
     try:
-        asyncio.run(_serve(args.port, args.maildir))
+        asyncio.run(_serve(args.port, args.maildir, args.unknown))
     except KeyboardInterrupt:
         pass
 
