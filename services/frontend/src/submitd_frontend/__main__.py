@@ -32,21 +32,19 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def drain(sessions: Sessions, seconds: float) -> None:
-    """Idle sessions are told 421 and closed; sessions inside DATA may finish."""
+    """Idle sessions are told 421 and closed; sessions inside DATA (until their reply is
+    written) may finish, and are then told 421 and closed in turn."""
     sessions.draining = True
-    for s in list(sessions.active):
-        if not s.in_data and s.transport is not None:
-            try:
-                s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
-            except Exception:
-                pass
-            s.transport.close()
     deadline = time.monotonic() + seconds
     while sessions.active and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
         for s in list(sessions.active):
-            if not s.in_data and s.transport is not None:
+            if not s.in_data and s.transport is not None and not s.transport.is_closing():
+                try:
+                    s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                except Exception:
+                    pass
                 s.transport.close()
+        await asyncio.sleep(0.05)
 
 
 async def amain() -> None:

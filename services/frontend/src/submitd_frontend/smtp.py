@@ -633,12 +633,14 @@ class SubmissionSMTP(SMTP):
             await self.refuse_or(verdict, "")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # "In data" lasts until the reply is written: a drain must not close a session whose
+        # message is being queued (its client would retry a message that was accepted).
         self.in_data = True
         try:
             message, problem = await self._read_data()
+            await self._end_of_data(message, problem)
         finally:
             self.in_data = False
-        await self._end_of_data(message, problem)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read up to the lone dot. Returns (message, None) or (b"", the reply refusing it).
@@ -744,8 +746,10 @@ class SubmissionSMTP(SMTP):
             await self.push(self._bdat_problem or f"250 2.0.0 {size} octets received")
             return
         problem, message = self._bdat_problem, b"".join(self._bdat)
-        self._end_bdat()
-        await self._end_of_data(message, problem or message_problem(message))
+        try:
+            await self._end_of_data(message, problem or message_problem(message))
+        finally:
+            self._end_bdat()
 
     async def _read_chunk(self, size: int) -> bytes:
         """Read exactly ``size`` octets, within the data deadlines."""
