@@ -240,3 +240,19 @@ def test_policy_restarts_with_changed_windows_on_the_same_nats(make_stack):
     stack.wait_ready("policy")
     with logged_in(stack) as client:
         assert client.mail(ALICE)[0] == 250
+
+
+def test_grpc_between_services_over_mutual_tls(make_stack):
+    stack: Stack = make_stack(grpc_tls=True)
+    with logged_in(stack) as client:  # AUTH (policy) and the message (rewriter) both over mTLS
+        client.sendmail(ALICE, ["bob@example.net"], message("over mtls"))
+    stack.sink.handler.wait_for(1, 20)
+    assert subjects(stack.sink) == ["message over mtls"]
+    # A client without a certificate is refused by the policy service.
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports.policy}") as ch:
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    cert = stack.cert.read_bytes()  # trusts the server, but presents no client certificate
+    with grpc.secure_channel(f"127.0.0.1:{stack.ports.policy}", grpc.ssl_channel_credentials(cert)) as ch:
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -19,6 +19,9 @@ class ServiceSettings(BaseSettings):
     nats_password: str | None = Field(None, description="NATS password")
     log_level: str = Field("INFO", description="Python logging level")
     drain_seconds: float = Field(20.0, description="How long a shutdown may wait for work in flight")
+    grpc_tls_cert: str | None = Field(None, description="PEM certificate for service-to-service gRPC (mTLS)")
+    grpc_tls_key: str | None = Field(None, description="PEM key for service-to-service gRPC")
+    grpc_tls_ca: str | None = Field(None, description="CA that signs every service's gRPC certificate")
 
     @classmethod
     def settings_customise_sources(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,17 +25,43 @@ CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class MutualTLS:
+    """Service-to-service gRPC over TLS with client certificates, all signed by one CA."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def from_settings(cls, settings) -> "MutualTLS | None":
+        paths = (settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
+        if not any(paths):
+            return None
+        if not all(paths):
+            raise ValueError("GRPC_TLS_CERT, GRPC_TLS_KEY and GRPC_TLS_CA go together")
+        cert, key, ca = (Path(p).read_bytes() for p in paths)
+        return cls(cert, key, ca)
+
+    def server(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
+
+    def channel(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
 async def start_server(
-    bind: str, register: Callable[[grpc.aio.Server], None], health: Health
+    bind: str, register: Callable[[grpc.aio.Server], None], health: Health, tls: MutualTLS | None = None
 ) -> tuple[grpc.aio.Server, int, Callable[[float], Awaitable[None]]]:
-    """Start a gRPC server on ``bind`` ("host:port"; port 0 picks one).
+    """Start a gRPC server on ``bind`` ("host:port"; port 0 picks one), with mutual TLS when
+    ``tls`` is given.
 
     Returns the server, the bound port and a finalizer taking the grace period.
     """
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     register(server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    port = server.add_insecure_port(bind)
+    port = server.add_secure_port(bind, tls.server()) if tls else server.add_insecure_port(bind)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC server to {bind}")
     await server.start()
@@ -44,7 +72,9 @@ async def start_server(
     return server, port, stop
 
 
-def channel(target: str) -> grpc.aio.Channel:
+def channel(target: str, tls: MutualTLS | None = None) -> grpc.aio.Channel:
+    if tls:
+        return grpc.aio.secure_channel(target, tls.channel(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 

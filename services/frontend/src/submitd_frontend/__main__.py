@@ -59,8 +59,9 @@ async def amain() -> None:
     await jetstream.ensure_queue(
         js, jetstream.QueueConfig(max_bytes=settings.queue_max_bytes, replicas=settings.queue_replicas)
     )
-    policy_ch = grpcutil.channel(settings.policy_target)
-    rewriter_ch = grpcutil.channel(settings.rewriter_target)
+    grpc_tls = grpcutil.MutualTLS.from_settings(settings)
+    policy_ch = grpcutil.channel(settings.policy_target, grpc_tls)
+    rewriter_ch = grpcutil.channel(settings.rewriter_target, grpc_tls)
     backends = Backends(
         settings=settings,
         policy=policy_pb2_grpc.PolicyStub(policy_ch),

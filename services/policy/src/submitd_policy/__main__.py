@@ -44,7 +44,7 @@ async def amain() -> None:
 
     service = PolicyService(settings, users, rates, authfail)
     _, port, stop_grpc = await grpcutil.start_server(
-        settings.listen, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s), health
+        settings.listen, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s), health, grpcutil.MutualTLS.from_settings(settings)
     )
     http_app = health_app(health, "submitd policy")
     _, stop_http = await serve_http(http_app, *split_hostport(settings.http_listen))

@@ -59,7 +59,7 @@ async def amain() -> None:
     stop_health = await health.start()
     service = RewriterService(settings, users, keys, rules)
     _, port, stop_grpc = await grpcutil.start_server(
-        settings.listen, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s), health
+        settings.listen, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s), health, grpcutil.MutualTLS.from_settings(settings)
     )
     http_app = health_app(health, "submitd rewriter")
     _, stop_http = await serve_http(http_app, *split_hostport(settings.http_listen))

@@ -113,6 +113,7 @@ class Stack:
         env: dict[str, dict[str, str]] | None = None,
         trusted_networks: list[str] | None = None,
         hostname: str = "submitd.localhost",
+        grpc_tls: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,7 @@ class Stack:
         self.extra_env = env or {}
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname
+        self.grpc_tls = grpc_tls  # mutual TLS between frontend, policy and rewriter
         self.procs: dict[str, subprocess.Popen] = {}
         self.sink = None  # the next hop, when the caller runs one (tests)
         self.nats = NatsServer(self.root / "nats", self.ports.nats)
@@ -178,6 +180,9 @@ class Stack:
             "LOG_LEVEL": "INFO",
             "DRAIN_SECONDS": "10",
         }
+        if self.grpc_tls and name in ("frontend", "policy", "rewriter"):
+            # The self-signed certificate is its own CA: every service presents it and trusts it.
+            env |= {"GRPC_TLS_CERT": str(self.cert), "GRPC_TLS_KEY": str(self.key), "GRPC_TLS_CA": str(self.cert)}
         if name == "policy":
             env |= {
                 "LISTEN": f"127.0.0.1:{p.policy}",
@@ -258,7 +263,13 @@ class Stack:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         port = p.policy if name == "policy" else p.rewriter
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        target = f"127.0.0.1:{port}"
+        if self.grpc_tls:
+            key, cert = self.key.read_bytes(), self.cert.read_bytes()
+            ch = grpc.secure_channel(target, grpc.ssl_channel_credentials(cert, key, cert))
+        else:
+            ch = grpc.insecure_channel(target)
+        with ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
