@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay
 
-.PHONY: all install proto run test bench constraints clean
+.PHONY: all install proto run test bench constraints clean images
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -38,6 +38,16 @@ test: install
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# One image per service (see Dockerfile): IMAGE_PREFIX=registry/path/ TAG=1.2.3 make images
+IMAGE_PREFIX ?=
+TAG ?= dev
+images:
+	for s in frontend policy rewriter relay; do \
+	  docker build --target $$s -t $(IMAGE_PREFIX)submitd-$$s:$(TAG) \
+	    --build-arg VERSION=$(TAG) --build-arg REVISION=$$(git rev-parse HEAD) \
+	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) . || exit 1; \
+	done
 
 # Pins without registry addresses: what `pip freeze` sees, minus our own packages.
 constraints:
