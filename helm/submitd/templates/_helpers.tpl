@@ -1,0 +1,61 @@
+{{- define "submitd.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 40 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "submitd.labels" -}}
+app.kubernetes.io/name: submitd
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "submitd.selector" -}}
+app.kubernetes.io/name: submitd
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{/* A service's settings: the shared default block overridden by the service's own. */}}
+{{- define "submitd.service" -}}
+{{- $svc := mergeOverwrite (deepCopy .root.Values.default) (deepCopy .svc) -}}
+{{- toYaml $svc -}}
+{{- end -}}
+
+{{- define "submitd.queueReplicas" -}}
+{{- if .Values.nats.enabled -}}{{ min 3 .Values.nats.replicas }}{{- else -}}{{ .Values.externalNats.replicas }}{{- end -}}
+{{- end -}}
+
+{{- define "submitd.natsUrl" -}}
+{{- if .Values.nats.enabled -}}
+{{- $n := include "submitd.fullname" . -}}
+nats://{{ $n }}-nats:4222
+{{- else -}}
+{{- required "externalNats.url is required when nats.enabled is false" .Values.externalNats.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "submitd.tlsSecret" -}}
+{{- if .Values.tls.existingSecret -}}{{ .Values.tls.existingSecret }}{{- else -}}{{ include "submitd.fullname" . }}-tls{{- end -}}
+{{- end -}}
+
+{{- define "submitd.grpcTlsSecret" -}}
+{{- if .Values.grpcTls.existingSecret -}}{{ .Values.grpcTls.existingSecret }}{{- else -}}{{ include "submitd.fullname" . }}-grpc-tls{{- end -}}
+{{- end -}}
+
+{{/* Named volumes a service can ask for in its "mounts" list: volume and mount path. */}}
+{{- define "submitd.mountTable" -}}
+{{- $n := include "submitd.fullname" .root -}}
+{{- $tls := or .root.Values.tls.existingSecret .root.Values.certManager.enabled }}
+tls: {path: /etc/submitd/tls, volume: {secret: {secretName: {{ include "submitd.tlsSecret" .root }}, optional: {{ not $tls }}}}{{ if $tls }}, env: {TLS_CERT: /etc/submitd/tls/tls.crt, TLS_KEY: /etc/submitd/tls/tls.key}{{ end }}}
+grpcTls: {path: /etc/submitd/grpc-tls, volume: {secret: {secretName: {{ include "submitd.grpcTlsSecret" .root }}, optional: {{ not .root.Values.grpcTls.enabled }}}}{{ if .root.Values.grpcTls.enabled }}, env: {GRPC_TLS_CERT: /etc/submitd/grpc-tls/tls.crt, GRPC_TLS_KEY: /etc/submitd/grpc-tls/tls.key, GRPC_TLS_CA: /etc/submitd/grpc-tls/ca.crt}{{ end }}}
+users: {path: /etc/submitd/users, volume: {secret: {secretName: {{ .root.Values.users.existingSecret | default (printf "%s-users" $n) }}}}}
+dkim: {path: /etc/submitd/dkim, volume: {secret: {secretName: {{ .root.Values.dkim.existingSecret | default (printf "%s-dkim" $n) }}, optional: true}}{{ if .root.Values.dkim.existingSecret }}, env: {DKIM_KEYS_FILE: /etc/submitd/dkim/keys.yaml}{{ end }}}
+rewriteRules: {path: /etc/submitd/rewrite, volume: {configMap: {name: {{ $n }}-rewrite-rules}}}
+adminToken: {path: /etc/submitd/admin, volume: {secret: {secretName: {{ .root.Values.admin.existingSecret | default (printf "%s-admin" $n) }}}}}
+config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}, env: {CONFIG_FILE: /etc/submitd/config/{{ .name }}.yaml}}
+{{- end -}}
+
+{{- define "submitd.image" -}}
+{{ .root.Values.image.repository }}-{{ .name }}:{{ .root.Values.image.tag | default .root.Chart.AppVersion }}
+{{- end -}}

@@ -1,0 +1,182 @@
+"""The Helm chart, rendered by the real Helm engine (helm-python-sdk) for the default values and
+every helm/submitd/ci scenario, validated object by object against the Kubernetes schemas of the
+oldest and newest versions we support, linted, compared with golden renders, and its values
+schema made to refuse bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "submitd"
+GOLDEN = ROOT / "tests" / "golden"
+SCENARIOS = {p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))}
+KUBERNETES = ["1.29.0", "1.37.0"]  # Chart.yaml kubeVersion >=1.29; the newest schemas we have
+# Custom resources have no schema in kubernetes-validate: their shape is checked below instead.
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Certificate"}
+
+
+def render(values: dict | None = None) -> list[dict]:
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values or {}, name="mail", namespace="mail", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def load(name: str) -> dict:
+    return {} if name == "default" else yaml.safe_load(SCENARIOS[name].read_text())
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+ALL = ["default", *SCENARIOS]
+
+
+def test_every_scenario_named_in_the_issue_exists():
+    assert {"minimal", "ha", "external-nats", "keda", "monitoring", "cert-manager"} <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_every_object_is_valid_kubernetes(scenario):
+    docs = render(load(scenario))
+    assert len(docs) > 10
+    for doc in docs:
+        if doc["kind"] in CUSTOM:
+            assert doc["apiVersion"].split("/")[0] in {"monitoring.coreos.com", "keda.sh", "cert-manager.io"}
+            assert doc["spec"], doc["metadata"]["name"]
+            continue
+        for version in KUBERNETES:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_lint_is_clean(scenario):
+    report = helm.lint(str(CHART), load(scenario), strict=True, kube_version="v1.29.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("scenario", ["default", "ha"])
+def test_golden_renders_change_only_on_purpose(scenario):
+    """Regenerate after a deliberate change: UPDATE_GOLDEN=1 make test PYTEST_ARGS=tests/test_chart.py"""
+    docs = render(load(scenario))
+    for doc in docs:  # generated passwords and tokens differ on every render
+        if doc["kind"] == "Secret" and "data" in doc:
+            doc["data"] = {k: "<generated>" for k in doc["data"]}
+    text = yaml.safe_dump_all(docs, sort_keys=True)
+    path = GOLDEN / f"chart-{scenario}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.read_text() == text, f"the rendered chart changed; if on purpose, regenerate {path.name}"
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"default": {"replicas": "two"}}, "replicas"),
+        ({"bogus": True}, "bogus"),
+        ({"services": {"frontend": {"replicaz": 3}}}, "replicaz"),
+        ({"nats": {"replicas": 2}}, "replicas"),
+        ({"relay": {"smarthost": {"tls": "maybe"}}}, "tls"),
+        ({"hostname": "localhost"}, "hostname"),
+    ],
+)
+def test_schema_refuses_bad_values(values, complaint):
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError) as e:
+            chart.validate_schema(values)
+    assert complaint in str(e.value)
+
+
+def test_defaults_are_safe_for_production():
+    docs = render()
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {f"mail-submitd-{s}" for s in ("frontend", "policy", "rewriter", "relay")}
+    for name, d in deployments.items():
+        spec = d["spec"]["template"]["spec"]
+        assert "replicas" not in d["spec"], f"{name}: the HPA owns replicas"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (c,) = spec["containers"]
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+        drain = next(int(e["value"]) for e in c["env"] if e["name"].endswith("_DRAIN_SECONDS"))
+        assert spec["terminationGracePeriodSeconds"] > drain, f"{name}: killed before its drain ends"
+        assert c["readinessProbe"] and c["livenessProbe"] and c["resources"]["requests"]
+        assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    for grpc_service in ("policy", "rewriter"):
+        c = deployments[f"mail-submitd-{grpc_service}"]["spec"]["template"]["spec"]["containers"][0]
+        assert "grpc" in c["readinessProbe"], "native gRPC probes for gRPC services"
+        assert by_kind(docs, "Service")[f"mail-submitd-{grpc_service}"]["spec"]["clusterIP"] == "None", \
+            "headless, so that frontends balance calls over every pod"
+    assert set(by_kind(docs, "HorizontalPodAutoscaler")) == set(deployments)
+    assert set(by_kind(docs, "PodDisruptionBudget")) >= set(deployments)
+    lb = by_kind(docs, "Service")["mail-submitd-frontend"]["spec"]
+    assert lb["type"] == "LoadBalancer" and lb["externalTrafficPolicy"] == "Local"
+    assert {p["port"] for p in lb["ports"]} == {587, 465}
+    nats = by_kind(docs, "StatefulSet")["mail-submitd-nats"]
+    assert nats["spec"]["replicas"] == 3 and nats["spec"]["volumeClaimTemplates"]
+    assert nats["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+    assert "authorization" in conf and "routes" in conf
+    deny = by_kind(docs, "NetworkPolicy")["mail-submitd-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    assert any(d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test" for d in docs)
+
+
+def test_a_fifth_service_costs_a_values_block():
+    docs = render({"services": {"archiver": {
+        "ports": [{"name": "http", "containerPort": 8080}], "probe": {"http": "http"},
+        "env": {"TARGET": "{{ .Values.hostname }}"}}}})
+    assert "mail-submitd-archiver" in by_kind(docs, "Deployment")
+    for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceAccount"):
+        assert "mail-submitd-archiver" in by_kind(docs, kind), kind
+    env = by_kind(docs, "Deployment")["mail-submitd-archiver"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "SUBMITD_ARCHIVER_TARGET", "value": "mail.example.com"} in env
+
+
+def test_scenarios_do_what_they_say():
+    keda = render(load("keda"))
+    assert "mail-submitd-relay" not in by_kind(keda, "HorizontalPodAutoscaler"), "KEDA owns the relay's scale"
+    assert by_kind(keda, "ScaledObject")["mail-submitd-relay"]["spec"]["triggers"][0]["type"] == "nats-jetstream"
+    assert "replicas" not in by_kind(keda, "Deployment")["mail-submitd-relay"]["spec"]
+
+    external = render(load("external-nats"))
+    assert not by_kind(external, "StatefulSet")
+    env = by_kind(external, "Deployment")["mail-submitd-relay"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert next(e["value"] for e in env if e["name"] == "SUBMITD_RELAY_NATS_URL").startswith("nats://nats-0.nats")
+
+    minimal = render(load("minimal"))
+    assert all(d["spec"]["replicas"] == 1 for d in by_kind(minimal, "Deployment").values())
+    assert "sync_interval: always" in by_kind(minimal, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+
+    certs = render(load("cert-manager"))
+    assert {"mail-submitd-tls", "mail-submitd-grpc-tls"} <= set(by_kind(certs, "Certificate"))
+    frontend = by_kind(certs, "Deployment")["mail-submitd-frontend"]["spec"]["template"]["spec"]["containers"][0]
+    names = {e["name"] for e in frontend["env"]}
+    assert {"SUBMITD_FRONTEND_TLS_CERT", "SUBMITD_FRONTEND_GRPC_TLS_CA"} <= names
+
+    monitoring = render(load("monitoring"))
+    assert len(by_kind(monitoring, "ServiceMonitor")) == 4
+    rules = by_kind(monitoring, "PrometheusRule")["mail-submitd"]["spec"]["groups"][0]["rules"]
+    assert {"SubmitdQueueOld", "SubmitdDeferredRatioHigh", "SubmitdAuthFailures"} <= {r["alert"] for r in rules}
+    assert "mail-submitd-jaeger" in by_kind(monitoring, "Deployment")
+    otlp = [e for e in by_kind(monitoring, "Deployment")["mail-submitd-policy"]["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert otlp == [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://mail-submitd-jaeger:4317"}]
+
+    ha = render(load("ha"))
+    hpa = by_kind(ha, "HorizontalPodAutoscaler")["mail-submitd-frontend"]["spec"]["metrics"]
+    assert {m["type"] for m in hpa} == {"Resource", "Pods"}, "frontends scale on sessions too"
