@@ -33,6 +33,8 @@ $(GEN)/v1/.stamp: $(PROTOS)
 run: install
 	$(PY) scripts/run_local.py
 
+# Two workers, a test file per worker at a time (module-shared stacks stay in one process).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
