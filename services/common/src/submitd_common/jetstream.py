@@ -93,6 +93,7 @@ async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int
             raise
         config = (await js.stream_info(f"KV_{bucket}")).config
         config.max_age = ttl
+        config.num_replicas = replicas
         config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
         await js.update_stream(config)
     return await js.key_value(bucket)

@@ -34,8 +34,8 @@ async def amain() -> None:
     # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
     nc = await jetstream.connect("submitd-policy", settings.nats_options())
     js = nc.jetstream()
-    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, max(2 * settings.rate_window, 60)))
-    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds))
+    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, max(2 * settings.rate_window, 60), settings.replicas))
+    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds, settings.replicas))
 
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)

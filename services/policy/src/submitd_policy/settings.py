@@ -11,6 +11,7 @@ class Settings(ServiceSettings):
 
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50051", description="gRPC listen address host:port")
+    replicas: int = Field(1, description="Replicas of the rate and AUTH-failure KV buckets (3 in a cluster)")
     users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
     dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")
     reload_interval: float = Field(2.0, description="Seconds between checks of the users files")
