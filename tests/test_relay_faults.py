@@ -217,3 +217,16 @@ def test_orphaned_bodies_are_swept_and_queued_ones_kept(make_stack, sink):
     (got,) = sink.handler.wait_for(1, 20)
     assert got.data == big
     eventually(lambda: asyncio.run(objects()) == set(), 10)  # deleted once the message is done
+
+
+def test_relay_sigterm_hands_back_a_stalled_delivery_and_it_is_delivered_once(make_stack, sink):
+    stack = relay_only(make_stack, DRAIN_SECONDS=1)
+    sink.handler.data_replies.append(STALL)  # this delivery cannot finish within the drain
+    queue(stack, envelope(), body("handed back"))
+    assert sink.handler.wait_until(lambda h: h.stalled == 1, 15)
+    assert stack.stop_service("relay", sig=signal.SIGTERM, timeout=15) == 0, "a clean exit after the drain"
+    stack.start_service("relay")  # the nak made it available at once: no AckWait to sit out
+    (got,) = sink.handler.wait_for(1, 10)
+    assert got.data == body("handed back")
+    eventually(lambda: queue_depth(stack) == 0)
+    assert len(sink.handler.messages) == 1
