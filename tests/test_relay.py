@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import urllib.request
 
 import nats
@@ -288,3 +289,39 @@ def test_queue_admin_api_lists_shows_retries_deletes_and_bounces(make_stack, sin
 def test_queue_admin_api_is_off_without_a_token(make_stack):
     stack = relay_only(make_stack)
     assert admin(stack, "GET", "/api/v1/queue/totals")[0] == 403
+
+
+def test_smarthost_with_starttls_and_auth(make_stack, tmp_path):
+    from submitd_common.dev.certs import make_self_signed
+
+    cert, key = make_self_signed(tmp_path / "hop-tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    hop = Sink(tls_context=context, login=("relay", "hop secret")).start()
+    try:
+        stack = relay_only(make_stack, hop, NEXT_HOP_TLS="required", NEXT_HOP_CA_FILE=str(cert),
+                           NEXT_HOP_USERNAME="relay", NEXT_HOP_PASSWORD="hop secret")
+        queue(stack, envelope(), body("via smarthost"))
+        (got,) = hop.handler.wait_for(1, 20)
+        assert got.data == body("via smarthost")
+
+        # A wrong password is our problem, not the sender's: deferred, never bounced.
+        stack.stop_service("relay")
+        stack.extra_env["relay"]["NEXT_HOP_PASSWORD"] = "wrong"
+        stack.extra_env["relay"]["COMMAND_TIMEOUT"] = "3"  # aiosmtpd leaves a failed LOGIN hanging
+        stack.start_service("relay")
+        stack.wait_ready("relay")
+        queue(stack, envelope(), body("wrong password"))
+        eventually(lambda: metric(stack, "submitd_delivery_attempts_total",
+                                  f'next_hop="127.0.0.1:{hop.port}",result="deferred"') >= 2)
+        assert len(hop.handler.messages) == 1 and queue_depth(stack) == 1
+    finally:
+        hop.stop()
+
+
+def test_starttls_required_but_not_offered_defers(make_stack, sink):
+    stack = relay_only(make_stack, NEXT_HOP_TLS="required")
+    queue(stack, envelope(), body("never in clear"))
+    eventually(lambda: metric(stack, "submitd_delivery_attempts_total",
+                              f'next_hop="127.0.0.1:{sink.port}",result="deferred"') >= 1)
+    assert sink.handler.messages == [] and queue_depth(stack) == 1

@@ -183,12 +183,23 @@ class Sink:
 
     def __init__(
         self, port: int = 0, maildir: Path | None = None, *, dsn: bool = False, eightbitmime: bool = True,
-        smtputf8: bool = True,
+        smtputf8: bool = True, tls_context=None, login: tuple[str, str] | None = None,
     ) -> None:
+        """``tls_context`` offers STARTTLS; ``login`` (user, password) requires AUTH."""
         self.handler = SinkHandler(maildir=maildir, dsn=dsn, eightbitmime=eightbitmime)
         self.port = port or free_port()
+        auth = {}
+        if login:
+            def authenticator(server, session, envelope, mechanism, data):
+                from aiosmtpd.smtp import AuthResult
+
+                ok = (data.login.decode(), data.password.decode()) == login
+                return AuthResult(success=ok)
+
+            auth = {"authenticator": authenticator, "auth_required": True, "auth_require_tls": tls_context is not None}
         self.controller = _Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8, data_size_limit=None
+            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8, data_size_limit=None,
+            tls_context=tls_context, **auth,
         )
 
     def start(self) -> "Sink":
