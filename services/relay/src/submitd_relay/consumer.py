@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 
 import nats.errors
@@ -43,6 +44,12 @@ ORPHANS = Counter("submitd_orphaned_bodies_removed_total", "Message bodies no qu
 REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")
+
+
+def domains_only(text: str) -> str:
+    """Addresses in a next hop's reply cut down to their domains, for traces."""
+    return _ADDRESS.sub(lambda m: f"…@{m.group(1)}", text)
 INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
 
 
@@ -104,7 +111,9 @@ class Relay:
                 IN_FLIGHT.set(consumer.num_ack_pending)
                 oldest = 0.0
                 if stream.state.messages:
-                    first = await self.js.get_msg(jetstream.STREAM, stream.state.first_seq)
+                    # The first entry at or after first_seq: deleted entries leave gaps.
+                    first = await self.js.get_msg(jetstream.STREAM, stream.state.first_seq,
+                                                  subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
                     received = queue_pb2.QueuedMessage.FromString(first.data).received_at_ms / 1000
                     oldest = max(0.0, time.time() - received)
                 QUEUE_OLDEST.set(oldest)
@@ -364,7 +373,8 @@ class Relay:
         span.set_attribute("submitd.outcome", result)
         replies = {**outcome.temporary, **outcome.permanent}
         if replies:
-            span.set_attribute("smtp.reply", sorted(set(replies.values()))[:5])
+            texts = sorted(set(replies.values()))[:5]
+            span.set_attribute("smtp.reply", texts if self.s.trace_addresses else [domains_only(t) for t in texts])
         span.set_attribute("submitd.delivered", len(outcome.delivered))
         span.set_attribute("submitd.deferred", len(outcome.temporary))
         span.set_attribute("submitd.failed", len(outcome.permanent))

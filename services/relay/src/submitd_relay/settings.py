@@ -59,6 +59,9 @@ class Settings(ServiceSettings):
     replicas: int = Field(1, description="Replicas of the delivery-record KV bucket (3 in a cluster)")
     admin_token: str | None = Field(None, description="Bearer token of the queue admin API (or ADMIN_TOKEN_FILE)")
     admin_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret)")
+    trace_addresses: bool = Field(
+        False, description="Keep whole addresses in the next hop's replies on traces (default: only their domains)"
+    )
     failpoint: Literal["after-next-hop", "after-record"] | None = Field(
         None, description="Fault tests only: stop dead at this point of a delivery"
     )
