@@ -62,6 +62,7 @@ class Relay:
         self.s = settings
         self.inflight: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+        self.large_slots = asyncio.Semaphore(settings.large_message_concurrency)
         self._bodies = None
         self._sub = None
 
@@ -207,15 +208,17 @@ class Relay:
                 work.CopyFrom(qmsg)
                 del work.envelope.recipients[:]
                 work.envelope.recipients.extend(pending)
-                body = await self.body_of(qmsg)
-                try:
-                    outcome = await self.pool.deliver(work.envelope, body)
-                except NextHopError as e:
-                    outcome = Outcome(next_hop=self.pool.name)
-                    outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
-                if outcome.delivered:
-                    await self._failpoint("after-next-hop")
-                await self._settle(msg, work, body, outcome, state, attempt, span)
+                # A large message costs several times its size in memory while it is sent:
+                # only a few of them at once, so that CONNECTIONS large ones cannot exhaust it.
+                large = qmsg.size > self.s.large_message_size
+                async with self.large_slots if large else contextlib.nullcontext():
+                    body = await self.body_of(qmsg)
+                    try:
+                        outcome = await self.pool.deliver(work.envelope, body)
+                    except NextHopError as e:
+                        outcome = Outcome(next_hop=self.pool.name)
+                        outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+                    await self._settle(msg, work, body, outcome, state, attempt, span)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()
