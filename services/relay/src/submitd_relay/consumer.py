@@ -89,7 +89,7 @@ class Relay:
                 continue
             try:
                 msgs = await self._sub.fetch(batch=room, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except asyncio.TimeoutError:  # nats.errors.TimeoutError too: nothing to fetch
                 continue
             except (nats.errors.Error, OSError) as e:
                 log.warning("fetch failed: %r", e)
