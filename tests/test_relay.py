@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 import urllib.request
 
 import nats
@@ -340,3 +341,43 @@ def test_large_messages_are_delivered_a_few_at_a_time(make_stack, sink):
     queue_many(stack, [(envelope(), body(f"small {i}")) for i in range(4)])
     sink.handler.wait_for(4, 30)
     assert sink.handler.max_concurrent > 1, "small messages are not held back"
+
+
+def test_8bit_message_to_a_next_hop_offering_starttls(make_stack, tmp_path):
+    # The extensions must be asked again after STARTTLS: else 8BITMIME looks absent and an
+    # 8-bit message would bounce with 5.6.3.
+    from submitd_common.dev.certs import make_self_signed
+
+    cert, key = make_self_signed(tmp_path / "hop-tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    hop = Sink(tls_context=context, dsn=True).start()
+    try:
+        stack = relay_only(make_stack, hop, NEXT_HOP_VERIFY_TLS="false")  # opportunistic STARTTLS
+        data = body("caf\u00e9", "caf\u00e9 cr\u00e8me".encode().decode("latin-1"))
+        queue(stack, envelope(eight_bit=True, notify="SUCCESS,FAILURE"), data)
+        (got,) = hop.handler.wait_for(1, 20)
+        assert got.mail_from != "" and got.data == data
+        assert "BODY=8BITMIME" in got.mail_options and "NOTIFY=SUCCESS,FAILURE" in got.rcpt_options
+        eventually(lambda: queue_depth(stack) == 0)
+        assert len(hop.handler.messages) == 1, "no bounce, no relayed report: the next hop has DSN"
+    finally:
+        hop.stop()
+
+
+def test_unusable_domain_bounces_and_the_other_recipients_get_it_once(make_stack, sink):
+    dns = DnsServer({"example.net": {"MX": ["10 mx.example.net."]}, "mx.example.net": {"A": ["127.0.0.1"]},
+                     "example.test": {"MX": ["10 mx.example.net."]}}).start()
+    try:
+        stack = relay_only(make_stack, NEXT_HOP_HOST="", MX_PORT=sink.port, DNS_NAMESERVERS=json.dumps(["127.0.0.1"]),
+                           DNS_PORT=dns.port)
+        queue(stack, envelope(["bob@example.net", "snow@\u2603.example"], smtputf8=True), body("idna"))
+        eventually(lambda: len(sink.handler.messages) == 2)
+        eventually(lambda: queue_depth(stack) == 0)
+        assert [m.rcpt_tos for m in ordinary(sink)] == [["bob@example.net"]]
+        _, blocks, _ = parse_report(reports(sink)[0])
+        assert blocks[1]["Status"] == "5.1.2" and "snow@" in blocks[1]["Final-Recipient"]
+        time.sleep(1)
+        assert len(sink.handler.messages) == 2, "bob got it once"
+    finally:
+        dns.stop()

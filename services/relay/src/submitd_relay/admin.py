@@ -111,11 +111,12 @@ def _summary(seq: int, qmsg: queue_pb2.QueuedMessage, state: DeliveryState) -> S
     )
 
 
-async def scan_queue(js, limit: int = MAX_SCAN):
-    """(raw stream message, QueuedMessage) for every entry in the queue, oldest first."""
+async def scan_queue(js, limit: int | None = MAX_SCAN, start: int | None = None):
+    """(raw stream message, QueuedMessage) for the entries in the queue, oldest first (from
+    sequence ``start``, at most ``limit`` of them)."""
     info = await js.stream_info(jetstream.STREAM)
-    seq, seen = info.state.first_seq, 0
-    while seen < limit and seq <= info.state.last_seq:
+    seq, seen = max(start or 0, info.state.first_seq), 0
+    while (limit is None or seen < limit) and seq <= info.state.last_seq:
         try:
             raw = await js.get_msg(jetstream.STREAM, seq, subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
         except NotFoundError:
@@ -127,7 +128,10 @@ async def scan_queue(js, limit: int = MAX_SCAN):
 
 async def sweep_orphaned_bodies(js, min_age: float) -> int:
     """Delete Object Store bodies no queue entry refers to (left by a publish that failed
-    and whose clean-up failed too), once they are older than ``min_age`` seconds."""
+    and whose clean-up failed too), once they are older than ``min_age`` seconds.
+
+    The whole queue is read, then whatever was added while it was read, until nothing new
+    came: an entry republished during the scan (an admin retry) keeps its body."""
     from datetime import datetime
 
     try:
@@ -149,7 +153,18 @@ async def sweep_orphaned_bodies(js, min_age: float) -> int:
             candidates.append(info.name)
     if not candidates:
         return 0
-    referenced = {q.object_name async for _, q in scan_queue(js) if q.WhichOneof("body") == "object_name"}
+    referenced: set[str] = set()
+    upto = 0
+    for _ in range(20):  # under steady traffic each pass reads only what came meanwhile
+        info = await js.stream_info(jetstream.STREAM)
+        if info.state.last_seq <= upto:
+            break
+        async for _, q in scan_queue(js, limit=None, start=upto + 1):
+            if q.WhichOneof("body") == "object_name":
+                referenced.add(q.object_name)
+        upto = info.state.last_seq
+    else:
+        return 0  # the queue never stood still long enough: try again next time
     removed = 0
     for name in candidates:
         if name not in referenced:
@@ -237,7 +252,7 @@ class QueueAdmin:
             raw, q = found[0]
             pending = [r for r in q.envelope.recipients if r.address not in state.finished]
             statuses = [dsn.RecipientStatus(r, "failed", "550 5.0.0 Message bounced by the mail administrator")
-                        for r in pending]
+                        for r in pending if dsn.wants(r, "FAILURE")]
             if statuses and q.envelope.return_path:
                 body = await self.relay.body_of(q)
                 report_id = await self.relay.queue_report(q, body, "failed", statuses)

@@ -11,6 +11,7 @@ import re
 import time
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -177,7 +178,13 @@ class Relay:
         return schedule[min(attempt, len(schedule)) - 1]
 
     async def handle(self, msg: Msg) -> None:
-        qmsg = queue_pb2.QueuedMessage.FromString(msg.data)
+        try:
+            qmsg = queue_pb2.QueuedMessage.FromString(msg.data)
+        except Exception as e:  # not ours, or damaged: redelivering it cannot help
+            log.error("unreadable queue entry terminated", extra={"fields": {"subject": msg.subject, "error": repr(e)}})
+            with contextlib.suppress(Exception):
+                await msg.term()
+            return
         env = qmsg.envelope
         attempt = msg.metadata.num_delivered if msg.metadata else 1
         ctx = extract_context(msg.headers)
@@ -212,12 +219,19 @@ class Relay:
                 # only a few of them at once, so that CONNECTIONS large ones cannot exhaust it.
                 large = qmsg.size > self.s.large_message_size
                 async with self.large_slots if large else contextlib.nullcontext():
-                    body = await self.body_of(qmsg)
                     try:
-                        outcome = await self.pool.deliver(work.envelope, body)
-                    except NextHopError as e:
-                        outcome = Outcome(next_hop=self.pool.name)
-                        outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+                        body = await self.body_of(qmsg)
+                    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+                        # Retrying cannot bring it back: the sender is told, never left waiting.
+                        log.error("message body missing", extra={"fields": {"queue_id": env.queue_id}})
+                        body, outcome = b"", Outcome(next_hop=self.pool.name)
+                        outcome.fail_all([r.address for r in pending], 554, "5.3.0 The message body was lost in the queue")
+                    else:
+                        try:
+                            outcome = await self.pool.deliver(work.envelope, body)
+                        except NextHopError as e:
+                            outcome = Outcome(next_hop=self.pool.name)
+                            outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
                     await self._settle(msg, work, body, outcome, state, attempt, span)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
@@ -318,24 +332,12 @@ class Relay:
         delay = self.backoff(attempt)
         self.event("deferred", env, {"recipients": outcome.temporary, "attempt": attempt,
                                       "next_hop": outcome.next_hop, "retry_in": delay})
-        if len(remaining) < len(env.recipients):
-            # Some recipients are done: only the deferred ones are queued again, under an id
-            # derived from this attempt so that a repeated republish is de-duplicated.
-            retry = queue_pb2.QueuedMessage()
-            retry.CopyFrom(qmsg)
-            del retry.envelope.recipients[:]
-            retry.envelope.recipients.extend(remaining)
-            headers = {k: v for k, v in (msg.headers or {}).items() if k != "Nats-Msg-Id"}
-            await self.js.publish(
-                jetstream.SUBMIT_SUBJECT, retry.SerializeToString(),
-                headers={**headers, "Nats-Msg-Id": f"{env.queue_id}.{attempt}"},
-                timeout=self.s.publish_timeout,
-            )
-            await msg.ack_sync()
-            log.info("partially delivered", extra={"fields": {**fields, "deferred": outcome.temporary}})
-            return
+        # The message waits for its retry as it is; the record (written above, before this
+        # nak) makes the next attempt skip every recipient already finished. A republished
+        # copy would be available at once, losing the backoff.
         await msg.nak(delay=delay)
-        log.info("deferred", extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
+        log.info("partially delivered" if len(remaining) < len(env.recipients) else "deferred",
+                 extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
 
     async def queue_report(self, qmsg: queue_pb2.QueuedMessage, body: bytes, kind: str,
                       statuses: list[dsn.RecipientStatus]) -> str:

@@ -98,6 +98,10 @@ class MxResolver:
             names = [domain]  # no MX: the domain itself is the implicit MX
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.IDNAException) as e:
+            raise RouteError(553, f"5.1.2 Invalid recipient domain {domain}: {type(e).__name__}") from None
+        except dns.exception.DNSException as e:
+            raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
         hosts: list[Host] = []
         temporary = False
         for name in names:
@@ -107,7 +111,7 @@ class MxResolver:
                         hosts.append(Host(name, rr.address, self.s.mx_port))
                 except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                     pass
-                except (dns.exception.Timeout, dns.resolver.NoNameservers):
+                except dns.exception.DNSException:
                     temporary = True
         if not hosts:
             if temporary:
@@ -150,6 +154,13 @@ class NextHopPool:
         await asyncio.wait_for(client.connect(), self.s.connect_timeout)
         if not mx and self.s.next_hop_username:
             await client.login(self.s.next_hop_username, self.s.next_hop_password or "")
+        if not client.esmtp_extensions:
+            # After STARTTLS (or with no TLS at all) aiosmtplib has not asked EHLO yet, and
+            # every extension would look absent: an 8-bit message would bounce for nothing.
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
         return client
 
     def _slot(self, destination: str) -> asyncio.Semaphore:
@@ -165,9 +176,18 @@ class NextHopPool:
             groups = defaultdict(list)
             for r in envelope.recipients:
                 groups[r.address.rpartition("@")[2].lower()].append(r)
-        results = await asyncio.gather(*(self._deliver_to(d, rs, envelope, body) for d, rs in groups.items()))
+        results = await asyncio.gather(
+            *(self._deliver_to(d, rs, envelope, body) for d, rs in groups.items()), return_exceptions=True
+        )
         outcome = Outcome()
-        for result in results:
+        for (destination, recipients), result in zip(groups.items(), results):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                # One destination's trouble must not undo what the others delivered.
+                log.error("delivery to %s failed: %r", destination, result)
+                result = Outcome(next_hop=destination)
+                result.fail_all([r.address for r in recipients], 451, f"4.3.0 Internal error delivering to {destination}")
             outcome.merge(result)
         return outcome
 

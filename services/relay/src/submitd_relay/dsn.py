@@ -74,8 +74,16 @@ def header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 2]
 
 
+MAX_TEXT = 900  # a report line stays well under RFC 5322's 998 octets
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+
+
 def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
+    return _one_line(text.encode("ascii", "replace").decode())
 
 
 def build(
@@ -148,7 +156,7 @@ def build(
         if s.remote_mta:
             lines.append(f"Remote-MTA: dns; {s.remote_mta}")
         if s.reply:
-            lines.append(f"Diagnostic-Code: smtp; {_ascii(s.reply) if not utf8 else s.reply.replace(chr(13), ' ').replace(chr(10), ' ')}")
+            lines.append(f"Diagnostic-Code: smtp; {_ascii(s.reply) if not utf8 else _one_line(s.reply)}")
         lines.append(f"Last-Attempt-Date: {now}")
         if kind == "delayed" and will_retry_until:
             lines.append(f"Will-Retry-Until: {email.utils.formatdate(will_retry_until)}")

@@ -56,11 +56,13 @@ class SinkHandler:
     ehlos: int = 0
     concurrent: int = 0
     max_concurrent: int = 0  # most transactions at the end of data at one time
+    transports: set = field(default_factory=set)  # connections to close when the sink stops
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         with self.lock:
             self.ehlos += 1
+            self.transports.add(server.transport)
         out = [r for r in responses if self.eightbitmime or r != "250-8BITMIME"]
         if self.dsn:
             out.insert(-1, "250-DSN")
@@ -207,6 +209,19 @@ class Sink:
         return self
 
     def stop(self) -> None:
+        # Clients (a relay's pooled connections) may still be connected: close their
+        # connections in the sink's loop before it stops, so none is left open behind it.
+        loop = self.controller.loop
+        done = threading.Event()
+
+        def close_all() -> None:
+            for transport in list(self.handler.transports):
+                if transport is not None and not transport.is_closing():
+                    transport.close()
+            loop.call_soon(done.set)
+
+        loop.call_soon_threadsafe(close_all)
+        done.wait(2)
         self.controller.stop()
         self.controller.loop.close()
 
