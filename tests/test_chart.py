@@ -180,3 +180,14 @@ def test_scenarios_do_what_they_say():
     ha = render(load("ha"))
     hpa = by_kind(ha, "HorizontalPodAutoscaler")["mail-submitd-frontend"]["spec"]["metrics"]
     assert {m["type"] for m in hpa} == {"Resource", "Pods"}, "frontends scale on sessions too"
+
+
+def test_network_policies_follow_the_next_hop_and_nats():
+    docs = render({"relay": {"smarthost": {"host": "out.example.org", "port": 2525}}})
+    ports = {p["port"] for p in by_kind(docs, "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"][0]["ports"]}
+    assert ports == {25, 465, 587, 2525}, "the smarthost's own port is let out"
+    external = render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4223", "ports": [4223]}})
+    egress = by_kind(external, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["egress"]
+    assert egress == [{"ports": [{"port": 4223, "protocol": "TCP"}]}]
+    with pytest.raises(helm.HelmError, match="monitoringEndpoint"):
+        render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4222"}, "keda": {"enabled": True}})

@@ -40,8 +40,9 @@ class ServerTooOld(RuntimeError):
 class QueueConfig:
     max_bytes: int = 1 << 30
     replicas: int = 1
-    # A frontend retries a publish for at most a few seconds; ten minutes is ample.
-    duplicate_window_s: float = 600.0
+    # Longer than a frontend's publish retry (seconds) and than the relay's AckWait (15 min by
+    # default): a DSN queued just before a relay crashed is not queued again on redelivery.
+    duplicate_window_s: float = 1800.0
 
 
 async def connect(name: str, options: dict, **kwargs) -> NATS:
