@@ -381,3 +381,28 @@ def test_unusable_domain_bounces_and_the_other_recipients_get_it_once(make_stack
         assert len(sink.handler.messages) == 2, "bob got it once"
     finally:
         dns.stop()
+
+
+async def test_delivery_record_refuses_a_stale_write(nats_server):
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    from submitd_relay.state import StateStore
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        one, two = StateStore(nc.jetstream(), 3600), StateStore(nc.jetstream(), 3600)
+        await one.open()
+        await two.open()
+        first, second = await one.get("Q1"), await two.get("Q1")
+        first.record(1, "hop", "delivered", ["a@example.net"], {})
+        await one.put("Q1", first)
+        second.record(1, "hop", "delivered", ["b@example.net"], {})
+        with pytest.raises(KeyWrongLastSequenceError):
+            await two.put("Q1", second)  # would have dropped a@example.net from the record
+        again = await two.get("Q1")
+        assert again.finished == ["a@example.net"]
+        again.record(2, "hop", "delivered", ["b@example.net"], {})
+        await two.put("Q1", again)
+        assert (await one.get("Q1")).finished == ["a@example.net", "b@example.net"]
+    finally:
+        await nc.close()

@@ -35,6 +35,7 @@ class DeliveryState:
     attempts: list[Attempt] = field(default_factory=list)
     delay_notified: bool = False
     reports: list[str] = field(default_factory=list)  # queue ids of the DSNs sent
+    revision: int = 0  # of the KV entry this was read from (0: none); not stored
 
     def record(self, attempt: int, next_hop: str, result: str, delivered: list[str], replies: dict[str, str]) -> None:
         for r in delivered:
@@ -50,13 +51,16 @@ class DeliveryState:
                 self.finished.append(r)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        raw = asdict(self)
+        del raw["revision"]
+        return json.dumps(raw, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "DeliveryState":
+    def from_bytes(cls, data: bytes, revision: int = 0) -> "DeliveryState":
         raw = json.loads(data)
+        raw.pop("revision", None)
         raw["attempts"] = [Attempt(**a) for a in raw.get("attempts", [])]
-        return cls(**raw)
+        return cls(**raw, revision=revision)
 
 
 class StateStore:
@@ -74,7 +78,13 @@ class StateStore:
             entry = await self.kv.get(queue_id)
         except KeyNotFoundError:
             return DeliveryState()
-        return DeliveryState.from_bytes(entry.value) if entry.value else DeliveryState()
+        return DeliveryState.from_bytes(entry.value, entry.revision) if entry.value else DeliveryState()
 
     async def put(self, queue_id: str, state: DeliveryState) -> None:
-        await self.kv.put(queue_id, state.to_bytes())
+        """Write the record only if nobody else wrote it since it was read (compare and set):
+        two workers on one queue id (an admin retry, a second publish) cannot undo each
+        other's finished recipients. A conflict raises; the caller retries from a fresh read."""
+        if state.revision:
+            state.revision = await self.kv.update(queue_id, state.to_bytes(), last=state.revision)
+        else:
+            state.revision = await self.kv.create(queue_id, state.to_bytes())
