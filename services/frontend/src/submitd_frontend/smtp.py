@@ -57,6 +57,8 @@ ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
 BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+# Messages being received hold memory until queued; above DATA_MEMORY_BUDGET, all sessions together.
+NO_ROOM = "452 4.3.1 Insufficient system storage, try again later"
 
 
 def message_problem(message: bytes) -> str | None:
@@ -87,6 +89,7 @@ class Sessions:
         self.active: set["SubmissionSMTP"] = set()
         self.per_client: dict[str, int] = {}
         self.draining = False
+        self.buffered = 0  # octets of messages being received or queued, all sessions
 
     def add(self, session: "SubmissionSMTP", client: str) -> None:
         self.active.add(session)
@@ -167,6 +170,7 @@ class SubmissionSMTP(SMTP):
         self._bdat: list[bytes] | None = None  # chunks of a BDAT transaction in progress
         self._bdat_size = 0
         self._bdat_problem: str | None = None
+        self._held = 0  # this session's share of sessions.buffered
 
     # -- connection ---------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class SubmissionSMTP(SMTP):
                 pass
             finally:
                 metrics.SESSIONS_ACTIVE.dec()
+                self._release()  # a BDAT transaction the client never finished
                 self.sessions.remove(self, self.client_address)
                 log.info(
                     "session closed",
@@ -641,6 +646,22 @@ class SubmissionSMTP(SMTP):
             await self._end_of_data(message, problem)
         finally:
             self.in_data = False
+            self._release()
+
+    def _hold(self, octets: int) -> bool:
+        """Count ``octets`` against the frontend's memory budget; False when it is spent."""
+        if self.sessions.buffered + octets > self.settings.data_memory_budget:
+            return False
+        self.sessions.buffered += octets
+        self._held += octets
+        metrics.DATA_BUFFERED.set(self.sessions.buffered)
+        return True
+
+    def _release(self) -> None:
+        if self._held:
+            self.sessions.buffered -= self._held
+            self._held = 0
+            metrics.DATA_BUFFERED.set(self.sessions.buffered)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read up to the lone dot. Returns (message, None) or (b"", the reply refusing it).
@@ -691,6 +712,13 @@ class SubmissionSMTP(SMTP):
                 problem = "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
                 lines.clear()
                 continue
+            if not self._hold(len(line)):
+                # Too many large messages at once: read this one to its end without keeping
+                # it, and ask the client to come back (it keeps the message).
+                problem = NO_ROOM
+                lines.clear()
+                self._release()
+                continue
             lines.append(line[1:] if line[:1] == b"." else line)
         return (b"" if problem else b"".join(lines)), problem
 
@@ -707,6 +735,7 @@ class SubmissionSMTP(SMTP):
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------
 
     def _end_bdat(self) -> None:
+        self._release()
         self._bdat = None
         self._bdat_size = 0
         self._bdat_problem = None
@@ -740,6 +769,11 @@ class SubmissionSMTP(SMTP):
             if self.data_size_limit and self._bdat_size > self.data_size_limit:
                 self._bdat_problem = TOO_BIG
                 self._bdat.clear()
+                self._release()
+            elif not self._hold(len(chunk)):
+                self._bdat_problem = NO_ROOM
+                self._bdat.clear()
+                self._release()
             else:
                 self._bdat.append(chunk)
         if not last:
