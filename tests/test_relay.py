@@ -406,3 +406,22 @@ async def test_delivery_record_refuses_a_stale_write(nats_server):
         assert (await one.get("Q1")).finished == ["a@example.net", "b@example.net"]
     finally:
         await nc.close()
+
+
+def test_opportunistic_tls_that_fails_falls_back_to_clear(make_stack, tmp_path):
+    from submitd_common.dev.certs import make_self_signed
+
+    cert, key = make_self_signed(tmp_path / "hop-tls")
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broken.load_cert_chain(cert, key)
+    broken.verify_mode = ssl.CERT_REQUIRED  # asks a client certificate the relay does not have
+    broken.load_verify_locations(cert)
+    hop = Sink(tls_context=broken).start()
+    try:
+        stack = relay_only(make_stack, hop, NEXT_HOP_VERIFY_TLS="false")  # opportunistic
+        queue(stack, envelope(), body("in clear"))
+        (got,) = hop.handler.wait_for(1, 20)
+        assert got.data == body("in clear")
+        assert "STARTTLS with 127.0.0.1" in stack.log_tail("relay", 20)
+    finally:
+        hop.stop()

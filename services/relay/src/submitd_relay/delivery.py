@@ -143,25 +143,44 @@ class NextHopPool:
         mx = self.smarthost is None
         mode = self.s.mx_tls if mx else self.s.next_hop_tls
         start_tls = {"none": False, "opportunistic": None, "required": True}[mode]
-        client = aiosmtplib.SMTP(
-            hostname=host.address,
-            port=host.port,
-            local_hostname=self.s.helo_name,
-            timeout=self.s.command_timeout,
-            start_tls=start_tls,
-            tls_context=self._tls_context(mx) if start_tls is not False else None,
-        )
-        await asyncio.wait_for(client.connect(), self.s.connect_timeout)
-        if not mx and self.s.next_hop_username:
-            await client.login(self.s.next_hop_username, self.s.next_hop_password or "")
-        if not client.esmtp_extensions:
-            # After STARTTLS (or with no TLS at all) aiosmtplib has not asked EHLO yet, and
-            # every extension would look absent: an 8-bit message would bounce for nothing.
+
+        def make(start_tls: bool | None) -> aiosmtplib.SMTP:
+            return aiosmtplib.SMTP(
+                hostname=host.address,
+                port=host.port,
+                local_hostname=self.s.helo_name,
+                timeout=self.s.command_timeout,
+                start_tls=start_tls,
+                tls_context=self._tls_context(mx) if start_tls is not False else None,
+            )
+
+        async def open(client: aiosmtplib.SMTP) -> aiosmtplib.SMTP:
             try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await client.helo()
-        return client
+                await asyncio.wait_for(client.connect(), self.s.connect_timeout)
+                if not mx and self.s.next_hop_username:
+                    await client.login(self.s.next_hop_username, self.s.next_hop_password or "")
+                if not client.esmtp_extensions:
+                    # After STARTTLS (or with no TLS at all) aiosmtplib has not asked EHLO yet:
+                    # every extension would look absent, and an 8-bit message would bounce.
+                    try:
+                        await client.ehlo()
+                    except aiosmtplib.SMTPHeloError:
+                        await client.helo()
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        client = make(start_tls)
+        try:
+            return await open(client)
+        except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected) as e:
+            # Opportunistic TLS (RFC 7435) that fails falls back to a clear connection, as
+            # other MTAs do, but never where a password would then cross in clear.
+            if start_tls is not None or (not mx and self.s.next_hop_username):
+                raise
+            log.info("STARTTLS with %s:%s failed (%r): delivering without TLS", host.name, host.port, e)
+            return await open(make(False))
 
     def _slot(self, destination: str) -> asyncio.Semaphore:
         if destination not in self.slots:
