@@ -96,16 +96,6 @@ def relay_only(make_stack, next_hop: Sink | None = None, **relay_env) -> Stack:
     return stack
 
 
-def eventually(predicate, timeout: float = 20, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s: {predicate}")
-
-
 def reports(sink: Sink) -> list[Received]:
     return [m for m in sink.handler.messages if m.mail_from == ""]
 

@@ -15,6 +15,7 @@ from submitd_common.dev.sink import Sink
 from submitd_common.dev.stack import Stack
 from submitd_common.testing.plugin import ALICE
 from submitd_common.testing.smtp import logged_in, reply_of
+from submitd_common.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,16 +44,6 @@ def readyz(port: int) -> tuple[int, dict]:
 def grpc_status(port: int) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-
-
-def eventually(predicate, timeout: float = 15, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s: {predicate}")
 
 
 def test_nats_lost_before_end_of_data_gives_451_then_retry_is_delivered_once(make_stack):

@@ -12,13 +12,14 @@ import urllib.request
 import nats
 import pytest
 from relay_helpers import (
-    ALICE, admin, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_async, queue_depth, queue_many,
+    ALICE, admin, body, envelope, metric, ordinary, parse_report, queue, queue_async, queue_depth, queue_many,
     relay_only,
     reports,
 )
 
 from submitd_common.dev.dns import DnsServer
 from submitd_common.dev.sink import Sink
+from submitd_common.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 

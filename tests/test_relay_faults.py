@@ -18,13 +18,14 @@ import nats
 import nats.js.errors
 import pytest
 from relay_helpers import (
-    ALICE, body, envelope, eventually, metric, ordinary, parse_report, queue, queue_depth, queue_many, relay_only,
+    ALICE, body, envelope, metric, ordinary, parse_report, queue, queue_depth, queue_many, relay_only,
     reports,
 )
 
 from submitd_common.dev.ports import free_port
 from submitd_common.dev.sink import DROP, STALL, STALL_STORED
 from submitd_common.testing.smtp import connect, logged_in
+from submitd_common.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -654,7 +654,8 @@ class SubmissionSMTP(SMTP):
             return False
         self.sessions.buffered += octets
         self._held += octets
-        metrics.DATA_BUFFERED.set(self.sessions.buffered)
+        if (self._held - octets) >> 16 != self._held >> 16:  # the gauge moves per 64 KiB, not per line
+            metrics.DATA_BUFFERED.set(self.sessions.buffered)
         return True
 
     def _release(self) -> None:
