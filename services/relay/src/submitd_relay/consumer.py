@@ -238,10 +238,10 @@ class Relay:
                     await msg.nak()
                 raise
             except Exception:
-                # Our own trouble (NATS away, a record not written): soon again, not on the
-                # next hop's schedule. What is done is in the record, so nothing goes twice.
+                # Our own trouble (NATS away, a record not written): soon again for a passing
+                # outage, on the usual schedule if it keeps failing. What is done is in the
+                # record, so nothing goes twice.
                 log.exception("delivery of %s failed", env.queue_id)
-                # Soon for a passing outage; on the usual schedule if it keeps failing.
                 delay = INTERNAL_RETRY if attempt <= 5 else self.backoff(attempt)
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)

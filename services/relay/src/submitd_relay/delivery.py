@@ -50,8 +50,8 @@ class Outcome:
         self.permanent |= other.permanent
         self.remote |= other.remote
         self.without_dsn |= other.without_dsn
-        hops = [h for h in (self.next_hop, other.next_hop) if h]
-        self.next_hop = ",".join(dict.fromkeys(",".join(hops).split(","))) if hops else ""
+        hops = [h for h in (*self.next_hop.split(","), other.next_hop) if h]
+        self.next_hop = ",".join(dict.fromkeys(hops))
 
 
 class NextHopError(Exception):

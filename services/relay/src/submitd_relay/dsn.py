@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from submitd.v1 import common_pb2
 
-_ENHANCED = re.compile(rb"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
-_REPLY = re.compile(r"^\s*(\d{3})[ -]?(.*)$", re.S)
+_REPLY = re.compile(r"^\s*(\d)(\d\d)[ -]?(?:(\d)\.(\d{1,3})\.(\d{1,3})\b)?", re.S)
 
 TITLES = {
     "failed": "Undelivered Mail Returned to Sender",
@@ -50,11 +49,10 @@ def status_of(reply: str) -> str:
     m = _REPLY.match(reply or "")
     if not m:
         return "4.0.0"
-    code, text = m.group(1), m.group(2)
-    e = _ENHANCED.match(text.encode("utf-8", "replace"))
-    if e and e.group(1).decode() == code[0]:
-        return b".".join(e.groups()).decode()
-    return f"{code[0]}.0.0"
+    klass, _, e_class, subject, detail = m.groups()
+    if e_class == klass:
+        return f"{klass}.{subject}.{detail}"
+    return f"{klass}.0.0"
 
 
 def xtext_decode(value: str) -> str:

@@ -158,20 +158,20 @@ class SinkHandler:
 class _DsnSMTP(SMTP):
     """Takes RFC 3461's MAIL parameters (RET, ENVID), which aiosmtpd would refuse with 555."""
 
+    def _take_dsn(self, arg: str | None, names: tuple[str, ...]) -> tuple[str | None, list[str]]:
+        """Split RFC 3461 parameters off a MAIL/RCPT argument (aiosmtpd would refuse them)."""
+        if not arg or not getattr(self.event_handler, "dsn", False):
+            return arg, []
+        words = arg.split()
+        taken = [w for w in words if w.upper().startswith(names)]
+        return " ".join(w for w in words if w not in taken), taken
+
     async def smtp_MAIL(self, arg):
-        self.dsn_params = []
-        if arg and getattr(self.event_handler, "dsn", False):
-            words = arg.split()
-            self.dsn_params = [w for w in words if w.upper().startswith(("RET=", "ENVID="))]
-            arg = " ".join(w for w in words if w not in self.dsn_params)
+        arg, self.dsn_params = self._take_dsn(arg, ("RET=", "ENVID="))
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg):
-        self.dsn_rcpt_params = []
-        if arg and getattr(self.event_handler, "dsn", False):
-            words = arg.split()
-            self.dsn_rcpt_params = [w for w in words if w.upper().startswith(("NOTIFY=", "ORCPT="))]
-            arg = " ".join(w for w in words if w not in self.dsn_rcpt_params)
+        arg, self.dsn_rcpt_params = self._take_dsn(arg, ("NOTIFY=", "ORCPT="))
         await super().smtp_RCPT(arg)
 
 
