@@ -1,12 +1,18 @@
-"""`make bench`: submitd's whole pipeline beside a bare aiosmtpd server, in the same run.
+"""`make bench`: submitd side by side with Postfix and a bare aiosmtpd, in one run.
 
-For each mode (trusted-network plain SMTP; STARTTLS + AUTH PLAIN) and each server, N messages of
-2 KB are sent over S concurrent reused sessions. Printed per run: messages/s accepted, messages/s
-delivered (the relay acknowledged the next hop's 250), p50/p99 from end of data to the 250, and
-CPU seconds per 1,000 messages for every process. Where Postfix's smtp-source is found (on PATH or
-unpacked under var/tools), a plain-SMTP round with it is added, so the load generator is C code.
+Every server delivers to its own smtp-sink; Postfix's smtp-source is the load (C code, so the
+client is not the bottleneck). For each mode, the median of ROUNDS rotated rounds:
 
-    make bench BENCH_ARGS="--messages 2000 --sessions 20"
+- new connection per message, and 20 reused sessions (`smtp-source -d`), 2 KB messages, plain
+  SMTP from a trusted loopback network: accepted msg/s (load finished), delivered msg/s (queue
+  empty again) and server CPU ms per message (all processes of the server, from a cgroup);
+- STARTTLS + AUTH PLAIN with a new connection per message, as mail clients submit: submitd
+  beside a bare aiosmtpd doing the same TLS and AUTH;
+- idle CPU (ms per second with no traffic) and end of data -> 250 latency at half of submitd's
+  own maximum rate;
+- the rewriter alone over gRPC, with and without DKIM, beside dkimpy (``--only rewriter``).
+
+    make bench BENCH_ARGS="--messages 3000 --rounds 1"
 """
 
 from __future__ import annotations
@@ -15,243 +21,36 @@ import argparse
 import asyncio
 import base64
 import os
-import resource
 import shutil
-import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from submitd_common.dev.ports import free_port, wait_port
-from submitd_common.dev.stack import Stack, User
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-USER, PASSWORD = "bench@example.test", "bench password"
-CLK = os.sysconf("SC_CLK_TCK")
-
-BARE_SERVER = r"""
-import asyncio, ssl, sys
-from aiosmtpd.smtp import SMTP, AuthResult
-class Discard:
-    async def handle_DATA(self, server, session, envelope):
-        return "250 2.0.0 Ok: discarded"
-def accept_all(server, session, envelope, mechanism, auth_data):
-    return AuthResult(success=True)
-async def main(port, cert, key):
-    ctx = None
-    if cert != "-":
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert, key)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(Discard(), tls_context=ctx, authenticator=accept_all, auth_require_tls=True,
-                     hostname="bare.localhost"), "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def message(i: int, size: int = 2048) -> bytes:
-    head = f"From: {USER}\r\nTo: bob@example.net\r\nSubject: bench {i}\r\n\r\n".encode()
-    line = b"x" * 76 + b"\r\n"
-    body = line * max(1, (size - len(head)) // len(line))
-    return head + body
-
-
-@dataclass
-class Result:
-    name: str
-    messages: int = 0
-    failures: int = 0
-    seconds: float = 0.0
-    delivered_seconds: float | None = None
-    latencies: list[float] = field(default_factory=list)
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    def row(self) -> str:
-        rate = self.messages / self.seconds if self.seconds else 0
-        dl = f"{self.messages / self.delivered_seconds:8.0f}" if self.delivered_seconds else "       -"
-        if self.latencies:
-            lat = sorted(self.latencies)
-            p50 = statistics.median(lat) * 1000
-            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-            lats = f"{p50:7.1f} {p99:7.1f}"
-        else:
-            lats = "      -       -"
-        cpu = "  ".join(f"{k}={v / max(self.messages, 1) * 1000:.2f}" for k, v in self.cpu.items())
-        return f"{self.name:34s} {rate:8.0f} {dl} {lats}  {self.failures:5d}   {cpu}"
-
-
-async def read_reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        if line[3:4] != b"-":
-            return line
-
-
-async def session(port: int, count: int, tls: ssl.SSLContext | None, auth: bool, result: Result, start_index: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await read_reply(reader)
-    writer.write(b"EHLO bench.localhost\r\n")
-    await read_reply(reader)
-    if tls is not None:
-        writer.write(b"STARTTLS\r\n")
-        await read_reply(reader)
-        await writer.start_tls(tls, server_hostname="localhost")
-        writer.write(b"EHLO bench.localhost\r\n")
-        await read_reply(reader)
-    if auth:
-        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-        writer.write(b"AUTH PLAIN " + token + b"\r\n")
-        reply = await read_reply(reader)
-        if not reply.startswith(b"235"):
-            raise RuntimeError(f"AUTH failed: {reply!r}")
-    envelope = f"MAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n".encode()
-    for i in range(count):
-        body = message(start_index + i)
-        writer.write(envelope)  # PIPELINING: MAIL, RCPT and DATA in one write
-        replies = [await read_reply(reader) for _ in range(3)]
-        if not replies[2].startswith(b"354"):
-            result.failures += 1
-            writer.write(b"RSET\r\n")
-            await read_reply(reader)
-            continue
-        writer.write(body + b".\r\n")
-        t0 = time.perf_counter()
-        reply = await read_reply(reader)
-        result.latencies.append(time.perf_counter() - t0)
-        if reply.startswith(b"250"):
-            result.messages += 1
-        else:
-            result.failures += 1
-    writer.write(b"QUIT\r\n")
-    await read_reply(reader)
-    writer.close()
-
-
-async def drive(port: int, messages: int, sessions: int, tls: bool, auth: bool, result: Result) -> None:
-    ctx = None
-    if tls:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
-    starts = [sum(per[:i]) for i in range(sessions)]
-    t0 = time.perf_counter()
-    await asyncio.gather(*(session(port, n, ctx, auth, result, s) for n, s in zip(per, starts)))
-    result.seconds = time.perf_counter() - t0
-
-
-def find_smtp_source() -> tuple[str, dict] | None:
-    found = shutil.which("smtp-source")
-    if found:
-        return found, {}
-    tools = ROOT / "var" / "tools" / "postfix"
-    binary = tools / "usr" / "sbin" / "smtp-source"
-    if not binary.exists() and shutil.which("apt-get") and shutil.which("dpkg-deb"):
-        # Unpack Debian's postfix package without installing (and so without starting) it.
-        tools.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            got = subprocess.run(["apt-get", "download", "postfix"], cwd=tmp, capture_output=True)
-            debs = list(Path(tmp).glob("postfix_*.deb"))
-            if got.returncode == 0 and debs:
-                subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tools)], check=False)
-    if binary.exists():
-        return str(binary), {"LD_LIBRARY_PATH": str(tools / "usr" / "lib" / "postfix")}
-    return None
-
-
-def run_smtp_source(tool: tuple[str, dict], port: int, messages: int, sessions: int, result: Result) -> None:
-    binary, env = tool
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [binary, "-d", "-s", str(sessions), "-m", str(messages), "-l", "2048", "-f", USER, "-t", "bob@example.net",
-         f"127.0.0.1:{port}"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-    )
-    result.seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"smtp-source failed: {proc.stderr.strip()}")
-    result.messages = messages
-
-
-class Pipeline:
-    def __init__(self, root: Path) -> None:
-        self.sink_port = free_port()
-        self.stack = Stack(
-            root,
-            next_hop=("127.0.0.1", self.sink_port),
-            users={USER: User(PASSWORD, [USER])},
-            trusted_networks=["127.0.0.0/8"],
-            env={"frontend": {"LOG_LEVEL": "WARNING"}, "relay": {"LOG_LEVEL": "WARNING"},
-                 "policy": {"LOG_LEVEL": "WARNING"}, "rewriter": {"LOG_LEVEL": "WARNING"}},
-        )
-        # The next hop offers no STARTTLS: the relay's cost is then compared with a bare
-        # server that does no TLS either.
-        self.sink = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(self.sink_port), "-", "-"])
-        wait_port("127.0.0.1", self.sink_port, 10)
-        self.stack.start()
-
-    def pids(self) -> dict[str, int]:
-        out = {name: p.pid for name, p in self.stack.procs.items()}
-        out["nats"] = self.stack.nats.proc.pid
-        out["nexthop"] = self.sink.pid
-        return out
-
-    async def wait_delivered(self, timeout: float = 600) -> None:
-        import nats
-
-        from submitd_common import jetstream
-
-        nc = await nats.connect(self.stack.nats.url)
-        try:
-            js = nc.jetstream()
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                info = await js.consumer_info(jetstream.STREAM, "relay")
-                if info.num_pending == 0 and info.num_ack_pending == 0:
-                    return
-                await asyncio.sleep(0.05)
-            raise RuntimeError("messages not delivered in time")
-        finally:
-            await nc.close()
-
-    def stop(self) -> None:
-        self.stack.stop()
-        self.sink.terminate()
-        self.sink.wait()
-
-
-def measure(name: str, pids: dict[str, int], run) -> Result:
-    result = Result(name)
-    before = {k: cpu_seconds(p) for k, p in pids.items()}
-    self_before = resource.getrusage(resource.RUSAGE_SELF)
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run(result)
-    self_after = resource.getrusage(resource.RUSAGE_SELF)
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result.cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
-    client = (self_after.ru_utime + self_after.ru_stime) - (self_before.ru_utime + self_before.ru_stime)
-    client += (children_after.ru_utime + children_after.ru_stime) - (
-        children_before.ru_utime + children_before.ru_stime
-    )
-    result.cpu["client"] = client
-    return result
-
+from benchkit import (  # noqa: E402
+    USER,
+    BareAiosmtpd,
+    Postfix,
+    Round,
+    SmtpSink,
+    Submitd,
+    auth_per_message,
+    idle_cpu,
+    measure,
+    median_round,
+    message,
+    p50,
+    paced,
+    percentile,
+    postfix_bin,
+    proc_cpu,
+    smtp_source,
+    stop_all,
+)
+from submitd_common.dev.ports import free_port, wait_port  # noqa: E402
 
 def bench_rewriter(messages: int, work: Path) -> None:
     """The rewriter alone over gRPC (20 concurrent calls), with and without DKIM, beside
@@ -302,9 +101,9 @@ def bench_rewriter(messages: int, work: Path) -> None:
                     await asyncio.gather(*(worker() for _ in range(20)))
                     return time.perf_counter() - t0
 
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0 = proc_cpu(proc.pid)
             seconds = asyncio.run(drive_rewriter())
-            cpu = cpu_seconds(proc.pid) - cpu0
+            cpu = proc_cpu(proc.pid) - cpu0
             done = (messages // 20) * 20
             rows.append((label, done / seconds, cpu / done * 1000))
         finally:
@@ -331,74 +130,119 @@ def bench_rewriter(messages: int, work: Path) -> None:
         print(f"{label:34s} {rate:8.0f} {cpu_ms:11.2f}")
 
 
+def rate(r: Round) -> float:
+    return r.accepted / r.accept_seconds if r.accept_seconds else 0.0
+
+
+def table(title: str, rows: list[tuple[str, Round]], per_service: bool = True) -> None:
+    print(f"\n{title}")
+    print(f"{'server':34s} {'acc/s':>7s} {'dlv/s':>7s} {'CPU ms/msg':>10s} {'fail':>5s}")
+    for name, r in rows:
+        dlv = r.accepted / r.deliver_seconds if r.deliver_seconds else 0
+        cpu = r.cpu / max(r.accepted, 1) * 1000
+        print(f"{name:34s} {rate(r):7.0f} {dlv:7.0f} {cpu:10.2f} {r.failed:5d}")
+        if per_service and r.split:
+            parts = "  ".join(f"{k} {v / max(r.accepted, 1) * 1000:.2f}" for k, v in sorted(r.split.items(), key=lambda kv: -kv[1]))
+            print(f"{'':34s}   per service, CPU ms/msg: {parts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=10_000, help="messages per smtp-source round")
+    parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["smtp", "rewriter"], help="run one part only")
+    parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     args = parser.parse_args()
-    n, s = args.messages, args.sessions
     if args.only != "smtp":
-        bench_rewriter(min(n, 4000), Path(tempfile.mkdtemp(prefix="submitd-bench-rw-")))
+        bench_rewriter(min(args.messages, 4000), Path(tempfile.mkdtemp(prefix="submitd-bench-rw-")))
         if args.only == "rewriter":
             return
+    if not postfix_bin("smtp-source"):
+        sys.exit("make bench needs Postfix's smtp-source and smtp-sink: apt-get install postfix")
     work = Path(tempfile.mkdtemp(prefix="submitd-bench-"))
-    results: list[Result] = []
-    tool = find_smtp_source()
-
-    pipeline = Pipeline(work / "stack")
-    bare_port = free_port()
-    bare = subprocess.Popen(
-        [sys.executable, "-c", BARE_SERVER, str(bare_port), str(pipeline.stack.cert), str(pipeline.stack.key)]
-    )
-    wait_port("127.0.0.1", bare_port, 10)
+    work.chmod(0o755)  # Postfix's daemons (user postfix) walk into it
+    servers, sinks = [], []
     try:
-        for mode, tls, auth in (("plain, trusted network", False, False), ("STARTTLS + AUTH PLAIN", True, True)):
-            results.append(
-                measure(f"bare aiosmtpd, {mode}", {"server": bare.pid},
-                        lambda r: asyncio.run(drive(bare_port, n, s, tls, auth, r)))
-            )
+        def sink() -> SmtpSink:
+            sinks.append(SmtpSink())
+            return sinks[-1]
 
-            def piped(r: Result, tls=tls, auth=auth) -> None:
-                asyncio.run(drive(pipeline.stack.ports.submission, n, s, tls, auth, r))
-                asyncio.run(pipeline.wait_delivered())
-                r.delivered_seconds = None
+        submitd = Submitd("submitd", work / "submitd", sink(), dkim=False)
+        signed = Submitd("submitd, DKIM Ed25519", work / "submitd-dkim", sink(), dkim=True)
+        bare = BareAiosmtpd(submitd.stack.cert, submitd.stack.key)
+        servers += [submitd, signed, bare]
+        postfixes = []
+        if not args.no_postfix and postfix_bin("postfix"):
+            postfixes.append(Postfix("postfix", work / "postfix", sink()))
+            if postfix_bin("opendkim"):
+                from submitd_rewriter import dkim
 
-            def timed(r: Result) -> None:
-                t0 = time.perf_counter()
-                piped(r)
-                r.delivered_seconds = time.perf_counter() - t0
+                key = work / "opendkim.pem"
+                key.write_bytes(dkim.private_pem(dkim.generate_key("rsa")))
+                postfixes.append(Postfix("postfix + OpenDKIM RSA-2048", work / "postfix-dkim", sink(), dkim_key=key))
+        servers = postfixes + servers
+        cpu_kind = {s.group.kind for s in servers}
+        print(f"\nCPU counted by {', '.join(sorted(cpu_kind))}; {os.cpu_count()} CPUs; loopback; "
+              f"{args.rounds} round(s), median shown")
 
-            results.append(measure(f"submitd pipeline, {mode}", pipeline.pids(), timed))
-        if tool:
-            results.append(
-                measure("bare aiosmtpd, smtp-source", {"server": bare.pid},
-                        lambda r: run_smtp_source(tool, bare_port, n, s, r))
-            )
+        time.sleep(3)  # let start-up work settle
+        idle = idle_cpu(servers, 10)
+        print("\nidle, no traffic (CPU ms per second): " + "  ".join(f"{k} {v:.1f}" for k, v in idle.items()))
 
-            def sourced(r: Result) -> None:
-                t0 = time.perf_counter()
-                run_smtp_source(tool, pipeline.stack.ports.submission, n, s, r)
-                asyncio.run(pipeline.wait_delivered())
-                r.delivered_seconds = time.perf_counter() - t0
+        results: dict[tuple[str, str], list[Round]] = {}
+        modes = (("new connection per message", False), ("20 reused sessions (-d)", True))
+        for i in range(args.rounds):
+            for mode, reuse in modes:
+                order = servers[i % len(servers):] + servers[: i % len(servers)]
+                for server in order:
+                    r = measure(server, lambda r, s=server, reuse=reuse: setattr(
+                        r, "accepted", smtp_source(s.port, args.messages, args.sessions, reuse)))
+                    results.setdefault((mode, server.name), []).append(r)
+                    print(f"  round {i + 1}, {mode}, {server.name}: {rate(r):.0f} msg/s, "
+                          f"{r.cpu / max(r.accepted, 1) * 1000:.2f} ms/msg", flush=True)
+            for server in ([submitd, bare] if i % 2 == 0 else [bare, submitd]):
+                r = measure(server, lambda r, s=server: auth_per_message(s.tls_port, args.auth_messages, args.sessions, r))
+                results.setdefault(("auth", server.name), []).append(r)
+                print(f"  round {i + 1}, STARTTLS + AUTH, {server.name}: {rate(r):.0f} msg/s", flush=True)
 
-            results.append(measure("submitd pipeline, smtp-source", pipeline.pids(), sourced))
+        medians = {k: median_round(v) for k, v in results.items()}
+        for mode, _ in modes:
+            table(f"smtp-source -s {args.sessions} -m {args.messages} -l 2048, {mode}",
+                  [(s.name, medians[(mode, s.name)]) for s in servers])
+        table(f"STARTTLS + AUTH PLAIN, new connection per message, {args.sessions} concurrent clients, "
+              f"{args.auth_messages} messages", [(s.name, medians[("auth", s.name)]) for s in (submitd, bare)])
+
+        # Latency when not saturated: half of submitd's own maximum (reused sessions).
+        target = rate(medians[(modes[1][0], "submitd")]) / 2
+        lat_rows = []
+        for server in [submitd] + postfixes[:1]:
+            r = measure(server, lambda r, s=server: paced(s.port, target, 15, args.sessions, r))
+            lat_rows.append((server.name, r))
+        print(f"\nend of data -> 250 at {target:.0f} msg/s (half of submitd's maximum, reused sessions)")
+        for name, r in lat_rows:
+            print(f"{name:34s} p50 {p50(r.latencies) * 1000:6.2f} ms   p99 {percentile(r.latencies, 0.99) * 1000:6.2f} ms")
+
+        print("\nratios and goals (issue 11):")
+        for mode, _ in modes:
+            s_r = medians[(mode, "submitd")]
+            line = f"  {mode:28s} submitd CPU {s_r.cpu / s_r.accepted * 1000:.2f} ms/msg"
+            if postfixes:
+                p_r = medians[(mode, "postfix")]
+                acc = rate(s_r) / rate(p_r)
+                dlv = (s_r.accepted / s_r.deliver_seconds) / (p_r.accepted / p_r.deliver_seconds)
+                line += f"; vs Postfix: accepted {acc:.2f}x, delivered {dlv:.2f}x"
+            d_r = medians[(mode, signed.name)]
+            line += f"; DKIM Ed25519 adds {(d_r.cpu / d_r.accepted - s_r.cpu / s_r.accepted) * 1000:+.2f} ms/msg"
+            print(line)
+        a_s, a_b = medians[("auth", "submitd")], medians[("auth", bare.name)]
+        print(f"  STARTTLS + AUTH per message: submitd {rate(a_s) / rate(a_b):.2f}x bare aiosmtpd")
+        print(f"  idle: submitd {idle['submitd']:.1f} ms/s")
+        print(f"  p99 at half rate: submitd {percentile(lat_rows[0][1].latencies, 0.99) * 1000:.2f} ms")
     finally:
-        bare.terminate()
-        bare.wait()
-        pipeline.stop()
+        stop_all(servers, sinks)
         shutil.rmtree(work, ignore_errors=True)
-
-    print(f"\n{n} messages of 2 KB over {s} reused sessions; {os.cpu_count()} CPUs; loopback")
-    print(f"{'run':34s} {'acc/s':>8s} {'dlv/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s}  {'fail':>5s}   CPU s per 1000 msgs")
-    for r in results:
-        print(r.row())
-    print("\nratios, pipeline / bare (accepted msg/s; delivered msg/s):")
-    for i in range(0, len(results), 2):
-        bare_r, pipe_r = results[i], results[i + 1]
-        acc = (pipe_r.messages / pipe_r.seconds) / (bare_r.messages / bare_r.seconds)
-        dlv = (pipe_r.messages / pipe_r.delivered_seconds) / (bare_r.messages / bare_r.seconds)
-        print(f"  {pipe_r.name.split(', ', 1)[1]:28s} accepted {acc:.2f}x   delivered {dlv:.2f}x")
 
 
 if __name__ == "__main__":
