@@ -3,9 +3,11 @@ decided by the real policy service with its counters in a real NATS."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import smtplib
 import time
+import urllib.request
 
 import pytest
 from passlib.hash import bcrypt, sha512_crypt
@@ -203,10 +205,29 @@ async def test_counters_are_shared_between_replicas(nats_server):
         await b.close()
 
 
+def policy_metric(stack: Stack, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.policy_http}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} is not exported")
+
+
+def hashes_verified(stack: Stack) -> float:
+    return sum(policy_metric(stack, "submitd_policy_password_verifications_total", result=r) for r in ("match", "mismatch"))
+
+
 def test_auth_failures_lock_the_login_from_that_address_only(make_stack):
     stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "3"}})
     assert [auth_plain(stack, ALICE, "guess", "127.0.0.2") for _ in range(3)] == [535] * 3
+    verified = hashes_verified(stack)
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.2") == 454, "even the right password, from there"
+    assert auth_plain(stack, ALICE, "guess", "127.0.0.2") == 454
+    assert hashes_verified(stack) == verified, "a locked login is refused before any hash is computed"
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.3") == 235, "alice elsewhere is not affected"
     assert auth_plain(stack, BOB, "bob password", "127.0.0.2") == 235, "nor bob there"
 
@@ -216,6 +237,42 @@ def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
     assert [auth_plain(stack, f"u{n}@example.test", "guess", "127.0.0.4") for n in range(4)] == [535] * 4
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.4") == 421
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.5") == 235, "other clients are not affected"
+
+
+def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_bloats_policy(make_stack):
+    stack = make_stack(users=users())
+    with login(stack):
+        pass
+    verified = hashes_verified(stack)
+    for _ in range(5):
+        with login(stack) as c:
+            assert c.mail(ALICE)[0] == 250
+    assert hashes_verified(stack) == verified, "a repeated AUTH with verified credentials computes no hash"
+    assert policy_metric(stack, "submitd_policy_auth_cache_total", result="hit") >= 5
+
+    # 16 logins that miss the cache (unknown users from 8 addresses) arrive together, while a
+    # logged-in session keeps talking: its commands are not queued behind the hashes, and the
+    # policy's memory grows by at most the hashing pool (2 x 64 MiB), not by the burst.
+    pid = stack.procs["policy"].pid
+
+    def rss_mb() -> float:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    base = rss_mb()
+    with login(stack) as c, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        burst = [pool.submit(auth_plain, stack, f"nobody{n}@example.test", "guess", f"127.0.1.{n % 8 + 1}")
+                 for n in range(16)]
+        peak, slowest = base, 0.0
+        while not all(f.done() for f in burst):
+            t0 = time.perf_counter()
+            assert c.mail(ALICE)[0] == 250 and c.rset()[0] == 250
+            slowest = max(slowest, time.perf_counter() - t0)
+            peak = max(peak, rss_mb())
+            time.sleep(0.02)
+        assert sorted(f.result() for f in burst) == [535] * 16
+    assert slowest < 0.25, f"a MAIL/RSET pair waited {slowest * 1000:.0f} ms behind password hashing"
+    assert peak - base < 200, f"policy grew {peak - base:.0f} MB during a burst of 16 logins"
 
 
 def test_suspension_applies_without_restart(make_stack):

@@ -1,7 +1,7 @@
 import pytest
 
 from submitd_policy.sasl import Login, Plain, SaslMalformed
-from submitd_common.users import User, UserDB, hash_password
+from submitd_common.users import User, UserDB
 
 
 def user(*grants: str, login: str = "alice@example.net") -> User:
@@ -21,19 +21,6 @@ def test_domain_grant():
     u = user("@sales.example.net", login="alice")
     assert u.may_send_as("anyone@sales.example.net")
     assert not u.may_send_as("alice@example.net"), "a login that is not an address grants nothing"
-
-
-async def test_authenticate(tmp_path):
-    path = tmp_path / "users.yaml"
-    path.write_text(
-        f"users:\n  alice:\n    password: '{hash_password('s3cret')}'\n"
-        f"  bob:\n    password: '{hash_password('pw')}'\n    suspended: true\n"
-    )
-    db = UserDB.load(str(path))
-    assert (await db.authenticate("alice", "s3cret")).login == "alice"
-    assert await db.authenticate("alice", "wrong") is None
-    assert await db.authenticate("nobody", "s3cret") is None
-    assert await db.authenticate("bob", "pw") is None, "a suspended user cannot log in"
 
 
 def test_users_file_requires_hashes(tmp_path):

@@ -24,7 +24,7 @@ without resetting passwords, bcrypt (``$2y$``/``$2b$``, Dovecot ``{BLF-CRYPT}``)
 
 from __future__ import annotations
 
-import asyncio
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -35,9 +35,39 @@ from passlib.hash import sha512_crypt
 
 from .files import load_yaml
 
+# argon2-cffi's defaults (RFC 9106's second recommended option: t=3, 64 MiB, p=4), stronger than
+# OWASP's minimum for argon2id (19 MiB with t=2, or an equivalent memory x time).
+ARGON2_DEFAULTS = {"time_cost": 3, "memory_kib": 65536, "parallelism": 4}
 _hasher = PasswordHasher()
-# Unknown logins are checked against this so that they cost what a known login costs.
-_DUMMY_HASH = _hasher.hash("submitd-dummy-password")
+_dummy: str | None = None
+
+
+def check_argon2_parameters(time_cost: int, memory_kib: int, parallelism: int) -> None:
+    """Refuse parameters weaker than OWASP's argon2id minimum (m >= 7 MiB and m x t >= 35 MiB,
+    the weakest of its equivalent configurations: 46/1, 19/2, 12/3, 9/4, 7/5 MiB/passes)."""
+    if time_cost < 1 or parallelism < 1 or memory_kib < 7168 or memory_kib * time_cost < 35840:
+        raise ValueError(
+            f"argon2id t={time_cost} m={memory_kib} KiB p={parallelism} is weaker than OWASP's minimum "
+            "(for example t=2 with m=19456 KiB)"
+        )
+
+
+def configure_hashing(time_cost: int, memory_kib: int, parallelism: int) -> None:
+    """The argon2id parameters of new hashes (and of the dummy hash unknown logins cost).
+    Existing hashes carry their own parameters and keep verifying."""
+    global _hasher, _dummy
+    check_argon2_parameters(time_cost, memory_kib, parallelism)
+    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+    _dummy = None
+
+
+def dummy_hash() -> str:
+    """A hash no password matches, at the configured parameters: unknown logins are checked
+    against it so that they cost what a known login costs."""
+    global _dummy
+    if _dummy is None:
+        _dummy = _hasher.hash(os.urandom(16).hex())
+    return _dummy
 _SCHEME = re.compile(r"^\{([A-Z0-9-]+)\}")
 
 
@@ -104,8 +134,12 @@ class UserDB:
 
     @classmethod
     def load(cls, path: str, dovecot_passwd: str | None = None) -> "UserDB":
-        users = load_dovecot_passwd(dovecot_passwd) if dovecot_passwd else {}
-        data = load_yaml(path)
+        return cls.from_mapping(load_yaml(path), load_dovecot_passwd(dovecot_passwd) if dovecot_passwd else {})
+
+    @classmethod
+    def from_mapping(cls, data: dict, users: dict[str, User] | None = None) -> "UserDB":
+        """The users file's content (``users`` and ``aliases``) over ``users`` already read."""
+        users = dict(users or {})
         for login, entry in (data.get("users") or {}).items():
             if not isinstance(entry, dict) or not entry.get("password"):
                 raise ValueError(f"user {login!r}: a password hash is required")
@@ -124,18 +158,6 @@ class UserDB:
             )
         aliases = {normalize(str(a)): frozenset(str(u) for u in logins or []) for a, logins in (data.get("aliases") or {}).items()}
         return cls(users, aliases)
-
-    async def authenticate(self, login: str, password: str) -> User | None:
-        """The user if the password matches and the account is active, else None.
-
-        Hash verification is deliberately slow: it runs off the event loop.
-        """
-        user = self.users.get(login)
-        hashed = user.password_hash if user else _DUMMY_HASH
-        ok = await asyncio.to_thread(verify_password, hashed, password)
-        if not ok or user is None or user.suspended:
-            return None
-        return user
 
 
 def load_dovecot_passwd(path: str) -> dict[str, User]:

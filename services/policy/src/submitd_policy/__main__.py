@@ -16,7 +16,7 @@ from submitd_common.telemetry import setup_telemetry
 from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
-from submitd_common.users import UserDB
+from submitd_common.users import ARGON2_DEFAULTS, UserDB, configure_hashing, hash_password
 
 log = logging.getLogger("submitd.policy")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
@@ -25,6 +25,7 @@ SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
 async def amain() -> None:
     settings = Settings()
     setup_logging("policy", settings.log_level)
+    configure_hashing(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     provider = setup_telemetry("policy")
     users = WatchedFile(
         settings.users_file, lambda path: UserDB.load(path, settings.dovecot_passwd_file), settings.reload_interval
@@ -58,10 +59,30 @@ async def amain() -> None:
     await stop_health()
     await stop_watch()
     await jetstream.close(nc)
+    service.authenticator.close()
     provider.shutdown()
 
 
+def hash_password_command() -> None:
+    """`submitd-policy hash-password`: an argon2id hash, at the configured parameters, of a
+    password read from standard input (prompted for on a terminal), for the users file."""
+    import getpass
+    import sys
+
+    prefix = Settings.model_config["env_prefix"]
+    configure_hashing(**{k: int(os.environ.get(f"{prefix}ARGON2_{k.upper()}", v)) for k, v in ARGON2_DEFAULTS.items()})
+    password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        sys.exit("an empty password")
+    print(hash_password(password))
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["hash-password"]:
+        hash_password_command()
+        return
     lifecycle.run(amain)
 
 

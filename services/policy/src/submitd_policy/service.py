@@ -15,6 +15,7 @@ from submitd_common.replies import reply
 
 from . import rules
 from .counters import Counters, key_part
+from .credentials import Authenticator, HashingBusy
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
 from submitd_common.users import UserDB
@@ -70,6 +71,13 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
         self.counters = authfail
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_networks]
         self.errors = ErrorLog(settings.error_log_per_minute)
+        self.authenticator = Authenticator(
+            users,
+            concurrency=settings.password_hash_concurrency,
+            queue=settings.password_hash_queue,
+            cache_seconds=settings.auth_cache_seconds,
+            cache_entries=settings.auth_cache_entries,
+        )
 
     def context(self) -> rules.Context:
         return rules.Context(self.settings, self.users.value, self.rates)
@@ -190,8 +198,11 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             # Locked for this login from this address only: the user elsewhere is not affected.
             await asyncio.sleep(self.settings.auth_failure_delay)
             return rules.refuse(454, "4.7.0", "Temporary authentication failure, try again later")
-        users = self.users.value
-        user = await users.authenticate(creds.login, creds.password)
+        try:
+            user = await self.authenticator.authenticate(creds.login, creds.password)
+        except HashingBusy:
+            log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return rules.refuse(454, "4.7.0", "Temporary authentication failure, try again later")
         if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
             user = None
         if user is None:

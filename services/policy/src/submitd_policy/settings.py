@@ -4,6 +4,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from submitd_common.config import ServiceSettings
+from submitd_common.users import ARGON2_DEFAULTS
 
 
 class Settings(ServiceSettings):
@@ -41,4 +42,19 @@ class Settings(ServiceSettings):
     )
     auth_lockout_seconds: int = Field(900, description="Failures are forgotten this long after the last one")
     auth_failure_delay: float = Field(1.0, description="Seconds every failed AUTH waits before its reply")
+    auth_cache_seconds: float = Field(
+        3600, description="How long a verified login/password stays cached (0: no cache); a changed users entry drops it"
+    )
+    auth_cache_entries: int = Field(100_000, description="Most cached verified logins (least recently used go first)")
+    password_hash_concurrency: int = Field(
+        2,
+        description="Password verifications at once, in threads; memory is bounded by this times the hash's "
+        "memory cost (2 x 64 MiB at argon2id's default)",
+    )
+    password_hash_queue: int = Field(
+        64, description="AUTHs that may wait for a hashing thread; past that, 454 4.7.0 at once"
+    )
+    argon2_time_cost: int = Field(ARGON2_DEFAULTS["time_cost"], description="argon2id passes for new hashes (hash-password)")
+    argon2_memory_kib: int = Field(ARGON2_DEFAULTS["memory_kib"], description="argon2id memory for new hashes, KiB")
+    argon2_parallelism: int = Field(ARGON2_DEFAULTS["parallelism"], description="argon2id lanes for new hashes")
     error_log_per_minute: int = Field(10, description="RFC 6409 §5.2 error log lines per client per minute")

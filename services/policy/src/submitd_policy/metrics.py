@@ -1,0 +1,20 @@
+"""Prometheus metrics of the policy service (no logins or addresses in labels)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+AUTH_CACHE = Counter("submitd_policy_auth_cache_total", "AUTH credential cache look-ups", ["result"])
+PASSWORD_VERIFICATIONS = Counter(
+    "submitd_policy_password_verifications_total",
+    "Password hash verifications by result (busy: refused because the hashing queue was full)",
+    ["result"],
+)
+PASSWORD_HASH_PENDING = Gauge("submitd_policy_password_hash_pending", "Verifications running or waiting")
+PASSWORD_HASH_SECONDS = Histogram(
+    "submitd_policy_password_hash_seconds", "Wall time of one verification (waiting for a thread included)",
+    buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+for _result in ("hit", "miss"):
+    AUTH_CACHE.labels(_result)
+for _result in ("match", "mismatch", "busy"):
+    PASSWORD_VERIFICATIONS.labels(_result)
