@@ -40,9 +40,15 @@ def test_one_trace_from_connect_to_delivery(make_stack, otlp):
     ids = {s.span_id: s for s in trace}
 
     assert session.kind == "SERVER" and session.parent_id == "" and session.service == "frontend"
-    for name in ("smtp.auth", "smtp.mail", "smtp.rcpt", "smtp.data"):
+    # Spans where time goes (AUTH, each message, each hop); per-command detail as events.
+    for name in ("smtp.auth", "smtp.data"):
         [span] = by_name(trace, name)
         assert span.parent_id == session.span_id, name
+    assert not by_name(trace, "smtp.mail") and not by_name(trace, "smtp.rcpt")
+    events = dict(session.events)
+    assert events["smtp.mail"] == {"smtp.mail_from": "example.test", "smtp.reply.code": 250}, \
+        "addresses: the domain only, unless an operator turns full addresses on"
+    assert events["smtp.rcpt"] == {"smtp.rcpt_to": "example.net", "smtp.reply.code": 250}
     [data] = by_name(trace, "smtp.data")
     [publish] = [s for s in trace if s.kind == "PRODUCER"]
     assert publish.parent_id == data.span_id and publish.attributes["messaging.system"] == "nats"
@@ -50,18 +56,25 @@ def test_one_trace_from_connect_to_delivery(make_stack, otlp):
     assert deliver.attributes["submitd.attempt"] == 1 and deliver.attributes["submitd.outcome"] == "delivered"
     queue_id = data.attributes["submitd.queue_id"]
     assert publish.attributes["submitd.queue_id"] == deliver.attributes["submitd.queue_id"] == queue_id
+    # The relay's own hops: a new connection to the next hop (TCP, TLS, EHLO) and the transaction.
+    [connect] = by_name(trace, "smtp.connect")
+    [transaction] = by_name(trace, "smtp.transaction")
+    assert connect.parent_id == transaction.parent_id == deliver.span_id
+    assert transaction.kind == "CLIENT" and transaction.attributes["submitd.delivered"] == 1
 
-    # gRPC calls: client span in the frontend, server span in the service, one trace.
-    policy_server = [s for s in trace if s.service == "policy" and s.kind == "SERVER"]
-    rewriter_server = [s for s in trace if s.service == "rewriter" and s.kind == "SERVER"]
-    assert policy_server and rewriter_server
-    for server in policy_server + rewriter_server:
-        client_span = ids[server.parent_id]
-        assert client_span.kind == "CLIENT" and client_span.service == "frontend"
+    # Calls to policy and rewriter: a client span in the frontend, the server span in the
+    # service, one trace.
+    [auth] = by_name(trace, "smtp.auth")
+    [policy_server] = [s for s in trace if s.service == "policy"]
+    assert policy_server.kind == "SERVER" and policy_server.parent_id == auth.span_id and auth.kind == "CLIENT"
+    assert policy_server.attributes["smtp.reply.code"] == 235
+    [rewriter_server] = [s for s in trace if s.service == "rewriter"]
+    rewriter_client = ids[rewriter_server.parent_id]
+    assert rewriter_server.kind == "SERVER" and rewriter_client.kind == "CLIENT"
+    assert rewriter_client.service == "frontend" and rewriter_client.parent_id == data.span_id
     assert "smtp.message.size" in data.attributes and data.attributes["smtp.recipients.count"] == 1
+    assert len(trace) == 10, sorted(s.name for s in trace)
 
-    # Addresses: the domain only, unless an operator turns full addresses on.
-    assert by_name(trace, "smtp.mail")[0].attributes["smtp.mail_from"] == "example.test"
     # Health checks make no spans.
     assert not [s for s in spans if "health" in s.name.lower()]
 

@@ -63,16 +63,47 @@ def test_relay_killed_after_next_hop_kept_it_but_before_the_reply_gives_two_copi
 
 
 def test_relay_killed_after_recording_the_delivery_sends_no_second_copy(make_stack, sink):
-    stack = relay_only(make_stack, ACK_WAIT=2, FAILPOINT="after-record")
-    qid = queue(stack, envelope(), body("recorded"))
+    # Records are kept for messages that are not done in one attempt: here bob is delivered,
+    # carol deferred, and the relay dies right after writing that down.
+    stack = relay_only(make_stack, ACK_WAIT=2, RETRY_SCHEDULE="[30]", FAILPOINT="after-record")
+    sink.handler.rcpt_replies["carol@example.net"] = "451 4.2.1 carol's mailbox busy"
+    qid = queue(stack, envelope(["bob@example.net", "carol@example.net"]), body("recorded"))
     sink.handler.wait_for(1, 15)
     eventually(lambda: "failpoint after-record reached" in stack.log_tail("relay", 5))
     stack.stop_service("relay", sig=signal.SIGKILL)
     del stack.extra_env["relay"]["FAILPOINT"]
+    del sink.handler.rcpt_replies["carol@example.net"]
     stack.start_service("relay")
-    eventually(lambda: queue_depth(stack) == 0)  # redelivered, found done, acknowledged
-    assert f'"queue_id": "{qid}"' in stack.log_tail("relay", 20) and "already delivered" in stack.log_tail("relay", 20)
-    assert len(sink.handler.messages) == 1, "delivery is idempotent by queue id"
+    # Redelivered after ACK_WAIT (the kill came before the nak and its 30 s delay).
+    eventually(lambda: len(sink.handler.messages) == 2, timeout=20)
+    eventually(lambda: queue_depth(stack) == 0)
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["bob@example.net"], ["carol@example.net"]], \
+        "bob, recorded as delivered, is not sent again"
+    assert f'"queue_id": "{qid}"' in stack.log_path("relay").read_text()
+
+
+def test_a_first_delivery_writes_no_record(make_stack, sink):
+    stack = relay_only(make_stack)
+    qid = queue(stack, envelope(), body("no record"))
+    sink.handler.wait_for(1, 15)
+    eventually(lambda: queue_depth(stack) == 0)
+    assert asyncio.run(record_of(stack, qid)) is None, "delivered in full at once: its ack is its record"
+
+
+async def record_of(stack, queue_id: str):
+    from nats.js.errors import KeyNotFoundError
+
+    from submitd_common import jetstream
+
+    nc = await nats.connect(stack.nats.url)
+    try:
+        kv = await nc.jetstream().key_value(jetstream.DELIVERY_BUCKET)
+        try:
+            return (await kv.get(queue_id)).value
+        except KeyNotFoundError:
+            return None
+    finally:
+        await nc.close()
 
 
 def test_next_hop_dropping_the_connection_is_retried(make_stack, sink):

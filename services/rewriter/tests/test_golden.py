@@ -147,9 +147,7 @@ async def test_message_without_final_crlf_is_completed_and_signed():
 
     service = RewriterService(Settings(message_id_domain="mx.example.net"))
     for message in (b"From: alice@example.net\r\nSubject: no body, no CRLF", b"From: a@example.net\r\n\r\nlast line"):
-        result = await service.RewriteWhole(
-            rewriter_pb2.WholeMessage(envelope=common_pb2.Envelope(), message=message), None
-        )
+        result = service.rewrite_whole(rewriter_pb2.WholeMessage(envelope=common_pb2.Envelope(), message=message))
         out = result.accepted.message
         assert out.startswith(message.split(b"\r\n\r\n")[0].split(b"\r\nSubject")[0])
         assert b"\r\n" + DATE in out and b"\r\n" + MSGID in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health_pb2
@@ -18,13 +19,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Health:
-    """Runs named checks every ``interval`` seconds; serving means every check passed.
+    """Runs named checks every ``interval`` seconds, and on demand when a probe asks
+    (``fresh()``); serving means every check passed.
 
     ``services`` are the gRPC service names whose status follows the overall result
     (the empty name, the whole server, always does).
     """
 
-    def __init__(self, services: list[str] | None = None, interval: float = 1.0) -> None:
+    def __init__(self, services: list[str] | None = None, interval: float = 5.0) -> None:
         self.servicer = HealthServicer()
         self.services = ["", *(services or [])]
         self.interval = interval
@@ -32,6 +34,7 @@ class Health:
         self.results: dict[str, bool] = {}
         self.draining = False
         self._task: asyncio.Task | None = None
+        self.checked_at = 0.0
 
     def add_check(self, name: str, check: Check) -> None:
         self.checks[name] = check
@@ -40,12 +43,19 @@ class Health:
     def ready(self) -> bool:
         return not self.draining and bool(self.results) and all(self.results.values())
 
+    async def fresh(self, max_age: float = 1.0) -> bool:
+        """The result, checked again if the last check is older than ``max_age`` seconds."""
+        if time.monotonic() - self.checked_at > max_age:
+            return await self.check_now()
+        return self.ready
+
     async def check_now(self) -> bool:
+        self.checked_at = time.monotonic()
         for name, check in self.checks.items():
             try:
                 result = check()
                 if inspect.isawaitable(result):
-                    result = await asyncio.wait_for(result, timeout=max(self.interval, 1.0))
+                    result = await asyncio.wait_for(result, timeout=1.0)
                 ok = bool(result)
             except Exception as e:  # a failing check is an unhealthy dependency, not a crash
                 log.debug("health check %s failed: %s", name, e)

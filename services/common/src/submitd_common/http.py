@@ -23,6 +23,7 @@ def health_app(health: Health, title: str) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(response: Response) -> dict:
+        await health.fresh()
         if not health.ready:
             response.status_code = 503
         return {"ready": health.ready, "draining": health.draining, "checks": health.results}
@@ -35,10 +36,20 @@ def health_app(health: Health, title: str) -> FastAPI:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.exit_requested = asyncio.Event()
+
     # The service owns SIGTERM/SIGINT; uvicorn must not take them over.
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+    async def main_loop(self) -> None:
+        # uvicorn's loop wakes ten times a second to refresh its Date header; with no Date
+        # header an idle service need not wake at all.
+        await self.on_tick(0)
+        await self.exit_requested.wait()
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -48,7 +59,10 @@ def split_hostport(value: str) -> tuple[str, int]:
 
 async def serve_http(app: FastAPI, host: str, port: int) -> tuple[int, Callable[[], Awaitable[None]]]:
     """Serve ``app`` on the running loop. Returns the bound port and a finalizer."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+        date_header=False, server_header=False,
+    )
     server = _Server(config)
     task = asyncio.create_task(server.serve(), name="http")
     while not server.started:
@@ -59,6 +73,7 @@ async def serve_http(app: FastAPI, host: str, port: int) -> tuple[int, Callable[
 
     async def stop() -> None:
         server.should_exit = True
+        server.exit_requested.set()
         await task
 
     return bound, stop

@@ -22,6 +22,8 @@ COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
 # Per-queue-id delivery record: recipients done, attempts and their replies (relay).
 DELIVERY_BUCKET = "SUBMITD_DELIVERY"
+# On a queue entry: a delivery record may exist for its queue id (an admin retry's copy).
+RECORD_HEADER = "Submitd-Record"
 # Outcome events (core NATS, outside the queue stream): submitd.events.<delivered|deferred|bounced|...>
 EVENTS_PREFIX = "submitd.events"
 

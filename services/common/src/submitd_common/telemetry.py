@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
 
 
 _UNTRACED = ("/grpc.health.v1.Health/",)
@@ -44,29 +45,49 @@ def _configured_sampler() -> Sampler:
 def setup_telemetry(service_name: str) -> TracerProvider:
     """Install a tracer provider; export over OTLP when an endpoint is configured.
 
-    Sampling follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (read by the SDK).
-    Health checks are filtered out of the gRPC server spans.
+    Sampling follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (read by the SDK). With no
+    exporter and no sampler configured, nothing is recorded (spans would be built only to be
+    dropped), though trace ids are still made, so that log lines of one message still join.
+
+    gRPC calls are traced by ``client_call`` and ``server_call`` rather than by the gRPC
+    instrumentation's interceptors, which cost more than the calls they measured (and would
+    turn a long-lived stream that carries many sessions into one span of one session's trace).
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(NoHealthChecks(_configured_sampler())))
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true" and (
+    exporting = os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true" and bool(
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    ):
+    )
+    base = _configured_sampler() if exporting or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+    provider = TracerProvider(resource=resource, sampler=ParentBased(NoHealthChecks(base)))
+    if exporting:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-
-    from opentelemetry.instrumentation.grpc import (
-        GrpcAioInstrumentorClient,
-        GrpcAioInstrumentorServer,
-        filters,
-    )
-
-    no_health = filters.negate(filters.health_check())
-    GrpcAioInstrumentorServer().instrument(filter_=no_health)
-    GrpcAioInstrumentorClient().instrument(filter_=no_health)
     return provider
+
+
+def _rpc_attributes(full_method: str) -> dict[str, str]:
+    service, _, method = full_method.strip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+
+@contextlib.contextmanager
+def client_call(tracer: trace.Tracer, full_method: str) -> Iterator[tuple[trace.Span, tuple[tuple[str, str], ...]]]:
+    """A CLIENT span for a gRPC call, and the call's metadata carrying its context:
+    ``with client_call(tracer, "/submitd.v1.Rewriter/RewriteWhole") as (span, metadata)``."""
+    with tracer.start_as_current_span(full_method.strip("/"), kind=trace.SpanKind.CLIENT,
+                                      attributes=_rpc_attributes(full_method)) as span:
+        yield span, tuple(inject_context().items())
+
+
+@contextlib.contextmanager
+def server_call(tracer: trace.Tracer, full_method: str, context) -> Iterator[trace.Span]:
+    """The SERVER span of a gRPC call, a child of the caller's span (from the call's metadata)."""
+    parent = extract_context({k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)})
+    with tracer.start_as_current_span(full_method.strip("/"), context=parent, kind=trace.SpanKind.SERVER,
+                                      attributes=_rpc_attributes(full_method)) as span:
+        yield span
 
 
 def inject_context() -> dict[str, str]:

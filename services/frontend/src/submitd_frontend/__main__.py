@@ -16,6 +16,7 @@ from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
 from .backends import QueueWriter
+from .policy_client import PolicyStreams
 from .settings import Settings
 from .smtp import Backends, Sessions, SubmissionSMTP
 
@@ -64,7 +65,10 @@ async def amain() -> None:
     rewriter_ch = grpcutil.channel(settings.rewriter_target, grpc_tls)
     backends = Backends(
         settings=settings,
-        policy=policy_pb2_grpc.PolicyStub(policy_ch),
+        policy=PolicyStreams(
+            policy_pb2_grpc.PolicyStub(policy_ch), policy_ch, streams=settings.policy_streams,
+            timeout=settings.policy_timeout, connect_timeout=settings.backend_connect_timeout,
+        ),
         rewriter=rewriter_pb2_grpc.RewriterStub(rewriter_ch),
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
         policy_channel=policy_ch,
@@ -115,6 +119,7 @@ async def amain() -> None:
     await stop_http()
     await stop_health()
     await jetstream.close(nc)
+    await backends.policy.close()
     await policy_ch.close()
     await rewriter_ch.close()
     provider.shutdown()

@@ -12,10 +12,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
+from submitd.v1 import common_pb2, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import jetstream
 from submitd_common.replies import reply
-from submitd_common.telemetry import inject_context
+from submitd_common.telemetry import client_call, inject_context
 
 tracer = trace.get_tracer("submitd.frontend")
 
@@ -49,55 +49,16 @@ async def ready(channel: grpc.aio.Channel, timeout: float, down: common_pb2.Repl
         raise BackendUnavailable(down) from e
 
 
-class PolicySession:
-    """One bidirectional stream per SMTP session: every event gets one verdict, in order."""
-
-    def __init__(self, stub: policy_pb2_grpc.PolicyStub, timeout: float) -> None:
-        self.call = stub.Session()
-        self.timeout = timeout
-        self.broken = False
-
-    async def ask(self, **event) -> policy_pb2.Verdict:
-        if self.broken:
-            raise BackendUnavailable(POLICY_DOWN)
-        try:
-            await asyncio.wait_for(self.call.write(policy_pb2.SessionEvent(**event)), self.timeout)
-            verdict = await asyncio.wait_for(self.call.read(), self.timeout)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
-            self.broken = True
-            log.warning("policy unavailable: %r", e)
-            raise BackendUnavailable(POLICY_DOWN) from e
-        if verdict is grpc.aio.EOF:
-            self.broken = True
-            raise BackendUnavailable(POLICY_DOWN)
-        return verdict
-
-    async def close(self) -> None:
-        # End the stream the orderly way (half-close, then read to the end): the call and its
-        # client span then finish, and the trace shows the session's policy stream.
-        if not self.broken:
-            try:
-                await asyncio.wait_for(self._finish(), 1.0)
-                return
-            except Exception:
-                pass
-        self.call.cancel()
-
-    async def _finish(self) -> None:
-        await self.call.done_writing()
-        while await self.call.read() is not grpc.aio.EOF:
-            pass
-
-
 async def rewrite(
     stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
 ) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
     """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
     if len(message) <= CHUNK:
         try:
-            result = await stub.RewriteWhole(
-                rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout
-            )
+            with client_call(tracer, "/submitd.v1.Rewriter/RewriteWhole") as (span, metadata):
+                result = await stub.RewriteWhole(
+                    rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout, metadata=metadata
+                )
         except grpc.aio.AioRpcError as e:
             log.warning("rewriter unavailable: %s %s", e.code(), e.details())
             raise BackendUnavailable(REWRITER_DOWN) from e
@@ -115,17 +76,18 @@ async def rewrite(
     parts: list[bytes] = []
     prepend = b""
     try:
-        call = stub.Rewrite(requests(), timeout=timeout)
-        async for resp in call:
-            kind = resp.WhichOneof("part")
-            if kind == "reject":
-                return None, resp.reject
-            if kind == "envelope":
-                out_envelope = resp.envelope
-            elif kind == "prepend":
-                prepend = resp.prepend
-            else:
-                parts.append(resp.chunk)
+        with client_call(tracer, "/submitd.v1.Rewriter/Rewrite") as (span, metadata):
+            call = stub.Rewrite(requests(), timeout=timeout, metadata=metadata)
+            async for resp in call:
+                kind = resp.WhichOneof("part")
+                if kind == "reject":
+                    return None, resp.reject
+                if kind == "envelope":
+                    out_envelope = resp.envelope
+                elif kind == "prepend":
+                    prepend = resp.prepend
+                else:
+                    parts.append(resp.chunk)
     except grpc.aio.AioRpcError as e:
         log.warning("rewriter unavailable: %s %s", e.code(), e.details())
         raise BackendUnavailable(REWRITER_DOWN) from e

@@ -25,21 +25,21 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP
 from opentelemetry import trace
 
-from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2_grpc
+from submitd.v1 import common_pb2, policy_pb2, rewriter_pb2_grpc
 from submitd_common.addresses import AddressError, split_path
 from submitd_common.ids import new_queue_id
 from submitd_common.replies import render
+from submitd_common.telemetry import inject_context
 
 from .backends import (
-    POLICY_DOWN,
     QUEUE_DOWN,
     REWRITER_DOWN,
     BackendUnavailable,
-    PolicySession,
     QueueWriter,
     ready,
     rewrite,
 )
+from .policy_client import PolicySession, PolicyStreams
 from . import metrics
 from .settings import Settings
 
@@ -75,7 +75,7 @@ def message_problem(message: bytes) -> str | None:
 @dataclass
 class Backends:
     settings: Settings
-    policy: policy_pb2_grpc.PolicyStub
+    policy: PolicyStreams
     rewriter: rewriter_pb2_grpc.RewriterStub
     queue: QueueWriter
     policy_channel: grpc.aio.Channel
@@ -224,28 +224,20 @@ class SubmissionSMTP(SMTP):
                     await self.push(refusal)
                     self.transport.close()
                     return
-                try:
-                    await ready(self.backends.policy_channel, self.settings.backend_connect_timeout, POLICY_DOWN)
-                    self.policy = PolicySession(self.backends.policy, self.settings.policy_timeout)
-                    verdict = await self.policy.ask(
-                        connect=policy_pb2.Connect(
-                            session_id=self.session_id,
-                            peer_address=str(peer[0]),
-                            peer_port=int(peer[1]) if len(peer) > 1 else 0,
-                            local_port=sockname[1] if sockname else 0,
-                            implicit_tls=self.implicit_tls,
-                            tls=self._tls_info(),
-                            proxy_address=proxy_address,
-                        )
+                # Policy hears of the connection with the session's first question: a client
+                # that connects and leaves, or never gets that far, costs policy nothing.
+                self.policy = self.backends.policy.session(self.session_id)
+                self.policy.note(
+                    connect=policy_pb2.Connect(
+                        session_id=self.session_id,
+                        peer_address=str(peer[0]),
+                        peer_port=int(peer[1]) if len(peer) > 1 else 0,
+                        local_port=sockname[1] if sockname else 0,
+                        implicit_tls=self.implicit_tls,
+                        tls=self._tls_info(),
+                        proxy_address=proxy_address,
                     )
-                except BackendUnavailable as e:
-                    await self.push(render(e.reply))
-                    self.transport.close()
-                    return
-                if not verdict.accept:
-                    await self.push(render(verdict.reply))
-                    self.transport.close()
-                    return
+                )
                 await self.push(f"220 {self.hostname} ESMTP submitd")
                 await self._command_loop()
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -263,13 +255,7 @@ class SubmissionSMTP(SMTP):
                     }},
                 )
                 if self.policy is not None:
-                    # aiosmtpd may cancel this task again (EOF, then connection lost): the
-                    # stream's orderly end must still run, or its span is never finished.
-                    closing = asyncio.ensure_future(self.policy.close())
-                    try:
-                        await asyncio.shield(closing)
-                    except asyncio.CancelledError:
-                        pass
+                    self.policy.close()
                 if self.transport is not None:
                     self.transport.close()
 
@@ -380,6 +366,11 @@ class SubmissionSMTP(SMTP):
         with metrics.BACKEND_LATENCY.labels("policy").time():
             return await self.policy.ask(**event)
 
+    def note(self, **event) -> None:
+        """A step policy hears of with the session's next question (it decides nothing now)."""
+        assert self.policy is not None
+        self.policy.note(**event)
+
     def _address_attribute(self, address: str) -> str:
         # Full addresses on traces only where the operator wants them; the domain otherwise.
         return address if self.settings.trace_addresses else address.rpartition("@")[2]
@@ -407,10 +398,7 @@ class SubmissionSMTP(SMTP):
         if not hostname:
             await self.push(f"501 5.5.4 Syntax: {verb} hostname")
             return
-        verdict = await self.ask(helo=policy_pb2.Helo(hostname=hostname, extended=extended))
-        if not verdict.accept:
-            await self.refuse_or(verdict, "")
-            return
+        self.note(helo=policy_pb2.Helo(hostname=hostname, extended=extended))
         assert self.session is not None
         self._set_rset_state()
         self.session.extended_smtp = extended
@@ -444,7 +432,7 @@ class SubmissionSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
         if self._tls_protocol is not None:
             metrics.TLS.labels(self._tls_info().version or "unknown").inc()
-            await self.ask(tls_started=policy_pb2.TlsStarted(tls=self._tls_info()))
+            self.note(tls_started=policy_pb2.TlsStarted(tls=self._tls_info()))
 
     async def smtp_NOOP(self, arg: str):
         await self.push("250 2.0.0 OK")
@@ -490,8 +478,12 @@ class SubmissionSMTP(SMTP):
                 except (binascii.Error, ValueError):
                     await self.push("501 5.5.2 Cannot decode base64")
                     return
-        with tracer.start_as_current_span("smtp.auth", attributes={"smtp.auth.mechanism": args[0].upper()}) as span:
+        # A span of its own, and policy's side of it as its child: a slow password hash shows here.
+        with tracer.start_as_current_span(
+            "smtp.auth", kind=trace.SpanKind.CLIENT, attributes={"smtp.auth.mechanism": args[0].upper()}
+        ) as span:
             verdict = await self.ask(
+                trace_context=inject_context(),
                 auth_start=policy_pb2.AuthStart(
                     mechanism=args[0].upper(), has_initial_response=len(args) == 2, initial_response=initial
                 )
@@ -501,7 +493,9 @@ class SubmissionSMTP(SMTP):
                 line = await self._reader.readline()
                 blob = line.rstrip(b"\r\n")
                 if blob == b"*":
-                    verdict = await self.ask(auth_response=policy_pb2.AuthResponse(cancelled=True))
+                    verdict = await self.ask(
+                        trace_context=inject_context(), auth_response=policy_pb2.AuthResponse(cancelled=True)
+                    )
                     break
                 try:
                     data = base64.b64decode(blob, validate=True)
@@ -509,7 +503,7 @@ class SubmissionSMTP(SMTP):
                     await self.ask(auth_response=policy_pb2.AuthResponse(cancelled=True))
                     await self.push("501 5.5.2 Cannot decode base64")
                     return
-                verdict = await self.ask(auth_response=policy_pb2.AuthResponse(data=data))
+                verdict = await self.ask(trace_context=inject_context(), auth_response=policy_pb2.AuthResponse(data=data))
             span.set_attribute("smtp.reply.code", verdict.reply.code)
         metrics.AUTH.labels("success" if verdict.accept else str(verdict.reply.code or "error")).inc()
         if verdict.accept:
@@ -563,9 +557,10 @@ class SubmissionSMTP(SMTP):
         if problem:
             await self.push(problem)
             return
-        with tracer.start_as_current_span("smtp.mail", attributes={"smtp.mail_from": self._address_attribute(address)}) as span:
-            verdict = await self.ask(mail_from=policy_pb2.MailFrom(address=address, parameters=params))
-            span.set_attribute("smtp.reply.code", verdict.reply.code or 250)
+        verdict = await self.ask(mail_from=policy_pb2.MailFrom(address=address, parameters=params))
+        # Per-command detail is an event on the session's span, not a span of its own.
+        trace.get_current_span().add_event("smtp.mail", {
+            "smtp.mail_from": self._address_attribute(address), "smtp.reply.code": verdict.reply.code or 250})
         if verdict.accept:
             self.envelope.mail_from = verdict.address or address
             self.envelope.mail_options = [f"{k}={v}" if v else k for k, v in params.items()]
@@ -605,9 +600,9 @@ class SubmissionSMTP(SMTP):
         if len(self.envelope.rcpt_tos) >= self.backends.settings.max_recipients:
             await self.push("452 4.5.3 Too many recipients")
             return
-        with tracer.start_as_current_span("smtp.rcpt", attributes={"smtp.rcpt_to": self._address_attribute(address)}) as span:
-            verdict = await self.ask(rcpt_to=policy_pb2.RcptTo(address=address, parameters=params))
-            span.set_attribute("smtp.reply.code", verdict.reply.code or 250)
+        verdict = await self.ask(rcpt_to=policy_pb2.RcptTo(address=address, parameters=params))
+        trace.get_current_span().add_event("smtp.rcpt", {
+            "smtp.rcpt_to": self._address_attribute(address), "smtp.reply.code": verdict.reply.code or 250})
         if verdict.accept:
             self.envelope.rcpt_tos.append(verdict.address or address)
             self.envelope.rcpt_options.append(params)
@@ -616,7 +611,7 @@ class SubmissionSMTP(SMTP):
     async def smtp_RSET(self, arg: str):
         self._set_rset_state()
         self._end_bdat()
-        await self.ask(reset=policy_pb2.Reset())
+        self.note(reset=policy_pb2.Reset())
         await self.push("250 2.0.0 OK")
 
     async def smtp_DATA(self, arg: str) -> None:

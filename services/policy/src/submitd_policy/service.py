@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 
 import grpc
+from opentelemetry import trace
 
 from submitd.v1 import policy_pb2, policy_pb2_grpc
 from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
+from submitd_common.telemetry import extract_context
 
 from . import rules
 from .counters import Counters, key_part
@@ -21,6 +24,7 @@ from .settings import Settings
 from submitd_common.users import UserDB
 
 log = logging.getLogger("submitd.policy")
+tracer = trace.get_tracer("submitd.policy")
 
 ACCEPT = policy_pb2.Verdict(accept=True)
 
@@ -82,18 +86,79 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
     def context(self) -> rules.Context:
         return rules.Context(self.settings, self.users.value, self.rates)
 
-    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
-        state = rules.SessionState()
-        async for event in request_iterator:
-            kind = event.WhichOneof("event")
+    async def Sessions(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Many SMTP sessions over one stream. Each request runs as its own task, so a slow
+        one (a password hash) never holds up the others; replies go out as they are ready,
+        batched with whatever else is ready."""
+        states: dict[str, rules.SessionState] = {}
+        ready: asyncio.Queue[policy_pb2.SessionReply | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def serve(request: policy_pb2.SessionRequest, state: rules.SessionState) -> None:
+            ready.put_nowait(policy_pb2.SessionReply(id=request.id, verdicts=await self.answer(state, request)))
+
+        async def read_requests() -> None:
             try:
-                verdict = await self.decide(state, kind, getattr(event, kind))
-            except Exception:
-                log.exception("policy failure on %s", kind)
-                verdict = policy_pb2.Verdict(accept=False, reply=reply(451, "4.3.0", "Temporary policy failure"))
-            if not verdict.accept and not verdict.has_challenge:
-                self.errors.refused(state, kind, verdict)
-            yield verdict
+                async for batch in request_iterator:
+                    for request in batch.requests:
+                        if request.end:
+                            states.pop(request.session_id, None)
+                            continue
+                        state = states.get(request.session_id)
+                        if state is None:
+                            state = states[request.session_id] = rules.SessionState(session_id=request.session_id)
+                        task = asyncio.create_task(serve(request, state))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                ready.put_nowait(None)  # the frontend half-closed, or the stream broke
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while True:
+                first = await ready.get()
+                if first is None:
+                    break
+                replies = [first]
+                while not ready.empty():
+                    more = ready.get_nowait()
+                    if more is None:
+                        yield policy_pb2.VerdictBatch(replies=replies)
+                        return
+                    replies.append(more)
+                yield policy_pb2.VerdictBatch(replies=replies)
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await reader  # a broken stream's error: the frontend sees it on its side
+
+    async def answer(self, state: rules.SessionState, request: policy_pb2.SessionRequest) -> list[policy_pb2.Verdict]:
+        """One verdict per event, in order. An AUTH step is traced as a child of the frontend's
+        span that asked (it is where a slow password hash shows); other steps are not."""
+        if request.trace_context and any(e.WhichOneof("event") in ("auth_start", "auth_response") for e in request.events):
+            with tracer.start_as_current_span(
+                "policy.auth", context=extract_context(request.trace_context), kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": "submitd.v1.Policy", "rpc.method": "Sessions"},
+            ) as span:
+                verdicts = [await self.step(state, e) for e in request.events]
+                span.set_attribute("smtp.reply.code", verdicts[-1].reply.code)
+                return verdicts
+        return [await self.step(state, e) for e in request.events]
+
+    async def step(self, state: rules.SessionState, event: policy_pb2.SessionEvent) -> policy_pb2.Verdict:
+        kind = event.WhichOneof("event")
+        try:
+            verdict = await self.decide(state, kind, getattr(event, kind))
+        except Exception:
+            log.exception("policy failure on %s", kind)
+            verdict = policy_pb2.Verdict(accept=False, reply=reply(451, "4.3.0", "Temporary policy failure"))
+        if not verdict.accept and not verdict.has_challenge:
+            self.errors.refused(state, kind, verdict)
+        return verdict
 
     async def decide(self, state: rules.SessionState, kind: str, ev) -> policy_pb2.Verdict:
         if kind == "connect":

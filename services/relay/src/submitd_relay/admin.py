@@ -238,7 +238,7 @@ class QueueAdmin:
             # A copy without the retry delay, then the delayed entry goes away.
             headers = {k: v for k, v in (raw.headers or {}).items() if k != "Nats-Msg-Id"}
             await self.js.publish(
-                jetstream.SUBMIT_SUBJECT, raw.data, headers={**headers, "Nats-Msg-Id": f"{queue_id}.retry.{raw.seq}"},
+                jetstream.SUBMIT_SUBJECT, raw.data, headers={**headers, "Nats-Msg-Id": f"{queue_id}.retry.{raw.seq}", jetstream.RECORD_HEADER: "1"},
             )
             await self.js.delete_msg(jetstream.STREAM, raw.seq)
         log.info("retry requested", extra={"fields": {"queue_id": queue_id}})

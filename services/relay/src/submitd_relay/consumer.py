@@ -29,6 +29,9 @@ from .settings import Settings
 from .state import DeliveryState, StateStore
 
 log = logging.getLogger("submitd.relay")
+# How long one pull request waits for messages: longer is fewer idle round trips to NATS, and
+# at most this much more time for a SIGTERM to stop the fetching (messages still arrive at once).
+FETCH_WAIT = 5.0
 ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
 RECIPIENTS = Counter("submitd_delivery_recipients_total", "Recipient outcomes", ["result"])
 DELIVERY_LATENCY = Histogram(
@@ -89,7 +92,7 @@ class Relay:
                 await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await self._sub.fetch(batch=room, timeout=1.0)
+                msgs = await self._sub.fetch(batch=room, timeout=FETCH_WAIT)
             except asyncio.TimeoutError:  # nats.errors.TimeoutError too: nothing to fetch
                 continue
             except (nats.errors.Error, OSError) as e:
@@ -101,7 +104,7 @@ class Relay:
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
 
-    async def watch_queue(self, interval: float = 5.0) -> None:
+    async def watch_queue(self, interval: float = 15.0) -> None:
         """Queue depth, age and consumer lag for /metrics (and the alerts built on them)."""
         while not self.stopping.is_set():
             try:
@@ -202,7 +205,13 @@ class Relay:
         ) as span:
             keepalive = asyncio.create_task(self._keepalive(msg))
             try:
-                state = await self.state.get(env.queue_id)
+                # A first delivery has no record to read: records are written only for messages
+                # that were deferred, partly delivered or reported on (and copies an admin
+                # retried carry a header saying so).
+                if attempt > 1 or (msg.headers or {}).get(jetstream.RECORD_HEADER):
+                    state = await self.state.get(env.queue_id)
+                else:
+                    state = DeliveryState()
                 pending = [r for r in env.recipients if r.address not in state.finished]
                 if not pending:
                     # Redelivered after a crash between the next hop's 250 and our ack.
@@ -273,15 +282,19 @@ class Relay:
         replies = {**outcome.temporary, **outcome.permanent}
         state.record(attempt, outcome.next_hop, result, outcome.delivered, replies)
         # The record comes before anything else: from here on a crash cannot send to these
-        # recipients again.
-        await self.state.put(env.queue_id, state)
+        # recipients again. A message delivered in full at its first try with no report to
+        # send needs none: its ack is its record, and a crash before that ack sends it again
+        # just as a crash before the record would (the next hop's 250 came first either way).
+        by_address = {r.address: r for r in env.recipients}
+        wants_relayed = any(a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS") for a in outcome.delivered)
+        if state.revision or result != "delivered" or wants_relayed:
+            await self.state.put(env.queue_id, state)
         await self._failpoint("after-record")
 
         self._count(qmsg, outcome, result, span)
         fields = {"queue_id": env.queue_id, "attempt": attempt, "next_hop": outcome.next_hop}
 
         # Reports, queued (and acknowledged by JetStream) before the original is acked.
-        by_address = {r.address: r for r in env.recipients}
         failed = [dsn.RecipientStatus(by_address[a], "failed", reply, outcome.remote.get(a, ""))
                   for a, reply in outcome.permanent.items()]
         if expired:

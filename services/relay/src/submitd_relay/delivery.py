@@ -19,12 +19,14 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
+from opentelemetry import trace
 
 from submitd.v1 import common_pb2
 
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")
+tracer = trace.get_tracer("submitd.relay")
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
 
 
@@ -258,16 +260,16 @@ class NextHopPool:
         reused = client is not None
         try:
             if client is None:
-                client = await self._connect(host)
+                client = await self._traced_connect(host)
             try:
-                outcome = await transaction(client, envelope, body, host.name)
+                outcome = await self._traced_transaction(client, envelope, body, host)
             except aiosmtplib.SMTPServerDisconnected:
                 if not reused:
                     raise
                 # An idle connection the next hop had closed: once more on a new one.
                 client.close()
-                client = await self._connect(host)
-                outcome = await transaction(client, envelope, body, host.name)
+                client = await self._traced_connect(host)
+                outcome = await self._traced_transaction(client, envelope, body, host)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
             if client is not None:
                 client.close()
@@ -282,6 +284,30 @@ class NextHopPool:
         if client.is_connected:
             self._give_back(host, client)
         return outcome
+
+    async def _traced_connect(self, host: Host) -> aiosmtplib.SMTP:
+        """A new connection (TCP, STARTTLS, AUTH, EHLO): a span of its own, where a slow TLS
+        handshake or a slow greeting shows."""
+        with tracer.start_as_current_span(
+            "smtp.connect", kind=trace.SpanKind.CLIENT,
+            attributes={"server.address": host.name, "server.port": host.port},
+        ) as span:
+            client = await self._connect(host)
+            tls = client.get_transport_info("ssl_object") if client.transport else None
+            span.set_attribute("tls.protocol.version", tls.version() if tls else "")
+            return client
+
+    async def _traced_transaction(
+        self, client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: bytes, host: Host
+    ) -> Outcome:
+        with tracer.start_as_current_span(
+            "smtp.transaction", kind=trace.SpanKind.CLIENT,
+            attributes={"server.address": host.name, "server.port": host.port,
+                        "smtp.recipients.count": len(envelope.recipients), "smtp.message.size": len(body)},
+        ) as span:
+            outcome = await transaction(client, envelope, body, host.name)
+            span.set_attribute("submitd.delivered", len(outcome.delivered))
+            return outcome
 
     async def close(self) -> None:
         for idle in self.idle.values():

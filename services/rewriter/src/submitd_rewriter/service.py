@@ -12,11 +12,14 @@ from opentelemetry import trace
 from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
+from submitd_common.telemetry import server_call
 from submitd_common.users import UserDB
 
 from . import dkim, encoding, headers
 from .message import Options, Refused, addresses_of, rewrite_header
 from .settings import Settings
+
+tracer = trace.get_tracer("submitd.rewriter")
 
 log = logging.getLogger("submitd.rewriter")
 ACTIONS = Counter("submitd_rewriter_actions_total", "Changes the rewriter made to messages", ["action"])
@@ -50,6 +53,11 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         )
 
     async def Rewrite(self, request_iterator, context: grpc.aio.ServicerContext):
+        with server_call(tracer, "/submitd.v1.Rewriter/Rewrite", context):
+            async for response in self._rewrite(request_iterator, context):
+                yield response
+
+    async def _rewrite(self, request_iterator, context: grpc.aio.ServicerContext):
         envelope = None
         pending = bytearray()
         job: Job | None = None
@@ -96,6 +104,10 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         yield rewriter_pb2.RewriteResponse(prepend=job.finish())
 
     async def RewriteWhole(self, request: rewriter_pb2.WholeMessage, context) -> rewriter_pb2.WholeResult:
+        with server_call(tracer, "/submitd.v1.Rewriter/RewriteWhole", context):
+            return self.rewrite_whole(request)
+
+    def rewrite_whole(self, request: rewriter_pb2.WholeMessage) -> rewriter_pb2.WholeResult:
         split = headers.split_header(request.message) or header_only(request.message)
         if len(split[0]) > self.settings.max_header_bytes:
             return rewriter_pb2.WholeResult(reject=TOO_LARGE)

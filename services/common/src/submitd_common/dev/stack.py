@@ -114,6 +114,7 @@ class Stack:
         trusted_networks: list[str] | None = None,
         hostname: str = "submitd.localhost",
         grpc_tls: bool = False,
+        reload_interval: float = 2.0,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,7 @@ class Stack:
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname
         self.grpc_tls = grpc_tls  # mutual TLS between frontend, policy and rewriter
+        self.reload_interval = reload_interval  # users, keys and rules files (tests: shorter)
         self.procs: dict[str, subprocess.Popen] = {}
         self.sink = None  # the next hop, when the caller runs one (tests)
         self.nats = NatsServer(self.root / "nats", self.ports.nats)
@@ -189,7 +191,7 @@ class Stack:
                 "HTTP_LISTEN": f"127.0.0.1:{p.policy_http}",
                 "USERS_FILE": str(self.users_file),
                 "TRUSTED_NETWORKS": json.dumps(self.trusted_networks),
-                "RELOAD_INTERVAL": "0.5",
+                "RELOAD_INTERVAL": str(self.reload_interval),
             }
         elif name == "rewriter":
             env |= {
@@ -197,7 +199,7 @@ class Stack:
                 "HTTP_LISTEN": f"127.0.0.1:{p.rewriter_http}",
                 "MESSAGE_ID_DOMAIN": self.hostname,
                 "USERS_FILE": str(self.users_file),
-                "RELOAD_INTERVAL": "0.5",
+                "RELOAD_INTERVAL": str(self.reload_interval),
             }
             if self.dkim_keys_file:
                 env["DKIM_KEYS_FILE"] = str(self.dkim_keys_file)

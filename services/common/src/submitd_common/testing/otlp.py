@@ -24,6 +24,7 @@ class Span:
     span_id: str
     parent_id: str
     attributes: dict = field(default_factory=dict)
+    events: list[tuple[str, dict]] = field(default_factory=list)  # (name, attributes), in order
 
 
 def _value(v):
@@ -46,6 +47,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                         service=service, name=s.name, kind=KINDS.get(s.kind, str(s.kind)),
                         trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), parent_id=s.parent_span_id.hex(),
                         attributes={a.key: _value(a.value) for a in s.attributes},
+                        events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
                     ))
         return trace_service_pb2.ExportTraceServiceResponse()
 
