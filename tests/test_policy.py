@@ -15,6 +15,7 @@ from passlib.hash import bcrypt, sha512_crypt
 from submitd_common.dev.stack import Stack, User
 from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
 from submitd_common.testing.smtp import connect, insecure_context, reply_of
+from submitd_common.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 MSG = b"From: alice@example.test\r\nSubject: policy\r\n\r\nbody\r\n"
@@ -273,6 +274,20 @@ def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_b
         assert sorted(f.result() for f in burst) == [535] * 16
     assert slowest < 0.25, f"a MAIL/RSET pair waited {slowest * 1000:.0f} ms behind password hashing"
     assert peak - base < 200, f"policy grew {peak - base:.0f} MB during a burst of 16 logins"
+
+
+def test_sessions_cost_policy_nothing_until_they_ask_and_are_forgotten_when_they_end(stack, raw):
+    before = policy_metric(stack, "submitd_policy_sessions")
+    idle = [raw(stack.ports.submission) for _ in range(8)]
+    for client in idle:
+        assert client.reply().startswith("220")
+        client.send(b"EHLO idle.example.test\r\n")
+        assert client.reply().startswith("250")
+    assert policy_metric(stack, "submitd_policy_sessions") == before, "connect and EHLO ask policy nothing"
+    with login(stack) as c:
+        assert c.mail(ALICE)[0] == 250
+        assert policy_metric(stack, "submitd_policy_sessions") == before + 1
+    eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == before)
 
 
 def test_suspension_applies_without_restart(make_stack):

@@ -16,7 +16,7 @@ from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
 from submitd_common.telemetry import extract_context
 
-from . import rules
+from . import metrics, rules
 from .counters import Counters, key_part
 from .credentials import Authenticator, HashingBusy
 from .sasl import MECHANISMS, SaslMalformed
@@ -102,11 +102,13 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
                 async for batch in request_iterator:
                     for request in batch.requests:
                         if request.end:
-                            states.pop(request.session_id, None)
+                            if states.pop(request.session_id, None) is not None:
+                                metrics.SESSIONS.dec()
                             continue
                         state = states.get(request.session_id)
                         if state is None:
                             state = states[request.session_id] = rules.SessionState(session_id=request.session_id)
+                            metrics.SESSIONS.inc()
                         task = asyncio.create_task(serve(request, state))
                         running.add(task)
                         task.add_done_callback(running.discard)
@@ -116,6 +118,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
                 ready.put_nowait(None)  # the frontend half-closed, or the stream broke
 
         reader = asyncio.create_task(read_requests())
+        metrics.STREAMS.inc()
         try:
             while True:
                 first = await ready.get()
@@ -133,6 +136,9 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             reader.cancel()
             for task in list(running):
                 task.cancel()
+            metrics.STREAMS.dec()
+            metrics.SESSIONS.dec(len(states))  # a stream that ends takes its sessions with it
+            states.clear()
             with contextlib.suppress(BaseException):
                 await reader  # a broken stream's error: the frontend sees it on its side
 
