@@ -170,6 +170,12 @@ def test_policy_down_mid_session_is_a_4xx_never_5xx(make_stack):
         stack.stop_service("policy")
         code, text = reply_of(client, f"MAIL FROM:<{ALICE}>")
     assert code == 421 and text.startswith("4.3.2")
+    # A policy that comes back serves new sessions over new streams.
+    stack.start_service("policy")
+    stack.wait_ready("policy")
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], message("after policy came back"))
+    stack.sink.handler.wait_for(1, 20)
 
 
 def test_rewriter_down_at_end_of_data_is_451(make_stack):
