@@ -176,6 +176,25 @@ def test_message_and_recipient_rates(make_stack):
         assert reply_of(c, f"MAIL FROM:<{ALICE}>")[0] == 450
 
 
+def test_data_needs_no_question_unless_a_message_rate_counts_it(make_stack):
+    def data_questions(stack) -> float:
+        try:
+            return policy_metric(stack, "submitd_policy_decisions_total", event="data_start", outcome="accepted")
+        except AssertionError:  # never asked yet
+            return 0.0
+
+    plain = make_stack(users=users())
+    with login(plain) as c:
+        c.sendmail(ALICE, [BOB], MSG)
+        c.sendmail(ALICE, [BOB, "carol@example.test"], MSG)
+    assert data_questions(plain) == 0, "RCPT's verdict already said DATA is fine"
+    plain.stop()
+    counted = make_stack(users=users(limits={"messages_per_hour": 5}))
+    with login(counted) as c:
+        c.sendmail(ALICE, [BOB], MSG)
+    assert data_questions(counted) == 1, "a message rate is counted at DATA"
+
+
 def test_recipient_rate(make_stack):
     stack = make_stack(users=users(limits={"recipients_per_hour": 3}))
     with login(stack) as c:

@@ -59,6 +59,7 @@ BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 # Messages being received hold memory until queued; above DATA_MEMORY_BUDGET, all sessions together.
 NO_ROOM = "452 4.3.1 Insufficient system storage, try again later"
+DATA_DECIDED = policy_pb2.Verdict(accept=True)
 
 
 def message_problem(message: bytes) -> str | None:
@@ -606,6 +607,7 @@ class SubmissionSMTP(SMTP):
         if verdict.accept:
             self.envelope.rcpt_tos.append(verdict.address or address)
             self.envelope.rcpt_options.append(params)
+            self.envelope.data_decided = verdict.data_decided
         await self.refuse_or(verdict, "250 2.1.5 Recipient OK")
 
     async def smtp_RSET(self, arg: str):
@@ -628,7 +630,7 @@ class SubmissionSMTP(SMTP):
         if not self.backends.queue.available:
             await self.push(render(QUEUE_DOWN))
             return
-        verdict = await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
+        verdict = await self._data_verdict()
         if not verdict.accept:
             await self.refuse_or(verdict, "")
             return
@@ -642,6 +644,13 @@ class SubmissionSMTP(SMTP):
         finally:
             self.in_data = False
             self._release()
+
+    async def _data_verdict(self) -> policy_pb2.Verdict:
+        """Policy's word on DATA (or BDAT): given already with the last RCPT when there is
+        nothing left to decide or count, else asked now."""
+        if getattr(self.envelope, "data_decided", False):
+            return DATA_DECIDED
+        return await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
 
     def _hold(self, octets: int) -> bool:
         """Count ``octets`` against the frontend's memory budget; False when it is spent."""
@@ -757,7 +766,7 @@ class SubmissionSMTP(SMTP):
             elif not self.backends.queue.available:
                 self._bdat_problem = render(QUEUE_DOWN)
             else:
-                verdict = await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
+                verdict = await self._data_verdict()
                 if not verdict.accept:
                     self._bdat_problem = render(verdict.reply)
         if not self._bdat_problem:

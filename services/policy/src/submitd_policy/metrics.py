@@ -8,6 +8,7 @@ PASSWORD_VERIFICATIONS = Counter(
     "Password hash verifications by result (busy: refused because the hashing queue was full)",
     ["result"],
 )
+DECISIONS = Counter("submitd_policy_decisions_total", "Session steps decided, by kind and outcome", ["event", "outcome"])
 SESSIONS = Gauge("submitd_policy_sessions", "SMTP sessions policy holds state for (they start at their first question)")
 STREAMS = Gauge("submitd_policy_streams", "Session streams open from frontends")
 PASSWORD_HASH_PENDING = Gauge("submitd_policy_password_hash_pending", "Verifications running or waiting")

@@ -186,6 +186,11 @@ def data_authorized(ctx: Context, state: SessionState, ask: Ask):
     return refuse(530, "5.7.0", "Authentication required")
 
 
+def data_needs_no_question(ctx: Context, state: SessionState) -> bool:
+    """After an accepted RCPT: DATA_RULES would accept without counting anything."""
+    return data_authorized(ctx, state, None) is None and _limit(ctx, state, "messages_per_hour") is None
+
+
 async def count_message(ctx: Context, state: SessionState, ask: Ask):
     if _limit(ctx, state, "messages_per_hour") is not None:
         await ctx.counters.incr(window_key("msgs", state.user.login, ctx.settings.rate_window))

@@ -164,6 +164,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             verdict = policy_pb2.Verdict(accept=False, reply=reply(451, "4.3.0", "Temporary policy failure"))
         if not verdict.accept and not verdict.has_challenge:
             self.errors.refused(state, kind, verdict)
+        metrics.DECISIONS.labels(kind, "accepted" if verdict.accept else "challenge" if verdict.has_challenge else "refused").inc()
         return verdict
 
     async def decide(self, state: rules.SessionState, kind: str, ev) -> policy_pb2.Verdict:
@@ -209,7 +210,10 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             state.recipients += 1
             if not state.authorized:
                 state.extra["postmaster_only"] = True
-            return self._accept_address(ev.address, parsed)
+            verdict = self._accept_address(ev.address, parsed)
+            if rules.data_needs_no_question(ctx, state):
+                verdict = policy_pb2.Verdict(accept=True, address=verdict.address, data_decided=True)
+            return verdict
         if kind == "data_start":
             return await rules.first_refusal(rules.DATA_RULES, ctx, state, rules.Ask(ev, None)) or ACCEPT
         return rules.refuse(502, "5.5.1", "Command not implemented")
