@@ -1,0 +1,26 @@
+"""The frontend sets up aiosmtpd's protocol state itself (see smtp.aiosmtpd_state). If an
+aiosmtpd upgrade sets up anything more, or something else, these fail before a session does."""
+
+import asyncio
+
+from aiosmtpd.smtp import SMTP
+
+from submitd_frontend.smtp import AIOSMTPD_ATTRIBUTES, SubmissionSMTP, aiosmtpd_state
+
+
+async def test_the_adapter_sets_up_exactly_what_aiosmtpd_does():
+    plain = vars(asyncio.StreamReaderProtocol(asyncio.StreamReader(), client_connected_cb=lambda r, w: None))
+    theirs = SMTP(handler=None, hostname="h.example", ident="x", enable_SMTPUTF8=True, timeout=10)
+    assert set(vars(theirs)) - set(plain) == AIOSMTPD_ATTRIBUTES
+
+    ours = SMTP.__new__(SMTP)
+    aiosmtpd_state(ours, hostname="h.example", ident="x", tls_context=None, data_size_limit=1000, timeout=10)
+    assert set(vars(ours)) == set(vars(theirs))
+    for name in ("_smtp_methods", "_auth_methods"):
+        assert getattr(ours, name).keys() <= getattr(theirs, name).keys()
+    assert ours._smtp_methods.keys() == theirs._smtp_methods.keys(), "every command is reachable"
+
+
+def test_every_command_of_the_frontend_is_dispatched():
+    commands = {name[5:] for name in dir(SubmissionSMTP) if name.startswith("smtp_")}
+    assert {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT"} <= commands
