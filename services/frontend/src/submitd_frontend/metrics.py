@@ -1,5 +1,7 @@
 """Prometheus metrics of the frontend (low cardinality: no addresses in labels)."""
 
+import re
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SESSIONS_ACTIVE = Gauge("submitd_smtp_sessions_active", "SMTP sessions open now")
@@ -17,3 +19,19 @@ BACKEND_LATENCY = Histogram("submitd_backend_call_seconds", "Policy verdicts and
 DATA_BUFFERED = Gauge(
     "submitd_data_buffered_bytes", "Octets of messages held while being received and queued (DATA_MEMORY_BUDGET)"
 )
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+_reply_counters: dict[str, Counter] = {}
+
+
+def count_reply(text: str) -> None:
+    """One reply, by class and enhanced code (the label lookup is made once per kind)."""
+    last = text.rsplit("\n", 1)[-1]
+    enhanced = last[4:].split(" ", 1)[0]
+    key = last[:1] + enhanced
+    counter = _reply_counters.get(key)
+    if counter is None:
+        counter = REPLIES.labels(f"{last[:1]}xx", enhanced if _ENHANCED.match(enhanced) else "")
+        if len(_reply_counters) < 1000:  # bounded whatever a client provokes
+            _reply_counters[key] = counter
+    counter.inc()

@@ -53,7 +53,6 @@ COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
-ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
 BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -383,9 +382,7 @@ class SubmissionSMTP(SMTP):
     async def push(self, status) -> None:
         await super().push(status)
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
-        last = text.rsplit("\n", 1)[-1]
-        enhanced = last[4:].split(" ", 1)[0]
-        metrics.REPLIES.labels(f"{last[:1]}xx", enhanced if ENHANCED.match(enhanced) else "").inc()
+        metrics.count_reply(text)
         code = text[:1]
         if code == "5":
             self.errors += 1
@@ -713,13 +710,17 @@ class SubmissionSMTP(SMTP):
         problem: str | None = None
         reader = self._reader
         mid_line = False  # after an over-long fragment, the next read continues that line
-        started = time.monotonic()
-        count = 0
+        started = reset_at = time.monotonic()
+        self._reset_timeout(self.settings.data_read_timeout)
         while True:
-            count += 1
-            self._reset_timeout(self.settings.data_read_timeout)
-            if count & 255 == 0 or time.monotonic() - started > self.settings.data_rate_grace:
-                self._check_rate(started, received)
+            now = time.monotonic()
+            if now - reset_at > 0.5:
+                # The idle deadline moves on at most twice a second, not for every line
+                # (a timer handle each time): a client is cut within half a second of it.
+                self._reset_timeout(self.settings.data_read_timeout)
+                reset_at = now
+                if now - started > self.settings.data_rate_grace:
+                    self._check_rate(started, received)
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as e:
