@@ -311,8 +311,9 @@ class Submitd(Server):
 
 
 BARE_SERVER = r"""
-import asyncio, ssl, sys, warnings
-warnings.simplefilter("ignore")  # aiosmtpd deprecations, printed once per session
+import asyncio, logging, ssl, sys, warnings
+warnings.simplefilter("ignore")  # aiosmtpd deprecations
+logging.getLogger("mail.log").setLevel(logging.ERROR)  # its login_data warning, once per AUTH
 try:
     import uvloop; uvloop.install()
 except ImportError:
