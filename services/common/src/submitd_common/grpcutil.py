@@ -22,6 +22,9 @@ CHANNEL_OPTIONS = [
     # A restarted peer is found again within seconds, not after gRPC's default backoff (120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # No flow-control window growth (BDP probing): a receiver that falls behind holds at most
+    # the default window of a stream in memory, never megabytes of a large message.
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 

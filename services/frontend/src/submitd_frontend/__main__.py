@@ -15,7 +15,7 @@ from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
-from .backends import QueueWriter
+from .backends import QueueWriter, Rewriter
 from .policy_client import PolicyStreams
 from .settings import Settings
 from .smtp import Backends, Sessions, SubmissionSMTP
@@ -66,10 +66,13 @@ async def amain() -> None:
     backends = Backends(
         settings=settings,
         policy=PolicyStreams(
-            policy_pb2_grpc.PolicyStub(policy_ch), policy_ch, streams=settings.policy_streams,
+            policy_pb2_grpc.PolicyStub(policy_ch), policy_ch, streams=settings.backend_streams,
             timeout=settings.policy_timeout, connect_timeout=settings.backend_connect_timeout,
         ),
-        rewriter=rewriter_pb2_grpc.RewriterStub(rewriter_ch),
+        rewriter=Rewriter(
+            rewriter_pb2_grpc.RewriterStub(rewriter_ch), rewriter_ch, streams=settings.backend_streams,
+            timeout=settings.rewriter_timeout, connect_timeout=settings.backend_connect_timeout,
+        ),
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
         policy_channel=policy_ch,
         rewriter_channel=rewriter_ch,
@@ -120,6 +123,7 @@ async def amain() -> None:
     await stop_health()
     await jetstream.close(nc)
     await backends.policy.close()
+    await backends.rewriter.close()
     await policy_ch.close()
     await rewriter_ch.close()
     provider.shutdown()

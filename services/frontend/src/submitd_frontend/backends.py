@@ -17,6 +17,8 @@ from submitd_common import jetstream
 from submitd_common.replies import reply
 from submitd_common.telemetry import client_call, inject_context
 
+from .mux import Multiplexer, Streams
+
 tracer = trace.get_tracer("submitd.frontend")
 
 log = logging.getLogger("submitd.frontend")
@@ -49,22 +51,53 @@ async def ready(channel: grpc.aio.Channel, timeout: float, down: common_pb2.Repl
         raise BackendUnavailable(down) from e
 
 
-async def rewrite(
-    stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
-) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
-    """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
-    if len(message) <= CHUNK:
-        try:
-            with client_call(tracer, "/submitd.v1.Rewriter/RewriteWhole") as (span, metadata):
-                result = await stub.RewriteWhole(
-                    rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=timeout, metadata=metadata
-                )
-        except grpc.aio.AioRpcError as e:
-            log.warning("rewriter unavailable: %s %s", e.code(), e.details())
-            raise BackendUnavailable(REWRITER_DOWN) from e
+class Rewriter:
+    """The rewriter: messages of up to 64 KiB (most) over shared RewriteMany streams, larger
+    ones over a Rewrite stream of their own."""
+
+    def __init__(self, stub: rewriter_pb2_grpc.RewriterStub, channel: grpc.aio.Channel, *, streams: int,
+                 timeout: float, connect_timeout: float) -> None:
+        self.stub = stub
+        self.channel = channel
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.streams = Streams(
+            channel, streams, connect_timeout, lambda: BackendUnavailable(REWRITER_DOWN),
+            lambda: Multiplexer(
+                "rewriter", stub.RewriteMany(), lambda items: rewriter_pb2.WholeBatch(items=items),
+                lambda batch: ((r.id, r.result) for r in batch.replies), lambda: BackendUnavailable(REWRITER_DOWN),
+            ),
+        )
+
+    async def rewrite(
+        self, envelope: common_pb2.Envelope, message: bytes
+    ) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
+        """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
+        if len(message) > CHUNK:
+            await ready(self.channel, self.connect_timeout, REWRITER_DOWN)
+            return await rewrite_stream(self.stub, envelope, message, self.timeout)
+        stream = await self.streams.get()
+        request_id = next(self.streams.ids)
+        with client_call(tracer, "/submitd.v1.Rewriter/RewriteMany"):
+            item = rewriter_pb2.WholeItem(
+                id=request_id, message=rewriter_pb2.WholeMessage(envelope=envelope, message=message),
+                trace_context=inject_context(),
+            )
+            result = await stream.ask(item, request_id, self.timeout)
         if result.WhichOneof("result") == "reject":
             return None, result.reject
+        if result.WhichOneof("result") != "accepted":
+            raise BackendUnavailable(REWRITER_DOWN)
         return result.accepted.envelope, result.accepted.message
+
+    async def close(self) -> None:
+        await self.streams.close()
+
+
+async def rewrite_stream(
+    stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
+) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
+    """A large message over a Rewrite stream of its own, in 64 KiB chunks."""
 
     async def requests():
         yield rewriter_pb2.RewriteRequest(envelope=envelope)

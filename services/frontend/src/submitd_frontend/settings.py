@@ -35,8 +35,9 @@ class Settings(ServiceSettings):
         5.0, description="Seconds to wait for a reconnecting policy or rewriter before answering 4xx"
     )
     policy_timeout: float = Field(10.0, description="Seconds to wait for a policy verdict")
-    policy_streams: int = Field(
-        2, description="Long-lived policy streams all sessions share (spread over the policy replicas)"
+    backend_streams: int = Field(
+        2, description="Long-lived gRPC streams to policy, and to the rewriter, that all sessions share "
+        "(each lands on one replica: more streams spread the load over more replicas)"
     )
     rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
     publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")

@@ -25,20 +25,13 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP
 from opentelemetry import trace
 
-from submitd.v1 import common_pb2, policy_pb2, rewriter_pb2_grpc
+from submitd.v1 import common_pb2, policy_pb2
 from submitd_common.addresses import AddressError, split_path
 from submitd_common.ids import new_queue_id
 from submitd_common.replies import render
 from submitd_common.telemetry import inject_context
 
-from .backends import (
-    QUEUE_DOWN,
-    REWRITER_DOWN,
-    BackendUnavailable,
-    QueueWriter,
-    ready,
-    rewrite,
-)
+from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
 from .policy_client import PolicySession, PolicyStreams
 from . import metrics
 from .settings import Settings
@@ -76,7 +69,7 @@ def message_problem(message: bytes) -> str | None:
 class Backends:
     settings: Settings
     policy: PolicyStreams
-    rewriter: rewriter_pb2_grpc.RewriterStub
+    rewriter: Rewriter
     queue: QueueWriter
     policy_channel: grpc.aio.Channel
     rewriter_channel: grpc.aio.Channel
@@ -906,11 +899,8 @@ class SubmissionSMTP(SMTP):
         ) as span:
             envelope = self._envelope(queue_id)
             try:
-                await ready(self.backends.rewriter_channel, self.settings.backend_connect_timeout, REWRITER_DOWN)
                 with metrics.BACKEND_LATENCY.labels("rewriter").time():
-                    final_envelope, result = await rewrite(
-                        self.backends.rewriter, envelope, message, self.backends.settings.rewriter_timeout
-                    )
+                    final_envelope, result = await self.backends.rewriter.rewrite(envelope, message)
                 if final_envelope is None:
                     assert isinstance(result, common_pb2.Reply)
                     span.set_attribute("smtp.reply.code", result.code)

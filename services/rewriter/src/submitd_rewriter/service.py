@@ -12,7 +12,7 @@ from opentelemetry import trace
 from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common.files import WatchedFile
 from submitd_common.replies import reply
-from submitd_common.telemetry import server_call
+from submitd_common.telemetry import extract_context, server_call
 from submitd_common.users import UserDB
 
 from . import dkim, encoding, headers
@@ -106,6 +106,21 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
     async def RewriteWhole(self, request: rewriter_pb2.WholeMessage, context) -> rewriter_pb2.WholeResult:
         with server_call(tracer, "/submitd.v1.Rewriter/RewriteWhole", context):
             return self.rewrite_whole(request)
+
+    async def RewriteMany(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Whole messages of many sessions on one stream; each batch is answered in one reply
+        message (rewriting is CPU only, so there is nothing to wait for in between)."""
+        async for batch in request_iterator:
+            replies = []
+            for item in batch.items:
+                with tracer.start_as_current_span(
+                    "submitd.v1.Rewriter/RewriteMany", context=extract_context(item.trace_context),
+                    kind=trace.SpanKind.SERVER,
+                    attributes={"rpc.system": "grpc", "rpc.service": "submitd.v1.Rewriter", "rpc.method": "RewriteMany"},
+                ):
+                    result = self.rewrite_whole(item.message)
+                replies.append(rewriter_pb2.WholeReply(id=item.id, result=result))
+            yield rewriter_pb2.WholeReplies(replies=replies)
 
     def rewrite_whole(self, request: rewriter_pb2.WholeMessage) -> rewriter_pb2.WholeResult:
         split = headers.split_header(request.message) or header_only(request.message)

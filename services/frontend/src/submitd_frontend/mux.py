@@ -1,0 +1,152 @@
+"""Calls carried over a long-lived bidirectional gRPC stream, batched both ways.
+
+A gRPC call, even a unary one, costs more CPU on both sides than what policy or the rewriter do
+for a small message. A ``Multiplexer`` keeps one stream open and sends every request it is given,
+each with an id; the requests that are ready together leave as one stream message (while one
+write is under way the next ones gather), and each reply, matched by its id, completes its
+caller's future. When the stream breaks, every caller still waiting gets ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("submitd.frontend")
+
+
+class Multiplexer:
+    def __init__(
+        self,
+        name: str,
+        call,
+        batch: Callable[[list], Any],
+        replies: Callable[[Any], Iterable[tuple[int, Any]]],
+        error: Callable[[], Exception],
+    ) -> None:
+        self.name = name
+        self.call = call
+        self._batch = batch
+        self._replies = replies
+        self._error = error
+        self.pending: dict[int, asyncio.Future] = {}
+        self.outbox: list = []
+        self.broken = False
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop(), name=f"{name} stream writer")
+        self._reader = asyncio.create_task(self._read_loop(), name=f"{name} stream reader")
+
+    def send(self, request, request_id: int | None) -> asyncio.Future | None:
+        """Queue ``request``; with an id, the future of its reply."""
+        if self.broken:
+            raise self._error()
+        future = None
+        if request_id is not None:
+            future = asyncio.get_running_loop().create_future()
+            self.pending[request_id] = future
+        self.outbox.append(request)
+        self._wake.set()
+        return future
+
+    async def ask(self, request, request_id: int, timeout: float):
+        """Send and wait for the reply, at most ``timeout`` seconds (then ``error``)."""
+        future = self.send(request, request_id)
+        assert future is not None
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, request_id)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, request_id: int) -> None:
+        future = self.pending.pop(request_id, None)
+        if future is not None and not future.done():
+            log.warning("%s did not answer in time", self.name)
+            future.set_exception(self._error())
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self.outbox = self.outbox, []
+                await self.call.write(self._batch(batch))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.fail(e)
+
+    async def _read_loop(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    break
+                for request_id, reply in self._replies(message):
+                    future = self.pending.pop(request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error = e
+        self.fail(error)
+
+    def fail(self, error: BaseException | None) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        log.warning("%s stream broken: %r", self.name, error or "ended")
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(self._error())
+        self.pending.clear()
+        self._writer.cancel()
+        self.call.cancel()
+
+    async def close(self) -> None:
+        if not self.broken:
+            self.broken = True
+            self.call.cancel()
+        for task in (self._writer, self._reader):
+            task.cancel()
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+
+class Streams:
+    """``count`` multiplexed streams on one channel, each opened on first use (and again after
+    it broke), handed out in turn; round robin per call spreads them over the server's replicas."""
+
+    def __init__(self, channel: grpc.aio.Channel, count: int, connect_timeout: float, error: Callable[[], Exception],
+                 open_stream: Callable[[], Multiplexer]) -> None:
+        self.channel = channel
+        self.connect_timeout = connect_timeout
+        self._error = error
+        self._open = open_stream
+        self._streams: list[Multiplexer | None] = [None] * max(1, count)
+        self._turn = itertools.cycle(range(len(self._streams)))
+        self.ids = itertools.count(1)
+
+    async def get(self) -> Multiplexer:
+        slot = next(self._turn)
+        current = self._streams[slot]
+        if current is None or current.broken:
+            # A peer that is restarting gets a moment to come back before this is a 4xx.
+            if self.channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+                try:
+                    await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
+                except asyncio.TimeoutError as e:
+                    raise self._error() from e
+            current = self._streams[slot]
+            if current is None or current.broken:
+                current = self._streams[slot] = self._open()
+        return current
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._streams if s is not None), return_exceptions=True)
