@@ -17,7 +17,7 @@ from submitd_common import jetstream
 from submitd_common.replies import reply
 from submitd_common.telemetry import client_call, inject_context
 
-from .mux import Multiplexer, Streams
+from .mux import Streams
 
 tracer = trace.get_tracer("submitd.frontend")
 
@@ -62,11 +62,10 @@ class Rewriter:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.streams = Streams(
-            channel, streams, connect_timeout, lambda: BackendUnavailable(REWRITER_DOWN),
-            lambda: Multiplexer(
-                "rewriter", stub.RewriteMany(), lambda items: rewriter_pb2.WholeBatch(items=items),
-                lambda batch: ((r.id, r.result) for r in batch.replies), lambda: BackendUnavailable(REWRITER_DOWN),
-            ),
+            "rewriter", channel, count=streams, connect_timeout=connect_timeout, open_call=stub.RewriteMany,
+            batch=lambda items: rewriter_pb2.WholeBatch(items=items),
+            replies=lambda batch: ((r.id, r.result) for r in batch.replies),
+            error=lambda: BackendUnavailable(REWRITER_DOWN),
         )
 
     async def rewrite(

@@ -120,15 +120,19 @@ class Multiplexer:
 
 
 class Streams:
-    """``count`` multiplexed streams on one channel, each opened on first use (and again after
-    it broke), handed out in turn; round robin per call spreads them over the server's replicas."""
+    """``count`` multiplexed streams on one channel, each opened (by ``open_call``) on first use
+    and again after it broke, handed out in turn; round robin per call spreads them over the
+    server's replicas. ``batch``, ``replies`` and ``error`` are the Multiplexer's."""
 
-    def __init__(self, channel: grpc.aio.Channel, count: int, connect_timeout: float, error: Callable[[], Exception],
-                 open_stream: Callable[[], Multiplexer]) -> None:
+    def __init__(
+        self, name: str, channel: grpc.aio.Channel, *, count: int, connect_timeout: float,
+        open_call: Callable[[], Any], batch: Callable[[list], Any],
+        replies: Callable[[Any], Iterable[tuple[int, Any]]], error: Callable[[], Exception],
+    ) -> None:
         self.channel = channel
         self.connect_timeout = connect_timeout
         self._error = error
-        self._open = open_stream
+        self._open = lambda: Multiplexer(name, open_call(), batch, replies, error)
         self._streams: list[Multiplexer | None] = [None] * max(1, count)
         self._turn = itertools.cycle(range(len(self._streams)))
         self.ids = itertools.count(1)

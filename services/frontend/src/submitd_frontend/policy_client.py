@@ -35,11 +35,10 @@ class PolicyStreams:
     ) -> None:
         self.timeout = timeout
         self.streams = Streams(
-            channel, streams, connect_timeout, lambda: BackendUnavailable(POLICY_DOWN),
-            lambda: Multiplexer(
-                "policy", stub.Sessions(), lambda requests: policy_pb2.SessionBatch(requests=requests),
-                lambda batch: ((r.id, r.verdicts) for r in batch.replies), lambda: BackendUnavailable(POLICY_DOWN),
-            ),
+            "policy", channel, count=streams, connect_timeout=connect_timeout, open_call=stub.Sessions,
+            batch=lambda requests: policy_pb2.SessionBatch(requests=requests),
+            replies=lambda batch: ((r.id, r.verdicts) for r in batch.replies),
+            error=lambda: BackendUnavailable(POLICY_DOWN),
         )
 
     def session(self, session_id: str) -> "PolicySession":
