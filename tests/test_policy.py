@@ -309,6 +309,23 @@ def test_sessions_cost_policy_nothing_until_they_ask_and_are_forgotten_when_they
     eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == before)
 
 
+def test_backend_streams_are_renewed_and_old_ones_end_when_idle(make_stack):
+    # Renewed streams are how policy replicas added by the HPA get sessions; a retired stream
+    # must end once its sessions have, or every renewal would leave one open.
+    stack = make_stack(users=users(), env={"frontend": {"BACKEND_STREAM_SECONDS": "0.3"}})
+    with login(stack) as long_lived:
+        for n in range(4):
+            with login(stack) as c:
+                c.sendmail(ALICE, [BOB], MSG)
+            time.sleep(0.4)
+        assert long_lived.mail(ALICE)[0] == 250, "a session on a retired stream goes on"
+        long_lived.rset()
+    stack.sink.handler.wait_for(4, 20)
+    assert policy_metric(stack, "submitd_policy_streams_opened_total") >= 4, "streams were renewed"
+    eventually(lambda: policy_metric(stack, "submitd_policy_streams") <= 2)
+    eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == 0)
+
+
 def test_suspension_applies_without_restart(make_stack):
     stack = make_stack(users=users())
     with login(stack) as c:

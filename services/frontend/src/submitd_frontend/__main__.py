@@ -68,10 +68,12 @@ async def amain() -> None:
         policy=PolicyStreams(
             policy_pb2_grpc.PolicyStub(policy_ch), policy_ch, streams=settings.backend_streams,
             timeout=settings.policy_timeout, connect_timeout=settings.backend_connect_timeout,
+            max_age=settings.backend_stream_seconds,
         ),
         rewriter=Rewriter(
             rewriter_pb2_grpc.RewriterStub(rewriter_ch), rewriter_ch, streams=settings.backend_streams,
             timeout=settings.rewriter_timeout, connect_timeout=settings.backend_connect_timeout,
+            max_age=settings.backend_stream_seconds,
         ),
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
         policy_channel=policy_ch,

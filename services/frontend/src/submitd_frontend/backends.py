@@ -56,13 +56,13 @@ class Rewriter:
     ones over a Rewrite stream of their own."""
 
     def __init__(self, stub: rewriter_pb2_grpc.RewriterStub, channel: grpc.aio.Channel, *, streams: int,
-                 timeout: float, connect_timeout: float) -> None:
+                 timeout: float, connect_timeout: float, max_age: float) -> None:
         self.stub = stub
         self.channel = channel
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.streams = Streams(
-            "rewriter", channel, count=streams, connect_timeout=connect_timeout, open_call=stub.RewriteMany,
+            "rewriter", channel, count=streams, connect_timeout=connect_timeout, max_age=max_age, open_call=stub.RewriteMany,
             batch=lambda items: rewriter_pb2.WholeBatch(items=items),
             replies=lambda batch: ((r.id, r.result) for r in batch.replies),
             error=lambda: BackendUnavailable(REWRITER_DOWN),

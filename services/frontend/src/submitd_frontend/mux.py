@@ -5,6 +5,10 @@ for a small message. A ``Multiplexer`` keeps one stream open and sends every req
 each with an id; the requests that are ready together leave as one stream message (while one
 write is under way the next ones gather), and each reply, matched by its id, completes its
 caller's future. When the stream breaks, every caller still waiting gets ``error``.
+
+A stream is retired after ``max_age`` seconds: new work goes to a new stream (which round robin
+may place on another replica, so replicas that were added since get their share), and the old
+one is half-closed once nothing is waiting on it and no session is bound to it any more.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +42,10 @@ class Multiplexer:
         self.pending: dict[int, asyncio.Future] = {}
         self.outbox: list = []
         self.broken = False
+        self.opened_at = time.monotonic()
+        self.users = 0  # sessions bound to this stream (their state lives at the other end)
+        self.retired = False
+        self._closing = False
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop(), name=f"{name} stream writer")
         self._reader = asyncio.create_task(self._read_loop(), name=f"{name} stream reader")
@@ -69,13 +78,33 @@ class Multiplexer:
             log.warning("%s did not answer in time", self.name)
             future.set_exception(self._error())
 
+    def bind(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        self._close_if_done()
+
+    def retire(self) -> None:
+        self.retired = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.retired and not self.users and not self.pending and not self._closing and not self.broken:
+            self._closing = True  # the writer half-closes once the outbox is sent
+            self._wake.set()
+
     async def _write_loop(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self.outbox = self.outbox, []
-                await self.call.write(self._batch(batch))
+                if batch:
+                    await self.call.write(self._batch(batch))
+                if self._closing and not self.outbox:
+                    await self.call.done_writing()
+                    return
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -92,6 +121,7 @@ class Multiplexer:
                     future = self.pending.pop(request_id, None)
                     if future is not None and not future.done():
                         future.set_result(reply)
+                self._close_if_done()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -102,7 +132,10 @@ class Multiplexer:
         if self.broken:
             return
         self.broken = True
-        log.warning("%s stream broken: %r", self.name, error or "ended")
+        if self._closing and error is None:
+            log.debug("%s stream retired", self.name)
+        else:
+            log.warning("%s stream broken: %r", self.name, error or "ended")
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(self._error())
@@ -125,11 +158,12 @@ class Streams:
     server's replicas. ``batch``, ``replies`` and ``error`` are the Multiplexer's."""
 
     def __init__(
-        self, name: str, channel: grpc.aio.Channel, *, count: int, connect_timeout: float,
+        self, name: str, channel: grpc.aio.Channel, *, count: int, connect_timeout: float, max_age: float,
         open_call: Callable[[], Any], batch: Callable[[list], Any],
         replies: Callable[[Any], Iterable[tuple[int, Any]]], error: Callable[[], Exception],
     ) -> None:
         self.channel = channel
+        self.max_age = max_age
         self.connect_timeout = connect_timeout
         self._error = error
         self._open = lambda: Multiplexer(name, open_call(), batch, replies, error)
@@ -140,6 +174,9 @@ class Streams:
     async def get(self) -> Multiplexer:
         slot = next(self._turn)
         current = self._streams[slot]
+        if current is not None and not current.broken and time.monotonic() - current.opened_at > self.max_age:
+            current.retire()
+            current = None
         if current is None or current.broken:
             # A peer that is restarting gets a moment to come back before this is a 4xx.
             if self.channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
@@ -148,7 +185,7 @@ class Streams:
                 except asyncio.TimeoutError as e:
                     raise self._error() from e
             current = self._streams[slot]
-            if current is None or current.broken:
+            if current is None or current.broken or current.retired:
                 current = self._streams[slot] = self._open()
         return current
 

@@ -31,11 +31,11 @@ class PolicyStreams:
 
     def __init__(
         self, stub: policy_pb2_grpc.PolicyStub, channel: grpc.aio.Channel, *, streams: int, timeout: float,
-        connect_timeout: float,
+        connect_timeout: float, max_age: float,
     ) -> None:
         self.timeout = timeout
         self.streams = Streams(
-            "policy", channel, count=streams, connect_timeout=connect_timeout, open_call=stub.Sessions,
+            "policy", channel, count=streams, connect_timeout=connect_timeout, max_age=max_age, open_call=stub.Sessions,
             batch=lambda requests: policy_pb2.SessionBatch(requests=requests),
             replies=lambda batch: ((r.id, r.verdicts) for r in batch.replies),
             error=lambda: BackendUnavailable(POLICY_DOWN),
@@ -67,6 +67,7 @@ class PolicySession:
             raise BackendUnavailable(POLICY_DOWN)
         if self._stream is None:
             self._stream = await self.streams.streams.get()
+            self._stream.bind()
         events = [*self.notes, policy_pb2.SessionEvent(**event)]
         self.notes = []
         request_id = next(self.streams.streams.ids)
@@ -91,3 +92,5 @@ class PolicySession:
         """The session is over: policy forgets it (nothing to wait for)."""
         if self._stream is not None and not self._stream.broken and not self.broken:
             self._stream.send(policy_pb2.SessionRequest(session_id=self.session_id, end=True), None)
+        if self._stream is not None:
+            self._stream.release()

@@ -39,6 +39,10 @@ class Settings(ServiceSettings):
         2, description="Long-lived gRPC streams to policy, and to the rewriter, that all sessions share "
         "(each lands on one replica: more streams spread the load over more replicas)"
     )
+    backend_stream_seconds: float = Field(
+        60.0, description="A backend stream takes new work this long, then a new one does (so that "
+        "policy and rewriter replicas added since get their share); the old one ends when idle"
+    )
     rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
     publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")
     command_timeout: float = Field(

@@ -11,6 +11,7 @@ PASSWORD_VERIFICATIONS = Counter(
 DECISIONS = Counter("submitd_policy_decisions_total", "Session steps decided, by kind and outcome", ["event", "outcome"])
 SESSIONS = Gauge("submitd_policy_sessions", "SMTP sessions policy holds state for (they start at their first question)")
 STREAMS = Gauge("submitd_policy_streams", "Session streams open from frontends")
+STREAMS_OPENED = Counter("submitd_policy_streams_opened_total", "Session streams opened by frontends")
 PASSWORD_HASH_PENDING = Gauge("submitd_policy_password_hash_pending", "Verifications running or waiting")
 PASSWORD_HASH_SECONDS = Histogram(
     "submitd_policy_password_hash_seconds", "Wall time of one verification (waiting for a thread included)",

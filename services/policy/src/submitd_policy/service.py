@@ -119,6 +119,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
 
         reader = asyncio.create_task(read_requests())
         metrics.STREAMS.inc()
+        metrics.STREAMS_OPENED.inc()
         try:
             while True:
                 first = await ready.get()
