@@ -76,8 +76,6 @@ async def amain() -> None:
             max_age=settings.backend_stream_seconds,
         ),
         queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
-        policy_channel=policy_ch,
-        rewriter_channel=rewriter_ch,
     )
 
     servers: list[asyncio.Server] = []

@@ -17,7 +17,7 @@ from submitd_common import jetstream
 from submitd_common.replies import reply
 from submitd_common.telemetry import client_call, inject_context
 
-from .mux import Streams
+from .mux import Streams, ready
 
 tracer = trace.get_tracer("submitd.frontend")
 
@@ -38,17 +38,6 @@ POLICY_DOWN = reply(421, "4.3.2", "Service temporarily unavailable, try again la
 QUEUE_DOWN = reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
 QUEUE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
 REWRITER_DOWN = reply(451, "4.3.0", "Message processing temporarily unavailable, try again later")
-
-
-async def ready(channel: grpc.aio.Channel, timeout: float, down: common_pb2.Reply) -> None:
-    """Wait (briefly) for a channel that is reconnecting, e.g. to a peer that just restarted,
-    instead of failing at once; a peer that stays away is a 4xx after ``timeout``."""
-    if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
-        return
-    try:
-        await asyncio.wait_for(channel.channel_ready(), timeout)
-    except asyncio.TimeoutError as e:
-        raise BackendUnavailable(down) from e
 
 
 class Rewriter:
@@ -73,7 +62,7 @@ class Rewriter:
     ) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
         """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
         if len(message) > CHUNK:
-            await ready(self.channel, self.connect_timeout, REWRITER_DOWN)
+            await ready(self.channel, self.connect_timeout, lambda: BackendUnavailable(REWRITER_DOWN))
             return await rewrite_stream(self.stub, envelope, message, self.timeout)
         stream = await self.streams.get()
         request_id = next(self.streams.ids)

@@ -25,6 +25,17 @@ import grpc
 log = logging.getLogger("submitd.frontend")
 
 
+async def ready(channel: grpc.aio.Channel, timeout: float, error: Callable[[], Exception]) -> None:
+    """Wait (briefly) for a channel that is reconnecting, e.g. to a peer that just restarted,
+    instead of failing at once; a peer that stays away raises ``error()`` after ``timeout``."""
+    if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        return
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError as e:
+        raise error() from e
+
+
 class Multiplexer:
     def __init__(
         self,
@@ -178,12 +189,7 @@ class Streams:
             current.retire()
             current = None
         if current is None or current.broken:
-            # A peer that is restarting gets a moment to come back before this is a 4xx.
-            if self.channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
-                try:
-                    await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
-                except asyncio.TimeoutError as e:
-                    raise self._error() from e
+            await ready(self.channel, self.connect_timeout, self._error)
             current = self._streams[slot]
             if current is None or current.broken or current.retired:
                 current = self._streams[slot] = self._open()

@@ -52,8 +52,8 @@ class PolicySession:
     """One SMTP session's view of policy: ``note`` a step that needs no answer, ``ask`` for a
     verdict (the noted steps go first, in order, in the same request)."""
 
-    def __init__(self, streams: PolicyStreams, session_id: str) -> None:
-        self.streams = streams
+    def __init__(self, policy: PolicyStreams, session_id: str) -> None:
+        self.policy = policy
         self.session_id = session_id
         self.notes: list[policy_pb2.SessionEvent] = []
         self._stream: Multiplexer | None = None
@@ -66,16 +66,16 @@ class PolicySession:
         if self.broken:
             raise BackendUnavailable(POLICY_DOWN)
         if self._stream is None:
-            self._stream = await self.streams.streams.get()
+            self._stream = await self.policy.streams.get()
             self._stream.bind()
         events = [*self.notes, policy_pb2.SessionEvent(**event)]
         self.notes = []
-        request_id = next(self.streams.streams.ids)
+        request_id = next(self.policy.streams.ids)
         request = policy_pb2.SessionRequest(
             id=request_id, session_id=self.session_id, events=events, trace_context=trace_context or {},
         )
         try:
-            verdicts = await self._stream.ask(request, request_id, self.streams.timeout)
+            verdicts = await self._stream.ask(request, request_id, self.policy.timeout)
         except BackendUnavailable:
             self.broken = True
             raise

@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP
 from opentelemetry import trace
@@ -71,8 +70,6 @@ class Backends:
     policy: PolicyStreams
     rewriter: Rewriter
     queue: QueueWriter
-    policy_channel: grpc.aio.Channel
-    rewriter_channel: grpc.aio.Channel
 
 
 class Sessions:

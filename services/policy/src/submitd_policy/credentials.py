@@ -115,15 +115,15 @@ class Authenticator:
             metrics.AUTH_CACHE.labels("hit").inc()
             return user
         metrics.AUTH_CACHE.labels("miss").inc()
-        # An unknown login costs what a known one costs: its password is checked against a dummy hash.
-        hashed = user.password_hash if user is not None else dummy_hash()
-        ok = await self._verify(hashed, password)
+        # An unknown login costs what a known one costs: its password is checked against a
+        # dummy hash (None here: made, the first time, in the hashing thread, not on the loop).
+        ok = await self._verify(user.password_hash if user is not None else None, password)
         if not ok or user is None or user.suspended:
             return None
         self.cache.remember(user, password)
         return user
 
-    async def _verify(self, hashed: str, password: str) -> bool:
+    async def _verify(self, hashed: str | None, password: str) -> bool:
         if self._pending >= self._queue_limit:
             metrics.PASSWORD_VERIFICATIONS.labels("busy").inc()
             raise HashingBusy
@@ -131,7 +131,7 @@ class Authenticator:
         metrics.PASSWORD_HASH_PENDING.set(self._pending)
         try:
             with metrics.PASSWORD_HASH_SECONDS.time():
-                ok = await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, hashed, password)
+                ok = await asyncio.get_running_loop().run_in_executor(self._pool, _check, hashed, password)
         finally:
             self._pending -= 1
             metrics.PASSWORD_HASH_PENDING.set(self._pending)
@@ -140,3 +140,7 @@ class Authenticator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _check(hashed: str | None, password: str) -> bool:
+    return verify_password(hashed if hashed is not None else dummy_hash(), password)

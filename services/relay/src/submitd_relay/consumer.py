@@ -286,8 +286,10 @@ class Relay:
         # send needs none: its ack is its record, and a crash before that ack sends it again
         # just as a crash before the record would (the next hop's 250 came first either way).
         by_address = {r.address: r for r in env.recipients}
-        wants_relayed = any(a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS") for a in outcome.delivered)
-        if state.revision or result != "delivered" or wants_relayed:
+        relayed = [dsn.RecipientStatus(by_address[a], "relayed", f"250 2.0.0 relayed to {outcome.remote.get(a, '')}",
+                                       outcome.remote.get(a, ""))
+                   for a in outcome.delivered if a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS")]
+        if state.revision or result != "delivered" or relayed:
             await self.state.put(env.queue_id, state)
         await self._failpoint("after-record")
 
@@ -304,9 +306,6 @@ class Relay:
                                     note=f"given up after {days:g} days in the queue")
                 for a, reply in outcome.temporary.items()
             ]
-        relayed = [dsn.RecipientStatus(by_address[a], "relayed", f"250 2.0.0 relayed to {outcome.remote.get(a, '')}",
-                                       outcome.remote.get(a, ""))
-                   for a in outcome.delivered if a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS")]
         delayed = []
         if not expired and not state.delay_notified and age >= self.s.delay_warning_after:
             delayed = [dsn.RecipientStatus(by_address[a], "delayed", reply, outcome.remote.get(a, ""))
