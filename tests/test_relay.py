@@ -330,20 +330,6 @@ def test_starttls_required_but_not_offered_defers(make_stack, sink):
     assert sink.handler.messages == [] and queue_depth(stack) == 1
 
 
-def test_large_messages_are_delivered_a_few_at_a_time(make_stack, sink):
-    stack = relay_only(make_stack, LARGE_MESSAGE_SIZE=100_000, LARGE_MESSAGE_CONCURRENCY=1)
-    sink.handler.data_delay = 0.3
-    big = ("x" * 70 + "\r\n") * 3000  # about 216 KB each
-    queue_many(stack, [(envelope(), body(f"large {i}", big)) for i in range(4)])
-    sink.handler.wait_for(4, 30)
-    assert sink.handler.max_concurrent == 1, "one large message in delivery at a time"
-    sink.handler.reset()
-    sink.handler.data_delay = 0.3
-    queue_many(stack, [(envelope(), body(f"small {i}")) for i in range(4)])
-    sink.handler.wait_for(4, 30)
-    assert sink.handler.max_concurrent > 1, "small messages are not held back"
-
-
 def test_8bit_message_to_a_next_hop_offering_starttls(make_stack, tmp_path):
     # The extensions must be asked again after STARTTLS: else 8BITMIME looks absent and an
     # 8-bit message would bounce with 5.6.3.

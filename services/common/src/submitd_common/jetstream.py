@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats
@@ -173,22 +174,42 @@ async def enqueue(
 ) -> None:
     """Queue ``qmsg`` with ``body`` and return once JetStream stored it.
 
-    Bodies above ``inline_limit`` go to the Object Store under ``msg_id`` first. The publish is
-    retried once with the same ``Nats-Msg-Id``: the server de-duplicates, so a lost
-    acknowledgement cannot queue a message twice. On failure the stored body is removed again
-    and the error is raised."""
+    Bodies above ``inline_limit`` go to the Object Store under ``msg_id`` first. On failure the
+    stored body is removed again and the error is raised."""
+    from .bodies import BodyWriter
+
+    if len(body) <= inline_limit:
+        qmsg.inline_body = body
+        await publish_entry(js, qmsg, msg_id=msg_id, timeout=timeout, headers=headers, subject=subject)
+        return
+    writer = BodyWriter(js, BODY_BUCKET, msg_id, timeout=timeout)
+    try:
+        await writer.write(body)
+        await writer.close()
+    except BaseException:
+        await writer.abort()
+        raise
+    qmsg.object_name = msg_id
+    await publish_entry(js, qmsg, msg_id=msg_id, timeout=timeout, headers=headers, subject=subject)
+
+
+async def publish_entry(
+    js: JetStreamContext,
+    qmsg,
+    *,
+    msg_id: str,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    subject: str = SUBMIT_SUBJECT,
+) -> None:
+    """Publish the queue entry (its body, if in the Object Store, is stored already) and
+    return once JetStream stored it. The publish is retried once with the same
+    ``Nats-Msg-Id``: the server de-duplicates, so a lost acknowledgement cannot queue a message
+    twice. On failure a body in the Object Store is removed and the error raised."""
     import nats.errors
     import nats.js.errors
 
-    stored_object = False
     try:
-        if len(body) > inline_limit:
-            store = await js.object_store(BODY_BUCKET)
-            await asyncio.wait_for(store.put(msg_id, body), timeout)
-            stored_object = True
-            qmsg.object_name = msg_id
-        else:
-            qmsg.inline_body = body
         payload = qmsg.SerializeToString()
         all_headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
         for attempt in (1, 2):
@@ -199,10 +220,39 @@ async def enqueue(
                 if attempt == 2:
                     raise
     except BaseException:
-        if stored_object:
+        if qmsg.WhichOneof("body") == "object_name":
+            from .bodies import delete
+
             try:
-                store = await js.object_store(BODY_BUCKET)
-                await asyncio.wait_for(store.delete(msg_id), 2.0)
+                await asyncio.wait_for(delete(js, BODY_BUCKET, qmsg.object_name), 2.0)
             except Exception:  # an orphaned body only costs space; it is never delivered
-                log.info("could not remove body of unqueued message %s", msg_id)
+                log.info("could not remove body of unqueued message %s", qmsg.object_name)
         raise
+
+
+async def message_chunks(js: JetStreamContext, qmsg) -> "AsyncIterator[bytes]":
+    """The queued message as it is to be sent: its prefix, then its body, a chunk at a time."""
+    from .bodies import read_chunks
+
+    if qmsg.prefix:
+        yield qmsg.prefix
+    if qmsg.WhichOneof("body") == "object_name":
+        async for chunk in read_chunks(js, BODY_BUCKET, qmsg.object_name):
+            yield chunk
+    elif qmsg.inline_body:
+        yield qmsg.inline_body
+
+
+async def message_head(js: JetStreamContext, qmsg, limit: int = 256 << 10) -> bytes:
+    """The first ``limit`` octets of the message (at least its header section, for reports
+    and the admin API), read no further than needed."""
+    out = bytearray()
+    chunks = message_chunks(js, qmsg)
+    try:
+        async for chunk in chunks:
+            out += chunk
+            if len(out) >= limit or b"\r\n\r\n" in out:
+                break
+    finally:
+        await chunks.aclose()
+    return bytes(out[:limit])

@@ -20,7 +20,7 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from submitd.v1 import queue_pb2
-from submitd_common import jetstream
+from submitd_common import bodies, jetstream
 
 from . import dsn
 from .state import DeliveryState
@@ -168,7 +168,7 @@ async def sweep_orphaned_bodies(js, min_age: float) -> int:
     removed = 0
     for name in candidates:
         if name not in referenced:
-            await store.delete(name)
+            await bodies.delete(js, jetstream.BODY_BUCKET, name)
             removed += 1
     if removed:
         log.warning("removed orphaned bodies", extra={"fields": {"count": removed}})
@@ -213,8 +213,7 @@ class QueueAdmin:
         raw, q = (await self.find(queue_id))[0]
         state = await self.relay.state.get(queue_id)
         s = _summary(raw.seq, q, state)
-        body = await self.relay.body_of(q)
-        head = dsn.header_section(body[: 256 << 10])
+        head = dsn.header_section(await jetstream.message_head(self.js, q))
         parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
         env = q.envelope
         return Detail(
@@ -254,8 +253,9 @@ class QueueAdmin:
             statuses = [dsn.RecipientStatus(r, "failed", "550 5.0.0 Message bounced by the mail administrator")
                         for r in pending if dsn.wants(r, "FAILURE")]
             if statuses and q.envelope.return_path:
-                body = await self.relay.body_of(q)
-                report_id = await self.relay.queue_report(q, body, "failed", statuses)
+                from .consumer import QueuedBody
+
+                report_id = await self.relay.queue_report(q, QueuedBody(self.js, q), "failed", statuses)
                 state.reports.append(report_id)
         for _, q in found:
             state.finish(r.address for r in q.envelope.recipients)

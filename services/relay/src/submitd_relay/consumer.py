@@ -20,11 +20,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
+from submitd_common.bodies import BodyWriter, delete, object_info, sweep_unfinished
 from submitd_common.ids import new_queue_id
 from submitd_common.telemetry import extract_context
 
 from . import dsn
-from .delivery import NextHopError, NextHopPool, Outcome
+from .delivery import Body, NextHopError, NextHopPool, Outcome
 from .settings import Settings
 from .state import DeliveryState, StateStore
 
@@ -57,6 +58,25 @@ def domains_only(text: str) -> str:
 INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
 
 
+class QueuedBody(Body):
+    """A queued message's body, read from JetStream a chunk at a time for each transaction."""
+
+    def __init__(self, js: JetStreamContext, qmsg: queue_pb2.QueuedMessage) -> None:
+        self.js = js
+        self.qmsg = qmsg
+        inline = qmsg.inline_body if qmsg.WhichOneof("body") == "inline_body" else b""
+        self.size = qmsg.size or len(qmsg.prefix) + len(inline)
+        self.eight_bit = qmsg.envelope.body_type == "8BITMIME" or not (inline.isascii() and qmsg.prefix.isascii())
+
+    def chunks(self):
+        return jetstream.message_chunks(self.js, self.qmsg)
+
+    async def check(self) -> None:
+        """ObjectNotFoundError if the body in the Object Store is gone."""
+        if self.qmsg.WhichOneof("body") == "object_name":
+            await object_info(self.js, jetstream.BODY_BUCKET, self.qmsg.object_name)
+
+
 class Relay:
     def __init__(self, nc, pool: NextHopPool, settings: Settings) -> None:
         self.nc = nc
@@ -66,8 +86,6 @@ class Relay:
         self.s = settings
         self.inflight: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
-        self.large_slots = asyncio.Semaphore(settings.large_message_concurrency)
-        self._bodies = None
         self._sub = None
 
     async def start(self) -> None:
@@ -140,6 +158,8 @@ class Relay:
                 pass
             try:
                 ORPHANS.inc(await sweep_orphaned_bodies(self.js, self.s.orphan_min_age))
+                # Chunks of bodies whose writer died before finishing them (never an object).
+                ORPHANS.inc(await sweep_unfinished(self.js, jetstream.BODY_BUCKET, self.s.orphan_min_age))
             except Exception as e:
                 log.warning("orphan sweep failed: %r", e)
 
@@ -159,20 +179,11 @@ class Relay:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    async def body_of(self, qmsg: queue_pb2.QueuedMessage) -> bytes:
-        if qmsg.WhichOneof("body") == "inline_body":
-            return qmsg.inline_body
-        if self._bodies is None:
-            self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
-        return (await self._bodies.get(qmsg.object_name)).data
-
     async def delete_body(self, qmsg: queue_pb2.QueuedMessage) -> None:
         if qmsg.WhichOneof("body") != "object_name":
             return
         try:
-            if self._bodies is None:
-                self._bodies = await self.js.object_store(jetstream.BODY_BUCKET)
-            await self._bodies.delete(qmsg.object_name)
+            await delete(self.js, jetstream.BODY_BUCKET, qmsg.object_name)
         except Exception as e:
             log.warning("could not delete body %s: %r", qmsg.object_name, e)
 
@@ -224,24 +235,24 @@ class Relay:
                 work.CopyFrom(qmsg)
                 del work.envelope.recipients[:]
                 work.envelope.recipients.extend(pending)
-                # A large message costs several times its size in memory while it is sent:
-                # only a few of them at once, so that CONNECTIONS large ones cannot exhaust it.
-                large = qmsg.size > self.s.large_message_size
-                async with self.large_slots if large else contextlib.nullcontext():
+                # The body streams from JetStream to the next hop as it takes it: a large
+                # message costs a few chunks of memory, not its size.
+                body = QueuedBody(self.js, qmsg)
+                try:
+                    await body.check()
+                except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+                    # Retrying cannot bring it back: the sender is told, never left waiting.
+                    log.error("message body missing", extra={"fields": {"queue_id": env.queue_id}})
+                    body = None
+                    outcome = Outcome(next_hop=self.pool.name)
+                    outcome.fail_all([r.address for r in pending], 554, "5.3.0 The message body was lost in the queue")
+                else:
                     try:
-                        body = await self.body_of(qmsg)
-                    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
-                        # Retrying cannot bring it back: the sender is told, never left waiting.
-                        log.error("message body missing", extra={"fields": {"queue_id": env.queue_id}})
-                        body, outcome = b"", Outcome(next_hop=self.pool.name)
-                        outcome.fail_all([r.address for r in pending], 554, "5.3.0 The message body was lost in the queue")
-                    else:
-                        try:
-                            outcome = await self.pool.deliver(work.envelope, body)
-                        except NextHopError as e:
-                            outcome = Outcome(next_hop=self.pool.name)
-                            outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
-                    await self._settle(msg, work, body, outcome, state, attempt, span)
+                        outcome = await self.pool.deliver(work.envelope, body)
+                    except NextHopError as e:
+                        outcome = Outcome(next_hop=self.pool.name)
+                        outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+                await self._settle(msg, work, body, outcome, state, attempt, span)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()
@@ -270,7 +281,7 @@ class Relay:
                 await msg.in_progress()
 
     async def _settle(
-        self, msg: Msg, qmsg: queue_pb2.QueuedMessage, body: bytes, outcome: Outcome,
+        self, msg: Msg, qmsg: queue_pb2.QueuedMessage, body: QueuedBody | None, outcome: Outcome,
         state: DeliveryState, attempt: int, span,
     ) -> None:
         env = qmsg.envelope
@@ -353,29 +364,50 @@ class Relay:
         log.info("partially delivered" if len(remaining) < len(env.recipients) else "deferred",
                  extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
 
-    async def queue_report(self, qmsg: queue_pb2.QueuedMessage, body: bytes, kind: str,
-                      statuses: list[dsn.RecipientStatus]) -> str:
+    async def queue_report(self, qmsg: queue_pb2.QueuedMessage, body: QueuedBody | None, kind: str,
+                           statuses: list[dsn.RecipientStatus]) -> str:
+        """Queue a report on ``qmsg``; with RET=FULL the original streams into it from the queue."""
         env = qmsg.envelope
-        report = dsn.build(
-            kind=kind, envelope=env, original=body, statuses=statuses, reporting_mta=self.s.helo_name,
+        head = await jetstream.message_head(self.js, qmsg) if body is not None else b""
+        header = dsn.header_section(head)
+        before, after = dsn.build_parts(
+            kind=kind, envelope=env, header=header, statuses=statuses, reporting_mta=self.s.helo_name,
             from_address=self.s.bounce_from or f"MAILER-DAEMON@{self.s.helo_name}",
             arrival=qmsg.received_at_ms / 1000,
             will_retry_until=qmsg.received_at_ms / 1000 + self.s.max_lifetime,
         )
         report_id = new_queue_id()
-        out = queue_pb2.QueuedMessage(
-            envelope=dsn.report_envelope(env, report_id, report),
-            received_at_ms=int(time.time() * 1000),
-            size=len(report),
-            trace_context=dict(qmsg.trace_context),
-        )
         # The same report for the same recipients has the same Nats-Msg-Id: queued once even
         # if this delivery is retried after a crash.
         digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]
-        await jetstream.enqueue(
-            self.js, out, report, msg_id=f"{env.queue_id}.dsn-{kind}.{digest}", inline_limit=self.s.inline_body_limit,
-            timeout=self.s.publish_timeout, headers=dict(qmsg.trace_context),
-        )
+        msg_id = f"{env.queue_id}.dsn-{kind}.{digest}"
+        out = queue_pb2.QueuedMessage(received_at_ms=int(time.time() * 1000), trace_context=dict(qmsg.trace_context))
+        if body is not None and dsn.returns_full(kind, env) and body.size > self.s.inline_body_limit:
+            writer = BodyWriter(self.js, jetstream.BODY_BUCKET, msg_id, timeout=self.s.publish_timeout)
+            try:
+                await writer.write(before)
+                ends_line = True
+                async for chunk in body.chunks():
+                    await writer.write(chunk)
+                    ends_line = chunk.endswith(b"\r\n") if chunk else ends_line
+                await writer.write((b"" if ends_line else b"\r\n") + after)
+                await writer.close()
+            except BaseException:
+                await writer.abort()
+                raise
+            out.envelope.CopyFrom(dsn.report_envelope(env, report_id, eight_bit=not writer.ascii))
+            out.object_name, out.size = msg_id, writer.size
+            await jetstream.publish_entry(self.js, out, msg_id=msg_id, timeout=self.s.publish_timeout,
+                                          headers=dict(qmsg.trace_context))
+        else:
+            attached = b"".join([c async for c in body.chunks()]) if body is not None and dsn.returns_full(kind, env) else header
+            if attached and not attached.endswith(b"\r\n"):
+                attached += b"\r\n"
+            report = before + attached + after
+            out.envelope.CopyFrom(dsn.report_envelope(env, report_id, eight_bit=not report.isascii()))
+            out.size = len(report)
+            await jetstream.enqueue(self.js, out, report, msg_id=msg_id, inline_limit=self.s.inline_body_limit,
+                                    timeout=self.s.publish_timeout, headers=dict(qmsg.trace_context))
         REPORTS.labels(kind).inc()
         log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
                                                  "recipients": len(statuses)}})

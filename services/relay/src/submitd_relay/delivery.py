@@ -12,6 +12,7 @@ import random
 import ssl
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -28,6 +29,27 @@ from .settings import Settings
 log = logging.getLogger("submitd.relay")
 tracer = trace.get_tracer("submitd.relay")
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
+
+
+class Body:
+    """What is delivered: read as a stream (once per transaction), never held whole. The
+    queue's bodies are read from JetStream as the next hop takes them (consumer.QueuedBody)."""
+
+    size: int = 0
+    eight_bit: bool = False  # BODY=8BITMIME is declared to the next hop (RFC 6152)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+
+class BytesBody(Body):
+    def __init__(self, data: bytes, eight_bit: bool = False) -> None:
+        self.data = data
+        self.size = len(data)
+        self.eight_bit = eight_bit or not data.isascii()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.data
 
 
 @dataclass
@@ -189,7 +211,7 @@ class NextHopPool:
             self.slots[destination] = asyncio.Semaphore(self.s.destination_concurrency)
         return self.slots[destination]
 
-    async def deliver(self, envelope: common_pb2.Envelope, body: bytes) -> Outcome:
+    async def deliver(self, envelope: common_pb2.Envelope, body: Body) -> Outcome:
         """Deliver to every recipient of ``envelope``: one transaction per destination."""
         if self.smarthost:
             groups = {self.name: list(envelope.recipients)}
@@ -213,7 +235,7 @@ class NextHopPool:
         return outcome
 
     async def _deliver_to(
-        self, destination: str, recipients: list[common_pb2.Recipient], envelope: common_pb2.Envelope, body: bytes
+        self, destination: str, recipients: list[common_pb2.Recipient], envelope: common_pb2.Envelope, body: Body
     ) -> Outcome:
         part = common_pb2.Envelope()
         part.CopyFrom(envelope)
@@ -255,7 +277,7 @@ class NextHopPool:
         else:
             idle.append((client, time.monotonic()))
 
-    async def _on_host(self, host: Host, envelope: common_pb2.Envelope, body: bytes) -> Outcome:
+    async def _on_host(self, host: Host, envelope: common_pb2.Envelope, body: Body) -> Outcome:
         client = self._take_idle(host)
         reused = client is not None
         try:
@@ -298,12 +320,12 @@ class NextHopPool:
             return client
 
     async def _traced_transaction(
-        self, client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: bytes, host: Host
+        self, client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: Host
     ) -> Outcome:
         with tracer.start_as_current_span(
             "smtp.transaction", kind=trace.SpanKind.CLIENT,
             attributes={"server.address": host.name, "server.port": host.port,
-                        "smtp.recipients.count": len(envelope.recipients), "smtp.message.size": len(body)},
+                        "smtp.recipients.count": len(envelope.recipients), "smtp.message.size": body.size},
         ) as span:
             outcome = await transaction(client, envelope, body, host.name)
             span.set_attribute("submitd.delivered", len(outcome.delivered))
@@ -319,7 +341,8 @@ class NextHopPool:
         self.idle.clear()
 
 
-async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: bytes, host: str = "") -> Outcome:
+async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: str = "",
+                      timeout: float | None = None) -> Outcome:
     outcome = Outcome()
     recipients = [r.address for r in envelope.recipients]
     mail_options: list[str] = []
@@ -330,8 +353,7 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
             )
             return outcome
         mail_options.append("SMTPUTF8")
-    eight_bit = envelope.body_type == "8BITMIME" or not body.isascii()
-    if eight_bit:
+    if envelope.body_type == "8BITMIME" or body.eight_bit:
         if not client.supports_extension("8bitmime"):
             # RFC 6152 §3: an 8-bit message must not go to a server without 8BITMIME.
             outcome.fail_all(
@@ -368,7 +390,7 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
         await _rset(client)
         return outcome
     try:
-        await client.data(body)
+        await send_data(client, body.chunks(), client.timeout if timeout is None else timeout)
     except aiosmtplib.SMTPResponseException as e:
         outcome.fail_all(accepted, e.code, e.message, host)
         return outcome
@@ -378,6 +400,54 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
     if not dsn:
         outcome.without_dsn.update(accepted)
     return outcome
+
+
+async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeout: float | None) -> None:
+    """DATA with the message streamed to the next hop as it is read: dot-stuffed on the way
+    (RFC 5321 §4.5.2), each write waiting until the connection takes it.
+
+    aiosmtplib's ``data()`` takes the message whole; this does what it does, a chunk at a time,
+    through the parts of its protocol object named in AIOSMTPLIB_INTERNALS (checked by
+    tests/test_relay_adapter.py)."""
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            at_line_start, after_cr = True, False
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if (at_line_start and chunk[:1] == b".") or (after_cr and chunk[:2] == b"\n."):
+                    cut = 0 if chunk[:1] == b"." else 1
+                    chunk = chunk[:cut] + b"." + chunk[cut:]
+                protocol.write(chunk.replace(b"\r\n.", b"\r\n.."))
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+                at_line_start, after_cr = chunk.endswith(b"\r\n"), chunk.endswith(b"\r")
+            protocol._response_pending = True
+            protocol.write(b".\r\n" if at_line_start else b"\r\n.\r\n")
+            response = await protocol.read_response(timeout=timeout)
+            if response.code != 250:
+                raise aiosmtplib.SMTPDataError(response.code, response.message)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, ConnectionError) as e:
+        client.close()
+        if isinstance(e, aiosmtplib.SMTPServerDisconnected):
+            raise
+        raise aiosmtplib.SMTPServerDisconnected(str(e) or type(e).__name__) from e
+    except aiosmtplib.SMTPResponseException:
+        raise  # the next hop's answer: the connection goes on
+    except BaseException:
+        client.close()  # stopped partway through the content: the next hop drops what it got
+        raise
+
+
+# What send_data uses of aiosmtplib's protocol object.
+AIOSMTPLIB_INTERNALS = ("_command_lock", "_response_pending", "write", "read_response", "_drain_helper")
 
 
 async def _rset(client: aiosmtplib.SMTP) -> None:

@@ -84,20 +84,36 @@ def _ascii(text: str) -> str:
     return _one_line(text.encode("ascii", "replace").decode())
 
 
-def build(
+def returns_full(kind: str, envelope: common_pb2.Envelope) -> bool:
+    """Whether the report carries the whole original (RET=FULL on a failure), not its header."""
+    return kind == "failed" and envelope.dsn_ret.upper() == "FULL"
+
+
+def build(*, original: bytes, **kwargs) -> bytes:
+    """The report as wire-format bytes (CRLF line ends), ready to queue."""
+    head, tail = build_parts(header=header_section(original), **kwargs)
+    attached = original if returns_full(kwargs["kind"], kwargs["envelope"]) else header_section(original)
+    if attached and not attached.endswith(b"\r\n"):
+        attached += b"\r\n"
+    return head + attached + tail
+
+
+def build_parts(
     *,
     kind: str,
     envelope: common_pb2.Envelope,
-    original: bytes,
+    header: bytes,
     statuses: list[RecipientStatus],
     reporting_mta: str,
     from_address: str,
     arrival: float,
     will_retry_until: float | None = None,
-) -> bytes:
-    """The report as wire-format bytes (CRLF line ends), ready to queue."""
-    utf8 = envelope.smtputf8 or not header_section(original).isascii()
-    full = kind == "failed" and envelope.dsn_ret.upper() == "FULL"
+) -> tuple[bytes, bytes]:
+    """The report around its attachment: what comes before the original (or its ``header``
+    section, see returns_full) and what comes after it. The original itself is streamed in
+    between by the caller, never held here."""
+    utf8 = envelope.smtputf8 or not header.isascii()
+    full = returns_full(kind, envelope)
     boundary = f"submitd-{secrets.token_hex(12)}"
     now = email.utils.formatdate(localtime=False)
     message_id = f"<{envelope.queue_id}.{kind}.{secrets.token_hex(4)}@{reporting_mta}>"
@@ -162,18 +178,14 @@ def build(
     if full:
         lines += ["Content-Type: message/global" if utf8 else "Content-Type: message/rfc822",
                   "Content-Description: Undelivered message" if kind == "failed" else "Content-Description: Message", ""]
-        attached = original
     else:
         lines += ["Content-Type: message/global-headers" if utf8 else "Content-Type: text/rfc822-headers",
                   "Content-Description: Message headers", ""]
-        attached = header_section(original)
     head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
-    if attached and not attached.endswith(b"\r\n"):
-        attached += b"\r\n"
-    return head + attached + f"\r\n--{boundary}--\r\n".encode()
+    return head, f"\r\n--{boundary}--\r\n".encode()
 
 
-def report_envelope(original: common_pb2.Envelope, queue_id: str, report: bytes) -> common_pb2.Envelope:
+def report_envelope(original: common_pb2.Envelope, queue_id: str, eight_bit: bool) -> common_pb2.Envelope:
     """The envelope of a report: from the null path (so it can never bounce back), to the
     original's return path, with NOTIFY=NEVER."""
     return common_pb2.Envelope(
@@ -181,5 +193,5 @@ def report_envelope(original: common_pb2.Envelope, queue_id: str, report: bytes)
         return_path="",
         recipients=[common_pb2.Recipient(address=original.return_path, notify="NEVER")],
         smtputf8=not original.return_path.isascii(),
-        body_type="7BIT" if report.isascii() else "8BITMIME",
+        body_type="8BITMIME" if eight_bit else "7BIT",
     )

@@ -38,10 +38,6 @@ class Settings(ServiceSettings):
     destination_concurrency: int = Field(
         10, description="Concurrent deliveries (and connections) to one destination: smarthost or domain"
     )
-    large_message_size: int = Field(1 << 20, description="Messages above this many octets count as large")
-    large_message_concurrency: int = Field(
-        2, description="Large messages in delivery at once (each costs about 6x its size in memory)"
-    )
     connect_timeout: float = Field(30.0, description="Seconds to connect to the next hop")
     command_timeout: float = Field(300.0, description="Seconds to wait for a next-hop reply (RFC 5321 §4.5.3.2)")
     ack_wait: float = Field(900.0, description="JetStream AckWait: longer than the slowest delivery")
