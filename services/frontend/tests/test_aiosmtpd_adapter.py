@@ -24,3 +24,15 @@ async def test_the_adapter_sets_up_exactly_what_aiosmtpd_does():
 def test_every_command_of_the_frontend_is_dispatched():
     commands = {name[5:] for name in dir(SubmissionSMTP) if name.startswith("smtp_")}
     assert {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT"} <= commands
+
+
+async def test_unread_gives_back_what_followed_the_end_of_data():
+    # Pipelined commands read together with the end of a message go back in front of what
+    # the reader still holds (smtp.unread relies on asyncio's StreamReader buffer).
+    from submitd_frontend.smtp import unread
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"QUIT\r\n")
+    unread(reader, b"MAIL FROM:<a@b.example>\r\n")
+    assert await reader.readuntil(b"\n") == b"MAIL FROM:<a@b.example>\r\n"
+    assert await reader.readuntil(b"\n") == b"QUIT\r\n"

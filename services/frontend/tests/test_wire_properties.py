@@ -1,11 +1,13 @@
-"""Property-based tests of what the frontend accepts from the wire, without any I/O."""
+"""Property-based tests of what the frontend accepts from the wire, without any I/O: message
+content fed in arbitrary splits, as it comes off a socket."""
 
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from submitd_frontend.smtp import LINE_LIMIT, message_problem, parse_params
+from submitd_frontend import wire
+from submitd_frontend.smtp import parse_params
 
 keys = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=8)
 values = st.text("abcdefghij0123456789+-.,_", min_size=1, max_size=12)
@@ -17,19 +19,149 @@ def test_parameters_round_trip(params):
     assert parse_params(text) == {k.upper(): v for k, v in params.items()}
 
 
-@given(st.binary(max_size=3000))
-def test_message_check_accepts_exactly_clean_crlf_text(data):
-    problem = message_problem(data)
-    lines_ok = all(len(line) + 2 <= LINE_LIMIT for line in data.split(b"\r\n"))
-    clean = (
-        b"\r" not in data.replace(b"\r\n", b"")
-        and b"\n" not in data.replace(b"\r\n", b"")
+def splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)]) if b > a]
+
+
+def clean(data: bytes) -> bool:
+    """Strictly CRLF text, no NUL, every line within RFC 5321's limit."""
+    rest = data.replace(b"\r\n", b"")
+    return (
+        b"\r" not in rest and b"\n" not in rest and b"\x00" not in data
         and (not data or data.endswith(b"\r\n"))
-        and lines_ok
+        and all(len(line) <= wire.LINE_LIMIT - 2 for line in data.split(b"\r\n"))
     )
-    assert (problem is None) == clean, (data[:80], problem)
 
 
-@given(st.lists(st.binary(max_size=200).map(lambda b: re.sub(rb"[\r\n]", b"", b)), max_size=30))
-def test_crlf_joined_lines_pass(lines):
-    assert message_problem(b"".join(line + b"\r\n" for line in lines)) is None
+def feed_chunks(data: bytes, cuts: list[int], limit: int | None = None) -> tuple[bytes, str | None]:
+    reader = wire.ChunkReader(limit)
+    out = b"".join(reader.feed(piece) for piece in splits(data, cuts))
+    reader.finish()
+    return out, reader.problem
+
+
+content = st.binary(max_size=3000) | st.lists(
+    st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"\x00", b".", b" ", b"x" * 997, b"y" * 998]), max_size=12
+).map(b"".join)
+
+
+@given(content, st.lists(st.integers(0, 4000), max_size=6))
+def test_bdat_content_passes_exactly_when_clean_whatever_the_splits(data, cuts):
+    out, problem = feed_chunks(data, cuts)
+    assert (problem is None) == clean(data), (data[:80], problem)
+    assert out == (data if problem is None else out), "clean content passes unchanged"
+    if b"\x00" in data and problem:
+        assert problem.startswith("554 5.6.0") or problem.startswith("500 5.5.2")
+
+
+@given(st.lists(st.binary(max_size=200).map(lambda b: re.sub(rb"[\r\n\x00]", b"", b)), max_size=30),
+       st.lists(st.integers(0, 7000), max_size=6))
+def test_crlf_joined_lines_pass(lines, cuts):
+    data = b"".join(line + b"\r\n" for line in lines)
+    assert feed_chunks(data, cuts) == (data, None)
+
+
+def test_size_limit_counts_content():
+    data = b"x" * 98 + b"\r\n"
+    assert feed_chunks(data * 10, [], limit=1000) == (data * 10, None)
+    assert feed_chunks(data * 11, [], limit=1000)[1] == wire.TOO_BIG
+
+
+def stuff(message: bytes) -> bytes:
+    """What a client sends for ``message`` (clean CRLF text) in DATA."""
+    return re.sub(rb"(?m)^\.", b"..", message)
+
+
+def feed_data(wire_bytes: bytes, cuts: list[int], limit: int | None = None):
+    reader = wire.DataReader(limit)
+    out, rest = [], None
+    for piece in splits(wire_bytes, cuts):
+        if rest is not None:  # the session reads commands again from here
+            rest += piece
+            continue
+        got, rest = reader.feed(piece)
+        out.append(got)
+    return b"".join(out), rest, reader.problem
+
+
+messages = st.lists(
+    st.sampled_from([b"", b".", b"..", b".x", b"a.", b"hello world", b"x" * 500, b"From: a@b.example"]), max_size=10
+).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
+
+
+@given(messages, st.binary(max_size=40), st.lists(st.integers(0, 8000), max_size=6))
+def test_data_is_unstuffed_and_ends_at_the_marker_whatever_the_splits(message, after, cuts):
+    out, rest, problem = feed_data(stuff(message) + b".\r\n" + after, cuts)
+    assert problem is None
+    assert out == message
+    assert rest is not None and rest.endswith(after) and len(rest) >= len(after)
+
+
+def strict_end(data: bytes) -> int | None:
+    """Where an RFC 5321 reader finds the end of data: the first line (CRLF-terminated) that is
+    a lone dot. Returns the offset just past its CRLF, or None."""
+    if data.startswith(b".\r\n"):
+        return 3
+    i = data.find(b"\r\n.\r\n")
+    return None if i < 0 else i + 5
+
+
+def lenient_ends(data: bytes) -> list[int]:
+    """Where readers that take a bare CR or LF as a line end, or drop NULs, would see an end."""
+    ends = []
+    squeezed = data.replace(b"\x00", b"")
+    for pattern in (rb"(?:^|\r\n|\n|\r)\.(?:\r\n|\n|\r)",):
+        for text in (data, squeezed):
+            ends += [m.end() for m in re.finditer(pattern, text)]
+    return ends
+
+
+ODD = st.lists(st.sampled_from([b"\r", b"\n", b"\x00", b".", b" ", b"a"]), max_size=7).map(b"".join)
+
+
+@settings(max_examples=600)
+@given(ODD, ODD, st.lists(st.integers(0, 40), max_size=4))
+def test_no_message_that_another_reader_would_split_is_ever_accepted(before, after, cuts):
+    # Short runs of CR, LF, NUL, "." and space around an end-of-data marker: submitd either
+    # refuses the message, or passes on exactly the octets a strict RFC 5321 reader sees, with
+    # nothing in them that a lenient reader would take for an end.
+    stream = b"Subject: x\r\n" + before + b"\r\n.\r\n" + after + b"\r\n.\r\n"
+    out, rest, problem = feed_data(stream, cuts)
+    end = strict_end(stream)
+    assert rest == stream[end:], "the message ends where a strict reader ends it"
+    if b"\x00" in before:
+        assert problem is not None, "a NUL is never passed on"
+    if problem is None:
+        body = stream[: end - 3]
+        assert out == re.sub(rb"(?m)(?<=\r\n)\.|^\.", b"", body)
+        assert clean(out)
+        assert not lenient_ends(stuff(out)), "a lenient next hop would split what was relayed"
+    else:
+        # What was passed on before the problem showed is abandoned by the session.
+        assert problem.split()[0] in ("554", "500")
+
+
+def test_nul_and_bare_line_ends_are_refused_and_read_to_the_end():
+    for bad in (b"\x00", b"a\rb", b"a\nb"):
+        out, rest, problem = feed_data(b"Subject: x\r\n\r\n" + bad + b"\r\n.\r\nQUIT\r\n", [5, 17])
+        assert rest == b"QUIT\r\n"
+        assert bad not in out, "nothing from the bad line is passed on"
+        assert problem == (wire.NUL if bad == b"\x00" else wire.BARE_CR_LF)
+
+
+def test_a_line_too_long_is_refused_and_the_end_still_found():
+    data = b"Subject: x\r\n\r\n" + b"z" * 5000 + b"\r\nmore\r\n.\r\nNOOP\r\n"
+    for cuts in ([], [100, 2000, 4000], list(range(0, 5100, 7))):
+        out, rest, problem = feed_data(data, cuts)
+        assert (rest, problem) == (b"NOOP\r\n", wire.LINE_TOO_LONG)
+        assert b"zzz" not in out and b"more" not in out
+    ok = b"z" * 998 + b"\r\n" + b"." + b"z" * 998 + b"\r\n.\r\n"  # 999 with its stuffed dot: allowed
+    assert feed_data(ok, [500, 1500])[2] is None
+
+
+def test_the_size_limit_refuses_and_reads_on():
+    data = (b"y" * 70 + b"\r\n") * 100 + b".\r\n"
+    out, rest, problem = feed_data(data, [1000, 3000], limit=5000)
+    assert (rest, problem) == (b"", wire.TOO_BIG)
+    assert len(out) <= 5000, "nothing past the limit is passed on"

@@ -75,7 +75,7 @@ async def amain() -> None:
             timeout=settings.rewriter_timeout, connect_timeout=settings.backend_connect_timeout,
             max_age=settings.backend_stream_seconds,
         ),
-        queue=QueueWriter(nc, settings.inline_body_limit, settings.publish_timeout),
+        queue=QueueWriter(nc, settings.publish_timeout),
     )
 
     servers: list[asyncio.Server] = []

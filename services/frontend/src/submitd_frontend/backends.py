@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -13,7 +14,10 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from submitd.v1 import common_pb2, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
+from opentelemetry import propagate
+
 from submitd_common import jetstream
+from submitd_common.bodies import BodyWriter
 from submitd_common.replies import reply
 from submitd_common.telemetry import client_call, inject_context
 
@@ -60,10 +64,8 @@ class Rewriter:
     async def rewrite(
         self, envelope: common_pb2.Envelope, message: bytes
     ) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
-        """Send the message through the rewriter. Returns (envelope, final bytes) or (None, reply)."""
-        if len(message) > CHUNK:
-            await ready(self.channel, self.connect_timeout, lambda: BackendUnavailable(REWRITER_DOWN))
-            return await rewrite_stream(self.stub, envelope, message, self.timeout)
+        """A whole message (of up to 64 KiB) through the rewriter. Returns (envelope, final
+        bytes) or (None, reply)."""
         stream = await self.streams.get()
         request_id = next(self.streams.ids)
         with client_call(tracer, "/submitd.v1.Rewriter/RewriteMany"):
@@ -82,56 +84,143 @@ class Rewriter:
         await self.streams.close()
 
 
-async def rewrite_stream(
-    stub: rewriter_pb2_grpc.RewriterStub, envelope: common_pb2.Envelope, message: bytes, timeout: float
-) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
-    """A large message over a Rewrite stream of its own, in 64 KiB chunks."""
+class StreamedMessage:
+    """A message larger than one chunk, on its way while it arrives: streamed through a
+    Rewrite call of its own, the rewriter's output written into the Object Store as it comes
+    back. Every step waits for the next (gRPC flow control, at most a few chunks awaiting
+    NATS's acknowledgement), so a slow rewriter or queue slows the reading of the client's
+    socket and nothing grows. ``finish()`` returns what the queue entry needs."""
 
-    async def requests():
-        yield rewriter_pb2.RewriteRequest(envelope=envelope)
-        view = memoryview(message)
-        for i in range(0, len(message), CHUNK):
-            yield rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + CHUNK]))
+    def __init__(self, rewriter: Rewriter, queue: "QueueWriter", envelope: common_pb2.Envelope) -> None:
+        self.rewriter = rewriter
+        self.envelope = envelope
+        self.writer = queue.body_writer(envelope.queue_id)
+        self.span = tracer.start_span("submitd.v1.Rewriter/Rewrite", kind=trace.SpanKind.CLIENT, attributes={
+            "rpc.system": "grpc", "rpc.service": "submitd.v1.Rewriter", "rpc.method": "Rewrite"})
+        self.call = None
+        self.receiving: asyncio.Task | None = None
+        self.out_envelope: common_pb2.Envelope | None = None
+        self.reject: common_pb2.Reply | None = None
+        self.prefix = b""
 
-    out_envelope = None
-    parts: list[bytes] = []
-    prepend = b""
-    try:
-        with client_call(tracer, "/submitd.v1.Rewriter/Rewrite") as (span, metadata):
-            call = stub.Rewrite(requests(), timeout=timeout, metadata=metadata)
-            async for resp in call:
-                kind = resp.WhichOneof("part")
-                if kind == "reject":
-                    return None, resp.reject
-                if kind == "envelope":
-                    out_envelope = resp.envelope
-                elif kind == "prepend":
-                    prepend = resp.prepend
-                else:
-                    parts.append(resp.chunk)
-    except grpc.aio.AioRpcError as e:
-        log.warning("rewriter unavailable: %s %s", e.code(), e.details())
-        raise BackendUnavailable(REWRITER_DOWN) from e
-    if out_envelope is None:
-        raise BackendUnavailable(REWRITER_DOWN)
-    return out_envelope, prepend + b"".join(parts)
+    async def start(self, first: bytes) -> None:
+        r = self.rewriter
+        await ready(r.channel, r.connect_timeout, lambda: BackendUnavailable(REWRITER_DOWN))
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
+        self.call = r.stub.Rewrite(timeout=r.timeout, metadata=tuple(carrier.items()))
+        self.receiving = asyncio.create_task(self._receive())
+        await self._write(rewriter_pb2.RewriteRequest(envelope=self.envelope))
+        await self.send(first)
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(data), CHUNK):
+            await self._write(rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + CHUNK])))
+
+    async def _write(self, request) -> None:
+        if self.receiving.done():
+            return  # refused (or failed) already: finish() says which
+        try:
+            await self.call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            if not self.receiving.done():
+                raise BackendUnavailable(REWRITER_DOWN) from e
+
+    async def _receive(self) -> None:
+        async for resp in self.call:
+            kind = resp.WhichOneof("part")
+            if kind == "chunk":
+                await self.writer.write(resp.chunk)
+            elif kind == "envelope":
+                self.out_envelope = resp.envelope
+            elif kind == "prepend":
+                self.prefix = resp.prepend
+            elif kind == "reject":
+                self.reject = resp.reject
+                return
+
+    async def finish(self) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
+        """(envelope, prefix) with the body stored, or (None, the rewriter's refusal)."""
+        try:
+            if not self.receiving.done():
+                with contextlib.suppress(grpc.aio.UsageError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    await self.call.done_writing()
+            await self.receiving
+            if self.reject is not None:
+                self.span.set_attribute("smtp.reply.code", self.reject.code)
+                await self.abort()
+                return None, self.reject
+            if self.out_envelope is None:
+                raise BackendUnavailable(REWRITER_DOWN)
+            await self.writer.close()
+        except grpc.aio.AioRpcError as e:
+            log.warning("rewriter unavailable: %s %s", e.code(), e.details())
+            await self.abort()
+            raise BackendUnavailable(REWRITER_DOWN) from e
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as e:
+            log.warning("queue unavailable while storing a body: %r", e)
+            await self.abort()
+            raise BackendUnavailable(QUEUE_DOWN) from e
+        except BaseException:
+            await self.abort()
+            raise
+        finally:
+            self.span.end()
+        return self.out_envelope, self.prefix
+
+    async def abort(self) -> None:
+        """Nothing of this message stays: the call is cancelled, the stored chunks removed."""
+        if self.call is not None:
+            self.call.cancel()
+        if self.receiving is not None and not self.receiving.done():
+            self.receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await self.receiving
+        await self.writer.abort()
+        if self.span.is_recording():
+            self.span.end()
 
 
 class QueueWriter:
     """Publishes a final message to JetStream and returns only once the server stored it."""
 
-    def __init__(self, nc: NATS, inline_limit: int, timeout: float) -> None:
+    def __init__(self, nc: NATS, timeout: float) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.inline_limit = inline_limit
+        # Messages of up to one chunk (and what the rewriter adds) travel inside their queue
+        # entry; larger ones were streamed into the Object Store (publish_stored).
+        self.inline_limit = 256 << 10
         self.timeout = timeout
 
     @property
     def available(self) -> bool:
         return self.nc.is_connected
 
+    def body_writer(self, queue_id: str) -> BodyWriter:
+        return BodyWriter(self.js, jetstream.BODY_BUCKET, queue_id, timeout=self.timeout)
+
+    async def publish_stored(self, envelope: common_pb2.Envelope, prefix: bytes, writer: BodyWriter) -> None:
+        """The queue entry of a message whose body ``writer`` stored in the Object Store."""
+        if not (writer.ascii and prefix.isascii()):
+            envelope.body_type = "8BITMIME"  # the relay declares it to the next hop (RFC 6152)
+        qmsg = queue_pb2.QueuedMessage(envelope=envelope, received_at_ms=int(time.time() * 1000),
+                                       size=len(prefix) + writer.size, prefix=prefix, object_name=writer.name)
+        with self._span(envelope, qmsg.size):
+            await self._send(qmsg, lambda: jetstream.publish_entry(
+                self.js, qmsg, msg_id=envelope.queue_id, timeout=self.timeout, headers=dict(qmsg.trace_context)))
+
     async def publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
-        with tracer.start_as_current_span(
+        if envelope.body_type != "8BITMIME" and not body.isascii():
+            envelope.body_type = "8BITMIME"  # the relay declares it to the next hop (RFC 6152)
+        qmsg = queue_pb2.QueuedMessage(envelope=envelope, received_at_ms=int(time.time() * 1000), size=len(body))
+        with self._span(envelope, len(body)):
+            await self._send(qmsg, lambda: jetstream.enqueue(
+                self.js, qmsg, body, msg_id=envelope.queue_id, inline_limit=self.inline_limit, timeout=self.timeout,
+                headers=dict(qmsg.trace_context)))
+
+    def _span(self, envelope: common_pb2.Envelope, size: int):
+        return tracer.start_as_current_span(
             f"{jetstream.SUBMIT_SUBJECT} publish",
             kind=trace.SpanKind.PRODUCER,
             attributes={
@@ -140,24 +229,16 @@ class QueueWriter:
                 "messaging.destination.name": jetstream.SUBMIT_SUBJECT,
                 "messaging.message.id": envelope.queue_id,
                 "submitd.queue_id": envelope.queue_id,
-                "messaging.message.body.size": len(body),
+                "messaging.message.body.size": size,
             },
-        ):
-            await self._publish(envelope, body)
+        )
 
-    async def _publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
-        qid = envelope.queue_id
+    async def _send(self, qmsg: queue_pb2.QueuedMessage, publish) -> None:
         # The relay continues this trace: every delivery attempt, however late, is a child
         # of this publish span.
-        trace_context = inject_context()
-        qmsg = queue_pb2.QueuedMessage(
-            envelope=envelope, received_at_ms=int(time.time() * 1000), size=len(body), trace_context=trace_context
-        )
+        qmsg.trace_context.update(inject_context())
         try:
-            await jetstream.enqueue(
-                self.js, qmsg, body, msg_id=qid, inline_limit=self.inline_limit, timeout=self.timeout,
-                headers=trace_context,
-            )
+            await publish()
         except nats.js.errors.APIError as e:
             text = (e.description or "").lower()
             if "maximum bytes" in text or "maximum messages" in text or "insufficient resources" in text:

@@ -16,9 +16,6 @@ SIZE = Histogram(
 )
 EOD_LATENCY = Histogram("submitd_end_of_data_seconds", "End of data to the final reply (rewrite and queue)")
 BACKEND_LATENCY = Histogram("submitd_backend_call_seconds", "Policy verdicts and rewriter calls", ["backend"])
-DATA_BUFFERED = Gauge(
-    "submitd_data_buffered_bytes", "Octets of messages held while being received and queued (DATA_MEMORY_BUDGET)"
-)
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _reply_counters: dict[str, Counter] = {}

@@ -20,15 +20,7 @@ class Settings(ServiceSettings):
     policy_target: str = Field("127.0.0.1:50051", description="gRPC target of the policy service")
     rewriter_target: str = Field("127.0.0.1:50052", description="gRPC target of the rewriter service")
     max_message_size: int = Field(25 << 20, description="SIZE limit in octets")
-    data_memory_budget: int = Field(
-        128 << 20,
-        description="Octets of messages all sessions together may hold while receiving and queueing "
-        "them; past it a message is read to its end and answered 452 4.3.1 (each costs about 4x in memory)",
-    )
     max_recipients: int = Field(100, description="Recipients per message (RFC 5321 §4.5.3.1.8 minimum 100)")
-    inline_body_limit: int = Field(
-        256 << 10, description="Bodies larger than this go to the JetStream Object Store"
-    )
     queue_max_bytes: int = Field(1 << 30, description="MaxBytes of the queue stream (Discard=New)")
     queue_replicas: int = Field(1, description="Replicas of the queue stream (3 in a cluster)")
     backend_connect_timeout: float = Field(

@@ -31,6 +31,8 @@ from submitd_common.replies import render
 from submitd_common.telemetry import inject_context
 
 from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
+from .submission import Submission
+from .wire import ChunkReader, DataReader
 from .policy_client import PolicySession, PolicyStreams
 from . import metrics
 from .settings import Settings
@@ -38,30 +40,31 @@ from .settings import Settings
 log = logging.getLogger("submitd.frontend")
 tracer = trace.get_tracer("submitd.frontend")
 
-LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6), plus one for a stuffed dot
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 # Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
 # (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
 EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
-LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (LINE_LIMIT - 1))
-BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-# Messages being received hold memory until queued; above DATA_MEMORY_BUDGET, all sessions together.
-NO_ROOM = "452 4.3.1 Insufficient system storage, try again later"
 DATA_DECIDED = policy_pb2.Verdict(accept=True)
+READ_SIZE = 64 << 10  # octets of message content taken off the socket at a time
 
 
-def message_problem(message: bytes) -> str | None:
-    """What a message received by BDAT (no dot-stuffing, any octets) must still satisfy."""
-    if b"\r" in message.replace(b"\r\n", b"") or b"\n" in message.replace(b"\r\n", b""):
-        return BARE_CR_LF
-    if message and not message.endswith(b"\r\n"):
-        return "554 5.6.0 Message does not end with CRLF"
-    if LONG_LINE.search(message):
-        return "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
-    return None
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Give back what was read past the end of a message (pipelined commands): asyncio's
+    StreamReader has no unread, so its buffer is used (tests/test_aiosmtpd_adapter.py checks
+    it is still there)."""
+    reader._buffer[0:0] = data
+
+
+@dataclass
+class Bdat:
+    """A BDAT transaction in progress (RFC 3030)."""
+
+    reader: ChunkReader
+    submission: Submission
+    span: trace.Span
+    problem: str | None = None  # a refusal known before the content (no MAIL, policy, ...)
 
 
 @dataclass
@@ -79,7 +82,6 @@ class Sessions:
         self.active: set["SubmissionSMTP"] = set()
         self.per_client: dict[str, int] = {}
         self.draining = False
-        self.buffered = 0  # octets of messages being received or queued, all sessions
 
     def add(self, session: "SubmissionSMTP", client: str) -> None:
         self.active.add(session)
@@ -193,10 +195,7 @@ class SubmissionSMTP(SMTP):
         self.accepted: list[str] = []  # queue ids of this session's messages
         self.refused = 0
         self._closing = False
-        self._bdat: list[bytes] | None = None  # chunks of a BDAT transaction in progress
-        self._bdat_size = 0
-        self._bdat_problem: str | None = None
-        self._held = 0  # this session's share of sessions.buffered
+        self._bdat: Bdat | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -270,7 +269,8 @@ class SubmissionSMTP(SMTP):
                 pass
             finally:
                 metrics.SESSIONS_ACTIVE.dec()
-                self._release()  # a BDAT transaction the client never finished
+                if self._bdat is not None:  # a BDAT transaction the client never finished
+                    await self._end_bdat()
                 self.sessions.remove(self, self.client_address)
                 log.info(
                     "session closed",
@@ -632,23 +632,17 @@ class SubmissionSMTP(SMTP):
 
     async def smtp_RSET(self, arg: str):
         self._set_rset_state()
-        self._end_bdat()
+        await self._end_bdat()
         self.note(reset=policy_pb2.Reset())
         await self.push("250 2.0.0 OK")
 
     async def smtp_DATA(self, arg: str) -> None:
         assert self.session is not None and self.envelope is not None
-        if self.envelope.mail_from is None:
-            await self.push("503 5.5.1 Need MAIL command")
-            return
-        if not self.envelope.rcpt_tos:
-            await self.push("554 5.5.1 No valid recipients")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        if not self.backends.queue.available:
-            await self.push(render(QUEUE_DOWN))
+        problem = self._data_problem()
+        if not problem and arg:
+            problem = "501 5.5.4 Syntax: DATA"
+        if problem:
+            await self.push(problem)
             return
         verdict = await self._data_verdict()
         if not verdict.accept:
@@ -659,11 +653,30 @@ class SubmissionSMTP(SMTP):
         # message is being queued (its client would retry a message that was accepted).
         self.in_data = True
         try:
-            message, problem = await self._read_data()
-            await self._end_of_data(message, problem)
+            queue_id = new_queue_id()
+            with self._message_span(queue_id):
+                submission = Submission(self.backends, self._envelope(queue_id))
+                try:
+                    problem = await self._read_data(submission)
+                    status = await self._finish(submission, problem)
+                except BaseException:
+                    await submission.abandon()
+                    raise
+                finally:
+                    self._set_rset_state()
+            await self._answer(status, submission)
         finally:
             self.in_data = False
-            self._release()
+
+    def _data_problem(self) -> str | None:
+        """What DATA and the first BDAT must have before any content: the same for both."""
+        if self.envelope.mail_from is None:
+            return "503 5.5.1 Need MAIL command"
+        if not self.envelope.rcpt_tos:
+            return "554 5.5.1 No valid recipients"
+        if not self.backends.queue.available:
+            return render(QUEUE_DOWN)
+        return None
 
     async def _data_verdict(self) -> policy_pb2.Verdict:
         """Policy's word on DATA (or BDAT): given already with the last RCPT when there is
@@ -672,84 +685,51 @@ class SubmissionSMTP(SMTP):
             return DATA_DECIDED
         return await self.ask(data_start=policy_pb2.DataStart(recipient_count=len(self.envelope.rcpt_tos)))
 
-    def _hold(self, octets: int) -> bool:
-        """Count ``octets`` against the frontend's memory budget; False when it is spent."""
-        if self.sessions.buffered + octets > self.settings.data_memory_budget:
-            return False
-        self.sessions.buffered += octets
-        self._held += octets
-        if (self._held - octets) >> 16 != self._held >> 16:  # the gauge moves per 64 KiB, not per line
-            metrics.DATA_BUFFERED.set(self.sessions.buffered)
-        return True
+    def _message_span(self, queue_id: str, current: bool = True):
+        attributes = {"submitd.queue_id": queue_id, "smtp.recipients.count": len(self.envelope.rcpt_tos)}
+        if current:
+            return tracer.start_as_current_span("smtp.data", attributes=attributes)
+        return tracer.start_span("smtp.data", attributes=attributes)
 
-    def _release(self) -> None:
-        if self._held:
-            self.sessions.buffered -= self._held
-            self._held = 0
-            metrics.DATA_BUFFERED.set(self.sessions.buffered)
+    async def _read_data(self, submission: Submission) -> str | None:
+        """Read the content up to CRLF "." CRLF, passing it on as it comes; the refusal, or None.
 
-    async def _read_data(self) -> tuple[bytes, str | None]:
-        """Read up to the lone dot. Returns (message, None) or (b"", the reply refusing it).
-
-        The whole message is read before refusing, so the client's next command is not
-        taken from the middle of its message.
-        """
-        limit = self.data_size_limit
-        lines: list[bytes] = []
-        size = received = 0
-        problem: str | None = None
-        reader = self._reader
-        mid_line = False  # after an over-long fragment, the next read continues that line
+        A refused message is still read to its end (and dropped), so that the client's next
+        command is not taken from the middle of it."""
+        reader = DataReader(self.data_size_limit)
         started = reset_at = time.monotonic()
         self._reset_timeout(self.settings.data_read_timeout)
         while True:
             now = time.monotonic()
             if now - reset_at > 0.5:
-                # The idle deadline moves on at most twice a second, not for every line
-                # (a timer handle each time): a client is cut within half a second of it.
+                # The idle deadline moves on at most twice a second, not for every read (a timer
+                # handle each time): a client is cut within half a second of it.
                 self._reset_timeout(self.settings.data_read_timeout)
                 reset_at = now
                 if now - started > self.settings.data_rate_grace:
-                    self._check_rate(started, received)
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as e:
-                received += e.consumed
-                await reader.readexactly(e.consumed)
-                problem = problem or "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
-                mid_line = True
-                continue
-            received += len(line)
-            if mid_line:
-                mid_line = False
-                continue
-            if line == b".\r\n":
-                break
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                # A bare LF or CR: only <CRLF>.<CRLF> may end the data, and such a line
-                # must not be passed on to an MTA that reads it differently.
-                problem = problem or BARE_CR_LF
-                continue
-            if problem:
-                continue
-            size += len(line)
-            if limit and size > limit:
-                problem = TOO_BIG
-                lines.clear()
-                continue
-            if len(line) > LINE_LIMIT + 1:
-                problem = "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
-                lines.clear()
-                continue
-            if not self._hold(len(line)):
-                # Too many large messages at once: read this one to its end without keeping
-                # it, and ask the client to come back (it keeps the message).
-                problem = NO_ROOM
-                lines.clear()
-                self._release()
-                continue
-            lines.append(line[1:] if line[:1] == b"." else line)
-        return (b"" if problem else b"".join(lines)), problem
+                    self._check_rate(started, reader.received)
+            data = await self._reader.read(READ_SIZE)
+            if not data:
+                raise ConnectionResetError("connection closed during DATA")
+            content, rest = reader.feed(data)
+            if reader.problem:
+                await submission.abandon()
+            elif content:
+                await submission.feed(content)
+            if rest is not None:
+                if rest:
+                    unread(self._reader, rest)  # pipelined commands after the end of data
+                return reader.problem
+
+    async def _finish(self, submission: Submission, problem: str | None) -> str:
+        if problem:
+            await submission.abandon()
+            trace.get_current_span().set_attribute("smtp.reply.code", int(problem[:3]))
+            return problem
+        started = time.monotonic()
+        status = await submission.finish()
+        metrics.EOD_LATENCY.observe(time.monotonic() - started)
+        return status
 
     def _check_rate(self, started: float, received: int) -> None:
         """A client slower than the minimum data rate is told 421 and the session ends here."""
@@ -763,12 +743,12 @@ class SubmissionSMTP(SMTP):
 
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------
 
-    def _end_bdat(self) -> None:
-        self._release()
-        self._bdat = None
-        self._bdat_size = 0
-        self._bdat_problem = None
+    async def _end_bdat(self) -> None:
+        bdat, self._bdat = self._bdat, None
         self.in_data = False
+        if bdat is not None:
+            await bdat.submission.abandon()
+            bdat.span.end()
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         parts = (arg or "").split()
@@ -776,93 +756,70 @@ class SubmissionSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
             return
         size, last = int(parts[0]), len(parts) == 2
-        first = self._bdat is None
-        if first:
-            self._bdat, self._bdat_size, self._bdat_problem = [], 0, None
+        if self._bdat is None:
+            queue_id = new_queue_id()
+            span = self._message_span(queue_id, current=False)
+            self._bdat = Bdat(ChunkReader(self.data_size_limit), Submission(self.backends, self._envelope(queue_id)), span)
             self.in_data = True
-        # The chunk is read whatever happens next: its octets are not commands.
-        chunk = await self._read_chunk(size)
-        if first:
-            if self.envelope.mail_from is None:
-                self._bdat_problem = "503 5.5.1 Need MAIL command"
-            elif not self.envelope.rcpt_tos:
-                self._bdat_problem = "554 5.5.1 No valid recipients"
-            elif not self.backends.queue.available:
-                self._bdat_problem = render(QUEUE_DOWN)
-            else:
+            # The chunk is read whatever the answer: its octets are not commands.
+            self._bdat.problem = self._data_problem()
+            if not self._bdat.problem:
                 verdict = await self._data_verdict()
                 if not verdict.accept:
-                    self._bdat_problem = render(verdict.reply)
-        if not self._bdat_problem:
-            self._bdat_size += size
-            if self.data_size_limit and self._bdat_size > self.data_size_limit:
-                self._bdat_problem = TOO_BIG
-                self._bdat.clear()
-                self._release()
-            elif not self._hold(len(chunk)):
-                self._bdat_problem = NO_ROOM
-                self._bdat.clear()
-                self._release()
-            else:
-                self._bdat.append(chunk)
-        if not last:
-            await self.push(self._bdat_problem or f"250 2.0.0 {size} octets received")
-            return
-        problem, message = self._bdat_problem, b"".join(self._bdat)
+                    self._bdat.problem = render(verdict.reply)
+        bdat = self._bdat
+        done = last
         try:
-            await self._end_of_data(message, problem or message_problem(message))
+            with trace.use_span(bdat.span, end_on_exit=False):
+                await self._read_chunk(size, bdat)
+                if not last:
+                    await self.push(bdat.problem or bdat.reader.problem or f"250 2.0.0 {size} octets received")
+                    return
+                bdat.reader.finish()
+                try:
+                    status = await self._finish(bdat.submission, bdat.problem or bdat.reader.problem)
+                finally:
+                    self._set_rset_state()
+            await self._answer(status, bdat.submission)
+        except BaseException:
+            done = True
+            raise
         finally:
-            self._end_bdat()
+            if done:
+                await self._end_bdat()
 
-    async def _read_chunk(self, size: int) -> bytes:
-        """Read exactly ``size`` octets, within the data deadlines."""
-        keep = self._bdat_problem is None and (not self.data_size_limit or self._bdat_size + size <= self.data_size_limit)
-        parts: list[bytes] = []
+    async def _read_chunk(self, size: int, bdat: "Bdat") -> None:
+        """Read exactly ``size`` octets, within the data deadlines, passing them on as they come."""
         remaining = size
         started = time.monotonic()
         while remaining:
             self._reset_timeout(self.settings.data_read_timeout)
             self._check_rate(started, size - remaining)
-            piece = await self._reader.read(min(remaining, 1 << 16))
+            piece = await self._reader.read(min(remaining, READ_SIZE))
             if not piece:
                 raise ConnectionResetError("connection closed during BDAT")
             remaining -= len(piece)
-            if keep:
-                parts.append(piece)
-        return b"".join(parts)
+            content = bdat.reader.feed(piece)
+            if bdat.problem or bdat.reader.problem:
+                await bdat.submission.abandon()
+            elif content:
+                await bdat.submission.feed(content)
 
-    async def _end_of_data(self, message: bytes, problem: str | None) -> None:
-        """The end of a transaction (DATA or the last BDAT): refuse, or rewrite, queue and answer."""
-        if problem:
-            self._set_rset_state()
-            await self.push(problem)
-            return
-        started = time.monotonic()
-        try:
-            status = await self._submit(message)
-        finally:
-            self._set_rset_state()
+    async def _answer(self, status: str, submission: Submission) -> None:
+        """The reply to the end of a transaction, counted and logged."""
         await self.push(status)
-        self._count_message(status, len(message), started)
-        log.info(
-            "message %s",
-            "accepted" if status.startswith("250") else "refused",
-            extra={"fields": {
-                "session": self.session_id, "reply": status, "ms": round((time.monotonic() - started) * 1000, 1),
-                "queue_id": status.rsplit(" ", 1)[-1] if status.startswith("250") else None,
-            }},
-        )
-
-    def _count_message(self, status: str, size: int, started: float) -> None:
-        metrics.EOD_LATENCY.observe(time.monotonic() - started)
         accepted = status.startswith("250")
         if accepted:
-            self.accepted.append(status.rsplit(" ", 1)[-1])
+            self.accepted.append(submission.envelope.queue_id)
+            metrics.SIZE.observe(submission.size)
         else:
             self.refused += 1
         metrics.MESSAGES.labels("accepted" if accepted else "refused", status[:3]).inc()
-        if accepted:
-            metrics.SIZE.observe(size)
+        log.info(
+            "message %s", "accepted" if accepted else "refused",
+            extra={"fields": {"session": self.session_id, "reply": status,
+                              "queue_id": submission.envelope.queue_id if accepted else None}},
+        )
 
     def _envelope(self, queue_id: str) -> common_pb2.Envelope:
         params = getattr(self, "_mail_params", {})
@@ -884,28 +841,3 @@ class SubmissionSMTP(SMTP):
             dsn_envid=params.get("ENVID", ""),
         )
 
-    async def _submit(self, message: bytes) -> str:
-        queue_id = new_queue_id()
-        with tracer.start_as_current_span(
-            "smtp.data",
-            attributes={
-                "submitd.queue_id": queue_id,
-                "smtp.message.size": len(message),
-                "smtp.recipients.count": len(self.envelope.rcpt_tos),
-            },
-        ) as span:
-            envelope = self._envelope(queue_id)
-            try:
-                with metrics.BACKEND_LATENCY.labels("rewriter").time():
-                    final_envelope, result = await self.backends.rewriter.rewrite(envelope, message)
-                if final_envelope is None:
-                    assert isinstance(result, common_pb2.Reply)
-                    span.set_attribute("smtp.reply.code", result.code)
-                    return render(result)
-                await self.backends.queue.publish(final_envelope, result)
-            except BackendUnavailable as e:
-                span.set_attribute("smtp.reply.code", e.reply.code)
-                # A failed publish ends the transaction, never the session.
-                return render(e.reply) if e.reply.code != 421 else "451 4.3.0 Temporary failure, try again later"
-            span.set_attribute("smtp.reply.code", 250)
-            return f"250 2.0.0 Ok: queued as {queue_id}"

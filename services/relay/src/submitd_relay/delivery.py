@@ -419,18 +419,21 @@ async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeo
             start = await protocol.read_response(timeout=timeout)
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            at_line_start, after_cr = True, False
+            tail = b"\r\n"  # the last two octets sent: a CRLF before the first line
             async for chunk in chunks:
                 if not chunk:
                     continue
-                if (at_line_start and chunk[:1] == b".") or (after_cr and chunk[:2] == b"\n."):
-                    cut = 0 if chunk[:1] == b"." else 1
-                    chunk = chunk[:cut] + b"." + chunk[cut:]
-                protocol.write(chunk.replace(b"\r\n.", b"\r\n.."))
+                stuffed = chunk.replace(b"\r\n.", b"\r\n..")
+                # A line start that the chunk boundary hides from replace():
+                if tail == b"\r\n" and chunk[:1] == b".":
+                    stuffed = b"." + stuffed
+                elif tail[-1:] == b"\r" and chunk[:2] == b"\n.":
+                    stuffed = b"\n." + stuffed[1:]
+                protocol.write(stuffed)
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
-                at_line_start, after_cr = chunk.endswith(b"\r\n"), chunk.endswith(b"\r")
+                tail = (tail + chunk)[-2:]
             protocol._response_pending = True
-            protocol.write(b".\r\n" if at_line_start else b"\r\n.\r\n")
+            protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
             response = await protocol.read_response(timeout=timeout)
             if response.code != 250:
                 raise aiosmtplib.SMTPDataError(response.code, response.message)

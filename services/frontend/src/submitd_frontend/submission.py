@@ -1,0 +1,96 @@
+"""One message from the client's first octet of content to its final reply: the rewriter and
+the queue, never the socket.
+
+Messages of up to one chunk (64 KiB, most mail) are kept and sent whole at the end: a batched
+RewriteMany item and an inline queue entry cost a fraction of a stream. A larger message is
+streamed as it arrives (:class:`~.backends.StreamedMessage`): through the rewriter, into the
+Object Store, and queued once its last chunk is stored. Either way at most one chunk of it is
+held here, and 250 comes only after JetStream acknowledged the queue entry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+
+from submitd.v1 import common_pb2
+from submitd_common.replies import render
+
+from . import metrics
+from .backends import CHUNK, BackendUnavailable, StreamedMessage
+
+log = logging.getLogger("submitd.frontend")
+TEMPORARY = "451 4.3.0 Temporary failure, try again later"
+
+
+class Submission:
+    def __init__(self, backends, envelope: common_pb2.Envelope) -> None:
+        self.backends = backends
+        self.envelope = envelope
+        self.buffer = bytearray()
+        self.stream: StreamedMessage | None = None
+        self.failure: str | None = None  # a backend failed on the way: the reply, once read
+        self.size = 0
+
+    async def feed(self, content: bytes) -> None:
+        """More content (unstuffed, checked). Waits while the backends catch up."""
+        if self.failure or not content:
+            return
+        self.size += len(content)
+        try:
+            if self.stream is not None:
+                await self.stream.send(content)
+                return
+            self.buffer += content
+            if len(self.buffer) > CHUNK:
+                self.stream = StreamedMessage(self.backends.rewriter, self.backends.queue, self.envelope)
+                first, self.buffer = bytes(self.buffer), bytearray()
+                await self.stream.start(first)
+        except BackendUnavailable as e:
+            # The message is still read to its end; then the client is told to come back.
+            self.failure = _temporary(e.reply)
+            await self.abandon()
+
+    async def abandon(self) -> None:
+        """Refused partway (or the client went away): nothing of it is kept or queued."""
+        self.buffer = bytearray()
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            await stream.abort()
+
+    async def finish(self) -> str:
+        """The reply to the end of data: 250 with the queue id once queued, or why not."""
+        span = trace.get_current_span()
+        span.set_attribute("smtp.message.size", self.size)
+        if self.failure:
+            span.set_attribute("smtp.reply.code", int(self.failure[:3]))
+            return self.failure
+        queue = self.backends.queue
+        try:
+            if self.stream is None:
+                with metrics.BACKEND_LATENCY.labels("rewriter").time():
+                    final_envelope, result = await self.backends.rewriter.rewrite(self.envelope, bytes(self.buffer))
+                self.buffer = bytearray()
+                if final_envelope is None:
+                    span.set_attribute("smtp.reply.code", result.code)
+                    return render(result)
+                await queue.publish(final_envelope, result)
+            else:
+                stream, self.stream = self.stream, None
+                with metrics.BACKEND_LATENCY.labels("rewriter").time():  # from the end of data
+                    final_envelope, prefix = await stream.finish()
+                if final_envelope is None:
+                    span.set_attribute("smtp.reply.code", prefix.code)
+                    return render(prefix)
+                await queue.publish_stored(final_envelope, prefix, stream.writer)
+        except BackendUnavailable as e:
+            span.set_attribute("smtp.reply.code", e.reply.code)
+            return _temporary(e.reply)
+        span.set_attribute("smtp.reply.code", 250)
+        return f"250 2.0.0 Ok: queued as {self.envelope.queue_id}"
+
+
+def _temporary(reply: common_pb2.Reply) -> str:
+    # A failed backend ends the transaction, never the session.
+    return render(reply) if reply.code != 421 else TEMPORARY
