@@ -31,8 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import (  # noqa: E402
+    LARGE_LIMIT,
     USER,
     BareAiosmtpd,
+    PeakMemory,
     Postfix,
     Round,
     SmtpSink,
@@ -130,6 +132,48 @@ def bench_rewriter(messages: int, work: Path) -> None:
         print(f"{label:34s} {rate:8.0f} {cpu_ms:11.2f}")
 
 
+def bench_wire(megabytes: int = 25) -> float:
+    """The frontend's checks on DATA content alone (end of data, dot-unstuffing, NUL, bare CR
+    or LF, line length, size): CPU ms per MB, on 64 KiB reads as they come off a socket."""
+    from submitd_frontend.wire import DataReader
+
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+    data = line * (megabytes * 1_000_000 // len(line)) + b".\r\n"
+    blocks = [data[i : i + (64 << 10)] for i in range(0, len(data), 64 << 10)]
+    best = float("inf")
+    for _ in range(3):
+        reader = DataReader(None)
+        t0 = time.process_time()
+        for block in blocks:
+            reader.feed(block)
+        best = min(best, time.process_time() - t0)
+    assert reader.problem is None
+    return best * 1000 / megabytes
+
+
+def bench_large(servers: list, sessions: int, size: int, label: str) -> dict[str, dict]:
+    """``sessions`` clients at once, one message of ``size`` octets each (smtp-source), per
+    server: MB/s accepted and delivered, CPU per MB, and peak memory growth of each service."""
+    out: dict[str, dict] = {}
+    megabytes = sessions * size / 1e6
+    print(f"\n{label}: {sessions} session(s) at once, one message of {size / 1e6:.0f} MB each")
+    print(f"{'server':34s} {'acc MB/s':>9s} {'dlv MB/s':>9s} {'CPU ms/MB':>10s}")
+    for server in servers:
+        pids = server.pids() if isinstance(server, Submitd) else {}
+        peak = PeakMemory(pids)
+        r = measure(server, lambda r, s=server: setattr(r, "accepted", smtp_source(s.port, sessions, sessions, False, size)))
+        growth = peak.growth_mb()
+        acc, dlv = megabytes / r.accept_seconds, megabytes / r.deliver_seconds
+        print(f"{server.name:34s} {acc:9.1f} {dlv:9.1f} {r.cpu * 1000 / megabytes:10.1f}")
+        if r.split:
+            print(f"{'':34s}   per service, CPU ms/MB: " + "  ".join(
+                f"{k} {v * 1000 / megabytes:.1f}" for k, v in sorted(r.split.items(), key=lambda kv: -kv[1])))
+        if growth:
+            print(f"{'':34s}   peak RSS growth, MB: " + "  ".join(f"{k} {v:.1f}" for k, v in growth.items()))
+        out[server.name] = {"accepted": acc, "delivered": dlv, "growth": growth}
+    return out
+
+
 def rate(r: Round) -> float:
     return r.accepted / r.accept_seconds if r.accept_seconds else 0.0
 
@@ -146,16 +190,40 @@ def table(title: str, rows: list[tuple[str, Round]], per_service: bool = True) -
             print(f"{'':34s}   per service, CPU ms/msg: {parts}")
 
 
+def large_part(args, servers: list) -> None:
+    """Issue 13: large messages stream; memory does not follow their size."""
+    big = bench_large(servers, args.large_sessions, args.large_size, "large messages")
+    huge = bench_large([s for s in servers if isinstance(s, Submitd)], 1, args.huge_size, "one huge message")
+    print("\nratios and goals (issue 13):")
+    names = list(big)
+    if len(names) == 2:
+        p, s = big[names[0]], big[names[1]]
+        print(f"  large messages vs {names[0]}: accepted {s['accepted'] / p['accepted']:.2f}x, "
+              f"delivered {s['delivered'] / p['delivered']:.2f}x (goal >= 1)")
+    for name, row in big.items():
+        if row["growth"]:
+            worst = max(row["growth"].items(), key=lambda kv: kv[1])
+            print(f"  {name}: largest peak growth {worst[0]} {worst[1]:.1f} MB with {args.large_sessions} x "
+                  f"{args.large_size / 1e6:.0f} MB (goal < 64 MB per service)")
+    for name, row in huge.items():
+        worst = max(row["growth"].items(), key=lambda kv: kv[1])
+        print(f"  {name}: largest peak growth {worst[0]} {worst[1]:.1f} MB with one {args.huge_size / 1e6:.0f} MB message")
+    print(f"  frontend checks on DATA content: {bench_wire():.2f} ms CPU per MB (goal < 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10_000, help="messages per smtp-source round")
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter"], help="run one part only")
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large"], help="run one part only")
+    parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
+    parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
+    parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     args = parser.parse_args()
-    if args.only != "smtp":
+    if args.only not in ("smtp", "large"):
         bench_rewriter(min(args.messages, 4000), Path(tempfile.mkdtemp(prefix="submitd-bench-rw-")))
         if args.only == "rewriter":
             return
@@ -169,8 +237,9 @@ def main() -> None:
             sinks.append(SmtpSink())
             return sinks[-1]
 
-        submitd = Submitd("submitd", work / "submitd", sink(), dkim=False)
-        signed = Submitd("submitd, DKIM Ed25519", work / "submitd-dkim", sink(), dkim=True)
+        large = {"frontend": {"MAX_MESSAGE_SIZE": str(LARGE_LIMIT)}}
+        submitd = Submitd("submitd", work / "submitd", sink(), dkim=False, env=large)
+        signed = Submitd("submitd, DKIM Ed25519", work / "submitd-dkim", sink(), dkim=True, env=large)
         bare = BareAiosmtpd(submitd.stack.cert, submitd.stack.key)
         servers += [submitd, signed, bare]
         postfixes = []
@@ -188,6 +257,9 @@ def main() -> None:
               f"{args.rounds} round(s), median shown")
 
         time.sleep(3)  # let start-up work settle
+        if args.only == "large":
+            large_part(args, postfixes[:1] + [signed])
+            return
         idle = idle_cpu(servers, 10)
         print("\nidle, no traffic (CPU ms per second): " + "  ".join(f"{k} {v:.1f}" for k, v in idle.items()))
 
@@ -240,6 +312,7 @@ def main() -> None:
         print(f"  STARTTLS + AUTH per message: submitd {rate(a_s) / rate(a_b):.2f}x bare aiosmtpd")
         print(f"  idle: submitd {idle['submitd']:.1f} ms/s")
         print(f"  p99 at half rate: submitd {percentile(lat_rows[0][1].latencies, 0.99) * 1000:.2f} ms")
+        large_part(args, postfixes[:1] + [signed])
     finally:
         stop_all(servers, sinks)
         shutil.rmtree(work, ignore_errors=True)

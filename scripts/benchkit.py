@@ -117,6 +117,9 @@ def postfix_bin(name: str) -> str | None:
     return shutil.which(name)
 
 
+LARGE_LIMIT = 120_000_000  # message size limit of every server, for the large-message rounds
+
+
 class SmtpSink:
     """Postfix's smtp-sink: accepts and discards, the next hop of every server here."""
 
@@ -198,6 +201,7 @@ class Postfix(Server):
             "maillog_file_prefixes": str(work),
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
             "alias_maps": "",
+            "message_size_limit": str(LARGE_LIMIT),
             "alias_database": "",
         }
         self.milter = None
@@ -356,6 +360,27 @@ class BareAiosmtpd(Server):
 # -- loads ---------------------------------------------------------------------------------
 
 @dataclass
+class PeakMemory:
+    """Peak RSS growth of processes over a load: the kernel's high-water mark (VmHWM), reset
+    at the start (clear_refs 5), against the resident size just before."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {name: _status_kb(pid, "VmRSS") for name, pid in pids.items()}
+        for pid in pids.values():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def growth_mb(self) -> dict[str, float]:
+        return {name: (_status_kb(pid, "VmHWM") - self.before[name]) / 1024 for name, pid in self.pids.items()}
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 class Round:
     accepted: int = 0
     failed: int = 0
@@ -366,10 +391,10 @@ class Round:
     latencies: list[float] = field(default_factory=list)
 
 
-def smtp_source(port: int, messages: int, sessions: int, reuse: bool) -> int:
+def smtp_source(port: int, messages: int, sessions: int, reuse: bool, size: int = 2048) -> int:
     binary = postfix_bin("smtp-source")
     assert binary, "smtp-source not found (Debian package postfix)"
-    args = [binary, "-s", str(sessions), "-m", str(messages), "-l", "2048", "-f", USER, "-t", "bob@example.net"]
+    args = [binary, "-s", str(sessions), "-m", str(messages), "-l", str(size), "-f", USER, "-t", "bob@example.net"]
     if reuse:
         args.append("-d")
     proc = subprocess.run([*args, f"127.0.0.1:{port}"], capture_output=True, text=True)
