@@ -30,8 +30,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 128 << 10  # nats-py's object chunk size
-WINDOW = 4  # chunks awaiting their acknowledgement, per writer
+CHUNK = 256 << 10  # (nats-py's is 128 KiB: fewer, larger publishes cost less CPU on both sides)
+WINDOW = 3  # chunks awaiting their acknowledgement, per writer
 
 
 def stream_name(bucket: str) -> str:

@@ -27,7 +27,10 @@ tracer = trace.get_tracer("submitd.frontend")
 
 log = logging.getLogger("submitd.frontend")
 
-CHUNK = 64 << 10
+CHUNK = 64 << 10  # a message up to this size goes whole (RewriteMany, inline queue entry)
+# A streamed message crosses gRPC in pieces of this size: each message costs a fixed amount of
+# CPU on both sides (about 50 µs), so fewer, larger ones; gRPC flow control still moves in 64 KiB.
+STREAM_CHUNK = 256 << 10
 
 
 class BackendUnavailable(Exception):
@@ -102,6 +105,7 @@ class StreamedMessage:
         self.out_envelope: common_pb2.Envelope | None = None
         self.reject: common_pb2.Reply | None = None
         self.prefix = b""
+        self.pending = bytearray()  # content not yet sent: less than one STREAM_CHUNK
 
     async def start(self, first: bytes) -> None:
         r = self.rewriter
@@ -114,9 +118,15 @@ class StreamedMessage:
         await self.send(first)
 
     async def send(self, data: bytes) -> None:
+        self.pending += data
+        if len(self.pending) >= STREAM_CHUNK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self.pending = bytes(self.pending), bytearray()
         view = memoryview(data)
-        for i in range(0, len(data), CHUNK):
-            await self._write(rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + CHUNK])))
+        for i in range(0, len(data), STREAM_CHUNK):
+            await self._write(rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + STREAM_CHUNK])))
 
     async def _write(self, request) -> None:
         if self.receiving.done():
@@ -143,6 +153,8 @@ class StreamedMessage:
     async def finish(self) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
         """(envelope, prefix) with the body stored, or (None, the rewriter's refusal)."""
         try:
+            if self.pending:
+                await self._flush()
             if not self.receiving.done():
                 with contextlib.suppress(grpc.aio.UsageError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
                     await self.call.done_writing()

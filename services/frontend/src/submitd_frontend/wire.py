@@ -99,25 +99,29 @@ class DataReader(_Reader):
         if self.line_start and buf[:3] == b".\r\n":
             self.carry = b""
             return b"", buf[3:]
-        end = buf.find(b"\r\n.\r\n")
+        # One search finds both a line that starts with a dot and the end marker (most blocks
+        # have neither, and are not searched again).
+        dot = buf.find(b"\r\n.")
+        end = buf.find(b"\r\n.\r\n", dot) if dot >= 0 else -1
         if end >= 0:
             self.carry = b""
-            return self._lines(buf[: end + 2]), buf[end + 5 :]
+            return self._lines(buf[: end + 2], dot < end), buf[end + 5 :]
         last = buf.rfind(b"\r\n")
         if last < 0:
             self.carry = self._keep(buf)
             self.line_start = len(self.carry) == len(buf) and self.line_start
             return b"", None
         self.carry = self._keep(buf[last + 2 :])
-        content = self._lines(buf[: last + 2])
+        content = self._lines(buf[: last + 2], 0 <= dot < last)
         self.line_start = len(self.carry) == len(buf) - last - 2
         return content, None
 
-    def _lines(self, block: bytes) -> bytes:
+    def _lines(self, block: bytes, dots: bool) -> bytes:
+        """``block``: complete lines; ``dots``: a line after its first starts with a dot."""
         if not self.line_start:  # the tail of an over-long line: already refused
             self.line_start = True
             return b""
-        if block[:1] == b"." or b"\r\n." in block:
+        if dots or block[:1] == b".":
             unstuffed = block.replace(b"\r\n.", b"\r\n")
             if block[:1] == b".":
                 unstuffed = unstuffed[1:]

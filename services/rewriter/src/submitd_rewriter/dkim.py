@@ -31,7 +31,6 @@ SIGNED_HEADERS = [
 ]
 OVERSIGNED = {"from"}
 _WSP = re.compile(rb"[ \t]+")
-_TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
 
 
 @dataclass(frozen=True)
@@ -68,13 +67,37 @@ class BodyHash:
         self.any = False
 
     def update(self, data: bytes) -> None:
-        data = self.partial + data
+        data = self.partial + data if self.partial else data
         end = data.rfind(b"\r\n")
         if end < 0:
             self.partial = data
             return
         self.partial = data[end + 2 :]
-        block = _TRAILING_WSP.sub(b"\r\n", _WSP.sub(b" ", data[: end + 2]))
+        block = data[: end + 2]
+        # Whole blocks, C-speed (a regex pass over [ \t]+ costs ten times more): tabs become
+        # spaces, runs of spaces halve with each pass, then the space left before a line end goes.
+        if b"\t" in block:
+            block = block.replace(b"\t", b" ")
+        while b"  " in block:
+            block = block.replace(b"  ", b" ")
+        if b" \r\n" in block:
+            block = block.replace(b" \r\n", b"\r\n")
+        content = block.rstrip(b"\r\n")
+        empties, odd = divmod(len(block) - len(content), 2)
+        if not odd and block[len(content):] == b"\r\n" * empties:
+            if not content:
+                self.empty_lines += empties
+                return
+            if self.empty_lines:
+                self.sha.update(b"\r\n" * self.empty_lines)
+            self.sha.update(memoryview(block)[: len(content) + 2])
+            self.empty_lines = empties - 1  # trailing empty lines are held back
+            self.any = True
+            return
+        self._lines(block)
+
+    def _lines(self, block: bytes) -> None:
+        """Line by line: for a block whose end is not plain CRLFs (a bare CR or LF there)."""
         for line in block.split(b"\r\n")[:-1]:
             if not line:
                 self.empty_lines += 1
