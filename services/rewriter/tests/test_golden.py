@@ -138,6 +138,7 @@ def test_quoted_printable_streaming_matches_the_stdlib_decoder():
         out += qp.finish()
         assert out.isascii() and max(len(line) for line in out.split(b"\r\n")) <= 76
         assert quopri.decodestring(out.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n") == body
+        assert b"\n" not in out.replace(b"\r\n", b""), "CRLF line ends only"
 
 
 async def test_message_without_final_crlf_is_completed_and_signed():

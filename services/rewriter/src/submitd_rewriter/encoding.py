@@ -9,11 +9,9 @@ refuses to send an 8-bit message to a next hop that cannot take it.
 from __future__ import annotations
 
 import binascii
-import re
 
 from .headers import HeaderField
 
-_SAFE = re.compile(rb"[\x21-\x3c\x3e-\x7e \t]")
 
 
 def convertible(fields: list[HeaderField]) -> bool:
@@ -45,35 +43,24 @@ def mark_quoted_printable(fields: list[HeaderField]) -> bytes:
 
 
 class QuotedPrintable:
-    """Streams CRLF text into quoted-printable (RFC 2045 §6.7), lines of at most 76."""
+    """Streams CRLF text into quoted-printable (RFC 2045 §6.7), lines of at most 76, a block of
+    complete lines at a time (binascii, in C: the per-octet Python loop this replaced cost
+    about a second per megabyte)."""
 
     def __init__(self) -> None:
         self.partial = b""
 
     def update(self, data: bytes) -> bytes:
-        data = self.partial + data
+        data = self.partial + data if self.partial else data
         end = data.rfind(b"\r\n")
         if end < 0:
             self.partial = data
             return b""
         self.partial = data[end + 2 :]
-        return b"".join(self._line(line) for line in data[:end].split(b"\r\n"))
+        return binascii.b2a_qp(data[: end + 2], quotetabs=False, istext=True, header=False)
 
     def finish(self) -> bytes:
-        return self._line(self.partial, last=True) if self.partial else b""
-
-    @staticmethod
-    def _line(line: bytes, last: bool = False) -> bytes:
-        pieces = []
-        for i, byte in enumerate(line):
-            ch = bytes([byte])
-            trailing_space = ch in (b" ", b"\t") and i == len(line) - 1
-            pieces.append(ch if _SAFE.match(ch) and not trailing_space else b"=" + binascii.hexlify(ch).upper())
-        out, width = [], 0
-        for p in pieces:
-            if width + len(p) > 75:
-                out.append(b"=\r\n")
-                width = 0
-            out.append(p)
-            width += len(p)
-        return b"".join(out) + (b"" if last else b"\r\n")
+        """The last line, if it had no CRLF (it gets none here either)."""
+        if not self.partial:
+            return b""
+        return binascii.b2a_qp(self.partial + b"\r\n", quotetabs=False, istext=True, header=False)[:-2]
