@@ -22,6 +22,7 @@ from relay_helpers import (
     reports,
 )
 
+from submitd_common.bodies import list_objects
 from submitd_common.dev.ports import free_port
 from submitd_common.dev.sink import DROP, STALL, STALL_STORED
 from submitd_common.testing.smtp import connect, logged_in
@@ -230,10 +231,7 @@ def test_orphaned_bodies_are_swept_and_queued_ones_kept(make_stack, sink):
     async def objects() -> set[str]:
         nc = await nats.connect(stack.nats.url)
         try:
-            store = await nc.jetstream().object_store("SUBMITD_BODIES")
-            return {o.name for o in await store.list(ignore_deletes=True)}
-        except nats.js.errors.NotFoundError:
-            return set()
+            return {o.name for o in await list_objects(nc.jetstream(), "SUBMITD_BODIES")}
         finally:
             await nc.close()
 

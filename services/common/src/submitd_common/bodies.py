@@ -182,20 +182,34 @@ async def read_chunks(js: JetStreamContext, bucket: str, name: str) -> AsyncIter
         raise ValueError(f"body {name} is damaged: size or digest differs from its metadata")
 
 
+async def list_objects(js: JetStreamContext, bucket: str) -> list[api.ObjectInfo]:
+    """The objects of ``bucket`` (not deleted ones). nats-py's ``ObjectStore.list`` can wait
+    forever when the last object is removed while it starts (it checks, then subscribes):
+    here each metadata subject the stream holds is read once."""
+    stream = stream_name(bucket)
+    try:
+        info = await js.stream_info(stream, subjects_filter=f"$O.{bucket}.M.>")
+    except NotFoundError:
+        return []
+    out = []
+    for subject in info.state.subjects or {}:
+        try:
+            raw = await js.get_msg(stream, subject=subject, direct=True)
+        except NotFoundError:
+            continue  # removed meanwhile
+        obj = api.ObjectInfo.from_response(json.loads(raw.data))
+        if not obj.deleted:
+            out.append(obj)
+    return out
+
+
 async def sweep_unfinished(js: JetStreamContext, bucket: str, min_age: float) -> int:
     """Purge chunk subjects that no object's metadata names and that got nothing for
     ``min_age`` seconds: the writes of a service that died mid-message."""
     stream = stream_name(bucket)
-    info = await js.stream_info(stream, subjects_filter=f"$O.{bucket}.>")
+    info = await js.stream_info(stream, subjects_filter=f"$O.{bucket}.C.>")
     subjects = info.state.subjects or {}
-    live: set[str] = set()
-    for subject in subjects:
-        if subject.startswith(f"$O.{bucket}.M."):
-            try:
-                raw = await js.get_msg(stream, subject=subject, direct=True)
-                live.add(json.loads(raw.data).get("nuid", ""))
-            except NotFoundError:
-                continue
+    live = {obj.nuid for obj in await list_objects(js, bucket)}
     removed = 0
     for subject in subjects:
         prefix = f"$O.{bucket}.C."

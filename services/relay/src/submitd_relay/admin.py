@@ -134,11 +134,7 @@ async def sweep_orphaned_bodies(js, min_age: float) -> int:
     came: an entry republished during the scan (an admin retry) keeps its body."""
     from datetime import datetime
 
-    try:
-        store = await js.object_store(jetstream.BODY_BUCKET)
-        objects = await store.list(ignore_deletes=True)
-    except NotFoundError:
-        return 0
+    objects = await bodies.list_objects(js, jetstream.BODY_BUCKET)
     candidates = []
     for info in objects:
         stamp = info.mtime or ""
