@@ -370,3 +370,45 @@ def test_unknown_users_cost_what_wrong_passwords_cost(stack):
     known = sorted(failed_login_seconds(ALICE) for _ in range(3))[1]
     unknown = sorted(failed_login_seconds(f"nobody{n}@example.test") for n in range(3))[1]
     assert 0.7 < unknown / known < 1.4, (known, unknown)
+
+
+def test_an_auth_continuation_line_gets_the_command_checks_and_one_reply(stack, raw_factory):
+    raw = raw_factory(stack.ports.submissions, tls=True)
+    assert raw.reply().startswith("220 ")
+    raw.send(b"EHLO raw.example.test\r\n")
+    assert raw.reply().startswith("250")
+    raw.send(b"AUTH LOGIN\r\n")
+    assert raw.reply().startswith("334 ")
+    raw.send(b"A" * (2 << 20) + b"\r\nNOOP\r\n")  # 2 MB with no CRLF until the end
+    assert raw.reply().startswith("500 5.5.2 Line too long")
+    assert raw.reply().startswith("250 2.0.0"), "one reply for the line, then the NOOP's"
+    raw.send(b"AUTH LOGIN\r\n")
+    assert raw.reply().startswith("334 ")
+    raw.send(b"YWxp\nY2U=\r\n")  # a bare LF inside the continuation: read as it is in commands
+    assert raw.reply().startswith("500 5.5.2 Syntax error")
+    assert raw.reply().startswith("500 5.5.1"), "what followed the bare LF is a command, not AUTH data"
+    raw.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+    assert raw.reply().startswith("235 2.7.0"), "AUTH works after both"
+
+
+def test_junk_commands_and_session_lifetime_are_limited(make_stack, raw_factory):
+    # A client that keeps a session open with NOOPs (or anything that sends no mail) is cut,
+    # as Postfix's smtpd_junk_command_limit does, and no session outlives MAX_SESSION_SECONDS.
+    stack = make_stack(env={"frontend": {"JUNK_COMMAND_LIMIT": "5", "MAX_SESSION_SECONDS": "2"}})
+    raw = raw_tls(stack, raw_factory)
+    for cmd in (b"NOOP", b"RSET", b"HELP", b"VRFY bob", b"NOOP"):
+        raw.send(cmd + b"\r\n")
+        assert raw.reply()[:1] == "2"
+    raw.send(b"NOOP\r\n")
+    assert raw.reply().startswith("421 4.7.0")
+    with pytest.raises((ConnectionError, OSError, EOFError)):
+        raw.send(b"NOOP\r\n")
+        raw.reply()
+    with logged_in(stack) as client:
+        for _ in range(4):
+            assert client.noop()[0] == 250
+        client.sendmail(ALICE, ["bob@example.net"], b"Subject: x\r\n\r\nmail resets the count\r\n")
+        for _ in range(5):
+            assert client.noop()[0] == 250
+        time.sleep(2.2)
+        assert client.noop() == (421, b"4.4.2 Session time limit reached, closing connection")

@@ -46,6 +46,13 @@ class Settings(ServiceSettings):
     )
     data_rate_grace: float = Field(30.0, description="Seconds of DATA/BDAT before MIN_DATA_RATE applies")
     max_errors: int = Field(20, description="Error replies after which the session is closed with 421 4.7.0")
+    junk_command_limit: int = Field(
+        100, description="NOOP, RSET, HELP, VRFY or EXPN commands without a message queued; then 421 4.7.0"
+    )
+    max_session_seconds: float = Field(
+        3600.0, description="A session's lifetime: the first command after it gets 421 4.4.2 (a message in "
+        "transfer finishes first)"
+    )
     max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
     max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")
     trace_addresses: bool = Field(

@@ -47,6 +47,7 @@ EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 DATA_DECIDED = policy_pb2.Verdict(accept=True)
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 READ_SIZE = 64 << 10  # octets of message content taken off the socket at a time
 
 
@@ -194,6 +195,7 @@ class SubmissionSMTP(SMTP):
         self.errors = 0
         self.accepted: list[str] = []  # queue ids of this session's messages
         self.refused = 0
+        self.junk = 0  # NOOP, RSET, HELP, VRFY, EXPN since the last message queued
         self._closing = False
         self._bdat: Bdat | None = None
 
@@ -294,23 +296,33 @@ class SubmissionSMTP(SMTP):
             return "421 4.7.0 Too many connections from your address"
         return None
 
+    async def _read_line(self) -> bytes | None:
+        """A command line or an AUTH continuation, within COMMAND_TIMEOUT, without its CRLF; None
+        when the line was refused (its one reply is sent here)."""
+        # A deadline for the whole line, not an idle timer: a client dripping one byte at a
+        # time cannot hold the session (see _timeout_cb).
+        self._reset_timeout(self.settings.command_timeout)
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            await self._discard_line()
+            await self.push("500 5.5.2 Line too long")
+            return None
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line:
+            # A bare LF or CR ends nothing here: other servers read such lines differently.
+            await self.push("500 5.5.2 Syntax error: bare CR or LF, or NUL, in command")
+            return None
+        return line[:-2]
+
     async def _command_loop(self) -> None:
-        reader = self._reader
+        started = time.monotonic()
         while self.transport is not None and not self._closing:
-            # A deadline for the whole line, not an idle timer: a client dripping one byte
-            # at a time cannot hold the session (see _timeout_cb).
-            self._reset_timeout(self.settings.command_timeout)
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                await self._discard_line()
-                await self.push("500 5.5.2 Line too long")
+            line = await self._read_line()
+            if line is None:
                 continue
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line:
-                # A bare LF or CR ends nothing here: other servers read such lines differently.
-                await self.push("500 5.5.2 Syntax error: bare CR or LF, or NUL, in command")
+            if time.monotonic() - started > self.settings.max_session_seconds and self._bdat is None:
+                await self.push("421 4.4.2 Session time limit reached, closing connection")
                 continue
-            line = line[:-2]
             verb_bytes, _, arg_bytes = line.partition(b" ")
             try:
                 verb = verb_bytes.decode("ascii").upper()
@@ -332,6 +344,13 @@ class SubmissionSMTP(SMTP):
             if self._bdat is not None and verb not in ("BDAT", "RSET", "QUIT", "NOOP"):
                 await self.push("503 5.5.1 Only BDAT, RSET, NOOP or QUIT during a BDAT transfer")
                 continue
+            if verb in JUNK_COMMANDS:
+                # Commands that move no mail forward: a client that only sends these is cut
+                # (Postfix's smtpd_junk_command_limit); a queued message starts the count again.
+                self.junk += 1
+                if self.junk > self.settings.junk_command_limit:
+                    await self.push("421 4.7.0 Too many commands without mail, closing connection")
+                    continue
             try:
                 await method(arg)
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -511,8 +530,10 @@ class SubmissionSMTP(SMTP):
             )
             while verdict.has_challenge:
                 await self.push("334 " + base64.b64encode(verdict.challenge).decode())
-                line = await self._reader.readline()
-                blob = line.rstrip(b"\r\n")
+                blob = await self._read_line()  # the command loop's checks: one line, one reply
+                if blob is None:
+                    await self.ask(auth_response=policy_pb2.AuthResponse(cancelled=True))
+                    return
                 if blob == b"*":
                     verdict = await self.ask(
                         trace_context=inject_context(), auth_response=policy_pb2.AuthResponse(cancelled=True)
@@ -810,6 +831,7 @@ class SubmissionSMTP(SMTP):
         await self.push(status)
         accepted = status.startswith("250")
         if accepted:
+            self.junk = 0
             self.accepted.append(submission.envelope.queue_id)
             metrics.SIZE.observe(submission.size)
         else:
