@@ -138,3 +138,17 @@ def metric(stack: Stack, name: str, labels: str = "") -> float:
         if line.startswith(f"{name}{{{labels}}} ") or (not labels and line.startswith(f"{name} ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def second_relay(stack: Stack):
+    """Another replica of the stack's relay, on the same durable consumer (a Popen: stop it)."""
+    import subprocess
+    import sys
+
+    from submitd_common.dev.ports import free_port
+
+    env = stack.service_env("relay")
+    env["SUBMITD_RELAY_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
+    with open(stack.root / "log" / "relay2.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "submitd_relay"], env=env, stdout=log, stderr=log,
+                                start_new_session=True)

@@ -10,7 +10,6 @@ import email
 import signal
 import smtplib
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,11 +18,10 @@ import nats.js.errors
 import pytest
 from relay_helpers import (
     ALICE, body, envelope, metric, ordinary, parse_report, queue, queue_depth, queue_many, relay_only,
-    reports,
+    reports, second_relay,
 )
 
 from submitd_common.bodies import list_objects
-from submitd_common.dev.ports import free_port
 from submitd_common.dev.sink import DROP, STALL, STALL_STORED
 from submitd_common.testing.smtp import connect, logged_in
 from submitd_common.testing.waiting import eventually
@@ -123,12 +121,7 @@ def test_two_relays_share_the_queue_and_deliver_2000_messages_once_each(make_sta
     queue_many(stack, [(envelope(), body(f"m{i}")) for i in range(n)])
     # Two replicas of the same relay on one durable consumer.
     stack.start_service("relay")
-    env = stack.service_env("relay")
-    second_port = free_port()
-    env["SUBMITD_RELAY_HTTP_LISTEN"] = f"127.0.0.1:{second_port}"
-    with open(stack.root / "log" / "relay2.log", "ab") as log:
-        second = subprocess.Popen([sys.executable, "-m", "submitd_relay"], env=env, stdout=log, stderr=log,
-                                  start_new_session=True)
+    second = second_relay(stack)
     try:
         sink.handler.wait_for(n, 90)
         eventually(lambda: queue_depth(stack) == 0, 30)
@@ -260,3 +253,47 @@ def test_relay_sigterm_hands_back_a_stalled_delivery_and_it_is_delivered_once(ma
     assert got.data == body("handed back")
     eventually(lambda: queue_depth(stack) == 0)
     assert len(sink.handler.messages) == 1
+
+
+def test_a_dead_relays_message_goes_to_another_relay_after_ack_wait_and_slow_ones_stay(make_stack, sink):
+    # A relay that is OOM-killed or evicted (kill -9) hands its messages to another within
+    # ACK_WAIT (30 s by default, 4 here); a delivery that is slower than ACK_WAIT but alive is
+    # never given to a second relay (in_progress() extends it).
+    stack = relay_only(make_stack)
+    assert consumer_ack_wait(stack) == 30, "the default: tens of seconds, not a quarter of an hour"
+    stack.stop_service("relay")
+    stack.extra_env["relay"]["ACK_WAIT"] = "4"
+    stack.start_service("relay")
+    stack.wait_ready("relay")
+    assert consumer_ack_wait(stack) == 4, "an existing consumer is brought to the setting"
+    sink.handler.data_replies.append(STALL)
+    queue(stack, envelope(), body("its relay dies"))
+    assert sink.handler.wait_until(lambda h: h.stalled == 1, 15)
+    second = second_relay(stack)
+    try:
+        stack.stop_service("relay", sig=signal.SIGKILL)
+        killed = time.monotonic()
+        (got,) = sink.handler.wait_for(1, 30)
+        assert got.data == body("its relay dies")
+        assert time.monotonic() - killed < 4 + 6, "delivered by the other relay soon after AckWait"
+        stack.start_service("relay")
+        sink.handler.reset()
+        sink.handler.data_delay = 7.0  # longer than ACK_WAIT
+        queue(stack, envelope(), body("slow but alive"))
+        sink.handler.wait_for(1, 30)
+        eventually(lambda: queue_depth(stack) == 0, 15)
+        time.sleep(2)
+        assert len(sink.handler.messages) == 1, "a running delivery is not handed to the other relay"
+    finally:
+        second.kill()
+        second.wait()
+
+
+def consumer_ack_wait(stack) -> float:
+    async def go() -> float:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            return (await nc.jetstream().consumer_info("SUBMITD_QUEUE", "relay")).config.ack_wait
+        finally:
+            await nc.close()
+    return asyncio.run(go())

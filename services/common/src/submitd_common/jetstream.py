@@ -43,7 +43,7 @@ class ServerTooOld(RuntimeError):
 class QueueConfig:
     max_bytes: int = 1 << 30
     replicas: int = 1
-    # Longer than a frontend's publish retry (seconds) and than the relay's AckWait (15 min by
+    # Longer than a frontend's publish retry (seconds) and than the relay's AckWait (30 s by
     # default): a DSN queued just before a relay crashed is not queued again on redelivery.
     duplicate_window_s: float = 1800.0
 

@@ -90,17 +90,18 @@ class Relay:
 
     async def start(self) -> None:
         await self.state.open()
-        self._sub = await self.js.pull_subscribe(
-            f"{jetstream.SUBJECT_PREFIX}.>",
-            durable=DURABLE,
-            stream=jetstream.STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.s.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max(1000, self.s.connections * 4),
-            ),
-        )
+        # Created, or brought to these settings (nats-py's pull_subscribe binds to an existing
+        # consumer as it is: a changed ACK_WAIT would never apply).
+        await self.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(
+            name=DURABLE,
+            durable_name=DURABLE,
+            filter_subject=f"{jetstream.SUBJECT_PREFIX}.>",
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.s.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=max(1000, self.s.connections * 4),
+        ))
+        self._sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=jetstream.STREAM)
 
     async def run(self) -> None:
         assert self._sub is not None
@@ -276,7 +277,7 @@ class Relay:
     async def _keepalive(self, msg: Msg) -> None:
         # A slow delivery must not be redelivered elsewhere while it still runs.
         while True:
-            await asyncio.sleep(max(self.s.ack_wait / 3, 0.5))
+            await asyncio.sleep(max(self.s.ack_wait / 3, 0.5))  # three chances before AckWait runs out
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 

@@ -40,7 +40,10 @@ class Settings(ServiceSettings):
     )
     connect_timeout: float = Field(30.0, description="Seconds to connect to the next hop")
     command_timeout: float = Field(300.0, description="Seconds to wait for a next-hop reply (RFC 5321 §4.5.3.2)")
-    ack_wait: float = Field(900.0, description="JetStream AckWait: longer than the slowest delivery")
+    ack_wait: float = Field(
+        30.0, description="JetStream AckWait: a delivery in progress extends it every third of it, so this is "
+        "how soon the messages of a relay that died are delivered by another"
+    )
     retry_schedule: list[float] = Field(
         default_factory=lambda: [60, 300, 900, 1800, 3600, 7200, 14400],
         description="Seconds before each retry; the last value repeats (RFC 5321 §4.5.4.1)",
