@@ -252,6 +252,29 @@ def test_auth_failures_lock_the_login_from_that_address_only(make_stack):
     assert auth_plain(stack, BOB, "bob password", "127.0.0.2") == 235, "nor bob there"
 
 
+def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack):
+    # Ten sessions guessing one login's password at once from one address: the lockout counts
+    # each guess before its check, atomically, so at most AUTH_FAILURES_PER_LOGIN hashes run.
+    # Then 50 wrong AUTHs from 50 addresses at once: policy stays within its chart limit (512 Mi).
+    stack = make_stack(users=users(), env={"policy": {
+        "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"}})
+    verified = hashes_verified(stack)
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(lambda _: auth_plain(stack, ALICE, "guess", "127.0.0.6"), range(10)))
+    assert sorted(codes) == [454] * 5 + [535] * 5, codes
+    assert hashes_verified(stack) - verified == 5, "no more checks than the limit"
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.7") == 235, "the right password elsewhere"
+
+    pid = stack.procs["policy"].pid
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(lambda n: auth_plain(stack, f"u{n}@example.test", "guess", f"127.0.2.{n + 1}"), range(50)))
+    assert set(codes) <= {535, 454}, codes
+    with open(f"/proc/{pid}/status") as f:
+        peak_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    print(f"\npolicy peak RSS after 50 parallel wrong AUTHs: {peak_mb:.0f} MB")
+    assert peak_mb < 512 * 1.048576, "under the chart's memory limit (512 Mi)"
+
+
 def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
     stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_CLIENT": "4"}})
     assert [auth_plain(stack, f"u{n}@example.test", "guess", "127.0.0.4") for n in range(4)] == [535] * 4

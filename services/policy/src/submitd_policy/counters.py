@@ -35,19 +35,25 @@ class Counters:
         return int(entry.value or b"0")
 
     async def incr(self, key: str) -> int:
-        """Add one, atomically across replicas (compare-and-set on the revision)."""
+        return await self.add(key, 1)
+
+    async def add(self, key: str, delta: int) -> int:
+        """Add ``delta`` (never below zero), atomically across replicas (compare-and-set on the
+        revision); returns the new value."""
         for attempt in range(50):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             try:
                 entry = await self.kv.get(key)
             except KeyNotFoundError:
+                if delta <= 0:
+                    return 0
                 try:
-                    await self.kv.create(key, b"1")
-                    return 1
+                    await self.kv.create(key, str(delta).encode())
+                    return delta
                 except KeyWrongLastSequenceError:
                     continue
-            value = int(entry.value or b"0") + 1
+            value = max(0, int(entry.value or b"0") + delta)
             try:
                 await self.kv.update(key, str(value).encode(), last=entry.revision)
                 return value

@@ -103,10 +103,12 @@ class Authenticator:
             self.cache.forget_changed(self._db_seen, db)
             self._db_seen = db
 
-    async def authenticate(self, login: str, password: str) -> User | None:
+    async def authenticate(self, login: str, password: str, admit=None) -> User | None:
         """The user if the password matches and the account is active, else None.
 
-        Raises HashingBusy when the verification queue is full.
+        ``admit``, if given, is awaited just before a password would be checked (not for a
+        cached credential); False refuses with Locked. Raises HashingBusy when the
+        verification queue is full.
         """
         db = self.users.value
         self._follow_reloads(db)
@@ -115,6 +117,8 @@ class Authenticator:
             metrics.AUTH_CACHE.labels("hit").inc()
             return user
         metrics.AUTH_CACHE.labels("miss").inc()
+        if admit is not None and not await admit():
+            raise Locked
         # An unknown login costs what a known one costs: its password is checked against a
         # dummy hash (None here: made, the first time, in the hashing thread, not on the loop).
         ok = await self._verify(user.password_hash if user is not None else None, password)
@@ -140,6 +144,10 @@ class Authenticator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Locked(Exception):
+    """Too many password checks for this login (from this address) already."""
 
 
 def _check(hashed: str | None, password: str) -> bool:

@@ -18,7 +18,7 @@ from submitd_common.telemetry import extract_context
 
 from . import metrics, rules
 from .counters import Counters, key_part
-from .credentials import Authenticator, HashingBusy
+from .credentials import Authenticator, HashingBusy, Locked
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
 from submitd_common.users import UserDB
@@ -274,20 +274,39 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             # Locked for this login from this address only: the user elsewhere is not affected.
             await asyncio.sleep(self.settings.auth_failure_delay)
             return rules.refuse(454, "4.7.0", "Temporary authentication failure, try again later")
+        reserved = False
+
+        async def admit() -> bool:
+            # The guess counts before its password is checked, in one atomic step: N parallel
+            # guesses get at most the limit of checks, never N (then refused like the rest).
+            nonlocal reserved
+            if self.counters is None:
+                return True
+            reserved = True
+            return await self.counters.add(login_key, 1) <= self.settings.auth_failures_per_login
+
         try:
-            user = await self.authenticator.authenticate(creds.login, creds.password)
-        except HashingBusy:
-            log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            user = await self.authenticator.authenticate(creds.login, creds.password, admit=admit)
+        except (HashingBusy, Locked) as e:
+            if reserved:
+                await self.counters.add(login_key, -1)
+            if isinstance(e, Locked):
+                await asyncio.sleep(self.settings.auth_failure_delay)
+            else:
+                log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
             return rules.refuse(454, "4.7.0", "Temporary authentication failure, try again later")
         if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
             user = None
         if user is None:
             if self.counters is not None:
-                await self.counters.incr(login_key)
+                if not reserved:
+                    await self.counters.incr(login_key)
                 await self.counters.incr(f"client.{key_part(state.peer)}")
             await asyncio.sleep(self.settings.auth_failure_delay)
             log.warning("authentication failed", extra={"fields": {"peer": state.peer, "session": state.session_id}})
             return rules.refuse(535, "5.7.8", "Authentication credentials invalid")
+        if reserved:
+            await self.counters.add(login_key, -1)  # a right password is no failure
         state.user = user
         log.info("authenticated", extra={"fields": {"peer": state.peer, "user": user.login, "session": state.session_id}})
         return policy_pb2.Verdict(
