@@ -268,7 +268,10 @@ def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack)
     pid = stack.procs["policy"].pid
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(lambda n: auth_plain(stack, f"u{n}@example.test", "guess", f"127.0.2.{n + 1}"), range(50)))
-    assert set(codes) <= {535, 454}, codes
+    # 535, or a temporary refusal: the hashing queue full (454), or, on a loaded machine, a
+    # check that waited past POLICY_TIMEOUT (421 4.3.2). Never a 2xx, never a dead policy.
+    assert set(codes) <= {535, 454, 421} and codes.count(535) >= 10, codes
+    assert stack.procs["policy"].poll() is None
     with open(f"/proc/{pid}/status") as f:
         peak_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     print(f"\npolicy peak RSS after 50 parallel wrong AUTHs: {peak_mb:.0f} MB")
@@ -283,7 +286,9 @@ def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
 
 
 def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_bloats_policy(make_stack):
-    stack = make_stack(users=users())
+    # The probe below sends MAIL and RSET every 20 ms without ever sending mail: past
+    # JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted here.
+    stack = make_stack(users=users(), env={"frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
     with login(stack):
         pass
     verified = hashes_verified(stack)
