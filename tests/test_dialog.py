@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 import subprocess
 import time
 
@@ -412,3 +413,29 @@ def test_junk_commands_and_session_lifetime_are_limited(make_stack, raw_factory)
             assert client.noop()[0] == 250
         time.sleep(2.2)
         assert client.noop() == (421, b"4.4.2 Session time limit reached, closing connection")
+
+
+def test_the_open_file_limit_is_raised_and_max_sessions_fits_under_it(make_stack, raw_factory):
+    # Started with a soft limit of 300 and a hard one of 400 (the default MAX_SESSIONS is 1000):
+    # the frontend raises its soft limit to the hard one and lowers MAX_SESSIONS to fit, so the
+    # client past it is told 421 4.3.2 instead of losing its connection for want of a descriptor.
+    import resource
+    import sys
+
+    stack = make_stack(start=False, env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "1000"}})
+    stack.start(("policy", "rewriter", "relay"))
+    with open(stack.log_path("frontend"), "ab") as log:
+        stack.procs["frontend"] = subprocess.Popen(
+            [sys.executable, "-m", "submitd_frontend"], env=stack.service_env("frontend"), stdout=log, stderr=log,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 400)),
+        )
+    stack.wait_ready("frontend")
+    from pathlib import Path
+
+    limits = Path(f"/proc/{stack.procs['frontend'].pid}/limits").read_text()
+    assert re.search(r"Max open files\s+400\s+400", limits), limits
+    assert "MAX_SESSIONS lowered to fit the open-file limit" in stack.log_path("frontend").read_text()
+    held = [raw_factory(stack.ports.submission) for _ in range(144)]
+    assert all(c.reply().startswith("220") for c in held)
+    extra = raw_factory(stack.ports.submission)
+    assert extra.reply().startswith("421 4.3.2"), "past MAX_SESSIONS (400 - 256): a clear 421"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import ssl
 import time
 from functools import partial
@@ -48,10 +49,33 @@ async def drain(sessions: Sessions, seconds: float) -> None:
         await asyncio.sleep(0.05)
 
 
+# Descriptors a frontend needs besides its sessions: NATS, gRPC channels, the HTTP server,
+# listeners, files, and the connections still closing.
+SPARE_DESCRIPTORS = 256
+
+
+def open_file_limit(settings: Settings) -> int:
+    """Raise the soft limit on open files to the hard one (the default 1,024 is below the
+    default MAX_SESSIONS), and lower MAX_SESSIONS where the hard limit cannot hold it: past it
+    a client is told 421 4.3.2, rather than its connection being dropped for want of a
+    descriptor. Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and settings.max_sessions > soft - SPARE_DESCRIPTORS:
+        lowered = max(1, soft - SPARE_DESCRIPTORS)
+        log.warning("MAX_SESSIONS lowered to fit the open-file limit", extra={"fields": {
+            "max_sessions": settings.max_sessions, "lowered_to": lowered, "open_file_limit": soft}})
+        settings.max_sessions = lowered
+    return soft
+
+
 async def amain() -> None:
     settings = Settings()
     setup_logging("frontend", settings.log_level)
     provider = setup_telemetry("frontend")
+    open_file_limit(settings)
 
     # No publish buffering while reconnecting: a publish during an outage must fail now
     # (the client gets 451), not be flushed later after the client was told to retry.
