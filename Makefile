@@ -20,7 +20,15 @@ $(VENV)/.installed: constraints.txt pyproject.toml $(foreach s,$(SERVICES),servi
 	  $(foreach s,frontend policy rewriter relay,-e ./services/$(s)) -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+# sslyze (the TLS scanner the tests run against the frontend) pins an older cryptography than
+# the services use: it lives in a virtualenv of its own and runs as a separate process.
+SSLYZE := $(VENV)/sslyze/bin/sslyze
+$(SSLYZE): constraints-sslyze.txt
+	test -x $(VENV)/sslyze/bin/python || $(PYTHON) -m venv $(VENV)/sslyze
+	$(VENV)/sslyze/bin/python -m pip install -q --disable-pip-version-check -c constraints-sslyze.txt sslyze
+	touch $@
+
+install: $(VENV)/.installed $(SSLYZE)
 
 # Generated code is never edited: it is rebuilt from proto/ by this target.
 proto: $(GEN)/v1/.stamp

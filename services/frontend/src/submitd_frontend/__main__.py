@@ -24,11 +24,25 @@ from .smtp import Backends, Sessions, SubmissionSMTP
 log = logging.getLogger("submitd.frontend")
 
 
+INTERMEDIATE_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+])
+
+
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not settings.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Mozilla's "intermediate" profile: AEAD suites with forward secrecy for TLS 1.2 (TLS 1.3's
+    # are all fine), no CBC. For key exchange, one group: Python 3.11's ssl can set a single
+    # curve but no list, and OpenSSL's default list offers X448 and P-521, which the profile
+    # rejects. P-256 is the one every TLS client must support (RFC 8446 §9.1); a TLS 1.3 client
+    # that leads with an X25519 key share gets a HelloRetryRequest (one more round trip).
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.set_ecdh_curve("prime256v1")
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
     return ctx
 
