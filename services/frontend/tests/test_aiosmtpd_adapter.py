@@ -1,11 +1,12 @@
-"""The frontend sets up aiosmtpd's protocol state itself (see smtp.aiosmtpd_state). If an
+"""The frontend sets up aiosmtpd's protocol state itself (see aiosmtpd_adapter.aiosmtpd_state). If an
 aiosmtpd upgrade sets up anything more, or something else, these fail before a session does."""
 
 import asyncio
 
 from aiosmtpd.smtp import SMTP
 
-from submitd_frontend.smtp import AIOSMTPD_ATTRIBUTES, SubmissionSMTP, aiosmtpd_state
+from submitd_frontend.aiosmtpd_adapter import AIOSMTPD_ATTRIBUTES, aiosmtpd_state
+from submitd_frontend.smtp import SubmissionSMTP
 
 
 async def test_the_adapter_sets_up_exactly_what_aiosmtpd_does():
@@ -29,7 +30,7 @@ def test_every_command_of_the_frontend_is_dispatched():
 async def test_unread_gives_back_what_followed_the_end_of_data():
     # Pipelined commands read together with the end of a message go back in front of what
     # the reader still holds (smtp.unread relies on asyncio's StreamReader buffer).
-    from submitd_frontend.smtp import unread
+    from submitd_frontend.aiosmtpd_adapter import unread
 
     reader = asyncio.StreamReader()
     reader.feed_data(b"QUIT\r\n")

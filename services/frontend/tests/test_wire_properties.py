@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from submitd_frontend import wire
-from submitd_frontend.smtp import parse_params
+from submitd_frontend.wire import parse_params
 
 keys = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=8)
 values = st.text("abcdefghij0123456789+-.,_", min_size=1, max_size=12)

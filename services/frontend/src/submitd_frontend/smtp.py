@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import re
 import ssl
 import time
 import uuid
@@ -30,32 +29,22 @@ from submitd_common.ids import new_queue_id
 from submitd_common.replies import render
 from submitd_common.telemetry import inject_context
 
-from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
-from .submission import Submission
-from .wire import ChunkReader, DataReader
-from .policy_client import PolicySession, PolicyStreams
 from . import metrics
+from .aiosmtpd_adapter import aiosmtpd_state, unread
+from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
+from .policy_client import PolicySession, PolicyStreams
 from .settings import Settings
+from .submission import Submission
+from .wire import (
+    COMMAND_LIMIT, EXTENDED_LIMITS, MAIL_PARAMS, RCPT_PARAMS, ChunkReader, DataReader, dsn_problem, parse_params,
+)
 
 log = logging.getLogger("submitd.frontend")
 tracer = trace.get_tracer("submitd.frontend")
 
-COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
-# Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
-# (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
-EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
-MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
-RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 DATA_DECIDED = policy_pb2.Verdict(accept=True)
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 READ_SIZE = 64 << 10  # octets of message content taken off the socket at a time
-
-
-def unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Give back what was read past the end of a message (pipelined commands): asyncio's
-    StreamReader has no unread, so its buffer is used (tests/test_aiosmtpd_adapter.py checks
-    it is still there)."""
-    reader._buffer[0:0] = data
 
 
 @dataclass
@@ -97,74 +86,6 @@ class Sessions:
             self.per_client[client] = left
         else:
             self.per_client.pop(client, None)
-
-
-XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
-
-
-def dsn_problem(params: dict[str, str]) -> str | None:
-    """RFC 3461 syntax of the DSN parameters present, or None."""
-    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
-        return "501 5.5.4 RET must be FULL or HDRS"
-    if "ENVID" in params and (len(params["ENVID"]) > 100 or not XTEXT.match(params["ENVID"])):
-        return "501 5.5.4 ENVID must be xtext of at most 100 characters"
-    if "NOTIFY" in params:
-        values = params["NOTIFY"].upper().split(",")
-        if not (values == ["NEVER"] or (set(values) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(values)) == len(values))):
-            return "501 5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE and DELAY"
-    if "ORCPT" in params:
-        kind, semi, value = params["ORCPT"].partition(";")
-        if not semi or not kind or not value or not XTEXT.match(value):
-            return "501 5.5.4 ORCPT must be addr-type;xtext"
-    return None
-
-
-def parse_params(text: str) -> dict[str, str] | None:
-    params: dict[str, str] = {}
-    for token in text.split():
-        key, eq, value = token.partition("=")
-        if not key.isalnum() or (eq and not value):
-            return None
-        params[key.upper()] = value
-    return params
-
-
-# What aiosmtpd's SMTP.__init__ sets up, without what it costs on every connection: it looks
-# its command and AUTH methods up with inspect.getmembers() and dir() each time (a fifth of a
-# millisecond). This frontend has a fixed set of commands, does AUTH itself through policy and
-# uses no handler, so the lookup is made once per class. tests/test_aiosmtpd_adapter.py fails
-# if an aiosmtpd upgrade sets up anything this does not.
-AIOSMTPD_ATTRIBUTES = frozenset({
-    "__ident__", "loop", "event_handler", "data_size_limit", "enable_SMTPUTF8", "_decode_data",
-    "hostname", "tls_context", "require_starttls", "_timeout_duration", "_timeout_handle",
-    "_tls_handshake_okay", "_tls_protocol", "_original_transport", "session", "envelope",
-    "transport", "_handler_coroutine", "_auth_require_tls", "_proxy_timeout", "_authenticator",
-    "_auth_callback", "_auth_required", "_auth_methods", "_handle_hooks", "_ehlo_hook_ver",
-    "_smtp_methods", "_enforce_call_limit",
-})
-_COMMANDS: dict[type, tuple[str, ...]] = {}
-
-
-def aiosmtpd_state(protocol: SMTP, *, hostname: str, ident: str, tls_context, data_size_limit: int | None,
-                   timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    asyncio.StreamReaderProtocol.__init__(
-        protocol, asyncio.StreamReader(loop=loop, limit=protocol.line_length_limit),
-        client_connected_cb=protocol._cb_client_connected, loop=loop,
-    )
-    names = _COMMANDS.get(type(protocol))
-    if names is None:
-        names = _COMMANDS[type(protocol)] = tuple(m for m in dir(type(protocol)) if m.startswith("smtp_"))
-    protocol.__dict__.update({
-        "__ident__": ident, "loop": loop, "event_handler": None, "data_size_limit": data_size_limit,
-        "enable_SMTPUTF8": True, "_decode_data": False, "hostname": hostname, "tls_context": tls_context,
-        "require_starttls": False, "_timeout_duration": timeout, "_timeout_handle": None,
-        "_tls_handshake_okay": True, "_tls_protocol": None, "_original_transport": None, "session": None,
-        "envelope": None, "transport": None, "_handler_coroutine": None, "_auth_require_tls": True,
-        "_proxy_timeout": None, "_authenticator": None, "_auth_callback": None, "_auth_required": False,
-        "_auth_methods": {}, "_handle_hooks": {}, "_ehlo_hook_ver": None,
-        "_smtp_methods": {name[5:]: getattr(protocol, name) for name in names}, "_enforce_call_limit": False,
-    })
 
 
 class SubmissionSMTP(SMTP):

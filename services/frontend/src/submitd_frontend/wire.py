@@ -1,4 +1,5 @@
-"""Message content off the wire, checked a block at a time: no sockets, no asyncio.
+"""What comes off the wire, checked without sockets or asyncio: message content a block at a
+time, and the limits and parameters of commands.
 
 DATA (RFC 5321 §4.1.1.4) and BDAT (RFC 3030) content pass the same checks, made once on whole
 blocks of complete lines with C-speed bytes operations, never line by line in Python:
@@ -15,6 +16,8 @@ so that the client's next command is not taken from the middle of its message.
 """
 
 from __future__ import annotations
+
+import re
 
 LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
 _LONGEST = LINE_LIMIT - 2  # a line's octets before its CRLF (after dot-unstuffing)
@@ -147,3 +150,43 @@ class ChunkReader(_Reader):
         if self.carry:
             self._refuse(BARE_CR_LF if b"\r" in self.carry or b"\n" in self.carry else NO_CRLF_AT_END)
             self.carry = b""
+
+
+# -- commands and their parameters ----------------------------------------------------
+
+COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
+# Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
+# (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
+EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
+MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
+RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+
+
+XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
+
+
+def dsn_problem(params: dict[str, str]) -> str | None:
+    """RFC 3461 syntax of the DSN parameters present, or None."""
+    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
+        return "501 5.5.4 RET must be FULL or HDRS"
+    if "ENVID" in params and (len(params["ENVID"]) > 100 or not XTEXT.match(params["ENVID"])):
+        return "501 5.5.4 ENVID must be xtext of at most 100 characters"
+    if "NOTIFY" in params:
+        values = params["NOTIFY"].upper().split(",")
+        if not (values == ["NEVER"] or (set(values) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(values)) == len(values))):
+            return "501 5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE and DELAY"
+    if "ORCPT" in params:
+        kind, semi, value = params["ORCPT"].partition(";")
+        if not semi or not kind or not value or not XTEXT.match(value):
+            return "501 5.5.4 ORCPT must be addr-type;xtext"
+    return None
+
+
+def parse_params(text: str) -> dict[str, str] | None:
+    params: dict[str, str] = {}
+    for token in text.split():
+        key, eq, value = token.partition("=")
+        if not key.isalnum() or (eq and not value):
+            return None
+        params[key.upper()] = value
+    return params

@@ -1,0 +1,54 @@
+"""The frontend's one seam with aiosmtpd (and asyncio's StreamReader): every internal it
+relies on is named here, and services/frontend/tests/test_aiosmtpd_adapter.py fails if an
+upgrade changes one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiosmtpd.smtp import SMTP
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Give back what was read past the end of a message (pipelined commands): asyncio's
+    StreamReader has no unread, so its buffer is used (tests/test_aiosmtpd_adapter.py checks
+    it is still there)."""
+    reader._buffer[0:0] = data
+
+
+# What aiosmtpd's SMTP.__init__ sets up, without what it costs on every connection: it looks
+# its command and AUTH methods up with inspect.getmembers() and dir() each time (a fifth of a
+# millisecond). This frontend has a fixed set of commands, does AUTH itself through policy and
+# uses no handler, so the lookup is made once per class. tests/test_aiosmtpd_adapter.py fails
+# if an aiosmtpd upgrade sets up anything this does not.
+AIOSMTPD_ATTRIBUTES = frozenset({
+    "__ident__", "loop", "event_handler", "data_size_limit", "enable_SMTPUTF8", "_decode_data",
+    "hostname", "tls_context", "require_starttls", "_timeout_duration", "_timeout_handle",
+    "_tls_handshake_okay", "_tls_protocol", "_original_transport", "session", "envelope",
+    "transport", "_handler_coroutine", "_auth_require_tls", "_proxy_timeout", "_authenticator",
+    "_auth_callback", "_auth_required", "_auth_methods", "_handle_hooks", "_ehlo_hook_ver",
+    "_smtp_methods", "_enforce_call_limit",
+})
+_COMMANDS: dict[type, tuple[str, ...]] = {}
+
+
+def aiosmtpd_state(protocol: SMTP, *, hostname: str, ident: str, tls_context, data_size_limit: int | None,
+                   timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    asyncio.StreamReaderProtocol.__init__(
+        protocol, asyncio.StreamReader(loop=loop, limit=protocol.line_length_limit),
+        client_connected_cb=protocol._cb_client_connected, loop=loop,
+    )
+    names = _COMMANDS.get(type(protocol))
+    if names is None:
+        names = _COMMANDS[type(protocol)] = tuple(m for m in dir(type(protocol)) if m.startswith("smtp_"))
+    protocol.__dict__.update({
+        "__ident__": ident, "loop": loop, "event_handler": None, "data_size_limit": data_size_limit,
+        "enable_SMTPUTF8": True, "_decode_data": False, "hostname": hostname, "tls_context": tls_context,
+        "require_starttls": False, "_timeout_duration": timeout, "_timeout_handle": None,
+        "_tls_handshake_okay": True, "_tls_protocol": None, "_original_transport": None, "session": None,
+        "envelope": None, "transport": None, "_handler_coroutine": None, "_auth_require_tls": True,
+        "_proxy_timeout": None, "_authenticator": None, "_auth_callback": None, "_auth_required": False,
+        "_auth_methods": {}, "_handle_hooks": {}, "_ehlo_hook_ver": None,
+        "_smtp_methods": {name[5:]: getattr(protocol, name) for name in names}, "_enforce_call_limit": False,
+    })
