@@ -30,9 +30,6 @@ from .settings import Settings
 from .state import DeliveryState, StateStore
 
 log = logging.getLogger("submitd.relay")
-# How long one pull request waits for messages: longer is fewer idle round trips to NATS, and
-# at most this much more time for a SIGTERM to stop the fetching (messages still arrive at once).
-FETCH_WAIT = 5.0
 ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
 RECIPIENTS = Counter("submitd_delivery_recipients_total", "Recipient outcomes", ["result"])
 DELIVERY_LATENCY = Histogram(
@@ -111,7 +108,7 @@ class Relay:
                 await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await self._sub.fetch(batch=room, timeout=FETCH_WAIT)
+                msgs = await self._sub.fetch(batch=room, timeout=self.s.fetch_wait)
             except asyncio.TimeoutError:  # nats.errors.TimeoutError too: nothing to fetch
                 continue
             except (nats.errors.Error, OSError) as e:

@@ -40,6 +40,10 @@ class Settings(ServiceSettings):
     )
     connect_timeout: float = Field(30.0, description="Seconds to connect to the next hop")
     command_timeout: float = Field(300.0, description="Seconds to wait for a next-hop reply (RFC 5321 §4.5.3.2)")
+    fetch_wait: float = Field(
+        5.0, description="Seconds one pull request waits for messages (they arrive at once): longer is fewer "
+        "idle round trips to NATS, and up to this much more time for a SIGTERM to stop the fetching"
+    )
     ack_wait: float = Field(
         30.0, description="JetStream AckWait: a delivery in progress extends it every third of it, so this is "
         "how soon the messages of a relay that died are delivered by another"

@@ -43,7 +43,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for a whole test module, for tests that do not change it."""
     next_hop = Sink().start()
     stack = Stack(tmp_path_factory.mktemp("stack"), users=default_users(), next_hop=("127.0.0.1", next_hop.port),
-                  reload_interval=0.5)
+                  reload_interval=0.5, env={"relay": {"FETCH_WAIT": "1"}})
     stack.sink = next_hop
     try:
         stack.start()
@@ -67,6 +67,10 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
     def factory(start: bool = True, **kwargs) -> Stack:
         kwargs.setdefault("users", default_users())
+        # A relay stops within one pull request: a short one keeps every test's teardown short.
+        env = {name: dict(values) for name, values in (kwargs.get("env") or {}).items()}
+        env.setdefault("relay", {}).setdefault("FETCH_WAIT", "1")
+        kwargs["env"] = env
         kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
         kwargs.setdefault("reload_interval", 0.5)  # reloads seen quickly
         stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
