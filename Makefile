@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay
 
-.PHONY: all install proto run test bench constraints clean images
+.PHONY: all install proto run test bench fuzz constraints clean images
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -45,6 +45,11 @@ run: install
 PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The dialog fuzzer's long round (make test runs 60 sessions of it): FUZZ_SEED=7 make fuzz
+FUZZ_SESSIONS ?= 2000
+fuzz: install
+	FUZZ_SESSIONS=$(FUZZ_SESSIONS) $(PY) -m pytest -s --timeout=0 tests/test_fuzz.py
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
