@@ -154,3 +154,20 @@ def test_relay_killed_mid_delivery_of_a_large_body_delivers_it_once(make_stack, 
     eventually(lambda: stored_chunks(stack) == 0, 10)
     time.sleep(1)
     assert len(sink.handler.messages) == 1
+
+
+def test_a_message_cut_by_the_drain_leaves_no_chunks_behind(make_stack):
+    # A client still in the middle of a large message when the drain runs out: its session is
+    # cut, and what it had streamed into the Object Store is removed before NATS is let go
+    # (not left for the sweep).
+    stack = make_stack(env={"frontend": {"DRAIN_SECONDS": "1"}})
+    client = logged_in(stack)
+    try:
+        start_data(client)
+        client.send(HEADER + lines(2))
+        eventually(lambda: stored_chunks(stack) > 0, 10)
+        assert stack.stop_service("frontend", sig=signal.SIGTERM, timeout=20) == 0
+        assert stored_chunks(stack) == 0
+        assert queue_depth(stack) == 0
+    finally:
+        client.close()

@@ -61,6 +61,15 @@ async def drain(sessions: Sessions, seconds: float) -> None:
                     pass
                 s.transport.close()
         await asyncio.sleep(0.05)
+    if sessions.active:
+        # Out of time: the rest are cut too, and given a moment to clean up after themselves
+        # (a message being streamed removes its stored chunks) while NATS is still there.
+        for s in list(sessions.active):
+            if s.transport is not None:
+                s.transport.abort()  # close() of a TLS transport waits for the peer's goodbye
+        end = time.monotonic() + 2.0
+        while sessions.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
 
 
 # Descriptors a frontend needs besides its sessions: NATS, gRPC channels, the HTTP server,
