@@ -122,11 +122,12 @@ class StreamedMessage:
         if len(self.pending) >= STREAM_CHUNK:
             await self._flush()
 
-    async def _flush(self) -> None:
-        data, self.pending = bytes(self.pending), bytearray()
-        view = memoryview(data)
-        for i in range(0, len(data), STREAM_CHUNK):
-            await self._write(rewriter_pb2.RewriteRequest(chunk=bytes(view[i : i + STREAM_CHUNK])))
+    async def _flush(self, final: bool = False) -> None:
+        """Send whole STREAM_CHUNK pieces; the remainder waits for more, or goes if ``final``."""
+        while len(self.pending) >= STREAM_CHUNK or (final and self.pending):
+            piece = bytes(self.pending[:STREAM_CHUNK])
+            del self.pending[:STREAM_CHUNK]
+            await self._write(rewriter_pb2.RewriteRequest(chunk=piece))
 
     async def _write(self, request) -> None:
         if self.receiving.done():
@@ -153,8 +154,7 @@ class StreamedMessage:
     async def finish(self) -> tuple[common_pb2.Envelope | None, bytes | common_pb2.Reply]:
         """(envelope, prefix) with the body stored, or (None, the rewriter's refusal)."""
         try:
-            if self.pending:
-                await self._flush()
+            await self._flush(final=True)
             if not self.receiving.done():
                 with contextlib.suppress(grpc.aio.UsageError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
                     await self.call.done_writing()

@@ -384,11 +384,11 @@ class Relay:
             writer = BodyWriter(self.js, jetstream.BODY_BUCKET, msg_id, timeout=self.s.publish_timeout)
             try:
                 await writer.write(before)
-                ends_line = True
+                tail = b"\r\n"
                 async for chunk in body.chunks():
                     await writer.write(chunk)
-                    ends_line = chunk.endswith(b"\r\n") if chunk else ends_line
-                await writer.write((b"" if ends_line else b"\r\n") + after)
+                    tail = (tail + chunk[-2:])[-2:]  # a CRLF may straddle two chunks
+                await writer.write((b"" if tail == b"\r\n" else b"\r\n") + after)
                 await writer.close()
             except BaseException:
                 await writer.abort()

@@ -42,16 +42,6 @@ class Body:
         raise NotImplementedError
 
 
-class BytesBody(Body):
-    def __init__(self, data: bytes, eight_bit: bool = False) -> None:
-        self.data = data
-        self.size = len(data)
-        self.eight_bit = eight_bit or not data.isascii()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self.data
-
-
 @dataclass
 class Outcome:
     delivered: list[str] = field(default_factory=list)
@@ -341,8 +331,7 @@ class NextHopPool:
         self.idle.clear()
 
 
-async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: str = "",
-                      timeout: float | None = None) -> Outcome:
+async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: str = "") -> Outcome:
     outcome = Outcome()
     recipients = [r.address for r in envelope.recipients]
     mail_options: list[str] = []
@@ -390,7 +379,7 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
         await _rset(client)
         return outcome
     try:
-        await send_data(client, body.chunks(), client.timeout if timeout is None else timeout)
+        await send_data(client, body.chunks(), client.timeout)
     except aiosmtplib.SMTPResponseException as e:
         outcome.fail_all(accepted, e.code, e.message, host)
         return outcome
@@ -431,7 +420,7 @@ async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeo
                     stuffed = b"\n." + stuffed[1:]
                 protocol.write(stuffed)
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
-                tail = (tail + chunk)[-2:]
+                tail = (tail + chunk[-2:])[-2:]  # not the whole chunk copied for two octets
             protocol._response_pending = True
             protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
             response = await protocol.read_response(timeout=timeout)
