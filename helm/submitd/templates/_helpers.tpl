@@ -22,6 +22,30 @@ app.kubernetes.io/component: {{ .name }}
 {{- toYaml $svc -}}
 {{- end -}}
 
+{{- /* A service's NATS grants: its own `nats` block, else the chart's (files/nats-grants.json).
+     Empty for a service that needs no NATS (it then gets no NATS user at all). */ -}}
+{{- define "submitd.natsGrants" -}}
+{{- $svc := include "submitd.service" (dict "root" .root "svc" (index .root.Values.services .name)) | fromYaml -}}
+{{- $chart := .root.Files.Get "files/nats-grants.json" | fromJson -}}
+{{- if $svc.nats -}}
+{{- toYaml $svc.nats -}}
+{{- else if hasKey $chart .name -}}
+{{- toYaml (index $chart .name) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The enabled services that have a NATS user (a grant). */ -}}
+{{- define "submitd.natsUsers" -}}
+{{- $users := list -}}
+{{- range $name, $raw := .Values.services -}}
+{{- $svc := include "submitd.service" (dict "root" $ "svc" $raw) | fromYaml -}}
+{{- if and $svc.enabled (include "submitd.natsGrants" (dict "root" $ "name" $name)) -}}
+{{- $users = append $users $name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $users -}}
+{{- end -}}
+
 {{- define "submitd.queueReplicas" -}}
 {{- if .Values.nats.enabled -}}{{ min 3 .Values.nats.replicas }}{{- else -}}{{ .Values.externalNats.replicas }}{{- end -}}
 {{- end -}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets as secrets_module
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from submitd_common import natsauth
 
 from .certs import make_self_signed
 from .ports import free_port, wait_port
@@ -69,16 +72,46 @@ class NatsServer:
         self.proc: subprocess.Popen | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self.conf = self.root / "nats.conf"
+        # One user per service with the grants the chart gives it (submitd_common.natsauth), and
+        # an ``admin`` with every permission for the operator and the tests (``url``). The
+        # passwords stay the same across restarts of the same directory.
+        secrets = self.root / "passwords.json"
+        if not secrets.exists():
+            names = [*natsauth.PERMISSIONS, "admin"]
+            secrets.write_text(json.dumps({n: secrets_module.token_urlsafe(18) for n in names}))
+            secrets.chmod(0o600)
+        self.passwords: dict[str, str] = json.loads(secrets.read_text())
         self.conf.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"server_name: submitd-local\n"
             f"jetstream {{\n  store_dir: {json.dumps(str(self.root / 'jetstream'))}\n"
             f"  sync_interval: always\n}}\n"
+            + natsauth.authorization_block(
+                {n: p for n, p in self.passwords.items() if n != "admin"}, self.passwords["admin"]
+            )
         )
 
     @property
     def url(self) -> str:
+        """With the admin user's credentials: every permission (the operator's and the tests')."""
+        return f"nats://admin:{self.passwords['admin']}@127.0.0.1:{self.port}"
+
+    @property
+    def service_url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def violations(self) -> list[str]:
+        """Permission violations the server logged: a service that needed more than its grant."""
+        log = self.root / "nats-server.log"
+        if not log.exists():
+            return []
+        return [line for line in log.read_text(errors="replace").splitlines() if "Violation" in line]
+
+    def credentials(self, service: str) -> dict[str, str]:
+        """A service's NATS user and password (none for a service without NATS access)."""
+        if service not in natsauth.PERMISSIONS:
+            return {}
+        return {"NATS_USER": service, "NATS_PASSWORD": self.passwords[service]}
 
     def start(self) -> "NatsServer":
         with open(self.root / "nats-server.log", "ab") as log:
@@ -178,7 +211,8 @@ class Stack:
         p = self.ports
         prefix = f"SUBMITD_{name.upper()}_"
         env = {
-            "NATS_URL": self.nats.url,
+            "NATS_URL": self.nats.service_url,
+            **self.nats.credentials(name),
             "LOG_LEVEL": "INFO",
             "DRAIN_SECONDS": "10",
         }

@@ -51,6 +51,13 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         stack.stop()
         next_hop.stop()
+    assert_within_grants(stack)
+
+
+def assert_within_grants(stack: Stack) -> None:
+    """Every service did its work within its NATS grant (submitd_common.natsauth)."""
+    violations = stack.nats.violations()
+    assert not violations, "NATS permission violations:\n" + "\n".join(violations[:10])
 
 
 @pytest.fixture
@@ -87,6 +94,8 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
     yield factory
     for stack in stacks:
         stack.stop()
+    for stack in stacks:
+        assert_within_grants(stack)
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""Least privilege on NATS: what each service may publish and subscribe to, and nothing more.
+
+The frontend writes the queue and bodies but cannot consume the queue; the relay consumes it,
+reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
+touch the policy's buckets; the policy has its two KV buckets and nothing else; the rewriter has
+no NATS access at all. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
+no service can listen to another's replies.
+
+The chart carries the same grants (``services.<name>.nats`` in values.yaml; a test keeps the two
+equal) and the local stack (``submitd_common.dev``) writes them into its nats.conf.
+"""
+
+from __future__ import annotations
+
+import json
+
+from submitd_common import jetstream as q
+
+API = "$JS.API"
+
+
+def _stream(stream: str, *ops: str) -> list[str]:
+    return [f"{API}.STREAM.{op}.{stream}" for op in ops]
+
+
+def _direct_get(stream: str) -> list[str]:
+    # By sequence (``$JS.API.DIRECT.GET.<stream>``) and last-by-subject (``...<stream>.<subject>``).
+    return [f"{API}.DIRECT.GET.{stream}", f"{API}.DIRECT.GET.{stream}.>"]
+
+
+def _kv(bucket: str) -> list[str]:
+    stream = f"KV_{bucket}"
+    return [f"$KV.{bucket}.>", *_stream(stream, "INFO", "CREATE", "UPDATE", "MSG.GET"), *_direct_get(stream)]
+
+
+_BODIES = f"OBJ_{q.BODY_BUCKET}"
+_BODY_STORE = [
+    f"$O.{q.BODY_BUCKET}.>",  # chunks and the object's meta record
+    *_stream(_BODIES, "INFO", "CREATE", "PURGE", "MSG.GET"),
+    *_direct_get(_BODIES),
+]
+_DURABLE = "relay"  # the relay's pull consumer (submitd_relay.consumer.DURABLE)
+
+PERMISSIONS: dict[str, dict[str, list[str]]] = {
+    "frontend": {
+        "publish": [
+            q.SUBMIT_SUBJECT,
+            *_stream(q.STREAM, "INFO", "CREATE", "UPDATE"),
+            *_BODY_STORE,
+        ],
+        "subscribe": ["_INBOX_frontend.>"],
+    },
+    "policy": {
+        "publish": [*_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET)],
+        "subscribe": ["_INBOX_policy.>"],
+    },
+    "relay": {
+        "publish": [
+            q.SUBMIT_SUBJECT,  # reports (DSNs) and the admin API's retries
+            f"{q.EVENTS_PREFIX}.>",
+            *_stream(q.STREAM, "INFO", "CREATE", "MSG.GET", "MSG.DELETE"),
+            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}",
+            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{q.STREAM}.{_DURABLE}",
+            f"{API}.CONSUMER.INFO.{q.STREAM}.{_DURABLE}",
+            f"{API}.CONSUMER.MSG.NEXT.{q.STREAM}.{_DURABLE}",
+            f"$JS.ACK.{q.STREAM}.{_DURABLE}.>",
+            *_BODY_STORE,
+            *_kv(q.DELIVERY_BUCKET),
+        ],
+        "subscribe": ["_INBOX_relay.>"],
+    },
+}
+
+
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}"
+
+
+def authorization_block(passwords: dict[str, str], admin_password: str | None = None) -> str:
+    """The nats.conf ``authorization`` block: one user per service with its grants, and
+    optionally an ``admin`` user with every permission (the local stack's operator and tests)."""
+    users = []
+    for service, password in passwords.items():
+        grants = PERMISSIONS[service]
+        users.append(
+            f"    {{user: {json.dumps(service)}, password: {json.dumps(password)}, permissions: {{"
+            f"publish: {{allow: {json.dumps(grants['publish'])}}}, "
+            f"subscribe: {{allow: {json.dumps(grants['subscribe'])}}}}}}}"
+        )
+    if admin_password is not None:
+        users.append(f"    {{user: \"admin\", password: {json.dumps(admin_password)}}}")
+    return "authorization {\n  users: [\n" + "\n".join(users) + "\n  ]\n}\n"
+
+
+if __name__ == "__main__":  # the chart's copy: python -m submitd_common.natsauth > helm/submitd/files/nats-grants.json
+    print(json.dumps(PERMISSIONS, indent=2))

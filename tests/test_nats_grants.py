@@ -1,0 +1,172 @@
+"""Least privilege on NATS: the grants the chart renders, loaded into a real nats-server, let each
+service do its own work and refuse it everything else (issue 14).
+
+The whole suite is the other half of the proof: every stack in the tests runs with these grants
+(``submitd_common.dev.stack``), and a test fails when its nats-server logged a violation
+(``testing.plugin.assert_within_grants``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import ConsumerConfig
+
+from submitd_common import jetstream, natsauth
+from submitd_common.bodies import BodyWriter, read_chunks
+from submitd_common.dev.ports import free_port, wait_port
+from submitd_common.dev.stack import nats_server_binary
+
+from test_chart import CHART, by_kind, render
+
+PASSWORDS = {"frontend": "pw-frontend", "policy": "pw-policy", "relay": "pw-relay", "rewriter": "pw-rewriter"}
+
+
+def test_the_charts_grants_are_the_services_grants():
+    """The chart carries a copy (files/nats-grants.json); regenerate it with
+    ``python -m submitd_common.natsauth > helm/submitd/files/nats-grants.json``."""
+    assert json.loads((CHART / "files" / "nats-grants.json").read_text()) == natsauth.PERMISSIONS
+
+
+def test_only_services_that_use_nats_get_a_user_and_a_way_out():
+    docs = render({"services": {"archiver": {
+        "ports": [{"name": "http", "containerPort": 8080}], "probe": {"http": "http"},
+        "nats": {"publish": ["archive.>"], "subscribe": ["_INBOX_archiver.>"]}}}})
+    env = {name.removeprefix("mail-submitd-"): {e["name"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+           for name, d in by_kind(docs, "Deployment").items()}
+    assert not any("NATS" in e for e in env["rewriter"]), "the rewriter has no business on NATS"
+    for service in ("frontend", "policy", "relay", "archiver"):
+        assert f"SUBMITD_{service.upper()}_NATS_USER" in env[service]
+    assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {"frontend", "policy", "relay", "archiver"}
+    conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+    assert '{user: archiver, password: $ARCHIVER_PASSWORD, permissions: {publish: {allow: ["archive.>"]}' in conf
+    clients = by_kind(docs, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["podSelector"]["matchExpressions"]
+    assert set(clients[1]["values"]) == {"frontend", "policy", "relay", "archiver"}
+
+
+@pytest.fixture
+def chart_nats(tmp_path: Path):
+    """A real nats-server whose users and permissions are the chart's rendered ``authorization``
+    block, passwords given through the environment exactly as the StatefulSet does."""
+    rendered = by_kind(render(), "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+    block = rendered[rendered.index("authorization {"):]
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {json.dumps(str(tmp_path / 'js'))}\n}}\n{block}")
+    env = {**os.environ, **{f"{k.upper()}_PASSWORD": v for k, v in PASSWORDS.items()}}
+    with open(tmp_path / "nats.log", "wb") as log:
+        proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, env=env)
+    try:
+        assert wait_port("127.0.0.1", port, 15), (tmp_path / "nats.log").read_text()
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class As:
+    """A connection as one service (its user, password and inbox prefix), recording the
+    permission violations the server reports to it."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.errors: list[str] = []
+
+    async def connect(self, url: str) -> "As":
+        async def error_cb(e: Exception) -> None:
+            self.errors.append(str(e))
+
+        self.nc = await nats.connect(url, user=self.service, password=PASSWORDS[self.service],
+                                     inbox_prefix=natsauth.inbox_prefix(self.service), error_cb=error_cb,
+                                     allow_reconnect=False)
+        self.js = self.nc.jetstream(timeout=2)
+        return self
+
+    async def refused(self, what: str, operation) -> None:
+        """``operation`` fails, and the server says it was for want of permission."""
+        self.errors.clear()
+        with pytest.raises(Exception):
+            await asyncio.wait_for(operation(), 3)
+            await self.nc.flush(2)
+            for _ in range(20):  # an asynchronous refusal (a publish or a subscription)
+                if self.errors:
+                    break
+                await asyncio.sleep(0.05)
+            if self.errors:
+                raise PermissionError(self.errors[-1])
+        assert any("permissions violation" in e.lower() for e in self.errors), f"{self.service}: {what}: {self.errors}"
+
+
+def test_each_service_may_do_its_work_and_nothing_else(chart_nats):
+    asyncio.run(_grants(chart_nats))
+
+
+async def _grants(url: str) -> None:
+    frontend = await As("frontend").connect(url)
+    policy = await As("policy").connect(url)
+    relay = await As("relay").connect(url)
+
+    # What each service does in production, allowed.
+    await jetstream.ensure_queue(frontend.js, jetstream.QueueConfig())
+    writer = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q1", timeout=2)
+    await writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    await writer.close()
+    await frontend.js.publish(jetstream.SUBMIT_SUBJECT, b"entry", timeout=2)
+    rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60)
+    authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60)
+    await rates.put("k", b"1")
+    assert (await authfail.put("login", b"1")) and (await rates.get("k")).value == b"1"
+    records = await jetstream.ensure_kv(relay.js, jetstream.DELIVERY_BUCKET, 60)
+    await records.put("q1", b"{}")
+    await relay.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(durable_name="relay", ack_wait=30))
+    sub = await relay.js.pull_subscribe_bind(durable="relay", stream=jetstream.STREAM)
+    (msg,) = await sub.fetch(1, timeout=2)
+    assert msg.data == b"entry"
+    assert b"".join([c async for c in read_chunks(relay.js, jetstream.BODY_BUCKET, "q1")]) == b"Subject: x\r\n\r\nbody\r\n"
+    await msg.ack_sync(timeout=2)
+    await relay.nc.publish(f"{jetstream.EVENTS_PREFIX}.delivered", b"{}")
+    await relay.nc.flush(2)
+    assert not frontend.errors + policy.errors + relay.errors
+    for c in (frontend, policy, relay):
+        c.js = c.nc.jetstream(timeout=0.5)  # a refused API request is never answered
+
+    # The frontend writes the queue; it may not consume it, read the policy's or the relay's
+    # buckets, or delete the queue.
+    await frontend.refused("consume the queue", lambda: frontend.js.add_consumer(
+        jetstream.STREAM, config=ConsumerConfig(durable_name="thief")))
+    await frontend.refused("listen to the queue", lambda: frontend.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
+    await frontend.refused("read lockouts", lambda: frontend.js.key_value(jetstream.AUTHFAIL_BUCKET))
+    await frontend.refused("delete the queue", lambda: frontend.js.delete_stream(jetstream.STREAM))
+    # The policy has its two buckets only.
+    await policy.refused("queue a message", lambda: policy.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
+    await policy.refused("read delivery records", lambda: policy.js.key_value(jetstream.DELIVERY_BUCKET))
+    await policy.refused("read bodies", lambda: _read(policy))
+    # The relay may not touch the policy's buckets nor remove the queue.
+    await relay.refused("read lockouts", lambda: relay.js.key_value(jetstream.AUTHFAIL_BUCKET))
+    await relay.refused("clear a lockout", lambda: relay.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.login", b"0"))
+    await relay.refused("purge the queue", lambda: relay.js.purge_stream(jetstream.STREAM))
+    await relay.refused("delete the queue", lambda: relay.js.delete_stream(jetstream.STREAM))
+    # Nobody hears another's replies.
+    for me, other in ((frontend, "relay"), (relay, "policy"), (policy, "frontend")):
+        await me.refused("read others' replies", lambda: me.nc.subscribe(f"{natsauth.inbox_prefix(other)}.>"))
+        await me.refused("read every reply", lambda: me.nc.subscribe("_INBOX.>"))
+    for c in (frontend, policy, relay):
+        await c.nc.close()
+
+    # The rewriter has no user at all (the Secret holds none for it).
+    host, port = url.removeprefix("nats://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    assert (await reader.readline()).startswith(b"INFO ")
+    writer.write(b'CONNECT {"user":"rewriter","pass":"%s","verbose":false}\r\nPING\r\n' % PASSWORDS["rewriter"].encode())
+    assert (await reader.readline()).lower() == b"-err 'authorization violation'\r\n"
+    writer.close()
+
+
+async def _read(who: As) -> None:
+    async for _ in read_chunks(who.js, jetstream.BODY_BUCKET, "q1"):
+        pass
