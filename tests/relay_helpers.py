@@ -86,8 +86,8 @@ def queue_depth(stack: Stack) -> int:
 
 def relay_only(make_stack, next_hop: Sink | None = None, **relay_env) -> Stack:
     """NATS and a relay delivering to ``next_hop`` or the test's sink (no frontend, policy or
-    rewriter)."""
-    env = {"RETRY_SCHEDULE": "[0.5]", **{k: str(v) for k, v in relay_env.items()}}
+    rewriter: its reports go unsigned)."""
+    env = {"RETRY_SCHEDULE": "[0.5]", "REWRITER_TARGET": "", **{k: str(v) for k, v in relay_env.items()}}
     kwargs = {"next_hop": ("127.0.0.1", next_hop.port)} if next_hop else {}
     stack: Stack = make_stack(start=False, env={"relay": env}, **kwargs)
     if next_hop:
@@ -134,10 +134,12 @@ def admin(stack: Stack, method: str, path: str, token: str | None = "s3cret") ->
 def metric(stack: Stack, name: str, labels: str = "") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.relay_http}/metrics", timeout=5) as r:
         text = r.read().decode()
+    exported = f"# TYPE {name} " in text or f"# TYPE {name.removesuffix('_total')} " in text
+    assert exported, f"the relay exports no {name}"  # a renamed metric fails, never reads 0
     for line in text.splitlines():
         if line.startswith(f"{name}{{{labels}}} ") or (not labels and line.startswith(f"{name} ")):
             return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return 0.0  # a labelled series not seen yet
 
 
 def second_relay(stack: Stack):

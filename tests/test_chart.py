@@ -184,8 +184,13 @@ def test_scenarios_do_what_they_say():
 
 def test_network_policies_follow_the_next_hop_and_nats():
     docs = render({"relay": {"smarthost": {"host": "out.example.org", "port": 2525}}})
-    ports = {p["port"] for p in by_kind(docs, "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"][0]["ports"]}
+    egress = by_kind(docs, "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"]
+    ports = {p["port"] for rule in egress if "to" not in rule for p in rule["ports"]}
     assert ports == {25, 465, 587, 2525}, "the smarthost's own port is let out"
+    (signing,) = [rule for rule in egress if "to" in rule]
+    assert signing["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "rewriter"
+    rewriter_in = by_kind(docs, "NetworkPolicy")["mail-submitd-rewriter"]["spec"]["ingress"][0]["from"]
+    assert {f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rewriter_in} == {"frontend", "relay"}
     external = render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4223", "ports": [4223]}})
     egress = by_kind(external, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["egress"]
     assert egress == [{"ports": [{"port": 4223, "protocol": "TCP"}]}]

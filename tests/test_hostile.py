@@ -47,3 +47,108 @@ def test_idle_connections_cost_the_frontend_little_and_the_policy_nothing(make_s
         for s in idle:
             s.close()
     assert len(stack.sink.handler.wait_for(2, 20)) == 2
+
+
+def held_by(pid: int, port: int) -> int:
+    """Established connections on the frontend's side of its listening ``port`` (/proc/net/tcp:
+    the server's ends, whose local port is the listener's)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "01")
+
+
+def test_clients_that_flood_commands_and_never_read_replies_are_cut_and_others_served(make_stack):
+    # 10 clients pipeline a flood of EHLOs and never read a reply. Before: each reply waited in
+    # the kernel's buffers (MBs per connection on loopback), so the frontend answered tens of
+    # thousands of EHLOs per client, burned ~5 s of CPU (a normal client waited 4.7 s for its
+    # banner) and kept one policy note per EHLO (25 MB per client). Now the junk-command limit
+    # cuts each after 100, and a client that does not read its last replies is cut CLOSE_GRACE
+    # (5 s) later rather than held for ever.
+    import threading
+
+    stack = make_stack(env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "30"}})
+    frontend = stack.procs["frontend"].pid
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], b"Subject: warm\r\n\r\nx\r\n")
+    before = rss_mb(frontend)
+    flood = b"EHLO slow.example\r\n" * 500_000  # 9.5 MB of commands
+    readers = [socket.create_connection(("127.0.0.1", stack.ports.submission), timeout=10,
+                                        source_address=(f"127.0.10.{i % 4 + 1}", 0)) for i in range(10)]
+    sent = [0] * len(readers)
+
+    def pour(i: int) -> None:
+        s = readers[i]
+        s.setblocking(False)
+        deadline = time.monotonic() + 2
+        while sent[i] < len(flood) and time.monotonic() < deadline:
+            try:
+                sent[i] += s.send(flood[sent[i]:])
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:  # cut
+                return
+
+    try:
+        threads = [threading.Thread(target=pour, args=(i,)) for i in range(len(readers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(n < len(flood) for n in sent), "nobody got the whole flood in"
+        started = time.monotonic()
+        with logged_in(stack) as client:
+            client.sendmail(ALICE, ["bob@example.net"], b"Subject: meanwhile\r\n\r\nx\r\n")
+        assert time.monotonic() - started < 1, "a normal client is served meanwhile"
+        grown = rss_mb(frontend) - before
+        assert grown < 16, f"{grown:.1f} MB for 10 flooding clients"
+        deadline = time.monotonic() + 15
+        while held_by(frontend, stack.ports.submission) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert held_by(frontend, stack.ports.submission) == 0, "flooding clients still held"
+        print(f"10 flooding clients that never read: frontend +{grown:.1f} MB")
+    finally:
+        for s in readers:
+            s.close()
+    assert len(stack.sink.handler.wait_for(2, 20)) == 2
+    log = stack.log_path("frontend").read_text()
+    assert log.count("too many commands without mail") == 10
+
+
+def test_a_client_that_never_reads_is_cut_at_the_timeout_though_its_replies_cannot_go(make_stack):
+    # With the junk limit out of the way, a client pipelines EHLOs and reads nothing: the
+    # frontend stops reading it once its replies back up (memory stays flat), and the command
+    # timeout cuts it even though the 421 can never be flushed (before: held for ever).
+    import threading
+
+    stack = make_stack(env={"frontend": {"COMMAND_TIMEOUT": "3", "JUNK_COMMAND_LIMIT": "100000000"}})
+    frontend = stack.procs["frontend"].pid
+    before = rss_mb(frontend)
+    flood = b"EHLO slow.example\r\n" * 500_000
+    readers = [socket.create_connection(("127.0.0.1", stack.ports.submission), timeout=10) for _ in range(2)]
+    sent = [0, 0]
+
+    def pour(i: int) -> None:
+        readers[i].setblocking(False)
+        deadline = time.monotonic() + 1.5
+        while sent[i] < len(flood) and time.monotonic() < deadline:
+            try:
+                sent[i] += readers[i].send(flood[sent[i]:])
+            except BlockingIOError:
+                time.sleep(0.01)
+
+    try:
+        threads = [threading.Thread(target=pour, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(n < len(flood) for n in sent), "the frontend stopped reading"
+        assert rss_mb(frontend) - before < 16
+        assert held_by(frontend, stack.ports.submission) == 2
+        deadline = time.monotonic() + 20  # timeout (3 s), then CLOSE_GRACE (5 s)
+        while held_by(frontend, stack.ports.submission) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert held_by(frontend, stack.ports.submission) == 0, "held past the timeout"
+    finally:
+        for s in readers:
+            s.close()

@@ -17,6 +17,7 @@ import yaml
 from submitd_common.dev.stack import User
 from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
 from submitd_common.testing.smtp import logged_in
+from submitd_common.testing.waiting import eventually
 from submitd_rewriter import dkim
 
 pytestmark = pytest.mark.timeout(180)
@@ -79,7 +80,8 @@ def signing_stack(make_stack, keys):
 
 def verify_all(message: bytes, keys: Keys) -> list[bool]:
     d = dkimpy.DKIM(message)
-    count = len(re.findall(rb"^DKIM-Signature:", message, flags=re.MULTILINE | re.IGNORECASE))
+    header = message.split(b"\r\n\r\n", 1)[0]  # not the signatures of a message it carries
+    count = len(re.findall(rb"^DKIM-Signature:", header, flags=re.MULTILINE | re.IGNORECASE))
     results = []
     for i in range(count):
         try:
@@ -235,3 +237,53 @@ def test_8bit_text_is_made_7bit_before_signing(make_stack, keys):
     assert "BODY=8BITMIME" not in msg.mail_options, "the relay no longer declares an 8-bit body"
     assert email.message_from_bytes(msg.data).get_payload(decode=True) == body
     assert verify_all(msg.data, keys) == [True, True], "signed after the conversion"
+
+
+def bounce_stack(make_stack, keys):
+    """Reports come from postmaster@example.test, the domain the keys sign for."""
+    users = {ALICE: User(ALICE_PASSWORD, [ALICE])}
+    return make_stack(users=users, env={"rewriter": {"DKIM_KEYS_FILE": str(keys.file)},
+                                        "relay": {"BOUNCE_FROM": "postmaster@example.test", "RETRY_SCHEDULE": "[0.5]"}})
+
+
+@pytest.mark.parametrize("size", [2_000, 1_500_000], ids=["inline", "streamed"])
+def test_reports_are_dkim_signed_like_any_message_of_the_domain(make_stack, keys, size):
+    # A report with the whole original (RET=FULL): small, it goes inline; 1.5 MB, it streams
+    # through the rewriter into the Object Store. Either way both signatures verify.
+    from relay_helpers import parse_report, reports
+
+    stack = bounce_stack(make_stack, keys)
+    stack.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    original = HEADER.replace(b"bob@", b"nobody@") + b"\r\n" + b"a line of the original message\r\n" * (size // 32)
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["nobody@example.net"], original, mail_options=["RET=FULL"])
+    eventually(lambda: reports(stack.sink), 30)
+    (report,) = reports(stack.sink)
+    assert report.data.startswith(b"DKIM-Signature: ")
+    assert verify_all(report.data, keys) == [True, True]
+    _, blocks, returned = parse_report(report)
+    assert blocks[1]["Status"] == "5.1.1"
+    assert returned.get_payload()[0]["Subject"] == "signed"
+    assert report.data.count(b"a line of the original message") == size // 32
+
+
+def test_a_report_waits_for_the_rewriter_and_is_not_lost(make_stack, keys):
+    from relay_helpers import reports
+
+    stack = bounce_stack(make_stack, keys)
+    stack.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    stack.stop_service("relay")
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["nobody@example.net", "bob@example.net"], HEADER + b"\r\nreport me\r\n")
+    stack.stop_service("rewriter")  # the message is queued; its bounce will find no rewriter
+    stack.start_service("relay")
+    eventually(lambda: [m for m in stack.sink.handler.messages if m.rcpt_tos == ["bob@example.net"]], 30)
+    time.sleep(2)
+    assert reports(stack.sink) == [], "no unsigned report while the rewriter is away"
+    stack.start_service("rewriter")
+    eventually(lambda: reports(stack.sink), 30)
+    time.sleep(1)
+    (report,) = reports(stack.sink)
+    assert verify_all(report.data, keys) == [True, True]
+    assert [m.rcpt_tos for m in stack.sink.handler.messages if m.mail_from] == [["bob@example.net"]], \
+        "bob got the message once: the report's retry did not deliver it again"

@@ -60,7 +60,14 @@ class PolicySession:
         self.broken = False
 
     def note(self, **event) -> None:
-        self.notes.append(policy_pb2.SessionEvent(**event))
+        """A step the policy hears of with the next question. The same step twice in a row
+        (EHLO after EHLO, RSET after RSET) keeps only the later: a client that repeats one
+        command and never asks anything holds one note, not one per command."""
+        note = policy_pb2.SessionEvent(**event)
+        if self.notes and self.notes[-1].WhichOneof("event") == note.WhichOneof("event"):
+            self.notes[-1] = note
+        else:
+            self.notes.append(note)
 
     async def ask(self, trace_context: dict[str, str] | None = None, **event) -> policy_pb2.Verdict:
         if self.broken:

@@ -43,7 +43,9 @@ log = logging.getLogger("submitd.frontend")
 tracer = trace.get_tracer("submitd.frontend")
 
 DATA_DECIDED = policy_pb2.Verdict(accept=True)
-JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
+# Commands that move no mail (Postfix's junk commands, and HELO/EHLO: a client says it twice
+# at most, around STARTTLS; a flood of them costs a reply each and moves nothing).
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "HELO", "EHLO"})
 READ_SIZE = 64 << 10  # octets of message content taken off the socket at a time
 
 
@@ -88,6 +90,9 @@ class Sessions:
             self.per_client.pop(client, None)
 
 
+CLOSE_GRACE = 5.0  # seconds a closing session's last replies may take to reach the client
+
+
 class SubmissionSMTP(SMTP):
     # The reader's buffer limit: room for the longest extended MAIL line, so that a line
     # over the limit is answered 500 5.5.2 rather than breaking the reader.
@@ -116,7 +121,7 @@ class SubmissionSMTP(SMTP):
         self.errors = 0
         self.accepted: list[str] = []  # queue ids of this session's messages
         self.refused = 0
-        self.junk = 0  # NOOP, RSET, HELP, VRFY, EXPN since the last message queued
+        self.junk = 0  # JUNK_COMMANDS since the last message queued
         self._closing = False
         self._bdat: Bdat | None = None
 
@@ -156,7 +161,7 @@ class SubmissionSMTP(SMTP):
                     proxy = None
                 if proxy is None or not proxy.valid or proxy.src_addr is None:
                     log.warning("invalid or missing PROXY header", extra={"fields": {"peer": self.client_address}})
-                    self.transport.close()
+                    self.close_transport()
                     return
                 proxy_address = str(proxy.src_addr)
                 self.client_address = proxy_address
@@ -170,7 +175,7 @@ class SubmissionSMTP(SMTP):
                 refusal = self._admission()
                 if refusal:
                     await self.push(refusal)
-                    self.transport.close()
+                    self.close_transport()
                     return
                 # Policy hears of the connection with the session's first question: a client
                 # that connects and leaves, or never gets that far, costs policy nothing.
@@ -206,7 +211,7 @@ class SubmissionSMTP(SMTP):
                 if self.policy is not None:
                     self.policy.close()
                 if self.transport is not None:
-                    self.transport.close()
+                    self.close_transport()
 
     def _admission(self) -> str | None:
         if self.sessions.draining:
@@ -270,6 +275,8 @@ class SubmissionSMTP(SMTP):
                 # (Postfix's smtpd_junk_command_limit); a queued message starts the count again.
                 self.junk += 1
                 if self.junk > self.settings.junk_command_limit:
+                    log.warning("too many commands without mail", extra={"fields": {
+                        "peer": self.client_address, "session": self.session_id}})
                     await self.push("421 4.7.0 Too many commands without mail, closing connection")
                     continue
             try:
@@ -285,7 +292,18 @@ class SubmissionSMTP(SMTP):
                 self._writer.write(b"421 4.4.2 Timeout, closing connection\r\n")
             except Exception:
                 pass
-        super()._timeout_cb()
+        log.info("session timed out", extra={"fields": {"peer": self.client_address, "session": self.session_id}})
+        self.close_transport()
+
+    def close_transport(self) -> None:
+        """Close after what is written has gone; a client that does not read its replies
+        (so that they never go) is cut CLOSE_GRACE seconds later, not held for ever."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
         if verb == "MAIL":
@@ -323,7 +341,7 @@ class SubmissionSMTP(SMTP):
         if status.startswith("421" if isinstance(status, str) else b"421"):
             self._closing = True
         if self._closing and self.transport is not None:
-            self.transport.close()
+            self.close_transport()
 
     async def ask(self, **event) -> policy_pb2.Verdict:
         assert self.policy is not None
@@ -346,7 +364,7 @@ class SubmissionSMTP(SMTP):
             return True
         await self.push(render(verdict.reply))
         if verdict.disconnect and self.transport is not None:
-            self.transport.close()
+            self.close_transport()
         return False
 
     # -- commands -------------------------------------------------------------------
@@ -401,7 +419,7 @@ class SubmissionSMTP(SMTP):
     async def smtp_QUIT(self, arg: str):
         await self.push("221 2.0.0 Bye")
         self._closing = True
-        self.transport.close()
+        self.close_transport()
 
     async def smtp_VRFY(self, arg: str):
         await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
@@ -680,7 +698,7 @@ class SubmissionSMTP(SMTP):
             log.warning("data rate too low", extra={"fields": {"peer": self.client_address, "session": self.session_id}})
             self._writer.write(b"421 4.4.2 Data rate too low, closing connection\r\n")
             self._closing = True
-            self.transport.close()
+            self.close_transport()
             raise ConnectionAbortedError("data rate too low")
 
     # -- CHUNKING (RFC 3030) ---------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from submitd_common import jetstream, lifecycle
+from submitd_common import grpcutil, jetstream, lifecycle
+from submitd_common.grpcutil import MutualTLS
 from submitd_common.health import Health
 from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
@@ -14,6 +15,7 @@ from submitd_common.telemetry import setup_telemetry
 from . import admin
 from .consumer import Relay
 from .delivery import NextHopPool
+from .reports import Signer
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")
@@ -26,7 +28,8 @@ async def amain() -> None:
     nc = await jetstream.connect("submitd-relay", settings.nats_options())
     await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(), update=False)
     pool = NextHopPool(settings)
-    relay = Relay(nc, pool, settings)
+    channel = grpcutil.channel(settings.rewriter_target, MutualTLS.from_settings(settings)) if settings.rewriter_target else None
+    relay = Relay(nc, pool, settings, Signer(channel, settings.rewriter_timeout) if channel else None)
     await relay.start()
 
     health = Health()
@@ -49,6 +52,8 @@ async def amain() -> None:
     await sweeper
     await relay.close()
     await pool.close()
+    if channel is not None:
+        await channel.close()
     await stop_http()
     await stop_health()
     await jetstream.close(nc)

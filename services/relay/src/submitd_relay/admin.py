@@ -251,7 +251,7 @@ class QueueAdmin:
             if statuses and q.envelope.return_path:
                 from .consumer import QueuedBody
 
-                report_id = await self.relay.queue_report(q, QueuedBody(self.js, q), "failed", statuses)
+                report_id = await self.relay.reports.queue(q, QueuedBody(self.js, q), "failed", statuses)
                 state.reports.append(report_id)
         for _, q in found:
             state.finish(r.address for r in q.envelope.recipients)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -20,12 +19,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
-from submitd_common.bodies import BodyWriter, delete, object_info, sweep_unfinished
-from submitd_common.ids import new_queue_id
+from submitd_common.bodies import delete, object_info, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
 from . import dsn
 from .delivery import Body, NextHopError, NextHopPool, Outcome
+from .reports import Reports, Signer
 from .settings import Settings
 from .state import DeliveryState, StateStore
 
@@ -43,7 +42,11 @@ CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a r
 IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
 EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on NATS", ["event"])
 ORPHANS = Counter("submitd_orphaned_bodies_removed_total", "Message bodies no queue entry referred to")
-REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
+DUPLICATES_AVOIDED = Counter(
+    "submitd_delivery_duplicates_avoided_total", "Redeliveries of a message already delivered, caught by its record")
+POSSIBLE_DUPLICATES = Counter(
+    "submitd_delivery_possible_duplicates_total",
+    "Redelivered messages with no record, delivered again: a copy may have gone before (an ack lost, a relay killed)")
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = "relay"
 _ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")
@@ -75,9 +78,10 @@ class QueuedBody(Body):
 
 
 class Relay:
-    def __init__(self, nc, pool: NextHopPool, settings: Settings) -> None:
+    def __init__(self, nc, pool: NextHopPool, settings: Settings, signer: Signer | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
+        self.reports = Reports(self.js, settings, signer)
         self.state = StateStore(self.js, settings.max_lifetime + 2 * 86400, settings.replicas)
         self.pool = pool
         self.s = settings
@@ -221,11 +225,14 @@ class Relay:
                     state = await self.state.get(env.queue_id)
                 else:
                     state = DeliveryState()
+                if attempt > 1 and not state.revision:
+                    POSSIBLE_DUPLICATES.inc()
                 pending = [r for r in env.recipients if r.address not in state.finished]
                 if not pending:
-                    # Redelivered after a crash between the next hop's 250 and our ack.
+                    # Redelivered after a crash (or a lost ack) between the next hop's 250 and our ack.
                     log.info("already delivered", extra={"fields": {"queue_id": env.queue_id, "attempt": attempt}})
                     span.set_attribute("submitd.outcome", "duplicate")
+                    DUPLICATES_AVOIDED.inc()
                     await msg.ack_sync()
                     await self.delete_body(qmsg)
                     return
@@ -265,6 +272,22 @@ class Relay:
                     await msg.nak(delay=delay)
             finally:
                 keepalive.cancel()
+
+    async def _remember_delivered(self, env, state: DeliveryState) -> None:
+        """The ack of a delivered message may be lost (NATS away): its record, written as soon
+        as NATS takes it again (the redelivery waits AckWait), makes the redelivery an ack and
+        not a second copy. Costs nothing unless an ack fails."""
+        state.finish(r.address for r in env.recipients)
+        deadline = time.monotonic() + self.s.ack_wait * 0.8
+        while True:
+            try:
+                await self.state.put(env.queue_id, state)
+                return
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    log.warning("could not record the delivery of %s: it may be sent twice (%r)", env.queue_id, e)
+                    return
+                await asyncio.sleep(0.5)
 
     async def _failpoint(self, name: str) -> None:
         if self.s.failpoint == name:
@@ -327,7 +350,7 @@ class Relay:
             else:
                 for kind, statuses in reports:
                     if statuses:
-                        report_id = await self.queue_report(qmsg, body, kind, statuses)
+                        report_id = await self.reports.queue(qmsg, body, kind, statuses)
                         state.reports.append(report_id)
                         self.event("dsn", env, {"action": kind, "report_queue_id": report_id,
                                                  "recipients": [s.recipient.address for s in statuses]})
@@ -347,7 +370,13 @@ class Relay:
 
         remaining = [r for r in env.recipients if r.address not in state.finished]
         if not remaining:
-            await msg.ack_sync()
+            try:
+                if self.s.failpoint == "ack-lost":
+                    raise nats.errors.ConnectionClosedError
+                await msg.ack_sync()
+            except Exception:
+                await self._remember_delivered(env, state)
+                raise
             await self.delete_body(qmsg)
             if outcome.delivered:
                 log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})
@@ -361,55 +390,6 @@ class Relay:
         await msg.nak(delay=delay)
         log.info("partially delivered" if len(remaining) < len(env.recipients) else "deferred",
                  extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
-
-    async def queue_report(self, qmsg: queue_pb2.QueuedMessage, body: QueuedBody | None, kind: str,
-                           statuses: list[dsn.RecipientStatus]) -> str:
-        """Queue a report on ``qmsg``; with RET=FULL the original streams into it from the queue."""
-        env = qmsg.envelope
-        head = await jetstream.message_head(self.js, qmsg) if body is not None else b""
-        header = dsn.header_section(head)
-        before, after = dsn.build_parts(
-            kind=kind, envelope=env, header=header, statuses=statuses, reporting_mta=self.s.helo_name,
-            from_address=self.s.bounce_from or f"MAILER-DAEMON@{self.s.helo_name}",
-            arrival=qmsg.received_at_ms / 1000,
-            will_retry_until=qmsg.received_at_ms / 1000 + self.s.max_lifetime,
-        )
-        report_id = new_queue_id()
-        # The same report for the same recipients has the same Nats-Msg-Id: queued once even
-        # if this delivery is retried after a crash.
-        digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]
-        msg_id = f"{env.queue_id}.dsn-{kind}.{digest}"
-        out = queue_pb2.QueuedMessage(received_at_ms=int(time.time() * 1000), trace_context=dict(qmsg.trace_context))
-        if body is not None and dsn.returns_full(kind, env) and body.size > self.s.inline_body_limit:
-            writer = BodyWriter(self.js, jetstream.BODY_BUCKET, msg_id, timeout=self.s.publish_timeout)
-            try:
-                await writer.write(before)
-                tail = b"\r\n"
-                async for chunk in body.chunks():
-                    await writer.write(chunk)
-                    tail = (tail + chunk[-2:])[-2:]  # a CRLF may straddle two chunks
-                await writer.write((b"" if tail == b"\r\n" else b"\r\n") + after)
-                await writer.close()
-            except BaseException:
-                await writer.abort()
-                raise
-            out.envelope.CopyFrom(dsn.report_envelope(env, report_id, eight_bit=not writer.ascii))
-            out.object_name, out.size = msg_id, writer.size
-            await jetstream.publish_entry(self.js, out, msg_id=msg_id, timeout=self.s.publish_timeout,
-                                          headers=dict(qmsg.trace_context))
-        else:
-            attached = b"".join([c async for c in body.chunks()]) if body is not None and dsn.returns_full(kind, env) else header
-            if attached and not attached.endswith(b"\r\n"):
-                attached += b"\r\n"
-            report = before + attached + after
-            out.envelope.CopyFrom(dsn.report_envelope(env, report_id, eight_bit=not report.isascii()))
-            out.size = len(report)
-            await jetstream.enqueue(self.js, out, report, msg_id=msg_id, inline_limit=self.s.inline_body_limit,
-                                    timeout=self.s.publish_timeout, headers=dict(qmsg.trace_context))
-        REPORTS.labels(kind).inc()
-        log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
-                                                 "recipients": len(statuses)}})
-        return report_id
 
     def _count(self, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, result: str, span) -> None:
         ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()

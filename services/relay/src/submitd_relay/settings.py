@@ -57,6 +57,11 @@ class Settings(ServiceSettings):
         4 * 3600, description="Seconds after which a delay DSN goes to senders who asked (NOTIFY=DELAY)"
     )
     bounce_from: str | None = Field(None, description="From of DSNs (default MAILER-DAEMON@HELO_NAME)")
+    rewriter_target: str | None = Field(
+        None, description="The rewriter (host:port): DSNs are completed and DKIM-signed there like any message "
+        "the domain submits; unset: reports go unsigned"
+    )
+    rewriter_timeout: float = Field(60.0, description="Seconds for one report through the rewriter")
     inline_body_limit: int = Field(256 << 10, description="DSNs larger than this keep their body in the Object Store")
     publish_timeout: float = Field(10.0, description="Seconds to wait for JetStream to store a DSN or retry")
     orphan_sweep_interval: float = Field(
@@ -69,6 +74,6 @@ class Settings(ServiceSettings):
     trace_addresses: bool = Field(
         False, description="Keep whole addresses in the next hop's replies on traces (default: only their domains)"
     )
-    failpoint: Literal["after-record"] | None = Field(
-        None, description="Fault tests only: stop dead at this point of a delivery"
+    failpoint: Literal["after-record", "ack-lost"] | None = Field(
+        None, description="Fault tests only: stop dead after the record, or lose every ack of a delivered message"
     )

@@ -216,7 +216,7 @@ class Stack:
             "LOG_LEVEL": "INFO",
             "DRAIN_SECONDS": "10",
         }
-        if self.grpc_tls and name in ("frontend", "policy", "rewriter"):
+        if self.grpc_tls and name in ("frontend", "policy", "rewriter", "relay"):
             # The self-signed certificate is its own CA: every service presents it and trusts it.
             env |= {"GRPC_TLS_CERT": str(self.cert), "GRPC_TLS_KEY": str(self.key), "GRPC_TLS_CA": str(self.cert)}
         if name == "policy":
@@ -256,6 +256,7 @@ class Stack:
                 "NEXT_HOP_PORT": str(self.next_hop[1]),
                 "NEXT_HOP_TLS": "opportunistic",
                 "NEXT_HOP_VERIFY_TLS": "false",
+                "REWRITER_TARGET": f"127.0.0.1:{p.rewriter}",  # DSNs signed like any message
             }
         extra = self.extra_env.get(name, {})
         env |= {k: v for k, v in extra.items() if not k.startswith("OTEL_")}
