@@ -10,7 +10,9 @@ client is not the bottleneck). For each mode, the median of ROUNDS rotated round
   beside a bare aiosmtpd doing the same TLS and AUTH;
 - idle CPU (ms per second with no traffic) and end of data -> 250 latency at half of submitd's
   own maximum rate;
-- the rewriter alone over gRPC, with and without DKIM, beside dkimpy (``--only rewriter``).
+- the rewriter alone over gRPC, with and without DKIM, beside dkimpy (``--only rewriter``);
+- the frontend's CPU per TLS handshake on port 465: full with ECDSA P-256, full with RSA-2048,
+  and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``).
 
     make bench BENCH_ARGS="--messages 3000 --rounds 1"
 """
@@ -211,18 +213,75 @@ def large_part(args, servers: list) -> None:
     print(f"  frontend checks on DATA content: {bench_wire():.2f} ms CPU per MB (goal < 2)")
 
 
+def bench_tls(work: Path, handshakes: int = 400) -> None:
+    """Frontend CPU per handshake (implicit TLS, then the banner and QUIT), from /proc."""
+    import socket
+    import ssl
+
+    from submitd_common.dev.certs import make_self_signed
+
+    cert, key = make_self_signed(work / "rsa", "localhost", "rsa")
+    sink = SmtpSink()
+    server = Submitd("submitd", work / "submitd-tls", sink, dkim=False,
+                     env={"frontend": {"TLS_SECOND_CERT": str(cert), "TLS_SECOND_KEY": str(key)}})
+    try:
+        pid = server.stack.procs["frontend"].pid
+        port = server.stack.ports.submissions
+
+        def client(version, ciphers=None):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.minimum_version = ctx.maximum_version = version
+            if ciphers:
+                ctx.set_ciphers(ciphers)
+            return ctx
+
+        def one(ctx, session=None):
+            with socket.create_connection(("127.0.0.1", port)) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+                s.recv(100)
+                s.sendall(b"QUIT\r\n")
+                s.recv(100)
+                return s.session, s.session_reused
+
+        cases = [
+            ("TLS 1.3, ECDSA P-256, full", client(ssl.TLSVersion.TLSv1_3), False),
+            ("TLS 1.2, RSA-2048, full", client(ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256"), False),
+            ("TLS 1.2, ECDSA P-256, full", client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256"), False),
+            ("TLS 1.3, resumed (ticket)", client(ssl.TLSVersion.TLSv1_3), True),
+            ("TLS 1.2, resumed (ticket)", client(ssl.TLSVersion.TLSv1_2), True),
+        ]
+        print(f"\nfrontend CPU per TLS handshake on 465 ({handshakes} each; the banner and QUIT included)")
+        for label, ctx, resume in cases:
+            session, _ = one(ctx)
+            before, reused = proc_cpu(pid), 0
+            for _ in range(handshakes):
+                new, was = one(ctx, session if resume else None)
+                reused += was
+                if resume:
+                    session = new
+            ms = (proc_cpu(pid) - before) / handshakes * 1000
+            print(f"  {label:30s} {ms:5.2f} ms   (resumed {reused}/{handshakes})")
+    finally:
+        stop_all([server], [sink])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10_000, help="messages per smtp-source round")
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter", "large"], help="run one part only")
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls"], help="run one part only")
     parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     args = parser.parse_args()
+    if args.only in (None, "tls"):
+        bench_tls(Path(tempfile.mkdtemp(prefix="submitd-bench-tls-")))
+        if args.only == "tls":
+            return
     if args.only not in ("smtp", "large"):
         bench_rewriter(min(args.messages, 4000), Path(tempfile.mkdtemp(prefix="submitd-bench-rw-")))
         if args.only == "rewriter":

@@ -63,7 +63,8 @@ def main() -> int:
         next_hop=("127.0.0.1", sink_port),
         ports=ports,
         users={DEMO_USER: User(password, [DEMO_USER, "@example.test"])},
-        env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file)}},
+        # Bounces come from the signed domain: they are DKIM-signed by the rewriter like any message.
+        env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file), "BOUNCE_FROM": "postmaster@example.test"}},
     )
     dkim_records = stack.make_dkim_keys("example.test")
     with open(VAR / "log" / "sink.log", "ab") as log:
@@ -88,6 +89,7 @@ submitd is running.
   delivered mail         {maildir}/new/
   logs                   {VAR / 'log'}/
   health and metrics     http://127.0.0.1:{ports.frontend_http}/readyz  http://127.0.0.1:{ports.relay_http}/metrics
+  NATS, as its admin     {stack.nats.url}  (each service has a user of its own)
 
 Send a message:
 
@@ -95,8 +97,8 @@ Send a message:
         --auth-user {DEMO_USER} --auth-password '{password}' \\
         --from {DEMO_USER} --to someone@example.net
 
-Mail to {UNKNOWN} is refused by the next hop: the bounce (RFC 3464) lands in the
-same Maildir, addressed to you. The queue admin API (its OpenAPI description is at /openapi.json):
+Mail to {UNKNOWN} is refused by the next hop: the bounce (RFC 3464, DKIM-signed) lands
+in the same Maildir, addressed to you. The queue admin API (its OpenAPI description is at /openapi.json):
 
   curl -H "Authorization: Bearer $(cat {admin_token_file})" http://127.0.0.1:{ports.relay_http}/api/v1/queue/totals
 

@@ -446,3 +446,82 @@ def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
     missing.send(b"EHLO no-proxy-header\r\n")
     with pytest.raises(ConnectionError):
         missing.reply()
+
+
+def timed_auth(stack: Stack, user: str, password: str, source: str) -> tuple[int, float]:
+    """One AUTH PLAIN: its reply code and how long the reply took (the AUTH command alone)."""
+    import base64
+
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30, source_address=(source, 0)) as client:
+        client.ehlo("client.example.test")
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.test")
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        started = time.perf_counter()
+        code = client.docmd("AUTH", f"PLAIN {token}")[0]
+        return code, time.perf_counter() - started
+
+
+def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alike(make_stack):
+    # Two policy processes behind one frontend (gRPC round robin over both, as a headless
+    # Service gives it): ten parallel guesses at one login from one address get no more
+    # password checks between them than the limit, and every later guess is refused by both.
+    import statistics
+    import subprocess
+    import sys
+
+    from submitd_common.dev.ports import free_port, wait_port
+
+    stack = make_stack(start=False, users=users(), env={
+        "policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"},
+        "frontend": {"BACKEND_STREAMS": "4"}})
+    grpc2, http2 = free_port(), free_port()
+    stack.extra_env["frontend"]["POLICY_TARGET"] = f"ipv4:127.0.0.1:{stack.ports.policy},127.0.0.1:{grpc2}"
+    stack.start(("policy", "rewriter", "relay"))
+    env = stack.service_env("policy") | {"SUBMITD_POLICY_LISTEN": f"127.0.0.1:{grpc2}",
+                                         "SUBMITD_POLICY_HTTP_LISTEN": f"127.0.0.1:{http2}"}
+    with open(stack.root / "log" / "policy2.log", "ab") as log:
+        second = subprocess.Popen([sys.executable, "-m", "submitd_policy"], env=env, stdout=log, stderr=log,
+                                  start_new_session=True)
+    try:
+        assert wait_port("127.0.0.1", http2, 30)
+        stack.start_service("frontend")
+        stack.wait_ready("frontend")
+
+        def metric_at(port: int, name: str, **labels: str) -> float:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                families = text_string_to_metric_families(r.read().decode())
+            return sum(s.value for f in families for s in f.samples
+                       if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+        def checks() -> float:
+            return sum(metric_at(port, "submitd_policy_password_verifications_total", result=r)
+                       for port in (stack.ports.policy_http, http2) for r in ("match", "mismatch"))
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(lambda _: auth_plain(stack, ALICE, "guess", "127.0.0.6"), range(10)))
+        assert sorted(codes) == [454] * 5 + [535] * 5, codes
+        assert checks() == 5, "counted once for both replicas"
+        for port in (stack.ports.policy_http, http2):
+            assert metric_at(port, "submitd_policy_streams_opened_total") >= 1, "both replicas had sessions"
+        assert [auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.6") for _ in range(4)] == [454] * 4, \
+            "locked on every replica"
+
+        # A wrong password and an unknown login cost the same: the reply time does not tell
+        # an attacker which logins exist.
+        wrong, unknown = [], []
+        for n in range(12):
+            code, seconds = timed_auth(stack, ALICE, f"guess{n}", f"127.0.3.{n + 1}")
+            assert code == 535
+            wrong.append(seconds)
+            code, seconds = timed_auth(stack, f"nobody{n}@example.test", "guess", f"127.0.4.{n + 1}")
+            assert code == 535
+            unknown.append(seconds)
+        w, u = statistics.median(wrong), statistics.median(unknown)
+        print(f"\nAUTH reply, median of 12: wrong password {w * 1000:.1f} ms, unknown login {u * 1000:.1f} ms")
+        assert abs(w - u) < max(0.010, 0.25 * max(w, u)), (wrong, unknown)
+    finally:
+        second.terminate()
+        second.wait(20)

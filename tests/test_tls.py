@@ -29,3 +29,51 @@ def test_tls_is_compliant_with_mozillas_intermediate_profile(stack, port):
     else:
         result = findings("--starttls", "smtp", f"127.0.0.1:{stack.ports.submission}")
     assert result <= {"certificate_path_validation"}, f"not compliant beyond the self-signed certificate: {result}"
+
+
+def handshake(port: int, ctx, session=None):
+    """Implicit TLS to ``port``: (certificate key type, resumed, the session for next time)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            assert s.recv(100).startswith(b"220 ")  # TLS 1.3 tickets arrive before it
+            key = x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).public_key()
+            kind = "ecdsa" if isinstance(key, ec.EllipticCurvePublicKey) else "rsa" if isinstance(key, rsa.RSAPublicKey) else "?"
+            s.sendall(b"QUIT\r\n")
+            s.recv(100)
+            return kind, s.session_reused, s.session
+
+
+def test_ecdsa_and_rsa_certificates_side_by_side_and_sessions_resume(make_stack, tmp_path):
+    import ssl
+
+    from submitd_common.dev.certs import make_self_signed
+
+    cert, key = make_self_signed(tmp_path / "rsa", "localhost", "rsa")
+    stack = make_stack(env={"frontend": {"TLS_SECOND_CERT": str(cert), "TLS_SECOND_KEY": str(key)}})
+    port = stack.ports.submissions
+
+    def client(version, ciphers: str | None = None):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = version
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+        return ctx
+
+    # Each client gets the certificate it can use: TLS 1.2 clients by their suites.
+    assert handshake(port, client(ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256"))[0] == "rsa"
+    assert handshake(port, client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256"))[0] == "ecdsa"
+    assert handshake(port, client(ssl.TLSVersion.TLSv1_3))[0] == "ecdsa"
+    # A returning client resumes its session (no certificate, no signature) in 1.3 and 1.2.
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        ctx = client(version)
+        _, resumed, session = handshake(port, ctx)
+        assert not resumed
+        _, resumed, _ = handshake(port, ctx, session)
+        assert resumed, f"{version.name}: the session was not resumed"

@@ -44,6 +44,14 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.set_ecdh_curve("prime256v1")
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_second_cert:
+        # OpenSSL keeps one certificate per key type and picks by what the client offers.
+        ctx.load_cert_chain(settings.tls_second_cert, settings.tls_second_key)
+    # Session resumption: TLS 1.2 and 1.3 tickets, with keys of this process (a client resumes
+    # on the frontend replica that issued it). One TLS 1.3 ticket per handshake, not OpenSSL's
+    # two: each costs the server an encryption, and a resuming client gets a fresh one each time.
+    ctx.options &= ~ssl.OP_NO_TICKET
+    ctx.num_tickets = 1
     return ctx
 
 

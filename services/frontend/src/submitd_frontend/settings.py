@@ -17,6 +17,11 @@ class Settings(ServiceSettings):
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     tls_cert: str | None = Field(None, description="PEM certificate chain; without it there is no TLS and no AUTH")
     tls_key: str | None = Field(None, description="PEM private key")
+    tls_second_cert: str | None = Field(
+        None, description="A second certificate chain of the other key type (ECDSA beside RSA, or RSA beside "
+        "ECDSA): each client is given the one it can verify"
+    )
+    tls_second_key: str | None = Field(None, description="The second certificate's private key")
     policy_target: str = Field("127.0.0.1:50051", description="gRPC target of the policy service")
     rewriter_target: str = Field("127.0.0.1:50052", description="gRPC target of the rewriter service")
     max_message_size: int = Field(25 << 20, description="SIZE limit in octets")

@@ -8,17 +8,19 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
-def make_self_signed(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
-    """Write cert.pem and key.pem (ECDSA P-256: cheap handshakes) unless they exist."""
+def make_self_signed(directory: Path, hostname: str = "localhost", algorithm: str = "ecdsa") -> tuple[Path, Path]:
+    """Write cert.pem and key.pem unless they exist: ECDSA P-256 (cheap handshakes) by default,
+    or RSA-2048 (``algorithm="rsa"``: rsa-cert.pem, rsa-key.pem)."""
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    prefix = "" if algorithm == "ecdsa" else f"{algorithm}-"
+    cert_path, key_path = directory / f"{prefix}cert.pem", directory / f"{prefix}key.pem"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ecdsa" else rsa.generate_private_key(65537, 2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
