@@ -161,3 +161,49 @@ def test_a_client_that_never_reads_is_cut_at_the_timeout_though_its_replies_cann
     finally:
         for s in readers:
             s.close()
+
+
+def test_silent_connections_to_port_465_count_as_sessions_and_cannot_starve_the_frontend(make_stack):
+    # Port 465 connections that never send a ClientHello. Before: asyncio's TLS layer held each
+    # one (60 s) before the session existed, so MAX_SESSIONS did not count them: 320 of them
+    # took every descriptor of a frontend limited to 300, and clients on 587 were dropped
+    # without a word. Now each is a session from its accept, the ones past MAX_SESSIONS are
+    # closed at once, a client on 587 is told 421 4.3.2, and TLS_HANDSHAKE_TIMEOUT cuts the
+    # silent ones.
+    import os
+    import subprocess
+    import sys
+
+    from submitd_common.testing.smtp import insecure_context
+
+    stack = make_stack(start=False, env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "1000", "TLS_HANDSHAKE_TIMEOUT": "6"}})
+    stack.start(("policy", "rewriter", "relay"))
+    with open(stack.log_path("frontend"), "ab") as log:
+        stack.procs["frontend"] = subprocess.Popen(
+            [sys.executable, "-m", "submitd_frontend"], env=stack.service_env("frontend"), stdout=log, stderr=log,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)),
+        )
+    stack.wait_ready("frontend")  # MAX_SESSIONS lowered to 300 - 256 = 44
+    pid = stack.procs["frontend"].pid
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    silent = []
+    try:
+        for i in range(320):
+            silent.append(socket.create_connection(("127.0.0.1", stack.ports.submissions), timeout=10,
+                                                   source_address=(f"127.0.12.{i % 8 + 1}", 0)))
+        time.sleep(0.3)
+        assert descriptors() < 200, f"{descriptors()} descriptors held"
+        with socket.create_connection(("127.0.0.1", stack.ports.submission), timeout=5) as late:
+            assert late.recv(100).startswith(b"421 4.3.2"), "a clear 421, not a dropped connection"
+        time.sleep(6.5)  # TLS_HANDSHAKE_TIMEOUT
+        with socket.create_connection(("127.0.0.1", stack.ports.submissions), timeout=5) as raw:
+            with insecure_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.recv(100).startswith(b"220 "), "served again once the silent ones are cut"
+    finally:
+        for s in silent:
+            s.close()
+    log = stack.log_path("frontend").read_text()
+    assert log.count("TLS handshake failed") >= 40 and "refused before TLS" in log

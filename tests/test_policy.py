@@ -446,6 +446,45 @@ def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
     missing.send(b"EHLO no-proxy-header\r\n")
     with pytest.raises(ConnectionError):
         missing.reply()
+    # Port 465: the header comes in the clear, then the TLS handshake (before: the TLS layer
+    # read the header as a broken ClientHello, so 465 behind a PROXY balancer never worked).
+    # Header and ClientHello in one segment, as a balancer forwards them.
+    import socket
+    import ssl
+
+    from submitd_common.testing.smtp import insecure_context
+
+    header = f"PROXY TCP4 203.0.113.10 127.0.0.1 40003 {stack.ports.submissions}\r\n".encode()
+    sock = socket.create_connection(("127.0.0.1", stack.ports.submissions), timeout=10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = insecure_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock.sendall(header + outgoing.read())
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+
+    def exchange(data: bytes | None = None) -> bytes:
+        if data:
+            tls.write(data)
+            sock.sendall(outgoing.read())
+        while True:
+            try:
+                return tls.read(65536)
+            except ssl.SSLWantReadError:
+                incoming.write(sock.recv(65536))
+
+    assert exchange().startswith(b"220 ")
+    assert exchange(b"EHLO lb.example.test\r\n").startswith(b"250")
+    assert exchange(b"MAIL FROM:<anyone@example.net>\r\n").startswith(b"250 2.1.0"), \
+        "the trusted client address came through on 465 too"
+    sock.close()
 
 
 def timed_auth(stack: Stack, user: str, password: str, source: str) -> tuple[int, float]:

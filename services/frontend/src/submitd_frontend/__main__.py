@@ -62,12 +62,14 @@ async def drain(sessions: Sessions, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while sessions.active and time.monotonic() < deadline:
         for s in list(sessions.active):
-            if not s.in_data and s.transport is not None and not s.transport.is_closing():
+            if s.handshaking and s.transport is not None:
+                s.transport.abort()  # no reply can reach a client before its TLS is up
+            elif not s.in_data and s.transport is not None and not s.transport.is_closing():
                 try:
                     s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
                 except Exception:
                     pass
-                s.transport.close()
+                s.close_transport()
         await asyncio.sleep(0.05)
     if sessions.active:
         # Out of time: the rest are cut too, and given a moment to clean up after themselves
@@ -158,7 +160,9 @@ async def amain() -> None:
             continue
         host, port = split_hostport(listen)
         factory = partial(SubmissionSMTP, backends, sessions, implicit_tls=implicit, tls_context=tls)
-        server = await loop.create_server(factory, host, port, ssl=tls if implicit else None, reuse_address=True)
+        # Port 465 is accepted in the clear and the session starts TLS itself: counted from
+        # the accept (MAX_SESSIONS), after a PROXY header where there is one.
+        server = await loop.create_server(factory, host, port, reuse_address=True)
         servers.append(server)
         log.info(
             "frontend listening",

@@ -52,3 +52,35 @@ def aiosmtpd_state(protocol: SMTP, *, hostname: str, ident: str, tls_context, da
         "_auth_methods": {}, "_handle_hooks": {}, "_ehlo_hook_ver": None,
         "_smtp_methods": {name[5:]: getattr(protocol, name) for name in names}, "_enforce_call_limit": False,
     })
+
+
+def start_implicit_tls(protocol: SMTP, context, timeout: float) -> asyncio.Future:
+    """TLS on an accepted plain connection (port 465), done the way aiosmtpd does STARTTLS
+    (asyncio's SSLProtocol between the socket and the session), so that the connection is a
+    session, counted against MAX_SESSIONS, from the moment it is accepted, and a PROXY header
+    can come before the handshake. What the session's reader already holds (the start of the
+    ClientHello, after a PROXY header or simply read early) goes to TLS first. Returns the
+    handshake's future; the session's transport, reader and writer are the TLS ones at once.
+
+    Internals relied on (checked by services/frontend/tests/test_aiosmtpd_adapter.py):
+    asyncio.sslproto.SSLProtocol (its ``_incoming`` BIO and ``_app_transport``), the
+    StreamReader's ``_buffer`` and the reader's and writer's ``_transport``, and aiosmtpd's
+    ``_tls_protocol`` and ``_original_transport`` (its connection_lost closes the latter)."""
+    from asyncio import sslproto
+
+    loop = protocol.loop
+    waiter = loop.create_future()
+    tls = sslproto.SSLProtocol(loop, protocol, context, waiter, server_side=True, call_connection_made=False,
+                               ssl_handshake_timeout=timeout)
+    reader = protocol._reader
+    if reader._buffer:
+        tls._incoming.write(bytes(reader._buffer))
+        reader._buffer.clear()
+    transport = protocol.transport
+    transport.set_protocol(tls)
+    protocol._original_transport = transport
+    protocol._tls_protocol = tls
+    protocol.transport = reader._transport = protocol._writer._transport = tls._app_transport
+    tls.connection_made(transport)
+    transport.resume_reading()  # in case the reader had paused it
+    return waiter

@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 SESSIONS_ACTIVE = Gauge("submitd_smtp_sessions_active", "SMTP sessions open now")
 SESSIONS = Counter("submitd_smtp_sessions_total", "SMTP sessions accepted")
 TLS = Counter("submitd_smtp_tls_total", "TLS sessions by protocol version", ["version"])
+TLS_FAILURES = Counter("submitd_smtp_tls_handshake_failures_total", "Implicit-TLS handshakes that failed or timed out")
 AUTH = Counter("submitd_smtp_auth_total", "AUTH attempts by result", ["result"])
 REPLIES = Counter("submitd_smtp_replies_total", "Replies sent, by class and enhanced code", ["code_class", "enhanced"])
 MESSAGES = Counter("submitd_messages_total", "Messages at end of data, by outcome and reply code", ["outcome", "code"])

@@ -22,6 +22,9 @@ class Settings(ServiceSettings):
         "ECDSA): each client is given the one it can verify"
     )
     tls_second_key: str | None = Field(None, description="The second certificate's private key")
+    tls_handshake_timeout: float = Field(
+        10.0, description="Seconds for a port-465 client to finish its TLS handshake (it holds a session meanwhile)"
+    )
     policy_target: str = Field("127.0.0.1:50051", description="gRPC target of the policy service")
     rewriter_target: str = Field("127.0.0.1:50052", description="gRPC target of the rewriter service")
     max_message_size: int = Field(25 << 20, description="SIZE limit in octets")

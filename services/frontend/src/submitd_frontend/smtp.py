@@ -30,7 +30,7 @@ from submitd_common.replies import render
 from submitd_common.telemetry import inject_context
 
 from . import metrics
-from .aiosmtpd_adapter import aiosmtpd_state, unread
+from .aiosmtpd_adapter import aiosmtpd_state, start_implicit_tls, unread
 from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
 from .policy_client import PolicySession, PolicyStreams
 from .settings import Settings
@@ -113,6 +113,8 @@ class SubmissionSMTP(SMTP):
         self.backends = backends
         self.sessions = sessions
         self.implicit_tls = implicit_tls
+        self.implicit_context = tls_context if implicit_tls else None
+        self.handshaking = False  # implicit TLS not yet up: nothing may be written in the clear
         self.policy: PolicySession | None = None
         self.in_data = False
         self.session_id = uuid.uuid4().hex[:16]
@@ -169,13 +171,17 @@ class SubmissionSMTP(SMTP):
             self.sessions.add(self, self.client_address)
             metrics.SESSIONS.inc()
             metrics.SESSIONS_ACTIVE.inc()
-            if self.implicit_tls:
-                metrics.TLS.labels(self._tls_info().version or "unknown").inc()
             try:
                 refusal = self._admission()
                 if refusal:
+                    if self.implicit_tls:  # a TLS client cannot read a reply in the clear
+                        log.info("refused before TLS", extra={"fields": {"peer": self.client_address, "reply": refusal}})
+                        self.transport.abort()
+                        return
                     await self.push(refusal)
                     self.close_transport()
+                    return
+                if self.implicit_tls and not await self._implicit_tls():
                     return
                 # Policy hears of the connection with the session's first question: a client
                 # that connects and leaves, or never gets that far, costs policy nothing.
@@ -212,6 +218,22 @@ class SubmissionSMTP(SMTP):
                     self.policy.close()
                 if self.transport is not None:
                     self.close_transport()
+
+    async def _implicit_tls(self) -> bool:
+        """The TLS handshake of port 465, within TLS_HANDSHAKE_TIMEOUT; False if it failed."""
+        self.handshaking = True
+        try:
+            await start_implicit_tls(self, self.implicit_context, self.settings.tls_handshake_timeout)
+        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            log.info("TLS handshake failed", extra={"fields": {"peer": self.client_address, "error": repr(e)}})
+            metrics.TLS_FAILURES.inc()
+            if self.transport is not None:
+                self.transport.abort()
+            return False
+        finally:
+            self.handshaking = False
+        metrics.TLS.labels(self._tls_info().version or "unknown").inc()
+        return True
 
     def _admission(self) -> str | None:
         if self.sessions.draining:
