@@ -219,6 +219,7 @@ def bench_tls(work: Path, handshakes: int = 400) -> None:
     import ssl
 
     from submitd_common.dev.certs import make_self_signed
+    from submitd_common.testing.smtp import insecure_context as client
 
     cert, key = make_self_signed(work / "rsa", "localhost", "rsa")
     sink = SmtpSink()
@@ -227,14 +228,6 @@ def bench_tls(work: Path, handshakes: int = 400) -> None:
     try:
         pid = server.stack.procs["frontend"].pid
         port = server.stack.ports.submissions
-
-        def client(version, ciphers=None):
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            ctx.minimum_version = ctx.maximum_version = version
-            if ciphers:
-                ctx.set_ciphers(ciphers)
-            return ctx
 
         def one(ctx, session=None):
             with socket.create_connection(("127.0.0.1", port)) as raw, \

@@ -34,7 +34,6 @@ def test_tls_is_compliant_with_mozillas_intermediate_profile(stack, port):
 def handshake(port: int, ctx, session=None):
     """Implicit TLS to ``port``: (certificate key type, resumed, the session for next time)."""
     import socket
-    import ssl
 
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -53,18 +52,11 @@ def test_ecdsa_and_rsa_certificates_side_by_side_and_sessions_resume(make_stack,
     import ssl
 
     from submitd_common.dev.certs import make_self_signed
+    from submitd_common.testing.smtp import insecure_context as client
 
     cert, key = make_self_signed(tmp_path / "rsa", "localhost", "rsa")
     stack = make_stack(env={"frontend": {"TLS_SECOND_CERT": str(cert), "TLS_SECOND_KEY": str(key)}})
     port = stack.ports.submissions
-
-    def client(version, ciphers: str | None = None):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        ctx.minimum_version = ctx.maximum_version = version
-        if ciphers:
-            ctx.set_ciphers(ciphers)
-        return ctx
 
     # Each client gets the certificate it can use: TLS 1.2 clients by their suites.
     assert handshake(port, client(ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256"))[0] == "rsa"

@@ -11,10 +11,15 @@ from submitd_common.dev.stack import Stack
 from .plugin import ALICE, ALICE_PASSWORD
 
 
-def insecure_context() -> ssl.SSLContext:
+def insecure_context(version: ssl.TLSVersion | None = None, ciphers: str | None = None) -> ssl.SSLContext:
+    """A client context that trusts any certificate; optionally one TLS version and its suites."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if ciphers:
+        ctx.set_ciphers(ciphers)
     return ctx
 
 
