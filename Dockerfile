@@ -5,7 +5,8 @@
 #   docker build --target relay -t submitd-relay:dev .
 #
 # Build: Debian 12's Python 3.11 in a virtualenv holding common + the one service (and only
-# its dependencies), pinned by constraints.txt. Run: the same Debian with only its Python, the
+# its dependencies), pinned by constraints.txt; pip and setuptools leave the virtualenv once
+# they have installed it (nothing at run time needs them). Run: the same Debian with only its Python, the
 # shells and package tools removed (nothing at run time needs them), as the non-root user
 # 65532. The root filesystem can be mounted read-only: the services write nothing outside
 # mounted volumes. A distroless python3-debian12 image works as RUNTIME_IMAGE too (same Python
@@ -31,19 +32,23 @@ RUN python3 -m venv /tools \
 
 FROM build AS build-frontend
 COPY services/frontend ./services/frontend
-RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/frontend
+RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/frontend \
+ && /venv/bin/python -m pip uninstall -q -y pip setuptools
 
 FROM build AS build-policy
 COPY services/policy ./services/policy
-RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/policy
+RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/policy \
+ && /venv/bin/python -m pip uninstall -q -y pip setuptools
 
 FROM build AS build-rewriter
 COPY services/rewriter ./services/rewriter
-RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/rewriter
+RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/rewriter \
+ && /venv/bin/python -m pip uninstall -q -y pip setuptools
 
 FROM build AS build-relay
 COPY services/relay ./services/relay
-RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/relay
+RUN python3 -m venv /venv && /venv/bin/pip install -c constraints.txt ./services/common ./services/relay \
+ && /venv/bin/python -m pip uninstall -q -y pip setuptools
 
 FROM ${RUNTIME_IMAGE} AS python
 RUN apt-get update \

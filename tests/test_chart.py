@@ -196,3 +196,23 @@ def test_network_policies_follow_the_next_hop_and_nats():
     assert egress == [{"ports": [{"port": 4223, "protocol": "TCP"}]}]
     with pytest.raises(helm.HelmError, match="monitoringEndpoint"):
         render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4222"}, "keda": {"enabled": True}})
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_every_setting_the_chart_passes_is_one_the_service_reads(scenario):
+    # An env name the settings class does not read is ignored without a word: the setting an
+    # operator thought they made never takes effect. (CONFIG_FILE is read by the settings
+    # loader itself.)
+    import importlib
+
+    for name, d in by_kind(render(load(scenario)), "Deployment").items():
+        service = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        try:
+            settings = importlib.import_module(f"submitd_{service}.settings").Settings
+        except ModuleNotFoundError:
+            continue  # not one of ours (a Jaeger all-in-one)
+        prefix = f"SUBMITD_{service.upper()}_"
+        fields = {f.upper() for f in settings.model_fields} | {"CONFIG_FILE"}
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        passed = {e["name"].removeprefix(prefix) for e in c.get("env", []) if e["name"].startswith(prefix)}
+        assert passed <= fields, f"{scenario}/{name}: settings no service reads: {sorted(passed - fields)}"

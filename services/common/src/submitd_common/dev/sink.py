@@ -185,9 +185,10 @@ class Sink:
 
     def __init__(
         self, port: int = 0, maildir: Path | None = None, *, dsn: bool = False, eightbitmime: bool = True,
-        smtputf8: bool = True, tls_context=None, login: tuple[str, str] | None = None,
+        smtputf8: bool = True, tls_context=None, login: tuple[str, str] | None = None, host: str = "127.0.0.1",
     ) -> None:
-        """``tls_context`` offers STARTTLS; ``login`` (user, password) requires AUTH."""
+        """``tls_context`` offers STARTTLS; ``login`` (user, password) requires AUTH; ``host``
+        another local address (a container bridge's, for the image test)."""
         self.handler = SinkHandler(maildir=maildir, dsn=dsn, eightbitmime=eightbitmime)
         self.port = port or free_port()
         auth = {}
@@ -200,7 +201,7 @@ class Sink:
 
             auth = {"authenticator": authenticator, "auth_required": True, "auth_require_tls": tls_context is not None}
         self.controller = _Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8, data_size_limit=None,
+            self.handler, hostname=host, port=self.port, enable_SMTPUTF8=smtputf8, data_size_limit=None,
             tls_context=tls_context, **auth,
         )
 

