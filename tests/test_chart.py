@@ -194,6 +194,10 @@ def test_network_policies_follow_the_next_hop_and_nats():
     external = render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4223", "ports": [4223]}})
     egress = by_kind(external, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["egress"]
     assert egress == [{"ports": [{"port": 4223, "protocol": "TCP"}]}]
+    with pytest.raises(helm.HelmError, match="queue.maxBytes"):
+        render({"nats": {"persistence": {"size": "8Gi"}}})  # the default 10 GiB queue cannot fit
+    conf = by_kind(render(), "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+    assert f"max_file_store: {20 * 1024 ** 3}" in conf, "NATS may use the whole volume, and no more"
     with pytest.raises(helm.HelmError, match="monitoringEndpoint"):
         render({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4222"}, "keda": {"enabled": True}})
 

@@ -46,6 +46,16 @@ app.kubernetes.io/component: {{ .name }}
 {{- toJson $users -}}
 {{- end -}}
 
+{{- /* A Kubernetes quantity ("20Gi", "500M", "1073741824") in bytes. */ -}}
+{{- define "submitd.bytes" -}}
+{{- $q := toString . -}}
+{{- $n := regexFind "^[0-9]+" $q | int64 -}}
+{{- $unit := regexFind "[A-Za-z]+$" $q -}}
+{{- $scale := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
+{{- if not (hasKey $scale $unit) -}}{{- fail (printf "cannot read the quantity %q" $q) -}}{{- end -}}
+{{- mul $n (index $scale $unit) -}}
+{{- end -}}
+
 {{- define "submitd.queueReplicas" -}}
 {{- if .Values.nats.enabled -}}{{ min 3 .Values.nats.replicas }}{{- else -}}{{ .Values.externalNats.replicas }}{{- end -}}
 {{- end -}}
