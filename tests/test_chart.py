@@ -164,6 +164,10 @@ def test_scenarios_do_what_they_say():
 
     certs = render(load("cert-manager"))
     assert {"mail-submitd-tls", "mail-submitd-grpc-tls"} <= set(by_kind(certs, "Certificate"))
+    for grpc_service in ("policy", "rewriter"):
+        # Under mTLS the kubelet's plaintext gRPC probe would never pass (the image test found it).
+        probe = by_kind(certs, "Deployment")[f"mail-submitd-{grpc_service}"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/readyz", "port": "http"}
     frontend = by_kind(certs, "Deployment")["mail-submitd-frontend"]["spec"]["template"]["spec"]["containers"][0]
     names = {e["name"] for e in frontend["env"]}
     assert {"SUBMITD_FRONTEND_TLS_CERT", "SUBMITD_FRONTEND_GRPC_TLS_CA"} <= names
