@@ -25,6 +25,8 @@ AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
 DELIVERY_BUCKET = "SUBMITD_DELIVERY"
 # On a queue entry: a delivery record may exist for its queue id (an admin retry's copy).
 RECORD_HEADER = "Submitd-Record"
+# The one durable pull consumer every relay replica shares.
+RELAY_DURABLE = "relay"
 # Outcome events (core NATS, outside the queue stream): submitd.events.<delivered|deferred|bounced|...>
 EVENTS_PREFIX = "submitd.events"
 

@@ -39,7 +39,7 @@ _BODY_STORE = [
     *_stream(_BODIES, "INFO", "CREATE", "PURGE", "MSG.GET"),
     *_direct_get(_BODIES),
 ]
-_DURABLE = "relay"  # the relay's pull consumer (submitd_relay.consumer.DURABLE)
+_DURABLE = q.RELAY_DURABLE
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "frontend": {

@@ -16,20 +16,19 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from submitd.v1 import queue_pb2
-from submitd_common import bodies, jetstream
+from submitd_common import jetstream
 
 from . import dsn
+from .queue import MAX_SCAN, QueuedBody, scan_queue
 from .state import DeliveryState
 
 if TYPE_CHECKING:
     from .consumer import Relay
 
 log = logging.getLogger("submitd.relay.admin")
-MAX_SCAN = 100_000  # stream entries one listing may read
 
 
 class Summary(BaseModel):
@@ -111,66 +110,6 @@ def _summary(seq: int, qmsg: queue_pb2.QueuedMessage, state: DeliveryState) -> S
     )
 
 
-async def scan_queue(js, limit: int | None = MAX_SCAN, start: int | None = None):
-    """(raw stream message, QueuedMessage) for the entries in the queue, oldest first (from
-    sequence ``start``, at most ``limit`` of them)."""
-    info = await js.stream_info(jetstream.STREAM)
-    seq, seen = max(start or 0, info.state.first_seq), 0
-    while (limit is None or seen < limit) and seq <= info.state.last_seq:
-        try:
-            raw = await js.get_msg(jetstream.STREAM, seq, subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
-        except NotFoundError:
-            return
-        seen += 1
-        yield raw, queue_pb2.QueuedMessage.FromString(raw.data or b"")
-        seq = raw.seq + 1
-
-
-async def sweep_orphaned_bodies(js, min_age: float) -> int:
-    """Delete Object Store bodies no queue entry refers to (left by a publish that failed
-    and whose clean-up failed too), once they are older than ``min_age`` seconds.
-
-    The whole queue is read, then whatever was added while it was read, until nothing new
-    came: an entry republished during the scan (an admin retry) keeps its body."""
-    from datetime import datetime
-
-    objects = await bodies.list_objects(js, jetstream.BODY_BUCKET)
-    candidates = []
-    for info in objects:
-        stamp = info.mtime or ""
-        if "." in stamp:  # nanoseconds: more digits than fromisoformat takes
-            head, _, frac = stamp.partition(".")
-            stamp = f"{head}.{frac.rstrip('Z')[:6]}+00:00"
-        try:
-            age = time.time() - datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-        if age >= min_age:
-            candidates.append(info.name)
-    if not candidates:
-        return 0
-    referenced: set[str] = set()
-    upto = 0
-    for _ in range(20):  # under steady traffic each pass reads only what came meanwhile
-        info = await js.stream_info(jetstream.STREAM)
-        if info.state.last_seq <= upto:
-            break
-        async for _, q in scan_queue(js, limit=None, start=upto + 1):
-            if q.WhichOneof("body") == "object_name":
-                referenced.add(q.object_name)
-        upto = info.state.last_seq
-    else:
-        return 0  # the queue never stood still long enough: try again next time
-    removed = 0
-    for name in candidates:
-        if name not in referenced:
-            await bodies.delete(js, jetstream.BODY_BUCKET, name)
-            removed += 1
-    if removed:
-        log.warning("removed orphaned bodies", extra={"fields": {"count": removed}})
-    return removed
-
-
 class QueueAdmin:
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
@@ -249,7 +188,6 @@ class QueueAdmin:
             statuses = [dsn.RecipientStatus(r, "failed", "550 5.0.0 Message bounced by the mail administrator")
                         for r in pending if dsn.wants(r, "FAILURE")]
             if statuses and q.envelope.return_path:
-                from .consumer import QueuedBody
 
                 report_id = await self.relay.reports.queue(q, QueuedBody(self.js, q), "failed", statuses)
                 state.reports.append(report_id)
@@ -266,7 +204,7 @@ class QueueAdmin:
 
     async def totals(self) -> Totals:
         info = await self.js.stream_info(jetstream.STREAM)
-        consumer = await self.js.consumer_info(jetstream.STREAM, "relay")
+        consumer = await self.js.consumer_info(jetstream.STREAM, jetstream.RELAY_DURABLE)
         deferred = queued = 0
         oldest = 0.0
         async for _, q in self.entries():

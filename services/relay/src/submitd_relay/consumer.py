@@ -15,40 +15,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge, Histogram
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
-from submitd_common.bodies import delete, object_info, sweep_unfinished
+from submitd_common.bodies import delete, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
-from . import dsn
-from .delivery import Body, NextHopError, NextHopPool, Outcome
+from . import dsn, metrics
+from .delivery import NextHopError, NextHopPool, Outcome
+from .queue import QueuedBody, sweep_orphaned_bodies
 from .reports import Reports, Signer
 from .settings import Settings
 from .state import DeliveryState, StateStore
 
 log = logging.getLogger("submitd.relay")
-ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
-RECIPIENTS = Counter("submitd_delivery_recipients_total", "Recipient outcomes", ["result"])
-DELIVERY_LATENCY = Histogram(
-    "submitd_delivery_seconds", "From acceptance to delivery",
-    buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 14400, 86400, 432000),
-)
-QUEUE_DEPTH = Gauge("submitd_queue_messages", "Messages in the queue stream")
-QUEUE_BYTES = Gauge("submitd_queue_bytes", "Bytes in the queue stream")
-QUEUE_OLDEST = Gauge("submitd_queue_oldest_age_seconds", "Age of the oldest queued message")
-CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a relay")
-IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
-EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on NATS", ["event"])
-ORPHANS = Counter("submitd_orphaned_bodies_removed_total", "Message bodies no queue entry referred to")
-DUPLICATES_AVOIDED = Counter(
-    "submitd_delivery_duplicates_avoided_total", "Redeliveries of a message already delivered, caught by its record")
-POSSIBLE_DUPLICATES = Counter(
-    "submitd_delivery_possible_duplicates_total",
-    "Redelivered messages with no record, delivered again: a copy may have gone before (an ack lost, a relay killed)")
 tracer = trace.get_tracer("submitd.relay")
-DURABLE = "relay"
+DURABLE = jetstream.RELAY_DURABLE
 _ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")
 
 
@@ -56,25 +38,6 @@ def domains_only(text: str) -> str:
     """Addresses in a next hop's reply cut down to their domains, for traces."""
     return _ADDRESS.sub(lambda m: f"…@{m.group(1)}", text)
 INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
-
-
-class QueuedBody(Body):
-    """A queued message's body, read from JetStream a chunk at a time for each transaction."""
-
-    def __init__(self, js: JetStreamContext, qmsg: queue_pb2.QueuedMessage) -> None:
-        self.js = js
-        self.qmsg = qmsg
-        inline = qmsg.inline_body if qmsg.WhichOneof("body") == "inline_body" else b""
-        self.size = qmsg.size or len(qmsg.prefix) + len(inline)
-        self.eight_bit = qmsg.envelope.body_type == "8BITMIME" or not (inline.isascii() and qmsg.prefix.isascii())
-
-    def chunks(self):
-        return jetstream.message_chunks(self.js, self.qmsg)
-
-    async def check(self) -> None:
-        """ObjectNotFoundError if the body in the Object Store is gone."""
-        if self.qmsg.WhichOneof("body") == "object_name":
-            await object_info(self.js, jetstream.BODY_BUCKET, self.qmsg.object_name)
 
 
 class Relay:
@@ -130,10 +93,10 @@ class Relay:
             try:
                 stream = await self.js.stream_info(jetstream.STREAM)
                 consumer = await self.js.consumer_info(jetstream.STREAM, DURABLE)
-                QUEUE_DEPTH.set(stream.state.messages)
-                QUEUE_BYTES.set(stream.state.bytes)
-                CONSUMER_LAG.set(consumer.num_pending)
-                IN_FLIGHT.set(consumer.num_ack_pending)
+                metrics.QUEUE_DEPTH.set(stream.state.messages)
+                metrics.QUEUE_BYTES.set(stream.state.bytes)
+                metrics.CONSUMER_LAG.set(consumer.num_pending)
+                metrics.IN_FLIGHT.set(consumer.num_ack_pending)
                 oldest = 0.0
                 if stream.state.messages:
                     # The first entry at or after first_seq: deleted entries leave gaps.
@@ -141,7 +104,7 @@ class Relay:
                                                   subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
                     received = queue_pb2.QueuedMessage.FromString(first.data).received_at_ms / 1000
                     oldest = max(0.0, time.time() - received)
-                QUEUE_OLDEST.set(oldest)
+                metrics.QUEUE_OLDEST.set(oldest)
             except Exception as e:  # metrics must never disturb delivery
                 log.debug("queue metrics: %r", e)
             try:
@@ -150,7 +113,6 @@ class Relay:
                 pass
 
     async def sweep(self) -> None:
-        from .admin import sweep_orphaned_bodies
 
         while not self.stopping.is_set():
             try:
@@ -159,9 +121,9 @@ class Relay:
             except asyncio.TimeoutError:
                 pass
             try:
-                ORPHANS.inc(await sweep_orphaned_bodies(self.js, self.s.orphan_min_age))
+                metrics.ORPHANS.inc(await sweep_orphaned_bodies(self.js, self.s.orphan_min_age))
                 # Chunks of bodies whose writer died before finishing them (never an object).
-                ORPHANS.inc(await sweep_unfinished(self.js, jetstream.BODY_BUCKET, self.s.orphan_min_age))
+                metrics.ORPHANS.inc(await sweep_unfinished(self.js, jetstream.BODY_BUCKET, self.s.orphan_min_age))
             except Exception as e:
                 log.warning("orphan sweep failed: %r", e)
 
@@ -226,13 +188,13 @@ class Relay:
                 else:
                     state = DeliveryState()
                 if attempt > 1 and not state.revision:
-                    POSSIBLE_DUPLICATES.inc()
+                    metrics.POSSIBLE_DUPLICATES.inc()
                 pending = [r for r in env.recipients if r.address not in state.finished]
                 if not pending:
                     # Redelivered after a crash (or a lost ack) between the next hop's 250 and our ack.
                     log.info("already delivered", extra={"fields": {"queue_id": env.queue_id, "attempt": attempt}})
                     span.set_attribute("submitd.outcome", "duplicate")
-                    DUPLICATES_AVOIDED.inc()
+                    metrics.DUPLICATES_AVOIDED.inc()
                     await msg.ack_sync()
                     await self.delete_body(qmsg)
                     return
@@ -392,13 +354,13 @@ class Relay:
                  extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
 
     def _count(self, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, result: str, span) -> None:
-        ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()
+        metrics.ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()
         for name, count in (("delivered", len(outcome.delivered)), ("deferred", len(outcome.temporary)),
                             ("failed", len(outcome.permanent))):
             if count:
-                RECIPIENTS.labels(name).inc(count)
+                metrics.RECIPIENTS.labels(name).inc(count)
         if outcome.delivered:
-            DELIVERY_LATENCY.observe(max(0.0, time.time() - qmsg.received_at_ms / 1000))
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - qmsg.received_at_ms / 1000))
         span.set_attribute("submitd.outcome", result)
         replies = {**outcome.temporary, **outcome.permanent}
         if replies:
@@ -411,7 +373,7 @@ class Relay:
     def event(self, event: str, env, fields: dict) -> None:
         """An outcome event on NATS (submitd.events.<event>), fire and forget: events inform,
         the queue and the delivery record are what count."""
-        EVENTS.labels(event).inc()
+        metrics.EVENTS.labels(event).inc()
         payload = {"event": event, "queue_id": env.queue_id, "return_path": env.return_path, "at": time.time(), **fields}
         task = asyncio.ensure_future(self.nc.publish(f"{jetstream.EVENTS_PREFIX}.{event}", json.dumps(payload).encode()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())

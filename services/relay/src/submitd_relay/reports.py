@@ -20,20 +20,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from nats.js import JetStreamContext
 from opentelemetry import propagate
-from prometheus_client import Counter
 
 from submitd.v1 import common_pb2, queue_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import jetstream
 from submitd_common.bodies import BodyWriter
 from submitd_common.ids import new_queue_id
 
-from . import dsn
+from . import dsn, metrics
 from .delivery import Body
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")
-REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
-UNSIGNED = Counter("submitd_dsn_unsigned_total", "Reports queued without the rewriter (none configured, or it refused)")
 PIECE = 256 << 10  # the frontend's streamed pieces: fewer, larger gRPC messages
 
 
@@ -143,7 +140,7 @@ class Reports:
         if self.signer is not None:
             signed = await self._store(msg_id, large, out, lambda sink: self.signer.sign(envelope, parts(), sink))
         if signed is None:
-            UNSIGNED.inc()
+            metrics.UNSIGNED.inc()
 
             async def plain(sink):
                 async for part in parts():
@@ -159,7 +156,7 @@ class Reports:
         out.size += len(prefix)
         await jetstream.publish_entry(self.js, out, msg_id=msg_id, timeout=self.s.publish_timeout,
                                       headers=dict(qmsg.trace_context))
-        REPORTS.labels(kind).inc()
+        metrics.REPORTS.labels(kind).inc()
         log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
                                                  "recipients": len(statuses), "signed": bool(prefix)}})
         return report_id

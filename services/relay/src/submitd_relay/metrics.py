@@ -1,0 +1,24 @@
+"""Prometheus metrics of the relay (no addresses in labels)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
+RECIPIENTS = Counter("submitd_delivery_recipients_total", "Recipient outcomes", ["result"])
+DELIVERY_LATENCY = Histogram(
+    "submitd_delivery_seconds", "From acceptance to delivery",
+    buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 14400, 86400, 432000),
+)
+QUEUE_DEPTH = Gauge("submitd_queue_messages", "Messages in the queue stream")
+QUEUE_BYTES = Gauge("submitd_queue_bytes", "Bytes in the queue stream")
+QUEUE_OLDEST = Gauge("submitd_queue_oldest_age_seconds", "Age of the oldest queued message")
+CONSUMER_LAG = Gauge("submitd_consumer_pending", "Messages not yet handed to a relay")
+IN_FLIGHT = Gauge("submitd_consumer_ack_pending", "Messages handed out and not yet acknowledged")
+EVENTS = Counter("submitd_delivery_events_total", "Outcome events published on NATS", ["event"])
+ORPHANS = Counter("submitd_orphaned_bodies_removed_total", "Message bodies no queue entry referred to")
+DUPLICATES_AVOIDED = Counter(
+    "submitd_delivery_duplicates_avoided_total", "Redeliveries of a message already delivered, caught by its record")
+POSSIBLE_DUPLICATES = Counter(
+    "submitd_delivery_possible_duplicates_total",
+    "Redelivered messages with no record, delivered again: a copy may have gone before (an ack lost, a relay killed)")
+REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
+UNSIGNED = Counter("submitd_dsn_unsigned_total", "Reports queued without the rewriter (none configured, or it refused)")
