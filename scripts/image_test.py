@@ -237,7 +237,10 @@ def podman_run_args(cluster: Cluster, workload: dict, name: str, aliases: list[s
     pod = workload["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     sec = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
-    args = ["--name", name, "--network", NETWORK, "--detach", *mounts]
+    # restartPolicy Always (a Deployment's and a StatefulSet's only one): a service that starts
+    # before the JetStream cluster has its leader exits and is started again, as the kubelet does.
+    restart = {"Always": "always", "OnFailure": "on-failure", "Never": "no"}[pod.get("restartPolicy", "Always")]
+    args = ["--name", name, "--network", NETWORK, "--detach", "--restart", restart, *mounts]
     for alias in aliases:
         args += ["--network-alias", alias]
     user = sec.get("runAsUser")
@@ -318,7 +321,9 @@ def ready(container: str, probe: dict, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         state = json.loads(podman("inspect", container))[0]["State"]
         if not state["Running"]:
-            raise RuntimeError(f"{container} exited ({state['ExitCode']}):\n{logs(container)}")
+            last = f"exited with {state['ExitCode']} (restarted: {state.get('RestartCount', '?')})"
+            time.sleep(0.5)
+            continue
         try:
             address = ip_of(container)
             if "httpGet" in probe:
@@ -359,6 +364,10 @@ def main() -> int:
         started: list[str] = []
         try:
             run_scenario(scenario, work, started, end_to_end=scenario == "default")
+        except BaseException:
+            for name in started:  # what each container said, for whoever reads the failure
+                print(f"--- {name}:\n{logs(name)[-3000:]}", file=sys.stderr)
+            raise
         finally:
             for name in reversed(started):
                 podman("rm", "-f", "-t", "0", name, check=False)

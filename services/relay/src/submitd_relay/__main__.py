@@ -26,7 +26,10 @@ async def amain() -> None:
     setup_logging("relay", settings.log_level)
     provider = setup_telemetry("relay")
     nc = await jetstream.connect("submitd-relay", settings.nats_options())
-    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(), update=False)
+    # Created with the cluster's replicas if the relay is first: a queue made with one replica
+    # and raised to three by the frontend is moved while mail arrives (the image test saw
+    # publishes time out during that move).
+    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(replicas=settings.replicas), update=False)
     pool = NextHopPool(settings)
     channel = grpcutil.channel(settings.rewriter_target, MutualTLS.from_settings(settings)) if settings.rewriter_target else None
     relay = Relay(nc, pool, settings, Signer(channel, settings.rewriter_timeout) if channel else None)

@@ -68,7 +68,9 @@ class Settings(ServiceSettings):
         3600.0, description="Seconds between sweeps for message bodies no queue entry refers to"
     )
     orphan_min_age: float = Field(3600.0, description="Age before an unreferenced body is removed")
-    replicas: int = Field(1, description="Replicas of the delivery-record KV bucket (3 in a cluster)")
+    replicas: int = Field(
+        1, description="Replicas of the delivery-record KV bucket, and of the queue stream if the relay creates it (3 in a cluster)"
+    )
     admin_token: str | None = Field(None, description="Bearer token of the queue admin API (or ADMIN_TOKEN_FILE)")
     admin_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret)")
     trace_addresses: bool = Field(
