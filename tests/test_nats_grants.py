@@ -42,6 +42,7 @@ def test_only_services_that_use_nats_get_a_user_and_a_way_out():
     assert not any("NATS" in e for e in env["rewriter"]), "the rewriter has no business on NATS"
     for service in ("frontend", "policy", "relay", "archiver"):
         assert f"SUBMITD_{service.upper()}_NATS_USER" in env[service]
+        assert f"SUBMITD_{service.upper()}_NATS_INBOX_PREFIX" in env[service], "replies on its own inbox"
     assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {"frontend", "policy", "relay", "archiver"}
     conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
     assert '{user: archiver, password: $ARCHIVER_PASSWORD, permissions: {publish: {allow: ["archive.>"]}' in conf

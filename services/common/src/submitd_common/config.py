@@ -18,7 +18,8 @@ class ServiceSettings(BaseSettings):
     nats_user: str | None = Field(None, description="NATS user name (user/password authentication)")
     nats_password: str | None = Field(None, description="NATS password")
     nats_inbox_prefix: str | None = Field(
-        None, description="Prefix of this service's reply subjects (default _INBOX_<NATS_USER>: the chart grants each user only its own)"
+        None, description="Prefix of this service's reply subjects (default _INBOX; the chart sets _INBOX_<service>, "
+        "the only replies its NATS grants each user)"
     )
     log_level: str = Field("INFO", description="Python logging level")
     drain_seconds: float = Field(20.0, description="How long a shutdown may wait for work in flight")
@@ -49,9 +50,6 @@ class ServiceSettings(BaseSettings):
         if self.nats_user:
             options["user"] = self.nats_user
             options["password"] = self.nats_password or ""
-        from submitd_common.natsauth import inbox_prefix
-
-        prefix = self.nats_inbox_prefix or (inbox_prefix(self.nats_user) if self.nats_user else None)
-        if prefix:
-            options["inbox_prefix"] = prefix
+        if self.nats_inbox_prefix:
+            options["inbox_prefix"] = self.nats_inbox_prefix
         return options

@@ -83,4 +83,23 @@ def start_implicit_tls(protocol: SMTP, context, timeout: float) -> asyncio.Futur
     protocol.transport = reader._transport = protocol._writer._transport = tls._app_transport
     tls.connection_made(transport)
     transport.resume_reading()  # in case the reader had paused it
+
+    def established(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None and protocol.session is not None:
+            protocol.session.ssl = tls._extra  # what aiosmtpd's STARTTLS sets (its eof handling reads it)
+
+    waiter.add_done_callback(established)
     return waiter
+
+
+def abandon_implicit_tls(protocol: SMTP) -> None:
+    """After a failed handshake: cut the connection and let go of everything that would keep
+    the session alive (aiosmtpd's idle timer, the TLS layer), since asyncio will not call the
+    session's connection_lost."""
+    if protocol._timeout_handle is not None:
+        protocol._timeout_handle.cancel()
+        protocol._timeout_handle = None
+    for transport in (protocol.transport, protocol._original_transport):
+        if transport is not None:
+            transport.abort()
+    protocol.transport = protocol._original_transport = protocol._tls_protocol = None

@@ -30,7 +30,7 @@ from submitd_common.replies import render
 from submitd_common.telemetry import inject_context
 
 from . import metrics
-from .aiosmtpd_adapter import aiosmtpd_state, start_implicit_tls, unread
+from .aiosmtpd_adapter import abandon_implicit_tls, aiosmtpd_state, start_implicit_tls, unread
 from .backends import QUEUE_DOWN, BackendUnavailable, QueueWriter, Rewriter
 from .policy_client import PolicySession, PolicyStreams
 from .settings import Settings
@@ -227,8 +227,9 @@ class SubmissionSMTP(SMTP):
         except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             log.info("TLS handshake failed", extra={"fields": {"peer": self.client_address, "error": repr(e)}})
             metrics.TLS_FAILURES.inc()
-            if self.transport is not None:
-                self.transport.abort()
+            # asyncio never calls connection_lost for a handshake that failed: nothing of this
+            # session (its idle timer, its TLS layer) may outlive it.
+            abandon_implicit_tls(self)
             return False
         finally:
             self.handshaking = False
@@ -321,8 +322,8 @@ class SubmissionSMTP(SMTP):
         """Close after what is written has gone; a client that does not read its replies
         (so that they never go) is cut CLOSE_GRACE seconds later, not held for ever."""
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # closed already (a TLS transport must not be asked again)
         transport.close()
         if transport.get_write_buffer_size():
             self.loop.call_later(CLOSE_GRACE, transport.abort)

@@ -3,9 +3,10 @@ any message the domain submits (the signing keys never leave the rewriter), then
 
 A report streams: with RET=FULL the original comes from the queue a chunk at a time, goes through
 the rewriter's ``Rewrite`` stream, and what comes back is written into the Object Store as it
-arrives. A rewriter that is unreachable fails the report (the delivery is retried, and the
-report's ``Nats-Msg-Id`` keeps it from being queued twice); a rewriter that refuses the report
-(a local rule) gets it queued unsigned, with a warning: a bounce is never lost to signing.
+arrives. A rewriter that is unreachable (UNAVAILABLE) fails the report (the delivery is retried, and
+the report's ``Nats-Msg-Id`` keeps it from being queued twice); a rewriter that refuses the
+report (a local rule) or fails on it otherwise gets it queued unsigned, with a warning: a
+bounce is never lost to signing.
 """
 
 from __future__ import annotations
@@ -68,10 +69,8 @@ class Signer:
                 await call.write(rewriter_pb2.RewriteRequest(chunk=bytes(pending)))
             await call.done_writing()
 
-        sender = asyncio.create_task(send())
-        result: common_pb2.Envelope | None = None
-        prefix = b""
-        try:
+        async def receive() -> tuple[common_pb2.Envelope | None, bytes] | None:
+            result, prefix = None, b""
             async for resp in call:
                 kind = resp.WhichOneof("part")
                 if kind == "reject":
@@ -83,15 +82,36 @@ class Signer:
                     await out(resp.chunk)
                 elif kind == "prepend":
                     prefix = resp.prepend
-            await sender
+            return result, prefix
+
+        sender = asyncio.create_task(send())
+        receiver = asyncio.create_task(receive())
+        try:
+            # Either side may fail first: reading the original from the queue (its error is
+            # raised as it is), or the call.
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()
+            got = await receiver  # a refusal may come before everything was sent
+            if got is not None:
+                await sender
         except grpc.aio.AioRpcError as e:
-            raise RewriterUnavailable(f"{e.code()} {e.details()}") from e
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise RewriterUnavailable(f"{e.code()} {e.details()}") from e
+            # Anything else (a rewriter bug on this report, a deadline on a huge one) would fail
+            # the same way again: the report goes unsigned rather than never.
+            log.warning("the rewriter failed a report (%s %s): it goes unsigned", e.code(), e.details())
+            return None
         finally:
-            if not sender.done():
-                sender.cancel()
-                with contextlib.suppress(BaseException):
-                    await sender
             call.cancel()
+            for task in (sender, receiver):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if got is None:
+            return None
+        result, prefix = got
         if result is None:
             raise RewriterUnavailable("the rewriter ended the stream without a message")
         return result, prefix
@@ -134,11 +154,14 @@ class Reports:
         digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]
         msg_id = f"{env.queue_id}.dsn-{kind}.{digest}"
         large = full and body.size > self.s.inline_body_limit
+        # Its own object for each attempt: a retry after the entry was queued (deduplicated by
+        # msg_id) must not rewrite the body the queued entry and its signatures describe.
+        object_name = f"{msg_id}.{report_id}"
         envelope = dsn.report_envelope(env, report_id, eight_bit=False)
         out = queue_pb2.QueuedMessage(received_at_ms=int(time.time() * 1000), trace_context=dict(qmsg.trace_context))
         signed = None
         if self.signer is not None:
-            signed = await self._store(msg_id, large, out, lambda sink: self.signer.sign(envelope, parts(), sink))
+            signed = await self._store(object_name, large, out, lambda sink: self.signer.sign(envelope, parts(), sink))
         if signed is None:
             metrics.UNSIGNED.inc()
 
@@ -147,7 +170,7 @@ class Reports:
                     await sink(part)
                 return envelope, b""
 
-            signed = await self._store(msg_id, large, out, plain)
+            signed = await self._store(object_name, large, out, plain)
         final_envelope, prefix, ascii_only = signed
         final_envelope.queue_id = report_id
         final_envelope.body_type = "7BIT" if ascii_only else "8BITMIME"
@@ -161,11 +184,11 @@ class Reports:
                                                  "recipients": len(statuses), "signed": bool(prefix)}})
         return report_id
 
-    async def _store(self, msg_id: str, large: bool, out: queue_pb2.QueuedMessage, produce):
+    async def _store(self, name: str, large: bool, out: queue_pb2.QueuedMessage, produce):
         """Run ``produce(sink)`` with the report's content going to the Object Store (``large``)
         or into ``out`` inline. Returns (envelope, prefix, all ASCII), or None if refused."""
         if large:
-            writer = BodyWriter(self.js, jetstream.BODY_BUCKET, msg_id, timeout=self.s.publish_timeout)
+            writer = BodyWriter(self.js, jetstream.BODY_BUCKET, name, timeout=self.s.publish_timeout)
             try:
                 result = await produce(writer.write)
                 if result is None:
@@ -175,7 +198,7 @@ class Reports:
             except BaseException:
                 await writer.abort()
                 raise
-            out.object_name, out.size = msg_id, writer.size
+            out.object_name, out.size = name, writer.size
             return (*result, writer.ascii)
         buffer = bytearray()
 

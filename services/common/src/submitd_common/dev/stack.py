@@ -111,7 +111,8 @@ class NatsServer:
         """A service's NATS user and password (none for a service without NATS access)."""
         if service not in natsauth.PERMISSIONS:
             return {}
-        return {"NATS_USER": service, "NATS_PASSWORD": self.passwords[service]}
+        return {"NATS_USER": service, "NATS_PASSWORD": self.passwords[service],
+                "NATS_INBOX_PREFIX": natsauth.inbox_prefix(service)}
 
     def start(self) -> "NatsServer":
         with open(self.root / "nats-server.log", "ab") as log:
