@@ -307,6 +307,8 @@ class SubmissionSMTP(SMTP):
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
                 raise
             except Exception as error:
+                if self.transport is None or self.transport.is_closing():
+                    return  # cut meanwhile (a STARTTLS handshake the drain aborted): no one to tell
                 await self.push(await self.handle_exception(error))
 
     def _timeout_cb(self) -> None:
