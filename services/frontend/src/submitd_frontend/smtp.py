@@ -309,7 +309,10 @@ class SubmissionSMTP(SMTP):
             except Exception as error:
                 if self.transport is None or self.transport.is_closing():
                     return  # cut meanwhile (a STARTTLS handshake the drain aborted): no one to tell
-                await self.push(await self.handle_exception(error))
+                try:
+                    await self.push(await self.handle_exception(error))
+                except (ConnectionError, RuntimeError):  # uvloop: "the handler is closed"
+                    return
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
