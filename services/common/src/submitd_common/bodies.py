@@ -116,10 +116,15 @@ class BodyWriter:
     async def abort(self) -> None:
         """Forget the object: nothing refers to its chunks, so they go now (or, if NATS is
         away, to the sweep of chunks without metadata)."""
-        for future in self.pending:
-            future.cancel()
-        self.pending.clear()
+        pending, self.pending = list(self.pending), deque()
         self.buffer = bytearray()
+        if pending:
+            # A chunk already sent may be stored after a purge sent behind it (the stream and
+            # the JetStream API are served apart): wait for those acknowledgements first, or
+            # the purge can miss them and leave them to the sweep.
+            await asyncio.wait(pending, timeout=2.0)
+            for future in pending:
+                future.cancel()
         if self.chunks and not self.closed:
             try:
                 await asyncio.wait_for(self.js.purge_stream(stream_name(self.bucket), subject=self.subject), 2.0)
