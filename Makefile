@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
-SERVICES := common frontend policy rewriter relay
+SERVICES := common frontend policy rewriter relay ctl
 
 .PHONY: all install proto run test bench fuzz constraints clean images image-test
 all: install
@@ -17,7 +17,7 @@ $(VENV)/.installed: constraints.txt pyproject.toml $(foreach s,$(SERVICES),servi
 	$(PIP) install -q -c constraints.txt grpcio-tools
 	$(MAKE) proto
 	$(PIP) install -q -c constraints.txt -e './services/common[dev]' \
-	  $(foreach s,frontend policy rewriter relay,-e ./services/$(s)) -e '.[test]'
+	  $(foreach s,frontend policy rewriter relay ctl,-e ./services/$(s)) -e '.[test]'
 	touch $@
 
 # sslyze (the TLS scanner the tests run against the frontend) pins an older cryptography than

@@ -28,7 +28,8 @@ async def amain() -> None:
     configure_hashing(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     provider = setup_telemetry("policy")
     users = WatchedFile(
-        settings.users_file, lambda path: UserDB.load(path, settings.dovecot_passwd_file), settings.reload_interval
+        settings.users_file, lambda path: UserDB.load(path, settings.dovecot_passwd_file), settings.reload_interval,
+        name="users",
     )
     stop_watch = users.start()
 

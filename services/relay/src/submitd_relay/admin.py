@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from .consumer import Relay
 
 log = logging.getLogger("submitd.relay.admin")
+# The token may come in this header instead of Authorization: through the Kubernetes API
+# server's proxy (submitctl), Authorization carries the operator's own credentials and the API
+# server removes it before forwarding.
+TOKEN_HEADER = "X-Submitd-Admin-Token"
 
 
 class Summary(BaseModel):
@@ -230,11 +234,15 @@ def router(relay: "Relay") -> APIRouter:
             return Path(settings.admin_token_file).read_text().strip() or None
         return settings.admin_token
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def authorize(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        token_header: str | None = Header(None, alias=TOKEN_HEADER),
+    ) -> None:
         expected = expected_token()
         if not expected:
             raise HTTPException(403, "the queue admin API is off: set ADMIN_TOKEN or ADMIN_TOKEN_FILE")
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        given = credentials.credentials if credentials is not None else token_header
+        if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
     admin = QueueAdmin(relay)

@@ -38,15 +38,16 @@ async def amain() -> None:
     users = keys = None
     if settings.users_file:
         users = WatchedFile(
-            settings.users_file, lambda p: UserDB.load(p, settings.dovecot_passwd_file), settings.reload_interval
+            settings.users_file, lambda p: UserDB.load(p, settings.dovecot_passwd_file), settings.reload_interval,
+            name="users",
         )
         stops.append(users.start())
     if settings.dkim_keys_file:
-        keys = WatchedFile(settings.dkim_keys_file, dkim.load_keys, settings.reload_interval)
+        keys = WatchedFile(settings.dkim_keys_file, dkim.load_keys, settings.reload_interval, name="dkim_keys")
         stops.append(keys.start())
     rules = None
     if settings.rewrite_rules_file:
-        rules = WatchedFile(settings.rewrite_rules_file, load_rules, settings.reload_interval)
+        rules = WatchedFile(settings.rewrite_rules_file, load_rules, settings.reload_interval, name="rewrite_rules")
         stops.append(rules.start())
     health = Health([SERVICE_NAME])
     for name, path in (

@@ -5,7 +5,7 @@ Keys come from a YAML file (a mounted Secret) and are reloaded on change:
 
     keys:
       - {domain: example.net, selector: s2026r, key_file: /etc/submitd/dkim/s2026r.pem}
-      - {domain: example.net, selector: s2026e, key_file: /etc/submitd/dkim/s2026e.pem}
+      - {domain: example.net, selector: s2026e, key_file: s2026e.pem}   # beside this file
 
 Every key of the From domain signs (RSA and Ed25519 side by side; a new selector for rotation).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ def load_keys(path: str) -> dict[str, list[Key]]:
     """domain -> keys, from the YAML keys file."""
     out: dict[str, list[Key]] = {}
     for entry in load_yaml(path).get("keys") or []:
-        with open(entry["key_file"], "rb") as f:
+        # A relative key_file is beside the keys file (one Secret holds both: submitctl).
+        with open(os.path.join(os.path.dirname(path), entry["key_file"]), "rb") as f:
             private = serialization.load_pem_private_key(f.read(), password=None)
         if not isinstance(private, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
             raise ValueError(f"{entry['key_file']}: only RSA and Ed25519 keys sign DKIM")

@@ -149,6 +149,7 @@ class Stack:
         hostname: str = "submitd.localhost",
         grpc_tls: bool = False,
         reload_interval: float = 2.0,
+        keep_users: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -167,6 +168,7 @@ class Stack:
         self.nats = NatsServer(self.root / "nats", self.ports.nats)
         self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
         self.users_file = self.root / "users.yaml"
+        self.keep_users = keep_users
         self.write_users()
         self.dkim_keys_file: Path | None = None
 
@@ -178,18 +180,25 @@ class Stack:
 
         keydir = self.root / "dkim"
         keydir.mkdir(exist_ok=True)
-        entries, records = [], []
-        for algorithm in ("rsa", "ed25519"):
-            selector = f"submitd-{algorithm}"
-            path = keydir / f"{domain}.{selector}.pem"
-            if not path.exists():
-                path.write_bytes(dkim.private_pem(dkim.generate_key(algorithm)))
-                path.chmod(0o600)
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            entries.append({"domain": domain, "selector": selector, "key_file": str(path)})
-            records.append(dkim.txt_record(key, domain, selector))
         self.dkim_keys_file = keydir / "keys.yaml"
-        self.dkim_keys_file.write_text(yaml.safe_dump({"keys": entries}))
+        # Keys kept across runs, and whatever submitctl changed (a rotation, a retired selector):
+        # the two demo keys are made only for a domain that has none.
+        existing = self.dkim_keys_file.exists() and yaml.safe_load(self.dkim_keys_file.read_text()) or {}
+        entries = list(existing.get("keys") or [])
+        if not any(str(e["domain"]).lower() == domain for e in entries):
+            for algorithm in ("rsa", "ed25519"):
+                selector = f"submitd-{algorithm}"
+                path = keydir / f"{domain}.{selector}.pem"
+                if not path.exists():
+                    path.write_bytes(dkim.private_pem(dkim.generate_key(algorithm)))
+                    path.chmod(0o600)
+                entries.append({"domain": domain, "selector": selector, "key_file": path.name})
+            self.dkim_keys_file.write_text(yaml.safe_dump({"keys": entries}))
+        records = []
+        for e in entries:
+            if str(e["domain"]).lower() == domain:
+                key = serialization.load_pem_private_key((keydir / e["key_file"]).read_bytes(), password=None)
+                records.append(dkim.txt_record(key, domain, str(e["selector"])))
         return records
 
     # -- configuration ------------------------------------------------------------
@@ -204,6 +213,11 @@ class Stack:
             },
             "aliases": self.aliases,
         }
+        if self.keep_users and self.users_file.exists():
+            # make run: users added with submitctl stay; the demo user is written afresh.
+            before = yaml.safe_load(self.users_file.read_text()) or {}
+            data["users"] = {**(before.get("users") or {}), **data["users"]}
+            data["aliases"] = {**(before.get("aliases") or {}), **data["aliases"]}
         tmp = self.users_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(data))
         tmp.replace(self.users_file)
@@ -269,7 +283,20 @@ class Stack:
 
     # -- processes --------------------------------------------------------------------
 
+    def write_descriptor(self) -> Path:
+        """``run.json``: where this stack's files and ports are, for ``submitctl --local``."""
+        relay = self.extra_env.get("relay", {})
+        path = self.root / "run.json"
+        path.write_text(json.dumps({
+            "ports": vars(self.ports),
+            "users_file": str(self.users_file),
+            "dkim_dir": str(self.dkim_keys_file.parent if self.dkim_keys_file else self.root / "dkim"),
+            "admin_token_file": relay.get("ADMIN_TOKEN_FILE"),
+        }, indent=2))
+        return path
+
     def start(self, services: tuple[str, ...] = SERVICES) -> "Stack":
+        self.write_descriptor()
         if self.nats.proc is None:
             self.nats.start()
         for name in services:

@@ -1,0 +1,1 @@
+"""submitctl: the operator's command line for submitd."""
