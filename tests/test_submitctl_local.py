@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives import serialization
 
 from submitd_common.dev.dns import DnsServer
 from submitd_common.dev.stack import User
-from submitd_common.testing.plugin import ALICE
 from submitd_common.testing.smtp import insecure_context
 from submitd_common.testing.waiting import eventually
 from submitd_rewriter import dkim as ours

@@ -84,7 +84,7 @@ nats://{{ $n }}-nats:4222
 tls: {path: /etc/submitd/tls, volume: {secret: {secretName: {{ include "submitd.tlsSecret" .root }}, optional: {{ not $tls }}}}{{ if $tls }}, env: {TLS_CERT: /etc/submitd/tls/tls.crt, TLS_KEY: /etc/submitd/tls/tls.key}{{ end }}}
 grpcTls: {path: /etc/submitd/grpc-tls, volume: {secret: {secretName: {{ include "submitd.grpcTlsSecret" .root }}, optional: {{ not .root.Values.grpcTls.enabled }}}}{{ if .root.Values.grpcTls.enabled }}, env: {GRPC_TLS_CERT: /etc/submitd/grpc-tls/tls.crt, GRPC_TLS_KEY: /etc/submitd/grpc-tls/tls.key, GRPC_TLS_CA: /etc/submitd/grpc-tls/ca.crt}{{ end }}}
 users: {path: /etc/submitd/users, volume: {secret: {secretName: {{ .root.Values.users.existingSecret | default (printf "%s-users" $n) }}}}}
-dkim: {path: /etc/submitd/dkim, volume: {secret: {secretName: {{ .root.Values.dkim.existingSecret | default (printf "%s-dkim" $n) }}, optional: true}}{{ if .root.Values.dkim.existingSecret }}, env: {DKIM_KEYS_FILE: /etc/submitd/dkim/keys.yaml}{{ end }}}
+dkim: {path: /etc/submitd/dkim, volume: {secret: {secretName: {{ .root.Values.dkim.existingSecret | default (printf "%s-dkim" $n) }}}}, env: {DKIM_KEYS_FILE: /etc/submitd/dkim/keys.yaml}}
 rewriteRules: {path: /etc/submitd/rewrite, volume: {configMap: {name: {{ $n }}-rewrite-rules}}}
 adminToken: {path: /etc/submitd/admin, volume: {secret: {secretName: {{ .root.Values.admin.existingSecret | default (printf "%s-admin" $n) }}}}}
 config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}, env: {CONFIG_FILE: /etc/submitd/config/{{ .name }}.yaml}}

@@ -100,9 +100,9 @@ class KubeSite:
         if query:
             path += "?" + urllib.parse.urlencode(query)
         headers = dict(headers or {})
-        if body is not None and not isinstance(body, bytes):
-            headers.setdefault("Content-Type", "application/json")
-            body = json.dumps(body)
+        if body is not None:
+            # (a dict is serialized by the client; raw bytes go as they are)
+            headers.setdefault("Content-Type", "application/json" if isinstance(body, dict) else "application/octet-stream")
         params = self.api.param_serialize(method, path, header_params=headers, body=body,
                                           auth_settings=["BearerToken"])
         try:
