@@ -142,3 +142,61 @@ def test_metrics_move_by_the_workload(stack):
     assert delta(r0, r1, "submitd_delivery_attempts_total", f'next_hop="{next_hop}",result="delivered"') == 3
     assert "submitd_queue_oldest_age_seconds" in r1 and "submitd_consumer_pending" in r1
     assert not re.search(r"alice|bob@", f1 + r1), "no addresses in metric labels"
+
+
+def exported(texts: list[str]) -> dict[str, dict[str, set[str]]]:
+    """Every series name the services export (a counter's _total, a histogram's _bucket ...),
+    with the label values seen in its samples."""
+    out: dict[str, dict[str, set[str]]] = {}
+    suffixes = {"histogram": ["_bucket", "_count", "_sum"], "summary": ["", "_count", "_sum"]}
+    for text in texts:
+        for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+            # (a counter's TYPE line carries its _total name in this exposition format)
+            for suffix in suffixes.get(kind, [""]):
+                out.setdefault(name + suffix, {})
+        for name, labels in re.findall(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ", text, re.M):
+            series = out.setdefault(name, {})
+            for label, v in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels or ""):
+                series.setdefault(label, set()).add(v)
+    return out
+
+
+def test_every_dashboard_query_names_metrics_and_labels_the_services_export(stack):
+    """The chart's Grafana dashboard, against what four real services export after some work."""
+    import yaml
+    from test_chart import by_kind, render
+
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], MSG)
+        assert reply_of(client, "MAIL FROM:<bob@example.net>")[0] == 550
+    stack.sink.handler.wait_for(1, 20)
+    time.sleep(0.5)
+    p = stack.ports
+    series = exported([scrape(port) for port in (p.frontend_http, p.policy_http, p.rewriter_http, p.relay_http)])
+
+    [cm] = [c for c in by_kind(render({"monitoring": {"enabled": True}}), "ConfigMap").values()
+            if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    dashboard = json.loads(cm["data"]["submitd.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 15
+    added_by_prometheus = {"namespace", "pod", "job", "instance", "le"}
+    for expr in exprs:
+        names = re.findall(r"\b(submitd_\w+)", expr)
+        assert names, expr
+        for name in names:
+            assert name in series, f"{name} is not exported by any service ({expr})"
+        for name, matchers in re.findall(r"(submitd_\w+)\{([^}]*)\}", expr):
+            for label, op, want in re.findall(r'(\w+)\s*(=~|!=|=)\s*"([^"]*)"', matchers):
+                if label in added_by_prometheus:
+                    continue
+                assert label in series[name], f"{name} has no label {label}"
+                assert any(re.fullmatch(want, v) for v in series[name][label]), f"{name}{{{label}{op}{want!r}}} matches nothing"
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (x.strip() for x in group.split(",")):
+                if label in added_by_prometheus:
+                    continue
+                owners = [n for n in names if series[n]]  # series with samples show their labels
+                assert all(label in series[n] for n in owners), f"{expr}: no {label} label"
+    # The ConfigMap is where Grafana's sidecar looks, and off with monitoring.
+    assert yaml.safe_load(cm["data"]["submitd.json"])["uid"] == "submitd-overview"
+    assert not [c for c in by_kind(render({}), "ConfigMap").values() if "dashboard" in c["metadata"]["name"]]
