@@ -90,3 +90,17 @@ def test_the_rewrite_rules_example_loads_and_rewrites(tmp_path):
     assert rules.rewrite("anne@example.net") is None
     assert rules.headers and not rules.recipients
     assert yaml.safe_load(path.read_text())["headers"] is True
+
+
+def test_the_submitctl_local_example_runs_against_the_stack(make_stack, tmp_path):
+    stack = make_stack(start=False, users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
+                       env={"relay": {"ADMIN_TOKEN_FILE": str(tmp_path / "admin-token")}})
+    (tmp_path / "admin-token").write_text("readme-token\n")
+    stack.make_dkim_keys("example.test")
+    stack.start()
+    commands = block("submitctl --local var user add").replace("--local var", f"--local {stack.root}")
+    out = subprocess.run(["bash", "-ec", commands], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-1500:]
+    assert "user you@example.test added (in use by 2 processes)" in out.stdout
+    assert "._domainkey.example.test. IN TXT" in out.stdout and "queue: 0 messages" in out.stdout
+    assert verify_password(UserDB.load(str(stack.users_file)).users["you@example.test"].password_hash, "a long passphrase")
