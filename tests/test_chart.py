@@ -224,3 +224,22 @@ def test_every_setting_the_chart_passes_is_one_the_service_reads(scenario):
         (c,) = d["spec"]["template"]["spec"]["containers"]
         passed = {e["name"].removeprefix(prefix) for e in c.get("env", []) if e["name"].startswith(prefix)}
         assert passed <= fields, f"{scenario}/{name}: settings no service reads: {sorted(passed - fields)}"
+
+
+def test_the_submission_helm_test_appears_with_a_user_and_may_ask_the_relay():
+    assert "mail-submitd-test-submission" not in by_kind(render({}), "Pod")
+    docs = render({"tests": {"submission": {"user": "you@example.com", "passwordSecret": "check-pw"}}})
+    pod = by_kind(docs, "Pod")["mail-submitd-test-submission"]
+    for version in KUBERNETES:
+        kubernetes_validate.validate(pod, version, strict=True)
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:3] == ["/venv/bin/python3", "-m", "submitd_common.smtpcheck"]
+    assert "--server=mail-submitd-frontend:587" in command and "--tls-name=mail.example.com" in command
+    assert "--insecure" not in command
+    assert {v["secret"]["secretName"] for v in pod["spec"]["volumes"]} == {"check-pw", "mail-submitd-admin"}
+    ingress = by_kind(docs, "NetworkPolicy")["mail-submitd-dns-and-metrics"]["spec"]["ingress"]
+    assert {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "mail",
+                                                      "app.kubernetes.io/component": "helm-test"}}}],
+            "ports": [{"port": 8080, "protocol": "TCP"}]} in ingress
+    with pytest.raises(helm.HelmError, match="passwordSecret"):
+        render({"tests": {"submission": {"user": "you@example.com"}}})

@@ -242,7 +242,7 @@ def test_status_and_check_on_the_local_stack(site):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "STARTTLS, AUTH as demo@example.test, submitted; queued as" in out.stdout
     [got] = site.sink.handler.wait_for(1, 30)
-    assert b"Subject: submitctl check" in got.data
+    assert b"Subject: submitd check" in got.data
     # The relay down: status says so and exits 1.
     site.stop_service("relay")
     out = submitctl(site, "status", "-o", "json")
@@ -255,3 +255,29 @@ def test_nothing_to_talk_to_is_exit_code_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(tmp_path), "user", "ls"],
                          capture_output=True, text=True, timeout=30, env={**os.environ})
     assert out.returncode == 2 and "run.json not found" in out.stderr
+
+
+def test_the_helm_test_pods_check_submits_verifies_the_certificate_by_name_and_asks_the_relay(site, tmp_path):
+    """submitd_common.smtpcheck, as the chart's submission test pod runs it inside a cluster:
+    dialling an address (a Service's) while checking the certificate against the public name."""
+    password = tmp_path / "password"
+    password.write_text("demo passphrase\n")
+
+    def check(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "submitd_common.smtpcheck", f"--server=127.0.0.1:{site.ports.submission}",
+             f"--user={DEMO}", f"--password-file={password}", "--to=bob@example.net",
+             f"--admin-url=http://127.0.0.1:{site.ports.relay_http}", f"--admin-token-file={site.root / 'admin-token'}",
+             *extra], capture_output=True, text=True, timeout=60)
+
+    out = check("--tls-name=localhost", f"--cafile={site.cert}")
+    assert out.returncode == 0, out.stderr
+    assert "STARTTLS, AUTH as demo@example.test, submitted; queued as" in out.stdout
+    assert "the relay" in out.stdout
+    [got] = site.sink.handler.wait_for(1, 30)
+    assert b"Subject: submitd check" in got.data
+    out = check("--tls-name=mail.example.org", f"--cafile={site.cert}")
+    assert out.returncode == 1 and "certificate" in out.stderr.lower(), out.stderr
+    password.write_text("wrong\n")
+    out = check("--insecure")
+    assert out.returncode == 1 and "check failed: 535" in out.stderr, out.stderr

@@ -296,14 +296,20 @@ def cmd_status(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check import submit
+    from submitd_common import smtpcheck
 
     site = site_of(args)
     server = args.server or default_server(args, site)
     password = read_password(args, args.user) if args.user else None
     started = time.monotonic()
-    queue_id, transcript = submit(server, args.user, password, args.sender or args.user, args.to,
-                                  implicit_tls=args.implicit_tls, verify=not args.insecure)
+    try:
+        queue_id, transcript = smtpcheck.submit(server, args.user, password, args.sender or args.user, args.to,
+                                                implicit_tls=args.implicit_tls, verify=not args.insecure,
+                                                tls_name=args.tls_name)
+    except smtpcheck.Refused as e:
+        raise ChangeError(str(e)) from e
+    except smtpcheck.Unreachable as e:
+        raise SiteError(str(e)) from e
     took = time.monotonic() - started
     print(f"{server}: {transcript}; queued as {queue_id} in {took * 1000:.0f} ms")
     try:
@@ -410,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True)
     p.add_argument("--implicit-tls", action="store_true", help="port 465 style")
     p.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    p.add_argument("--tls-name", help="the name the certificate must carry (default: the server's host)")
     return parser
 
 
