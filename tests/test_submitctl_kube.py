@@ -66,7 +66,7 @@ def can_login(stack, user, password) -> bool:
             return False
 
 
-def test_user_add_writes_the_secret_over_its_resource_version_and_waits_for_the_pods(cluster, tmp_path):
+def test_api_test_double_user_add_writes_the_secret_over_its_resource_version_and_waits_for_the_pods(cluster, tmp_path):
     double, stack = cluster
     before = double.objects[("Secret", "mail-submitd-users")]["metadata"]["resourceVersion"]
     out = submitctl(double, tmp_path, "user", "add", "carol@example.test", "--password-stdin",
@@ -87,7 +87,7 @@ def test_user_add_writes_the_secret_over_its_resource_version_and_waits_for_the_
     assert "/api/v1/namespaces/mail/pods/mail-submitd-policy-5d9c7b6f4-x2x7q:8080/proxy/metrics" in proxied
 
 
-def test_a_concurrent_change_is_merged_never_overwritten(cluster, tmp_path):
+def test_api_test_double_a_concurrent_change_is_merged_never_overwritten(cluster, tmp_path):
     double, stack = cluster
     hashed = yaml.safe_load(double.secret_files("mail-submitd-users")["users.yaml"])["users"][DEMO]["password"]
     done = []
@@ -115,7 +115,7 @@ def test_a_concurrent_change_is_merged_never_overwritten(cluster, tmp_path):
     assert "suspended" not in yaml.safe_load(double.secret_files("mail-submitd-users")["users.yaml"])["users"]["eve@example.test"]
 
 
-def test_dkim_rotate_fills_the_charts_empty_dkim_secret_and_the_rewriter_signs(cluster, tmp_path):
+def test_api_test_double_dkim_rotate_fills_the_charts_empty_dkim_secret_and_the_rewriter_signs(cluster, tmp_path):
     double, stack = cluster
     out = submitctl(double, tmp_path, "dkim", "rotate", "example.test", "--selector", "k8s1")
     assert out.returncode == 0, out.stderr
@@ -130,7 +130,7 @@ def test_dkim_rotate_fills_the_charts_empty_dkim_secret_and_the_rewriter_signs(c
     assert b"s=k8s1;" in got.data.replace(b" ", b"")
 
 
-def test_queue_and_status_through_the_pod_proxy_with_the_admin_token_from_its_secret(cluster, tmp_path):
+def test_api_test_double_queue_and_status_through_the_pod_proxy_with_the_admin_token_from_its_secret(cluster, tmp_path):
     double, stack = cluster
     out = submitctl(double, tmp_path, "queue", "totals", "-o", "json")
     assert out.returncode == 0, out.stderr
