@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl
 
-.PHONY: all install proto run test bench fuzz constraints clean images image-test
+.PHONY: all install proto run test bench fuzz constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -53,6 +53,11 @@ fuzz: install
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Scale-out and quorum with processes on loopback (scripts/scale_test.py): a 3-node JetStream
+# under load with nodes killed, frontends behind HAProxy, scaling; prints what clients saw.
+scale-test: install
+	$(PY) scripts/scale_test.py $(SCALE_ARGS)
 
 # One image per service (see Dockerfile): IMAGE_PREFIX=registry/path/ TAG=1.2.3 make images
 IMAGE_PREFIX ?=

@@ -66,26 +66,37 @@ class Ports:
 class NatsServer:
     """A real nats-server with JetStream, fsync on every write, its store under ``root``."""
 
-    def __init__(self, root: Path, port: int = 0) -> None:
+    def __init__(self, root: Path, port: int = 0, *, name: str = "submitd-local",
+                 cluster: tuple[int, list[int]] | None = None, passwords: Path | None = None) -> None:
+        """``cluster``: this node's route port and every node's, for a JetStream cluster on
+        loopback (NatsCluster); a single node fsyncs every write, a cluster has replicas instead."""
         self.root = root
         self.port = port or free_port()
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self.conf = self.root / "nats.conf"
         # One user per service with the grants the chart gives it (submitd_common.natsauth), and
         # an ``admin`` with every permission for the operator and the tests (``url``). The
         # passwords stay the same across restarts of the same directory.
-        secrets = self.root / "passwords.json"
+        secrets = passwords or self.root / "passwords.json"
         if not secrets.exists():
             names = [*natsauth.PERMISSIONS, "admin"]
             secrets.write_text(json.dumps({n: secrets_module.token_urlsafe(18) for n in names}))
             secrets.chmod(0o600)
         self.passwords: dict[str, str] = json.loads(secrets.read_text())
+        if cluster:
+            route_port, all_ports = cluster
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in all_ports if p != route_port)
+            clustering = f"cluster {{\n  name: submitd\n  listen: 127.0.0.1:{route_port}\n  routes: [{routes}]\n}}\n"
+            sync = ""
+        else:
+            clustering, sync = "", "  sync_interval: always\n"
         self.conf.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
-            f"server_name: submitd-local\n"
-            f"jetstream {{\n  store_dir: {json.dumps(str(self.root / 'jetstream'))}\n"
-            f"  sync_interval: always\n}}\n"
+            f"server_name: {name}\n"
+            f"jetstream {{\n  store_dir: {json.dumps(str(self.root / 'jetstream'))}\n{sync}}}\n"
+            + clustering
             + natsauth.authorization_block(
                 {n: p for n, p in self.passwords.items() if n != "admin"}, self.passwords["admin"]
             )
@@ -136,6 +147,53 @@ class NatsServer:
         self.proc = None
 
 
+class NatsCluster:
+    """Three (or more) nats-server processes clustered on loopback, as the chart's StatefulSet:
+    JetStream on each, the same users. Nodes are stopped, killed and started one by one."""
+
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        routes = [free_port() for _ in range(nodes)]
+        passwords = root / "passwords.json"
+        self.nodes = [NatsServer(root / f"n{i}", name=f"n{i}", cluster=(routes[i], routes), passwords=passwords)
+                      for i in range(nodes)]
+        self.root = root
+        self.passwords = self.nodes[0].passwords
+        self.port = self.nodes[0].port
+
+    @property
+    def proc(self):
+        return self.nodes[0].proc
+
+    @property
+    def url(self) -> str:
+        """The first node's (as NatsServer.url); ``urls()`` for a client that must survive it."""
+        return self.urls()[0]
+
+    def urls(self) -> list[str]:
+        """The admin's URL of each node, for a client that should reach whichever is up."""
+        return [f"nats://admin:{self.passwords['admin']}@127.0.0.1:{n.port}" for n in self.nodes]
+
+    @property
+    def service_url(self) -> str:
+        return ",".join(n.service_url for n in self.nodes)
+
+    def violations(self) -> list[str]:
+        return [line for n in self.nodes for line in n.violations()]
+
+    def credentials(self, service: str) -> dict[str, str]:
+        return self.nodes[0].credentials(service)
+
+    def start(self) -> "NatsCluster":
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for node in self.nodes:
+            node.stop(sig)
+
+
 class Stack:
     def __init__(
         self,
@@ -150,6 +208,7 @@ class Stack:
         grpc_tls: bool = False,
         reload_interval: float = 2.0,
         keep_users: bool = False,
+        nats_nodes: int = 1,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -165,7 +224,8 @@ class Stack:
         self.reload_interval = reload_interval  # users, keys and rules files (tests: shorter)
         self.procs: dict[str, subprocess.Popen] = {}
         self.sink = None  # the next hop, when the caller runs one (tests)
-        self.nats = NatsServer(self.root / "nats", self.ports.nats)
+        self.nats = (NatsServer(self.root / "nats", self.ports.nats) if nats_nodes == 1
+                     else NatsCluster(self.root / "nats", nats_nodes))
         self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
         self.users_file = self.root / "users.yaml"
         self.keep_users = keep_users
