@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -53,6 +54,7 @@ class Load:
     """Clients submitting without pause (a session each, reconnecting after any failure)."""
     port: int
     clients: int
+    per_session: int = 10  # messages per session, then QUIT and a new connection (as mail clients do)
     pause: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -78,6 +80,7 @@ class Load:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         client = None
+        sent = 0
         while not self.stop.is_set():
             token = uuid.uuid4().hex
             try:
@@ -85,15 +88,24 @@ class Load:
                     client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
                     client.starttls(context=context)
                     client.login(USER, PASSWORD)
+                    sent = 0
                 msg = f"From: {USER}\r\nTo: sink@example.net\r\nSubject: scale {token}\r\n\r\nload\r\n".encode()
-                client.mail(USER)
-                code, _ = client.rcpt("sink@example.net")
+                code, _ = client.mail(USER)
+                if code == 250:
+                    code, _ = client.rcpt("sink@example.net")
                 if code == 250:
                     code, _ = client.data(msg)
                 self._record(token, code)
+                sent += 1
                 if code != 250:
-                    client.rset()
+                    client = _close(client)
                     time.sleep(0.1)
+                elif sent >= self.per_session:
+                    try:
+                        client.quit()
+                    except (OSError, smtplib.SMTPException):
+                        pass
+                    client = _close(client)
             except smtplib.SMTPResponseException as e:
                 self._record(token, e.smtp_code)
                 client = _close(client)
@@ -509,7 +521,7 @@ def scaling(work: Path, clients: int) -> int:
     chart = chart_defaults()
     grace, drain = chart["terminationGracePeriodSeconds"], chart["drainSeconds"]
     sink = Sink().start()
-    quiet = {"LOG_LEVEL": "WARNING", "DRAIN_SECONDS": str(drain)}
+    quiet = {"LOG_LEVEL": os.environ.get("SCALE_LOG_LEVEL", "WARNING"), "DRAIN_SECONDS": str(drain)}
     stack = Stack(work / "scaling", next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
                   env={"policy": quiet, "rewriter": quiet})
     frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200", **quiet})
@@ -525,7 +537,7 @@ def scaling(work: Path, clients: int) -> int:
         relays.start("r1")
         lb = HAProxy(work, frontends.ports, per_client=1000)
         lb.wait_up({"f1"})
-        load = Load(lb.port, clients).start()
+        load = Load(lb.port, clients, per_session=1).start()
         t0 = time.monotonic()
         print(f"\nscaling under load: {clients} clients through HAProxy; terminationGracePeriodSeconds {grace}, "
               f"drainSeconds {drain} (the chart's)")
@@ -624,7 +636,8 @@ def main() -> int:
                         help="clients of the quorum run")
     parser.add_argument("--scale-clients", type=int, default=20, help="clients of the scaling run")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="submitd-scale-") as tmp:
+    keep = os.environ.get("SCALE_KEEP")  # a directory to keep the logs in
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="submitd-scale-")) as tmp:
         failed = 0
         if args.only in (None, "quorum"):
             failed |= quorum(Path(tmp), args.clients)

@@ -90,3 +90,19 @@ def test_sigterm_during_50_live_sessions_loses_no_message(make_stack):
     assert stack.procs["frontend"].wait(30) == 0, "the frontend exits cleanly after draining"
     got = stack.sink.handler.wait_for(25, 30)
     assert sorted(int(m.data.split(b"Subject: drain ")[1].split(b"\r\n")[0]) for m in got) == list(range(25))
+
+
+def test_a_tls_client_that_ignores_the_421_does_not_hold_the_drain(make_stack):
+    # Found by the scale test: a TLS session told 421 that neither closed nor sent its
+    # close_notify kept a draining frontend alive for 30 s (asyncio's TLS shutdown timeout), up
+    # to the whole DRAIN_SECONDS: every scale-down of a frontend took that long.
+    from submitd_frontend.smtp import CLOSE_GRACE
+
+    stack: Stack = make_stack(env={"frontend": {"DRAIN_SECONDS": "40"}})
+    client = connect(stack)  # STARTTLS done, EHLO again, then nothing
+    started = time.monotonic()
+    stack.procs["frontend"].send_signal(signal.SIGTERM)
+    assert client.getreply() == (421, b"4.3.2 Service shutting down, try again later")
+    assert stack.procs["frontend"].wait(30) == 0
+    assert time.monotonic() - started < CLOSE_GRACE + 3
+    client.close()

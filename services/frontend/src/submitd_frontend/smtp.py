@@ -325,12 +325,14 @@ class SubmissionSMTP(SMTP):
 
     def close_transport(self) -> None:
         """Close after what is written has gone; a client that does not read its replies
-        (so that they never go) is cut CLOSE_GRACE seconds later, not held for ever."""
+        (so that they never go), or a TLS client that never sends its close_notify (asyncio
+        waits 30 s for it: a drain with such a session took 30 s instead of a moment), is cut
+        CLOSE_GRACE seconds later."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # closed already (a TLS transport must not be asked again)
         transport.close()
-        if transport.get_write_buffer_size():
+        if transport.get_write_buffer_size() or self.tls_active:
             self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
