@@ -562,20 +562,27 @@ def scaling(work: Path, clients: int) -> int:
                     took = lb.wait_up(set(pool.procs))
                     events.append((time.monotonic() - t0, f"balancer sends to {sorted(pool.procs)} ({took:.1f} s after ready)"))
                 return
+            # As the HPA's scale-down deletes pods: all at once, each with its grace period.
+            stopping = []
             for name in sorted(have, reverse=True)[: len(have) - want]:
-                started = time.monotonic()
-                outcome = {"name": name, "service": pool.service}
-                stopper = threading.Thread(target=lambda n=name: outcome.update(zip(("exit", "seconds"), pool.stop(n, grace))))
-                stopper.start()
-                if pool is frontends:
-                    while name in lb.up():
-                        time.sleep(0.05)
-                    outcome["out_of_balancer"] = time.monotonic() - started
-                stopper.join()
-                outcome["window"] = (started, time.monotonic())
+                outcome = {"name": name, "service": pool.service, "started": time.monotonic()}
+                thread = threading.Thread(
+                    target=lambda n=name, o=outcome: o.update(zip(("exit", "seconds"), pool.stop(n, grace))))
+                thread.start()
+                stopping.append((outcome, thread))
+            if pool is frontends:
+                while any(o["name"] in lb.up() or "out_of_balancer" not in o for o, _ in stopping):
+                    up = lb.up()
+                    for o, _ in stopping:
+                        if o["name"] not in up and "out_of_balancer" not in o:
+                            o["out_of_balancer"] = time.monotonic() - o["started"]
+                    time.sleep(0.05)
+            for outcome, thread in stopping:
+                thread.join()
+                outcome["window"] = (outcome["started"], time.monotonic())
                 scale_downs.append(outcome)
-                events.append((time.monotonic() - t0, f"{pool.service} {name} stopped: exit {outcome['exit']} after "
-                                                      f"{outcome['seconds']:.1f} s"))
+                events.append((time.monotonic() - t0, f"{pool.service} {outcome['name']} stopped: exit "
+                                                      f"{outcome['exit']} after {outcome['seconds']:.1f} s"))
 
         schedule = [("steady", 10, 8.0, 50.0), ("scale up", 25, 5.0, 0.5), ("scale down", 25, 40.0, 50.0)]
         for phase, seconds, session_target, pending_target in schedule:

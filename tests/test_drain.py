@@ -106,3 +106,31 @@ def test_a_tls_client_that_ignores_the_421_does_not_hold_the_drain(make_stack):
     assert stack.procs["frontend"].wait(30) == 0
     assert time.monotonic() - started < CLOSE_GRACE + 3
     client.close()
+
+
+@pytest.mark.parametrize("client_hello", [False, True], ids=["no-handshake", "half-a-handshake"])
+def test_a_starttls_handshake_left_halfway_does_not_hold_the_drain(make_stack, raw, client_hello):
+    # Found by the scale test: closed during its handshake, a STARTTLS session waited for a
+    # read that could never come (asyncio reports no connection loss to it then), and held a
+    # draining frontend until DRAIN_SECONDS ran out.
+    import ssl
+
+    stack: Stack = make_stack(env={"frontend": {"DRAIN_SECONDS": "40"}})
+    client = raw(stack.ports.submission)
+    assert client.reply().startswith("220 ")
+    client.send(b"EHLO client.example.test\r\n")
+    assert client.reply().splitlines()[-1].startswith("250 ")
+    client.send(b"STARTTLS\r\n")
+    assert client.reply() == "220 Ready to start TLS"
+    if client_hello:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        client.sock.sendall(outgoing.read())
+    started = time.monotonic()
+    stack.procs["frontend"].send_signal(signal.SIGTERM)
+    assert stack.procs["frontend"].wait(30) == 0
+    assert time.monotonic() - started < 3

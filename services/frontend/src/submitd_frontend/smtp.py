@@ -332,8 +332,9 @@ class SubmissionSMTP(SMTP):
         if transport is None or transport.is_closing():
             return  # closed already (a TLS transport must not be asked again)
         transport.close()
-        if transport.get_write_buffer_size() or self.tls_active:
-            self.loop.call_later(CLOSE_GRACE, transport.abort)
+        # Always: a STARTTLS handshake still running when the drain closed the session held it
+        # too (the scale test), and on a transport already closed the abort does nothing.
+        self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
         if verb == "MAIL":
@@ -439,6 +440,12 @@ class SubmissionSMTP(SMTP):
             await self.push("503 5.5.1 TLS already active")
             return
         await super().smtp_STARTTLS(arg)
+        if self.transport is None or self.transport.is_closing():
+            # Closed during the handshake (the drain, or a client gone): asyncio then wakes the
+            # handshake's waiter without an error and never reports the connection lost to this
+            # protocol, so the next read would wait for ever (it held whole drains): end here.
+            self._closing = True
+            return
         if self._tls_protocol is not None:
             metrics.TLS.labels(self._tls_info().version or "unknown").inc()
             self.note(tls_started=policy_pb2.TlsStarted(tls=self._tls_info()))
