@@ -57,6 +57,7 @@ class Load:
     per_session: int = 10  # messages per session, then QUIT and a new connection (as mail clients do)
     pause: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
+    errors: collections.Counter = field(default_factory=collections.Counter)  # the 0s: what failed
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -110,8 +111,10 @@ class Load:
                 self._record(token, e.smtp_code)
                 client = _close(client)
                 time.sleep(0.2)
-            except (OSError, smtplib.SMTPException):
+            except (OSError, smtplib.SMTPException) as e:
                 self._record(token, 0)
+                with self.lock:
+                    self.errors[f"{type(e).__name__}: {e}"[:80]] += 1
                 client = _close(client)
                 time.sleep(0.2)
             if self.pause:
@@ -501,10 +504,11 @@ def balancer(work: Path) -> int:
 
 
 def chart_defaults() -> dict:
+    """The chart's shutdown settings: the grace period, the drain, the frontend's drain delay."""
     import yaml
 
     values = yaml.safe_load((Path(__file__).resolve().parent.parent / "helm/submitd/values.yaml").read_text())
-    return values["default"]
+    return {**values["default"], "frontendDrainDelay": values["services"]["frontend"]["env"]["DRAIN_DELAY"]}
 
 
 def desired(current: int, metric_per_pod: float, target: float, low: int, high: int) -> int:
@@ -524,7 +528,9 @@ def scaling(work: Path, clients: int) -> int:
     quiet = {"LOG_LEVEL": os.environ.get("SCALE_LOG_LEVEL", "WARNING"), "DRAIN_SECONDS": str(drain)}
     stack = Stack(work / "scaling", next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
                   env={"policy": quiet, "rewriter": quiet})
-    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200", **quiet})
+    delay = os.environ.get("SCALE_DRAIN_DELAY", chart["frontendDrainDelay"])
+    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200",
+                                         "DRAIN_DELAY": delay, **quiet})
     relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
     for name in ("f1", "f2", "f3"):
         frontends.reserve(name)
@@ -539,8 +545,8 @@ def scaling(work: Path, clients: int) -> int:
         lb.wait_up({"f1"})
         load = Load(lb.port, clients, per_session=1).start()
         t0 = time.monotonic()
-        print(f"\nscaling under load: {clients} clients through HAProxy; terminationGracePeriodSeconds {grace}, "
-              f"drainSeconds {drain} (the chart's)")
+        print(f"\nscaling under load: {clients} clients through HAProxy, a new session per message; "
+              f"terminationGracePeriodSeconds {grace}, drainSeconds {drain}, frontend DRAIN_DELAY {delay} s")
 
         def observe() -> tuple[float, float]:
             running = list(frontends.procs)
@@ -623,6 +629,8 @@ def scaling(work: Path, clients: int) -> int:
             print(f"| {d['service']} {d['name']} | {d['exit']} | {d['seconds']:.1f} | "
                   f"{d.get('out_of_balancer', float('nan')):.1f} | {sum(errors.values())} not 250 {dict(errors)} "
                   f"of {len(seen)} |")
+        if load.errors:
+            print("connection-level failures (0 above): " + "; ".join(f"{n} x {t}" for t, n in load.errors.most_common(5)))
         total = collections.Counter(o.code for o in load.outcomes)
         print(f"\nreplies over the run: {dict(total)}; answered 250: {len(accepted)}; delivered: "
               f"{len(set(arrived) & accepted)}; duplicates: {duplicates}; lost: {len(lost)}")

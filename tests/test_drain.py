@@ -134,3 +134,29 @@ def test_a_starttls_handshake_left_halfway_does_not_hold_the_drain(make_stack, r
     stack.procs["frontend"].send_signal(signal.SIGTERM)
     assert stack.procs["frontend"].wait(30) == 0
     assert time.monotonic() - started < 3
+
+
+def test_during_the_drain_delay_the_frontend_is_unready_and_still_serves_new_clients(make_stack):
+    from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
+
+    stack: Stack = make_stack(env={"frontend": {"DRAIN_DELAY": "3", "DRAIN_SECONDS": "10"}})
+    idle = connect(stack)
+    started = time.monotonic()
+    stack.procs["frontend"].send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 2
+    while ready(stack.ports.frontend_http) != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready(stack.ports.frontend_http) == 503, "unready at once: the balancer stops sending clients"
+    # A client the balancer still sent is served as usual, and the idle session is left alone.
+    client = connect(stack)
+    client.login(ALICE, ALICE_PASSWORD)
+    client.sendmail(ALICE, ["bob@example.net"], f"From: {ALICE}\r\nSubject: late\r\n\r\nhi\r\n".encode())
+    client.quit()
+    assert time.monotonic() - started < 3
+    assert idle.noop()[0] == 250
+    # Then the drain: the idle session is told 421, and the process ends.
+    assert idle.getreply() == (421, b"4.3.2 Service shutting down, try again later")
+    assert stack.procs["frontend"].wait(15) == 0
+    assert time.monotonic() - started >= 3
+    stack.sink.handler.wait_for(1, 20)
+    idle.close()

@@ -183,6 +183,10 @@ async def amain() -> None:
     await lifecycle.wait_for_signal()
     log.info("frontend draining", extra={"fields": {"sessions": len(sessions.active)}})
     await health.set_draining()
+    if settings.drain_delay:
+        # Unready but serving: new clients still arrive until the balancer has seen it (the
+        # scale test counted 5-13 clients a scale-down told 421 or refused without this).
+        await asyncio.sleep(settings.drain_delay)
     # Listeners stay open while draining: a new client is told 421 rather than refused.
     await drain(sessions, settings.drain_seconds)
     for server in servers:

@@ -66,6 +66,11 @@ class Settings(ServiceSettings):
     trace_addresses: bool = Field(
         False, description="Put whole addresses on traces (default: only their domains)"
     )
+    drain_delay: float = Field(
+        0.0,
+        description="After SIGTERM: unready at once, but serving new clients normally for this long before the "
+        "drain, while the load balancer (a Service's endpoints, a cloud balancer's health checks) stops sending them",
+    )
     proxy_protocol: bool = Field(
         False, description="Expect a PROXY protocol v1/v2 header on every connection (behind a load balancer)"
     )
