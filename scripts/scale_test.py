@@ -644,9 +644,81 @@ def scaling(work: Path, clients: int) -> int:
         sink.stop()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes so far (from /proc; exited ones count nothing)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def throughput(work: Path, clients: int, seconds: float) -> int:
+    """Accepted messages per second with 1, 2 and 3 frontends and as many relays, behind
+    HAProxy, each message a new session with STARTTLS and AUTH; CPU per message of every
+    server process (the load generator's own CPU shown apart: it shares the two cores)."""
+    sink = Sink().start()
+    quiet = {"LOG_LEVEL": "WARNING"}
+    stack = Stack(work / "throughput", next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
+                  env={"policy": quiet, "rewriter": quiet})
+    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200", **quiet})
+    relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
+    for name in ("f1", "f2", "f3"):
+        frontends.reserve(name)
+    rows = []
+    lb = None
+    try:
+        stack.start(services=("policy", "rewriter"))
+        lb = HAProxy(work, frontends.ports, per_client=1000)
+        for n in (1, 2, 3):
+            for i in range(1, n + 1):
+                if f"f{i}" not in frontends.procs:
+                    frontends.start(f"f{i}")
+                if f"r{i}" not in relays.procs:
+                    relays.start(f"r{i}")
+            lb.wait_up({f"f{i}" for i in range(1, n + 1)})
+            load = Load(lb.port, clients, per_session=1).start()
+            time.sleep(3)  # warm up
+            pids = {"frontends": [p.pid for p in frontends.procs.values()], "relays": [p.pid for p in relays.procs.values()],
+                    "policy": [stack.procs["policy"].pid], "rewriter": [stack.procs["rewriter"].pid],
+                    "nats": [stack.nats.proc.pid], "haproxy": [lb.proc.pid], "load": [os.getpid()]}
+            before = {k: cpu_seconds(v) for k, v in pids.items()}
+            start = time.monotonic()
+            time.sleep(seconds)
+            took = time.monotonic() - start
+            after = {k: cpu_seconds(v) for k, v in pids.items()}
+            seen = load.between(start, start + took)
+            load.finish()
+            ok = sum(o.code == 250 for o in seen)
+            cpu = {k: after[k] - before[k] for k in pids}
+            server = sum(v for k, v in cpu.items() if k != "load")
+            rows.append((n, ok / took, 1000 * server / max(ok, 1), {k: 1000 * v / max(ok, 1) for k, v in cpu.items()},
+                         len(seen) - ok))
+        print(f"\nthroughput: {clients} clients through HAProxy, a new session (STARTTLS, AUTH) per message, "
+              f"{seconds:g} s per row, {os.cpu_count()} cores\n")
+        print("| frontends and relays | accepted msg/s | server CPU ms/msg | frontends | relays | policy | rewriter | NATS | HAProxy | load generator (ms/msg) | not 250 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for n, rate, per, split, bad in rows:
+            print(f"| {n} | {rate:.0f} | {per:.2f} | {split['frontends']:.2f} | {split['relays']:.2f} | {split['policy']:.2f} | "
+                  f"{split['rewriter']:.2f} | {split['nats']:.2f} | {split['haproxy']:.2f} | {split['load']:.2f} | {bad} |")
+        return 0
+    finally:
+        if lb:
+            lb.stop()
+        frontends.stop_all()
+        relays.stop_all()
+        stack.stop()
+        sink.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["quorum", "balancer", "scaling"], default=None)
+    parser.add_argument("--only", choices=["quorum", "balancer", "scaling", "throughput"], default=None)
+    parser.add_argument("--seconds", type=float, default=20, help="measured seconds per throughput row")
     parser.add_argument("--clients", type=int, default=int(os.environ.get("SCALE_CLIENTS", "8")),
                         help="clients of the quorum run")
     parser.add_argument("--scale-clients", type=int, default=20, help="clients of the scaling run")
@@ -660,6 +732,8 @@ def main() -> int:
             failed |= balancer(Path(tmp))
         if args.only in (None, "scaling"):
             failed |= scaling(Path(tmp), args.scale_clients)
+        if args.only in (None, "throughput"):
+            failed |= throughput(Path(tmp), args.scale_clients, args.seconds)
     print("\nscale test " + ("FAILED" if failed else "passed"))
     return failed
 
