@@ -151,11 +151,11 @@ def longest_failure_run(outcomes: list[Outcome]) -> float:
 
 async def stream_leader(urls: list[str]) -> str | None:
     try:
-        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await nats.connect(servers=urls, connect_timeout=1, max_reconnect_attempts=0, allow_reconnect=False)
     except Exception:
         return None
     try:
-        info = await nc.jetstream().stream_info(jetstream.STREAM)
+        info = await nc.jetstream(timeout=1).stream_info(jetstream.STREAM)
         return info.cluster.leader if info.cluster else None
     except Exception:
         return None
@@ -208,7 +208,7 @@ def quorum(work: Path, clients: int) -> int:
         m = mark(f"kill -9 of the queue's leader ({first})")
         nodes[first].stop(signal.SIGKILL)
         new_leader, took = wait_leader(stack, {first})
-        m[2] = f"new leader {new_leader} after {took:.1f} s"
+        m[2] = f"new leader {new_leader} seen after {took:.1f} s"
         until(m[1], 15)
         m = mark(f"{first} started again")
         nodes[first].start()
@@ -217,7 +217,7 @@ def quorum(work: Path, clients: int) -> int:
         m = mark(f"the leader {second} stopped (SIGTERM) for a while")
         nodes[second].stop()
         after, took2 = wait_leader(stack, {second})
-        m[2] = f"new leader {after} after {took2:.1f} s"
+        m[2] = f"new leader {after} seen after {took2:.1f} s"
         until(m[1], 15)
         m = mark(f"{second} started again")
         nodes[second].start()
@@ -232,7 +232,7 @@ def quorum(work: Path, clients: int) -> int:
         for name in two:
             nodes[name].start()
         recovered, took3 = wait_leader(stack, set())
-        m[2] = f"leader {recovered} after {took3:.1f} s"
+        m[2] = f"leader {recovered} seen after {took3:.1f} s"
         until(m[1], 15)
         mark("end")
         load.finish()
@@ -590,15 +590,19 @@ def scaling(work: Path, clients: int) -> int:
                 events.append((time.monotonic() - t0, f"{pool.service} {outcome['name']} stopped: exit "
                                                       f"{outcome['exit']} after {outcome['seconds']:.1f} s"))
 
-        schedule = [("steady", 10, 8.0, 50.0), ("scale up", 25, 5.0, 0.5), ("scale down", 25, 40.0, 50.0)]
+        # (target sessions per frontend, target unacknowledged messages per relay); as the HPA's
+        # scale-down stabilization window would, the controller only adds until the last phase.
+        schedule = [("load arrives", 12, 8.0, 50.0), ("relay lag", 20, 8.0, 0.5), ("load falls", 25, 40.0, 50.0)]
         for phase, seconds, session_target, pending_target in schedule:
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 sessions, pending = observe()
                 want_f = desired(len(frontends.procs), sessions, session_target, 1, 3)
                 want_r = desired(len(relays.procs), max(pending, 0.01), pending_target, 1, 4)
-                if phase == "scale up":
+                if phase == "relay lag":
                     want_r = 4 if pending > 0 else want_r  # any lag: up to the maximum, as KEDA's lag scaler would
+                if phase != "load falls":
+                    want_f, want_r = max(want_f, len(frontends.procs)), max(want_r, len(relays.procs))
                 if want_f != len(frontends.procs):
                     events.append((time.monotonic() - t0, f"{phase}: {sessions:.1f} sessions per frontend, target "
                                                           f"{session_target:g} -> {want_f} frontends"))

@@ -64,6 +64,8 @@ def ready(pod: dict) -> bool:
 
 
 class KubeSite:
+    unreachable_hint = "; the pod proxy needs networkPolicy.apiServerCIDRs"
+
     def __init__(self, release: str, namespace: str | None = None, context: str | None = None,
                  kubeconfig: str | None = None) -> None:
         from kubernetes import client, config

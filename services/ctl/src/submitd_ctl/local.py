@@ -21,6 +21,8 @@ SERVICES = ("frontend", "policy", "rewriter", "relay")
 
 
 class LocalSite:
+    unreachable_hint = ""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         descriptor = self.root / "run.json"

@@ -32,6 +32,8 @@ class Conflict(SiteError):
 
 
 class Site(Protocol):
+    unreachable_hint: str  # said when no service answers
+
     def read(self, what: str) -> tuple[Files, str]: ...
     def write(self, what: str, files: Files, version: str) -> None: ...
     def loaded(self, service: str, file: str) -> dict[str, str | None]: ...
@@ -76,6 +78,8 @@ def wait_loaded(site: Site, what: str, files: Files, timeout: float,
         seen = {service: site.loaded(service, name) for service, name in READERS[what]}
         if all(v == want for replicas in seen.values() for v in replicas.values()) and all(seen.values()):
             return seen
+        if all(v is None for replicas in seen.values() for v in replicas.values()):
+            return seen  # nothing answers (not running, or not reachable): nothing to wait for
         if time.monotonic() >= deadline:
             return seen
         time.sleep(interval)
