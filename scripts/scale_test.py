@@ -135,6 +135,20 @@ def _close(client):
     return None
 
 
+def delivered(load: Load, sink: Sink, timeout: float) -> tuple[set[str], collections.Counter, set[str], int]:
+    """Wait until every message answered 250 reached the next hop (or ``timeout``): (answered
+    250, arrivals per message, lost, duplicates)."""
+    accepted = {o.token for o in load.outcomes if o.code == 250}
+    deadline = time.monotonic() + timeout
+    while True:
+        arrived = collections.Counter(
+            m.group(1).decode() for msg in list(sink.handler.messages) if (m := _TOKEN.search(msg.data)))
+        if accepted <= set(arrived) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return accepted, arrived, accepted - set(arrived), sum(c - 1 for c in arrived.values() if c > 1)
+
+
 def longest_failure_run(outcomes: list[Outcome]) -> float:
     """Seconds from the first failure to the next 250, longest such run."""
     longest, first_fail = 0.0, None
@@ -236,16 +250,7 @@ def quorum(work: Path, clients: int) -> int:
         until(m[1], 15)
         mark("end")
         load.finish()
-        accepted = {o.token for o in load.outcomes if o.code == 250}
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            arrived = collections.Counter(
-                m.group(1).decode() for msg in list(sink.handler.messages) if (m := _TOKEN.search(msg.data)))
-            if accepted <= set(arrived):
-                break
-            time.sleep(1)
-        lost = accepted - set(arrived)
-        duplicates = sum(c - 1 for c in arrived.values() if c > 1)
+        accepted, arrived, lost, duplicates = delivered(load, sink, 180)
         strays = set(arrived) - accepted  # delivered though the client saw no 250
 
         print(f"\nquorum: {clients} clients, 3 nats-server nodes, queue and KV buckets at 3 replicas "
@@ -518,30 +523,45 @@ def desired(current: int, metric_per_pod: float, target: float, low: int, high: 
     return max(low, min(high, -(-int(current * metric_per_pod * 1000) // int(target * 1000))))
 
 
+@contextlib.contextmanager
+def replicas(root: Path, env: dict, frontend_env: dict):
+    """policy and rewriter from a Stack; frontends (f1-f3, ports reserved, none started) and
+    relays as Pools; HAProxy in front of the frontends' slots (a server is up while it is ready)."""
+    sink = Sink().start()
+    quiet = {"LOG_LEVEL": os.environ.get("SCALE_LOG_LEVEL", "WARNING"), **env}
+    stack = Stack(root, next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
+                  env={"policy": quiet, "rewriter": quiet})
+    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200",
+                                         **quiet, **frontend_env})
+    relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
+    for name in ("f1", "f2", "f3"):
+        frontends.reserve(name)
+    lb = None
+    try:
+        stack.start(services=("policy", "rewriter"))
+        lb = HAProxy(root, frontends.ports, per_client=1000)
+        yield stack, sink, frontends, relays, lb
+    finally:
+        if lb:
+            lb.stop()
+        frontends.stop_all()
+        relays.stop_all()
+        stack.stop()
+        sink.stop()
+
+
 def scaling(work: Path, clients: int) -> int:
     """20 clients submit without pause through HAProxy while a controller, reading the frontends'
     and relays' /metrics as an HPA reads its metrics, scales frontends 1 -> 3 -> 1 and relays
     1 -> 4 -> 1 (its target moved, as an operator would move the HPA's, to drive it)."""
     chart = chart_defaults()
     grace, drain = chart["terminationGracePeriodSeconds"], chart["drainSeconds"]
-    sink = Sink().start()
-    quiet = {"LOG_LEVEL": os.environ.get("SCALE_LOG_LEVEL", "WARNING"), "DRAIN_SECONDS": str(drain)}
-    stack = Stack(work / "scaling", next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
-                  env={"policy": quiet, "rewriter": quiet})
     delay = os.environ.get("SCALE_DRAIN_DELAY", chart["frontendDrainDelay"])
-    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200",
-                                         "DRAIN_DELAY": delay, **quiet})
-    relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
-    for name in ("f1", "f2", "f3"):
-        frontends.reserve(name)
-    lb = None
     events: list[tuple[float, str]] = []
     scale_downs: list[dict] = []
-    try:
-        stack.start(services=("policy", "rewriter"))
+    with replicas(work / "scaling", {"DRAIN_SECONDS": str(drain)}, {"DRAIN_DELAY": delay}) as (stack, sink, frontends, relays, lb):
         frontends.start("f1")
         relays.start("r1")
-        lb = HAProxy(work, frontends.ports, per_client=1000)
         lb.wait_up({"f1"})
         load = Load(lb.port, clients, per_session=1).start()
         t0 = time.monotonic()
@@ -613,16 +633,7 @@ def scaling(work: Path, clients: int) -> int:
                     scale_to(relays, want_r, "r")
                 time.sleep(1)
         load.finish()
-        accepted = {o.token for o in load.outcomes if o.code == 250}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            arrived = collections.Counter(
-                m.group(1).decode() for msg in list(sink.handler.messages) if (m := _TOKEN.search(msg.data)))
-            if accepted <= set(arrived):
-                break
-            time.sleep(1)
-        lost = accepted - set(arrived)
-        duplicates = sum(c - 1 for c in arrived.values() if c > 1)
+        accepted, arrived, lost, duplicates = delivered(load, sink, 120)
         for at, text in events:
             print(f"  {at:6.1f} s  {text}")
         print("\n| scale-down | exit | seconds to exit | out of the balancer after (s) | client-visible replies meanwhile |")
@@ -639,13 +650,6 @@ def scaling(work: Path, clients: int) -> int:
         print(f"\nreplies over the run: {dict(total)}; answered 250: {len(accepted)}; delivered: "
               f"{len(set(arrived) & accepted)}; duplicates: {duplicates}; lost: {len(lost)}")
         return 1 if lost else 0
-    finally:
-        if lb:
-            lb.stop()
-        frontends.stop_all()
-        relays.stop_all()
-        stack.stop()
-        sink.stop()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -665,19 +669,8 @@ def throughput(work: Path, clients: int, seconds: float) -> int:
     """Accepted messages per second with 1, 2 and 3 frontends and as many relays, behind
     HAProxy, each message a new session with STARTTLS and AUTH; CPU per message of every
     server process (the load generator's own CPU shown apart: it shares the two cores)."""
-    sink = Sink().start()
-    quiet = {"LOG_LEVEL": "WARNING"}
-    stack = Stack(work / "throughput", next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
-                  env={"policy": quiet, "rewriter": quiet})
-    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200", **quiet})
-    relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
-    for name in ("f1", "f2", "f3"):
-        frontends.reserve(name)
     rows = []
-    lb = None
-    try:
-        stack.start(services=("policy", "rewriter"))
-        lb = HAProxy(work, frontends.ports, per_client=1000)
+    with replicas(work / "throughput", {}, {}) as (stack, sink, frontends, relays, lb):
         for n in (1, 2, 3):
             for i in range(1, n + 1):
                 if f"f{i}" not in frontends.procs:
@@ -710,13 +703,6 @@ def throughput(work: Path, clients: int, seconds: float) -> int:
             print(f"| {n} | {rate:.0f} | {per:.2f} | {split['frontends']:.2f} | {split['relays']:.2f} | {split['policy']:.2f} | "
                   f"{split['rewriter']:.2f} | {split['nats']:.2f} | {split['haproxy']:.2f} | {split['load']:.2f} | {bad} |")
         return 0
-    finally:
-        if lb:
-            lb.stop()
-        frontends.stop_all()
-        relays.stop_all()
-        stack.stop()
-        sink.stop()
 
 
 def main() -> int:
