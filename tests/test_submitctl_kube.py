@@ -101,12 +101,11 @@ def test_api_test_double_a_concurrent_change_is_merged_never_overwritten(cluster
             double.put_secret_files(name, {"users.yaml": yaml.safe_dump(doc).encode()})
 
     double.after_secret_get = someone_else
-    out = submitctl(double, tmp_path, "user", "add", "carol@example.test", "--password-stdin", "--no-wait",
-                    stdin="carol's long passphrase\n")
+    out = submitctl(double, tmp_path, "user", "suspend", DEMO, "--no-wait")
     assert out.returncode == 0, out.stderr
     assert double.conflicts == 1
     users = yaml.safe_load(double.secret_files("mail-submitd-users")["users.yaml"])["users"]
-    assert set(users) == {DEMO, "eve@example.test", "carol@example.test"}
+    assert set(users) == {DEMO, "eve@example.test"} and users[DEMO]["suspended"] is True
 
     # Someone who never stops writing: submitctl gives up, says so, and wrote nothing of its own.
     double.after_secret_get = lambda name: double.put_secret_files(name, double.secret_files(name))
@@ -152,8 +151,8 @@ def test_api_test_double_queue_and_status_through_the_pod_proxy_with_the_admin_t
     assert "frontend" in screen and "2->3 of" in screen and "queue: 0 messages" in screen
 
     # A token the relay does not hold: refused, exit 2, and said so.
-    double.put_secret_files("mail-submitd-admin", {"token": b"not-the-token"})
     double.mounts.pop("mail-submitd-admin")  # (the pod keeps its file: a token out of step)
+    double.put_secret_files("mail-submitd-admin", {"token": b"not-the-token"})
     out = submitctl(double, tmp_path, "queue", "totals")
     assert out.returncode == 2 and "refused the token" in out.stderr
 

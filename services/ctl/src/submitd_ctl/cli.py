@@ -98,7 +98,7 @@ def confirm(site: Site, what: str, files, args, done: str) -> int:
     behind = lagging(seen, files, what)
     if behind:
         print(f"{done}: written, but not yet in use after {args.timeout:g} s by: {', '.join(behind)}"
-              " (a mounted Secret reaches pods within about a minute)", file=sys.stderr)
+              f"{site.lag_hint}", file=sys.stderr)
         return NOT_CONFIRMED
     replicas = sum(len(r) for r in seen.values())
     print(f"{done} (in use by {replicas} process{'es' if replicas != 1 else ''})")
@@ -106,15 +106,17 @@ def confirm(site: Site, what: str, files, args, done: str) -> int:
 
 
 def cmd_user_add(args) -> int:
+    site = site_of(args)
+    documents.require_user(site.read("users")[0], args.login, exists=False)  # before the prompt
     password_hash = hashed(read_password(args, args.login))
-    return user_change(args, lambda f: documents.add_user(f, args.login, password_hash, args.send_as,
-                                                          args.messages_per_hour), f"user {args.login} added")
+    files = edit(site, "users", lambda f: documents.add_user(f, args.login, password_hash, args.send_as,
+                                                             args.messages_per_hour))
+    return confirm(site, "users", files, args, f"user {args.login} added")
 
 
 def cmd_user_passwd(args) -> int:
     site = site_of(args)
-    files, _ = site.read("users")
-    documents._entry(documents.users_document(files), args.login)  # unknown: refuse before prompting
+    documents.require_user(site.read("users")[0], args.login)  # before the prompt
     password_hash = hashed(read_password(args, args.login))
     files = edit(site, "users", lambda f: documents.set_password(f, args.login, password_hash))
     return confirm(site, "users", files, args, f"password of {args.login} changed")

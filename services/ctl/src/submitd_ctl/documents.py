@@ -60,11 +60,19 @@ def _entry(doc: dict, login: str) -> dict:
     return entry
 
 
+def require_user(files: Files, login: str, exists: bool = True) -> None:
+    """Refuse early (before a password is asked for) when ``login`` is (not) there."""
+    there = isinstance(users_document(files)["users"].get(login), dict)
+    if exists and not there:
+        raise ChangeError(f"no user {login!r}")
+    if not exists and there:
+        raise ChangeError(f"user {login!r} exists (to change the password: user passwd)")
+
+
 def add_user(files: Files, login: str, password_hash: str, send_as: list[str] | None = None,
              messages_per_hour: int | None = None) -> Files:
+    require_user(files, login, exists=False)
     doc = copy.deepcopy(users_document(files))
-    if login in doc["users"]:
-        raise ChangeError(f"user {login!r} exists (to change the password: user passwd)")
     if "@" in login and not _DOMAIN.match(login.rpartition("@")[2]):
         raise ChangeError(f"{login!r}: the domain must be fully qualified")
     entry: dict = {"password": password_hash}

@@ -64,6 +64,7 @@ def ready(pod: dict) -> bool:
 
 
 class KubeSite:
+    lag_hint = " (a mounted Secret reaches pods within about a minute; the write is done)"
     unreachable_hint = "; the pod proxy needs networkPolicy.apiServerCIDRs"
 
     def __init__(self, release: str, namespace: str | None = None, context: str | None = None,

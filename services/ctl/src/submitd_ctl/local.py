@@ -21,6 +21,7 @@ SERVICES = ("frontend", "policy", "rewriter", "relay")
 
 
 class LocalSite:
+    lag_hint = " (each checks the file every RELOAD_INTERVAL; see its log)"
     unreachable_hint = ""
 
     def __init__(self, root: str | Path) -> None:

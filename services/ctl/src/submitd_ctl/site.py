@@ -33,6 +33,7 @@ class Conflict(SiteError):
 
 class Site(Protocol):
     unreachable_hint: str  # said when no service answers
+    lag_hint: str  # said when some replica does not use the change yet
 
     def read(self, what: str) -> tuple[Files, str]: ...
     def write(self, what: str, files: Files, version: str) -> None: ...
