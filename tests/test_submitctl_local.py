@@ -17,7 +17,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from submitd_common.dev.dns import DnsServer
-from submitd_common.dev.stack import User
+from submitd_common.dev.sink import Sink
+from submitd_common.dev.stack import Stack, User
+from submitd_common.testing.plugin import assert_within_grants
 from submitd_common.testing.smtp import insecure_context
 from submitd_common.testing.waiting import eventually
 from submitd_rewriter import dkim as ours
@@ -33,17 +35,32 @@ def submitctl(stack, *args: str, stdin: str | None = None, timeout: float = 60) 
     )
 
 
-@pytest.fixture
-def site(make_stack):
-    stack = make_stack(users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
-                       env={"relay": {"ADMIN_TOKEN_FILE": "ADMIN", "RETRY_SCHEDULE": "[3600]"}},
-                       start=False)
-    token = stack.root / "admin-token"
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory):
+    """One stack for the module, laid out as `make run` leaves it (admin token, DKIM keys)."""
+    sink = Sink().start()
+    root = tmp_path_factory.mktemp("stack")
+    token = root / "admin-token"
     token.write_text("local-token\n")
-    stack.extra_env["relay"]["ADMIN_TOKEN_FILE"] = str(token)
+    stack = Stack(root, next_hop=("127.0.0.1", sink.port), reload_interval=0.5,
+                  users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
+                  env={"relay": {"ADMIN_TOKEN_FILE": str(token), "RETRY_SCHEDULE": "[3600]", "FETCH_WAIT": "1"}})
+    stack.sink = sink
     stack.make_dkim_keys("example.test")
-    stack.start()
-    return stack
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        sink.stop()
+    assert_within_grants(stack)
+
+
+@pytest.fixture
+def site(local_stack):
+    """The module's stack, its next hop emptied and taking everything again."""
+    local_stack.sink.handler.reset()
+    return local_stack
 
 
 def login(stack, user: str, password: str) -> smtplib.SMTP:
@@ -245,10 +262,15 @@ def test_status_and_check_on_the_local_stack(site):
     assert b"Subject: submitd check" in got.data
     # The relay down: status says so and exits 1.
     site.stop_service("relay")
-    out = submitctl(site, "status", "-o", "json")
-    report = json.loads(out.stdout)
-    assert {s["name"]: s["ready"] for s in report["services"]}["relay"] == 0
-    assert "error" in report["queue"]
+    try:
+        out = submitctl(site, "status")
+        assert out.returncode == 1 and "relay      0/1" in out.stdout, out.stdout
+        report = json.loads(submitctl(site, "status", "-o", "json").stdout)
+        assert {s["name"]: s["ready"] for s in report["services"]}["relay"] == 0
+        assert "error" in report["queue"]
+    finally:
+        site.start_service("relay")
+        site.wait_ready("relay")
 
 
 def test_nothing_to_talk_to_is_exit_code_2(tmp_path):
