@@ -156,7 +156,7 @@ def test_during_the_drain_delay_the_frontend_is_unready_and_still_serves_new_cli
     assert idle.noop()[0] == 250
     # Then the drain: the idle session is told 421, and the process ends.
     assert idle.getreply() == (421, b"4.3.2 Service shutting down, try again later")
+    idle.close()
     assert stack.procs["frontend"].wait(15) == 0
     assert time.monotonic() - started >= 3
     stack.sink.handler.wait_for(1, 20)
-    idle.close()
