@@ -21,7 +21,7 @@ from submitd_common import jetstream
 from submitd_common.bodies import delete, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
-from . import dsn, metrics
+from . import metrics, settle
 from .delivery import NextHopError, NextHopPool, Outcome
 from .queue import QueuedBody, sweep_orphaned_bodies
 from .reports import Reports, Signer
@@ -267,71 +267,43 @@ class Relay:
         self, msg: Msg, qmsg: queue_pb2.QueuedMessage, body: QueuedBody | None, outcome: Outcome,
         state: DeliveryState, attempt: int, span,
     ) -> None:
+        """Carry out settle.plan(): the record, the reports, the events, then ack or nak."""
         env = qmsg.envelope
-        age = time.time() - qmsg.received_at_ms / 1000
-        expired = bool(outcome.temporary) and age > self.s.max_lifetime
-        kinds = [k for k, v in (("delivered", outcome.delivered), ("deferred", outcome.temporary),
-                                ("failed", outcome.permanent)) if v]
-        result = "expired" if expired else kinds[0] if len(kinds) == 1 else "partial"
-        replies = {**outcome.temporary, **outcome.permanent}
-        state.record(attempt, outcome.next_hop, result, outcome.delivered, replies)
+        p = settle.plan(outcome, state.finished, state.delay_notified, state.revision, env,
+                        time.time() - qmsg.received_at_ms / 1000, max_lifetime=self.s.max_lifetime,
+                        delay_warning_after=self.s.delay_warning_after, backoff=self.backoff(attempt))
+        state.record(attempt, outcome.next_hop, p.result, outcome.delivered, {**outcome.temporary, **outcome.permanent})
         # The record comes before anything else: from here on a crash cannot send to these
-        # recipients again. A message delivered in full at its first try with no report to
-        # send needs none: its ack is its record, and a crash before that ack sends it again
-        # just as a crash before the record would (the next hop's 250 came first either way).
-        by_address = {r.address: r for r in env.recipients}
-        relayed = [dsn.RecipientStatus(by_address[a], "relayed", f"250 2.0.0 relayed to {outcome.remote.get(a, '')}",
-                                       outcome.remote.get(a, ""))
-                   for a in outcome.delivered if a in outcome.without_dsn and dsn.wants(by_address[a], "SUCCESS")]
-        if state.revision or result != "delivered" or relayed:
+        # recipients again.
+        if p.record_first:
             await self.state.put(env.queue_id, state)
         await self._failpoint("after-record")
 
-        self._count(qmsg, outcome, result, span)
+        self._count(qmsg, outcome, p.result, span)
         fields = {"queue_id": env.queue_id, "attempt": attempt, "next_hop": outcome.next_hop}
 
         # Reports, queued (and acknowledged by JetStream) before the original is acked.
-        failed = [dsn.RecipientStatus(by_address[a], "failed", reply, outcome.remote.get(a, ""))
-                  for a, reply in outcome.permanent.items()]
-        if expired:
-            days = self.s.max_lifetime / 86400
-            failed += [
-                dsn.RecipientStatus(by_address[a], "failed", reply, outcome.remote.get(a, ""), status="4.4.7",
-                                    note=f"given up after {days:g} days in the queue")
-                for a, reply in outcome.temporary.items()
-            ]
-        delayed = []
-        if not expired and not state.delay_notified and age >= self.s.delay_warning_after:
-            delayed = [dsn.RecipientStatus(by_address[a], "delayed", reply, outcome.remote.get(a, ""))
-                       for a, reply in outcome.temporary.items() if dsn.wants(by_address[a], "DELAY")]
-        failures = [f for f in failed if dsn.wants(f.recipient, "FAILURE")]
-        reports = [("failed", failures), ("delayed", delayed), ("relayed", relayed)]
-        if any(statuses for _, statuses in reports):
-            if not env.return_path:
-                log.info("no DSN to the null return path", extra={"fields": fields})
-            else:
-                for kind, statuses in reports:
-                    if statuses:
-                        report_id = await self.reports.queue(qmsg, body, kind, statuses)
-                        state.reports.append(report_id)
-                        self.event("dsn", env, {"action": kind, "report_queue_id": report_id,
-                                                 "recipients": [s.recipient.address for s in statuses]})
-        if failed:
-            log.error("bounced", extra={"fields": {**fields, "failed": {f.recipient.address: f.reply for f in failed}}})
-            self.event("expired" if expired else "bounced", env, {
-                "recipients": {f.recipient.address: f.reply for f in failed}, "attempt": attempt,
-                "next_hop": outcome.next_hop})
-        if delayed:
-            state.delay_notified = True
-        state.finish(f.recipient.address for f in failed)
-        if failed or delayed or relayed:
+        if p.null_return_path:
+            log.info("no DSN to the null return path", extra={"fields": fields})
+        for kind, statuses in p.reports:
+            report_id = await self.reports.queue(qmsg, body, kind, statuses)
+            state.reports.append(report_id)
+            self.event("dsn", env, {"action": kind, "report_queue_id": report_id,
+                                     "recipients": [s.recipient.address for s in statuses]})
+        if p.failed:
+            bounced = {f.recipient.address: f.reply for f in p.failed}
+            log.error("bounced", extra={"fields": {**fields, "failed": bounced}})
+            self.event("expired" if p.expired else "bounced", env, {
+                "recipients": bounced, "attempt": attempt, "next_hop": outcome.next_hop})
+        state.delay_notified = p.delay_notified
+        state.finish(p.finished)
+        if p.record_again:
             await self.state.put(env.queue_id, state)
         if outcome.delivered:
             self.event("delivered", env, {"recipients": outcome.delivered, "attempt": attempt,
                                            "next_hop": outcome.next_hop})
 
-        remaining = [r for r in env.recipients if r.address not in state.finished]
-        if not remaining:
+        if p.ack:
             try:
                 if self.s.failpoint == "ack-lost":
                     raise nats.errors.ConnectionClosedError
@@ -343,15 +315,15 @@ class Relay:
             if outcome.delivered:
                 log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})
             return
-        delay = self.backoff(attempt)
         self.event("deferred", env, {"recipients": outcome.temporary, "attempt": attempt,
-                                      "next_hop": outcome.next_hop, "retry_in": delay})
+                                      "next_hop": outcome.next_hop, "retry_in": p.retry_in})
         # The message waits for its retry as it is; the record (written above, before this
         # nak) makes the next attempt skip every recipient already finished. A republished
         # copy would be available at once, losing the backoff.
-        await msg.nak(delay=delay)
-        log.info("partially delivered" if len(remaining) < len(env.recipients) else "deferred",
-                 extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": delay}})
+        await msg.nak(delay=p.retry_in)
+        partly = any(r.address in p.finished for r in env.recipients)
+        log.info("partially delivered" if partly else "deferred",
+                 extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": p.retry_in}})
 
     def _count(self, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, result: str, span) -> None:
         metrics.ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()
