@@ -115,6 +115,7 @@ class SubmissionSMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.implicit_context = tls_context if implicit_tls else None
         self.handshaking = False  # implicit TLS not yet up: nothing may be written in the clear
+        self._abort_handle: asyncio.TimerHandle | None = None  # close_transport's deadline
         self.policy: PolicySession | None = None
         self.in_data = False
         self.session_id = uuid.uuid4().hex[:16]
@@ -332,9 +333,15 @@ class SubmissionSMTP(SMTP):
         if transport is None or transport.is_closing():
             return  # closed already (a TLS transport must not be asked again)
         transport.close()
-        # Always: a STARTTLS handshake still running when the drain closed the session held it
-        # too (the scale test), and on a transport already closed the abort does nothing.
-        self.loop.call_later(CLOSE_GRACE, transport.abort)
+        # Always (a STARTTLS handshake still running when the drain closed the session held it
+        # too); cancelled when the connection ends, so a closed session is not kept alive by it.
+        self._abort_handle = self.loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+        super().connection_lost(error)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
         if verb == "MAIL":
