@@ -16,7 +16,7 @@ import yaml
 
 from kube_double import KubeApiDouble
 from submitd_common.dev.stack import User
-from submitd_common.testing.smtp import insecure_context
+from submitd_common.testing.smtp import connect
 from submitd_ctl import documents, kube
 from submitd_ctl.documents import ChangeError
 from test_chart import render
@@ -57,8 +57,7 @@ def submitctl(double, tmp_path, *args, stdin=None) -> subprocess.CompletedProces
 
 
 def can_login(stack, user, password) -> bool:
-    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=20) as client:
-        client.starttls(context=insecure_context())
+    with connect(stack) as client:
         try:
             client.login(user, password)
             return True
@@ -121,8 +120,7 @@ def test_api_test_double_dkim_rotate_fills_the_charts_empty_dkim_secret_and_the_
     assert "k8s1._domainkey.example.test. IN TXT" in out.stdout and "(in use by 1 process)" in out.stdout
     files = double.secret_files("mail-submitd-dkim")
     assert set(files) == {"keys.yaml", "example.test.k8s1.pem"}
-    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=20) as client:
-        client.starttls(context=insecure_context())
+    with connect(stack) as client:
         client.login(DEMO, "demo passphrase")
         client.sendmail(DEMO, ["bob@example.net"], f"From: {DEMO}\r\nSubject: k8s\r\n\r\nhi\r\n".encode())
     [got] = stack.sink.handler.wait_for(1, 30)

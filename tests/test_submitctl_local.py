@@ -5,7 +5,6 @@ at and acted on, the status screen and an end-to-end check."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import smtplib
 import subprocess
@@ -20,7 +19,7 @@ from submitd_common.dev.dns import DnsServer
 from submitd_common.dev.sink import Sink
 from submitd_common.dev.stack import Stack, User
 from submitd_common.testing.plugin import assert_within_grants
-from submitd_common.testing.smtp import insecure_context
+from submitd_common.testing.smtp import connect
 from submitd_common.testing.waiting import eventually
 from submitd_rewriter import dkim as ours
 
@@ -64,9 +63,8 @@ def site(local_stack):
 
 
 def login(stack, user: str, password: str) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=20)
+    client = connect(stack)
     try:
-        client.starttls(context=insecure_context())
         client.login(user, password)
     except BaseException:
         client.close()
@@ -275,7 +273,7 @@ def test_status_and_check_on_the_local_stack(site):
 
 def test_nothing_to_talk_to_is_exit_code_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(tmp_path), "user", "ls"],
-                         capture_output=True, text=True, timeout=30, env={**os.environ})
+                         capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "run.json not found" in out.stderr
 
 

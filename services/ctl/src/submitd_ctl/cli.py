@@ -79,10 +79,11 @@ def hashed(password: str) -> str:
     return hash_password(password)  # argon2id, here on the operator's machine
 
 
-def user_change(args, change, done: str) -> int:
-    site = site_of(args)
-    files = edit(site, "users", change)
-    return confirm(site, "users", files, args, done)
+def apply(args, what: str, change, done: str, site: Site | None = None) -> int:
+    """Change the users or DKIM files over the version read, then confirm they are in use."""
+    site = site or site_of(args)
+    files = edit(site, what, change)
+    return confirm(site, what, files, args, done)
 
 
 def confirm(site: Site, what: str, files, args, done: str) -> int:
@@ -109,29 +110,28 @@ def cmd_user_add(args) -> int:
     site = site_of(args)
     documents.require_user(site.read("users")[0], args.login, exists=False)  # before the prompt
     password_hash = hashed(read_password(args, args.login))
-    files = edit(site, "users", lambda f: documents.add_user(f, args.login, password_hash, args.send_as,
-                                                             args.messages_per_hour))
-    return confirm(site, "users", files, args, f"user {args.login} added")
+    return apply(args, "users", lambda f: documents.add_user(f, args.login, password_hash, args.send_as,
+                                                             args.messages_per_hour), f"user {args.login} added", site)
 
 
 def cmd_user_passwd(args) -> int:
     site = site_of(args)
     documents.require_user(site.read("users")[0], args.login)  # before the prompt
     password_hash = hashed(read_password(args, args.login))
-    files = edit(site, "users", lambda f: documents.set_password(f, args.login, password_hash))
-    return confirm(site, "users", files, args, f"password of {args.login} changed")
+    return apply(args, "users", lambda f: documents.set_password(f, args.login, password_hash),
+                 f"password of {args.login} changed", site)
 
 
 def cmd_user_suspend(args) -> int:
-    return user_change(args, lambda f: documents.set_suspended(f, args.login, True), f"user {args.login} suspended")
+    return apply(args, "users", lambda f: documents.set_suspended(f, args.login, True), f"user {args.login} suspended")
 
 
 def cmd_user_resume(args) -> int:
-    return user_change(args, lambda f: documents.set_suspended(f, args.login, False), f"user {args.login} resumed")
+    return apply(args, "users", lambda f: documents.set_suspended(f, args.login, False), f"user {args.login} resumed")
 
 
 def cmd_user_rm(args) -> int:
-    return user_change(args, lambda f: documents.remove_user(f, args.login), f"user {args.login} removed")
+    return apply(args, "users", lambda f: documents.remove_user(f, args.login), f"user {args.login} removed")
 
 
 def cmd_user_ls(args) -> int:
@@ -161,15 +161,9 @@ def cmd_dkim_rotate(args) -> int:
 
 def cmd_dkim_retire(args) -> int:
     grace = parse_duration(args.grace)
-    return confirm_edit(args, "dkim", lambda f: documents.retire(f, args.domain, args.selector,
-                                                                 datetime.now(timezone.utc), grace),
-                        f"selector {args.selector} of {args.domain.lower()} retired")
-
-
-def confirm_edit(args, what, change, done) -> int:
-    site = site_of(args)
-    files = edit(site, what, change)
-    return confirm(site, what, files, args, done)
+    return apply(args, "dkim", lambda f: documents.retire(f, args.domain, args.selector,
+                                                          datetime.now(timezone.utc), grace),
+                 f"selector {args.selector} of {args.domain.lower()} retired")
 
 
 def cmd_dkim_ls(args) -> int:

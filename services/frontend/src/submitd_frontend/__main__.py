@@ -19,7 +19,7 @@ from submitd_common.telemetry import setup_telemetry
 from .backends import QueueWriter, Rewriter
 from .policy_client import PolicyStreams
 from .settings import Settings
-from .smtp import CLOSE_GRACE, Backends, Sessions, SubmissionSMTP
+from .smtp import Backends, Sessions, SubmissionSMTP
 
 log = logging.getLogger("submitd.frontend")
 
@@ -60,25 +60,18 @@ async def drain(sessions: Sessions, seconds: float) -> None:
     written) may finish, and are then told 421 and closed in turn."""
     sessions.draining = True
     deadline = time.monotonic() + seconds
-    cut_at: dict[int, float] = {}  # session -> when its closing transport is aborted
     while sessions.active and time.monotonic() < deadline:
-        now = time.monotonic()
         for s in list(sessions.active):
             if s.transport is None or s.in_data:
                 continue
             if s.handshaking:
                 s.transport.abort()  # no reply can reach a client before its TLS is up
-                continue
-            if not s.transport.is_closing():
+            elif not s.transport.is_closing():
                 try:
                     s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
                 except Exception:
                     pass
-                s.close_transport()
-            # A transport closing that does not end (a STARTTLS handshake the client left
-            # halfway, a peer that never says goodbye) is cut: it held whole drains before.
-            if now >= cut_at.setdefault(id(s), now + CLOSE_GRACE):
-                s.transport.abort()
+                s.close_transport()  # (cut CLOSE_GRACE later if the peer never lets go)
         await asyncio.sleep(0.05)
     if sessions.active:
         # Out of time: the rest are cut too, and given a moment to clean up after themselves
