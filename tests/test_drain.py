@@ -121,7 +121,7 @@ def test_a_starttls_handshake_left_halfway_does_not_hold_the_drain(make_stack, r
     client.send(b"EHLO client.example.test\r\n")
     assert client.reply().splitlines()[-1].startswith("250 ")
     client.send(b"STARTTLS\r\n")
-    assert client.reply() == "220 Ready to start TLS"
+    assert client.reply() == "220 2.0.0 Ready to start TLS"
     if client_hello:
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE

@@ -6,7 +6,6 @@ import asyncio
 from aiosmtpd.smtp import SMTP
 
 from submitd_frontend.aiosmtpd_adapter import AIOSMTPD_ATTRIBUTES, aiosmtpd_state
-from submitd_frontend.smtp import SubmissionSMTP
 
 
 async def test_the_adapter_sets_up_exactly_what_aiosmtpd_does():
@@ -22,25 +21,8 @@ async def test_the_adapter_sets_up_exactly_what_aiosmtpd_does():
     assert ours._smtp_methods.keys() == theirs._smtp_methods.keys(), "every command is reachable"
 
 
-def test_every_command_of_the_frontend_is_dispatched():
-    commands = {name[5:] for name in dir(SubmissionSMTP) if name.startswith("smtp_")}
-    assert {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT"} <= commands
-
-
-async def test_unread_gives_back_what_followed_the_end_of_data():
-    # Pipelined commands read together with the end of a message go back in front of what
-    # the reader still holds (smtp.unread relies on asyncio's StreamReader buffer).
-    from submitd_frontend.aiosmtpd_adapter import unread
-
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"QUIT\r\n")
-    unread(reader, b"MAIL FROM:<a@b.example>\r\n")
-    assert await reader.readuntil(b"\n") == b"MAIL FROM:<a@b.example>\r\n"
-    assert await reader.readuntil(b"\n") == b"QUIT\r\n"
-
-
 async def test_implicit_tls_over_a_real_socket_with_octets_read_before_it():
-    # start_implicit_tls relies on asyncio's SSLProtocol (call_connection_made, _incoming,
+    # start_tls relies on asyncio's SSLProtocol (call_connection_made, _incoming,
     # _app_transport) and the StreamReader's buffer: a real handshake over loopback, with the
     # first octets of the ClientHello already in the session's reader when TLS starts.
     import ssl
@@ -49,7 +31,7 @@ async def test_implicit_tls_over_a_real_socket_with_octets_read_before_it():
 
     from submitd_common.dev.certs import make_self_signed
     from submitd_common.testing.smtp import insecure_context
-    from submitd_frontend.aiosmtpd_adapter import start_implicit_tls
+    from submitd_frontend.aiosmtpd_adapter import start_tls
 
     cert, key = make_self_signed(Path(tempfile.mkdtemp()))
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -72,7 +54,7 @@ async def test_implicit_tls_over_a_real_socket_with_octets_read_before_it():
             await self._reader.readexactly(5)  # "HELLO", then TLS, of which some is read too
             while not self._reader._buffer:
                 await asyncio.sleep(0.01)
-            await start_implicit_tls(self, server_ctx, 5)
+            await start_tls(self, server_ctx, 5)
             self._writer.write(b"220 over TLS\r\n")
             got.set_result(await self._reader.readline())
 

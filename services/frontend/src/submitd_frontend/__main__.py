@@ -16,6 +16,7 @@ from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from . import replies
 from .backends import QueueWriter, Rewriter
 from .policy_client import PolicyStreams
 from .settings import Settings
@@ -68,7 +69,7 @@ async def drain(sessions: Sessions, seconds: float) -> None:
                 s.transport.abort()  # no reply can reach a client before its TLS is up
             elif not s.transport.is_closing():
                 try:
-                    s._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                    s._writer.write(replies.DRAINING.encode() + b"\r\n")
                 except Exception:
                     pass
                 s.close_transport()  # (cut CLOSE_GRACE later if the peer never lets go)

@@ -9,13 +9,6 @@ import asyncio
 from aiosmtpd.smtp import SMTP
 
 
-def unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Give back what was read past the end of a message (pipelined commands): asyncio's
-    StreamReader has no unread, so its buffer is used (tests/test_aiosmtpd_adapter.py checks
-    it is still there)."""
-    reader._buffer[0:0] = data
-
-
 # What aiosmtpd's SMTP.__init__ sets up, without what it costs on every connection: it looks
 # its command and AUTH methods up with inspect.getmembers() and dir() each time (a fifth of a
 # millisecond). This frontend has a fixed set of commands, does AUTH itself through policy and
@@ -54,13 +47,15 @@ def aiosmtpd_state(protocol: SMTP, *, hostname: str, ident: str, tls_context, da
     })
 
 
-def start_implicit_tls(protocol: SMTP, context, timeout: float) -> asyncio.Future:
-    """TLS on an accepted plain connection (port 465), done the way aiosmtpd does STARTTLS
-    (asyncio's SSLProtocol between the socket and the session), so that the connection is a
-    session, counted against MAX_SESSIONS, from the moment it is accepted, and a PROXY header
-    can come before the handshake. What the session's reader already holds (the start of the
-    ClientHello, after a PROXY header or simply read early) goes to TLS first. Returns the
-    handshake's future; the session's transport, reader and writer are the TLS ones at once.
+def start_tls(protocol: SMTP, context, timeout: float) -> asyncio.Future:
+    """TLS on a plain connection: port 465's at once (the connection is a session, counted
+    against MAX_SESSIONS, from the moment it is accepted, and a PROXY header can come before
+    the handshake), or after STARTTLS; done the way aiosmtpd does STARTTLS (asyncio's
+    SSLProtocol between the socket and the session). What the session's reader already holds
+    (the start of the ClientHello, after a PROXY header or simply read early) goes to TLS
+    first: octets a client sent in the clear after STARTTLS can only break the handshake, never
+    be read as commands. Returns the handshake's future; the session's transport, reader and
+    writer are the TLS ones at once.
 
     Internals relied on (checked by services/frontend/tests/test_aiosmtpd_adapter.py):
     asyncio.sslproto.SSLProtocol (its ``_incoming`` BIO and ``_app_transport``), the
@@ -92,7 +87,7 @@ def start_implicit_tls(protocol: SMTP, context, timeout: float) -> asyncio.Futur
     return waiter
 
 
-def abandon_implicit_tls(protocol: SMTP) -> None:
+def abandon_tls(protocol: SMTP) -> None:
     """After a failed handshake: cut the connection and let go of everything that would keep
     the session alive (aiosmtpd's idle timer, the TLS layer), since asyncio will not call the
     session's connection_lost."""

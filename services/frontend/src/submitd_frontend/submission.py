@@ -17,11 +17,33 @@ from opentelemetry import trace
 from submitd.v1 import common_pb2
 from submitd_common.replies import render
 
-from . import metrics
+from . import metrics, replies
 from .backends import CHUNK, BackendUnavailable, StreamedMessage
 
 log = logging.getLogger("submitd.frontend")
-TEMPORARY = "451 4.3.0 Temporary failure, try again later"
+
+
+class SessionBackends:
+    """What a dialog asks of the backends (:class:`~.state.Backends`): its policy session's
+    verdicts, and a :class:`Submission` for each message."""
+
+    def __init__(self, backends, policy) -> None:
+        self.backends = backends
+        self.policy = policy
+
+    @property
+    def queue_available(self) -> bool:
+        return self.backends.queue.available
+
+    async def ask(self, **event):
+        with metrics.BACKEND_LATENCY.labels("policy").time():
+            return await self.policy.ask(**event)
+
+    def note(self, **event) -> None:
+        self.policy.note(**event)
+
+    def submission(self, envelope: common_pb2.Envelope) -> "Submission":
+        return Submission(self.backends, envelope)
 
 
 class Submission:
@@ -88,9 +110,9 @@ class Submission:
             span.set_attribute("smtp.reply.code", e.reply.code)
             return _temporary(e.reply)
         span.set_attribute("smtp.reply.code", 250)
-        return f"250 2.0.0 Ok: queued as {self.envelope.queue_id}"
+        return replies.queued(self.envelope.queue_id)
 
 
 def _temporary(reply: common_pb2.Reply) -> str:
     # A failed backend ends the transaction, never the session.
-    return render(reply) if reply.code != 421 else TEMPORARY
+    return render(reply) if reply.code != 421 else replies.TEMPORARY

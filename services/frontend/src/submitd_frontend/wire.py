@@ -18,16 +18,18 @@ so that the client's next command is not taken from the middle of its message.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+from submitd_common.addresses import AddressError, split_path
+
+from . import replies
+from .replies import BARE_CR_LF, NO_CRLF_AT_END, NUL, TOO_BIG
 
 LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
 _LONGEST = LINE_LIMIT - 2  # a line's octets before its CRLF (after dot-unstuffing)
 _WINDOW = (_LONGEST + 1) // 2  # a longer line holds at least one aligned window with no LF
 
-NUL = "554 5.6.0 Message contains NUL octets"
-BARE_CR_LF = "554 5.6.0 Message contains bare CR or LF characters"
-NO_CRLF_AT_END = "554 5.6.0 Message does not end with CRLF"
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+LINE_TOO_LONG = replies.TEXT_LINE_TOO_LONG
 
 
 def block_problem(block: bytes) -> str | None:
@@ -154,6 +156,130 @@ class ChunkReader(_Reader):
 
 # -- commands and their parameters ----------------------------------------------------
 
+class CommandInput:
+    """What the client sent that nothing has taken yet: ``feed`` it what the socket gives, take
+    command lines with ``line`` and message content with ``take``.
+
+    A line is checked before anything interprets it: over ``limit`` octets (the longest
+    extended MAIL line and then some) it is dropped up to its LF and answered 500 5.5.2; a
+    bare CR or LF, or a NUL, makes it a syntax error (only CRLF ends a line: other servers read
+    such lines differently)."""
+
+    def __init__(self, limit: int = 2048) -> None:
+        self.limit = limit
+        self.buffer = bytearray()
+        self.discarding = False  # inside a line already over the limit
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def line(self) -> bytes | str | None:
+        """The next line without its CRLF, the reply refusing it (a str), or None: more needed."""
+        buffer = self.buffer
+        end = buffer.find(b"\n")
+        if end < 0:
+            if len(buffer) > self.limit:
+                self.discarding = True
+                del buffer[:-1]  # keep a CR that the next LF may complete
+            return None
+        line = bytes(buffer[: end + 1])
+        del buffer[: end + 1]
+        if self.discarding or end > self.limit:
+            self.discarding = False
+            return replies.LINE_TOO_LONG
+        if line[-2:-1] != b"\r" or b"\r" in line[:-2] or b"\x00" in line:
+            return replies.BARE_LINE_END
+        return line[:-2]
+
+    def take(self, most: int | None = None) -> bytes:
+        """What is buffered (at most ``most`` octets), for message content."""
+        if most is None or most >= len(self.buffer):
+            data = bytes(self.buffer)
+            self.buffer.clear()
+        else:
+            data = bytes(self.buffer[:most])
+            del self.buffer[:most]
+        return data
+
+    def clear(self) -> None:
+        """STARTTLS: what was pipelined in the clear is never read (RFC 3207 §4.2)."""
+        self.buffer.clear()
+        self.discarding = False
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    arg: str | None
+
+
+def parse_command(line: bytes, *, extended: bool, smtputf8: bool) -> Command | str:
+    """A checked line → the command, or the reply refusing it. ``smtputf8``: the transaction
+    was opened with SMTPUTF8 (RCPT may then carry UTF-8)."""
+    verb_bytes, _, arg_bytes = line.partition(b" ")
+    try:
+        verb = verb_bytes.decode("ascii").upper()
+        arg = arg_bytes.decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        return replies.NOT_UTF8
+    limit = EXTENDED_LIMITS.get(verb, COMMAND_LIMIT) if extended else COMMAND_LIMIT
+    if len(line) + 2 > limit:
+        return replies.LINE_TOO_LONG
+    if arg and not arg.isascii():
+        if verb == "MAIL":
+            allowed = any(p.upper() == "SMTPUTF8" for p in arg.split()[1:])
+        else:
+            allowed = verb == "RCPT" and smtputf8
+        if not allowed:
+            return replies.NEEDS_SMTPUTF8
+    if not verb.isalpha():
+        return replies.UNRECOGNIZED
+    return Command(verb, arg)
+
+
+def parse_path(arg: str | None, *, mail: bool, extended: bool) -> tuple[str, dict[str, str]] | str:
+    """``FROM:<path> params`` (MAIL) or ``TO:<path> params`` (RCPT) → (address, parameters), or
+    the reply refusing it. The checks both share; what only one of them has is the caller's."""
+    prefix, syntax = ("FROM:", replies.MAIL_SYNTAX) if mail else ("TO:", replies.RCPT_SYNTAX)
+    if not arg or arg[: len(prefix)].upper() != prefix:
+        return syntax
+    try:
+        address, param_text = split_path(arg[len(prefix):])
+    except AddressError:
+        return replies.BAD_SENDER if mail else replies.BAD_RECIPIENT
+    params = parse_params(param_text)
+    if params is None or (param_text and not extended) or (not mail and not address):
+        return syntax
+    unknown = set(params) - (MAIL_PARAMS if mail else RCPT_PARAMS)
+    if unknown:
+        return replies.unsupported_parameter("MAIL" if mail else "RCPT", sorted(unknown)[0])
+    return address, params
+
+
+def mail_problem(address: str, params: dict[str, str], size_limit: int | None) -> str | None:
+    """What only MAIL checks: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), DSN."""
+    if "SIZE" in params:
+        if not params["SIZE"].isdigit():
+            return replies.MAIL_SYNTAX
+        if size_limit and int(params["SIZE"]) > size_limit:
+            return replies.TOO_BIG
+    if params.get("BODY", "7BIT").upper() not in ("7BIT", "8BITMIME"):
+        return replies.BAD_BODY
+    if "SMTPUTF8" in params and params["SMTPUTF8"]:
+        return replies.SMTPUTF8_VALUE
+    if not address.isascii() and "SMTPUTF8" not in params:
+        return replies.ADDRESS_NEEDS_SMTPUTF8
+    return dsn_problem(params)
+
+
+def bdat_args(arg: str | None) -> tuple[int, bool] | None:
+    """``chunk-size [LAST]`` → (size, last), or None."""
+    parts = (arg or "").split()
+    if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+        return None
+    return int(parts[0]), len(parts) == 2
+
+
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 # Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
 # (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
@@ -168,17 +294,17 @@ XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
 def dsn_problem(params: dict[str, str]) -> str | None:
     """RFC 3461 syntax of the DSN parameters present, or None."""
     if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
-        return "501 5.5.4 RET must be FULL or HDRS"
+        return replies.BAD_RET
     if "ENVID" in params and (len(params["ENVID"]) > 100 or not XTEXT.match(params["ENVID"])):
-        return "501 5.5.4 ENVID must be xtext of at most 100 characters"
+        return replies.BAD_ENVID
     if "NOTIFY" in params:
         values = params["NOTIFY"].upper().split(",")
         if not (values == ["NEVER"] or (set(values) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(values)) == len(values))):
-            return "501 5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE and DELAY"
+            return replies.BAD_NOTIFY
     if "ORCPT" in params:
         kind, semi, value = params["ORCPT"].partition(";")
         if not semi or not kind or not value or not XTEXT.match(value):
-            return "501 5.5.4 ORCPT must be addr-type;xtext"
+            return replies.BAD_ORCPT
     return None
 
 
