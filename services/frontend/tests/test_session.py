@@ -1,0 +1,254 @@
+"""The dialog in memory: the session layer with input split and pipelined as clients send it,
+no sockets and no backends. Policy here accepts whatever reaches it (its own rules are tested
+against the real policy service in tests/test_policy.py); what is checked is what the
+frontend decides alone: line and command syntax, the order of commands, parameters, limits,
+message content, and that every reply is the catalogue's."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from submitd.v1 import common_pb2, policy_pb2
+from submitd_frontend import replies
+from submitd_frontend.session import Session
+from submitd_frontend.settings import Settings
+from submitd_frontend.state import Phase
+
+SETTINGS = dict(hostname="mx.example.test", max_message_size=10_000, max_recipients=3, max_errors=20,
+                junk_command_limit=100, max_session_seconds=3600)
+
+
+class Memory:
+    """The Connection (input given in pieces, replies kept) and the Backends (policy accepts;
+    messages kept when finished)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.written: list[str] = []
+        self.closed = False
+        self.events: list[str] = []
+        self.queued: list[bytes] = []
+        self.queue_available = True
+        self.challenge = False  # AUTH answers with a 334 first
+
+    async def read(self) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def expect(self, content: bool) -> None:
+        pass
+
+    async def write(self, reply: str) -> None:
+        assert not self.closed, f"written after close: {reply}"
+        self.written.append(reply)
+
+    async def start_tls(self):
+        return policy_pb2.TlsInfo(version="TLSv1.3")
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def ask(self, **event) -> policy_pb2.Verdict:
+        kind = next(k for k in event if k != "trace_context")
+        self.events.append(kind)
+        if kind == "auth_start" and self.challenge:
+            return policy_pb2.Verdict(has_challenge=True, challenge=b"")
+        if kind == "auth_response" and event[kind].cancelled:
+            return policy_pb2.Verdict(reply=common_pb2.Reply(code=501, enhanced="5.7.0", text="cancelled"))
+        return policy_pb2.Verdict(accept=True, authenticated_user="alice@example.test")
+
+    def note(self, **event) -> None:
+        self.events.append(next(iter(event)))
+
+    def submission(self, envelope):
+        return Kept(self, envelope)
+
+
+class Kept:
+    def __init__(self, memory: Memory, envelope) -> None:
+        self.memory, self.envelope, self.content, self.size = memory, envelope, bytearray(), 0
+
+    async def feed(self, content: bytes) -> None:
+        self.content += content
+        self.size += len(content)
+
+    async def abandon(self) -> None:
+        self.content = bytearray()
+
+    async def finish(self) -> str:
+        self.memory.queued.append(bytes(self.content))
+        return replies.queued(self.envelope.queue_id)
+
+
+async def dialog(data: bytes, *, split: int | None = None, tls: bool = True, starttls: bool = False,
+                 memory: Memory | None = None, **settings) -> tuple[list[str], Memory, Session]:
+    """Run a session over ``data`` cut into pieces of ``split`` octets; its replies after the
+    greeting, one per entry (a multi-line reply is one entry)."""
+    pieces = [data[i:i + split] for i in range(0, len(data), split)] if split else [data]
+    memory = memory or Memory([])
+    memory.pieces = pieces
+    session = Session(Settings(**{**SETTINGS, **settings}), memory, memory, tls=tls, starttls=starttls,
+                      client_address="192.0.2.1", session_id="s1")
+    await session.run()
+    await session.end()
+    assert memory.written[0] == replies.greeting("mx.example.test")
+    return memory.written[1:], memory, session
+
+
+PLAIN = base64.b64encode(b"\0alice@example.test\0secret").decode()
+LOGIN = f"EHLO c.example\r\nAUTH PLAIN {PLAIN}\r\n".encode()
+ENVELOPE = b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\n"
+SPLITS = [None, 1, 7]  # whole, a byte at a time, and an odd cut
+
+
+@pytest.mark.parametrize("split", SPLITS)
+async def test_a_pipelined_submission_is_answered_in_order_whatever_the_cuts(split):
+    data = LOGIN + ENVELOPE + b"DATA\r\nSubject: x\r\n\r\n..dot\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n"
+    got, memory, _ = await dialog(data, split=split)
+    assert got[1:] == [replies.AUTH_OK, replies.SENDER_OK, replies.RECIPIENT_OK, replies.START_DATA,
+                       got[5], replies.OK, replies.BYE]
+    assert got[5].startswith("250 2.0.0 Ok: queued as ")
+    assert memory.queued == [b"Subject: x\r\n\r\n.dot\r\nbody\r\n"], "dot-unstuffed, the end marker not included"
+    assert memory.closed
+
+
+async def test_ehlo_offers_the_rfc_6409_extensions_and_auth_only_under_tls():
+    got, _, _ = await dialog(b"EHLO c.example\r\n", tls=False, starttls=True)
+    lines = [line[4:] for line in got[0].split("\r\n")]
+    assert lines == ["mx.example.test", "PIPELINING", "SIZE 10000", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN",
+                     "SMTPUTF8", "CHUNKING", "STARTTLS"]
+    got, _, _ = await dialog(b"EHLO c.example\r\n")
+    assert got[0].endswith("250 AUTH PLAIN LOGIN") and "STARTTLS" not in got[0] and "ETRN" not in got[0]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+async def test_starttls_forgets_what_came_before_and_what_was_pipelined_in_the_clear(split):
+    data = b"EHLO c.example\r\nSTARTTLS\r\nMAIL FROM:<evil@example.net>\r\n"
+    memory = Memory([])
+    got, memory, session = await dialog(data, tls=False, starttls=True, memory=memory)
+    assert got[1] == replies.TLS_READY and len(got) == 2, "the injected MAIL got no reply"
+    assert session.state.tls and session.state.phase is Phase.CONNECTED
+    got, _, _ = await dialog(b"STARTTLS\r\n")
+    assert got == [replies.TLS_ACTIVE]
+
+
+@pytest.mark.parametrize("line, reply", [
+    (b"NOOP " + b"x" * 600, replies.LINE_TOO_LONG),
+    (b"NOOP " + b"x" * 5000, replies.LINE_TOO_LONG),
+    (b"MAIL FROM:<alice@example.test>\n", replies.BARE_LINE_END),
+    (b"MAIL FROM:<alice@example.test>\rRCPT TO:<x@example.net>", replies.BARE_LINE_END),
+    (b"NOOP\x00", replies.BARE_LINE_END),
+    (b"MAIL FROM:<\xff@example.test>", replies.NOT_UTF8),
+    ("MAIL FROM:<jösé@example.test>".encode(), replies.NEEDS_SMTPUTF8),
+    (b"ETRN example.net", replies.UNRECOGNIZED),
+    (b"X-1 y", replies.UNRECOGNIZED),
+])
+@pytest.mark.parametrize("split", [None, 3])
+async def test_a_bad_line_is_refused_once_and_the_session_goes_on(line, reply, split):
+    end = b"" if line.endswith(b"\n") else b"\r\n"
+    got, _, session = await dialog(LOGIN + line + end + b"MAIL FROM:<alice@example.test>\r\n", split=split)
+    assert got[2:] == [reply, replies.SENDER_OK], "one reply for the bad line; no transaction started by it"
+
+
+@pytest.mark.parametrize("command, reply", [
+    (b"MAIL", replies.MAIL_SYNTAX),
+    (b"MAIL FROM:<alice@example.test> FOO=1", replies.unsupported_parameter("MAIL", "FOO")),
+    (b"MAIL FROM:<alice@example.test> SIZE=20000", replies.TOO_BIG),
+    (b"MAIL FROM:<alice@example.test> SIZE=x", replies.MAIL_SYNTAX),
+    (b"MAIL FROM:<alice@example.test> BODY=BINARYMIME", replies.BAD_BODY),
+    (b"MAIL FROM:<alice@example.test> SMTPUTF8=yes", replies.SMTPUTF8_VALUE),
+    (b"MAIL FROM:<alice@example.test> RET=ALL", replies.BAD_RET),
+    (b"MAIL FROM:<alice@example.test> ENVID=a\x7fb", replies.BAD_ENVID),
+    (b"MAIL FROM:<alice@example.test", replies.BAD_SENDER),
+    (b"RCPT TO:<bob@example.net>", replies.NEED_MAIL),
+    (b"DATA", replies.NEED_MAIL),
+    (b"BDAT 0 LAST", replies.NEED_MAIL),
+])
+async def test_what_the_frontend_refuses_before_asking_policy(command, reply):
+    got, memory, _ = await dialog(LOGIN + command + b"\r\nQUIT\r\n")
+    assert got[2:] == [reply, replies.BYE]
+    assert memory.events.count("mail_from") == 0 and memory.queued == []
+
+
+async def test_rcpt_checks_and_the_recipient_limit_keeps_earlier_recipients():
+    data = LOGIN + b"MAIL FROM:<alice@example.test>\r\n" + b"".join(
+        f"RCPT TO:<r{n}@example.net>\r\n".encode() for n in range(4)) + (
+        b"RCPT TO:<>\r\nRCPT TO:<x@example.net> NOTIFY=SOMETIMES\r\nRCPT TO:<x@example.net> ORCPT=rfc822\r\n"
+        + "RCPT TO:<jösé@example.net>\r\n".encode() + b"DATA\r\nhi\r\n.\r\n")
+    got, memory, _ = await dialog(data)
+    assert got[3:7] == [replies.RECIPIENT_OK] * 3 + [replies.TOO_MANY_RECIPIENTS]
+    assert got[7:11] == [replies.RCPT_SYNTAX, replies.BAD_NOTIFY, replies.BAD_ORCPT, replies.NEEDS_SMTPUTF8]
+    assert got[-1].startswith("250 2.0.0 Ok: queued")
+
+
+@pytest.mark.parametrize("smuggle", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"])
+@pytest.mark.parametrize("split", SPLITS)
+async def test_only_crlf_dot_crlf_ends_data_and_a_smuggled_message_is_refused_whole(smuggle, split):
+    data = (LOGIN + ENVELOPE + b"DATA\r\nSubject: first\r\n\r\nhello" + smuggle + ENVELOPE
+            + b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\nNOOP\r\n")
+    got, memory, _ = await dialog(data, split=split)
+    assert got[5:] == [replies.BARE_CR_LF, replies.OK], "nothing of the message read as a command"
+    assert memory.queued == []
+
+
+@pytest.mark.parametrize("content, reply", [
+    (b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\nafter\r\n", replies.TEXT_LINE_TOO_LONG),
+    ((b"b" * 900 + b"\r\n") * 12, replies.TOO_BIG),
+    (b"x\x00y\r\n", replies.NUL),
+])
+async def test_bad_content_is_read_to_its_end_then_refused(content, reply):
+    got, memory, _ = await dialog(LOGIN + ENVELOPE + b"DATA\r\n" + content + b".\r\nNOOP\r\n", split=1000)
+    assert got[5:] == [reply, replies.OK] and memory.queued == []
+
+
+@pytest.mark.parametrize("split", SPLITS)
+async def test_bdat_chunks_make_one_message_and_pipelined_commands_follow(split):
+    data = LOGIN + ENVELOPE + b"BDAT 10\r\nSubject: yBDAT 8 LAST\r\n\r\nbody\r\nNOOP\r\n"
+    got, memory, _ = await dialog(data, split=split)
+    assert got[4:] == [replies.chunk_received(10), got[5], replies.OK]
+    assert got[5].startswith("250 2.0.0 Ok: queued") and memory.queued == [b"Subject: y\r\nbody\r\n"]
+
+
+async def test_bdat_refused_before_content_still_reads_the_chunk_and_only_some_commands_are_allowed():
+    got, memory, _ = await dialog(LOGIN + b"BDAT 15 LAST\r\nMAIL FROM:<x>\r\nMAIL FROM:<alice@example.test>\r\n")
+    assert got[2:] == [replies.NEED_MAIL, replies.SENDER_OK], "the chunk's octets were never a command"
+    got, _, _ = await dialog(LOGIN + ENVELOPE + b"BDAT 3\r\nx\nyEHLO a.example\r\nBDAT 0 LAST\r\n")
+    assert got[4:] == [replies.chunk_received(3), replies.BDAT_ONLY, replies.BARE_CR_LF]
+    assert memory.queued == []
+
+
+async def test_auth_order_syntax_and_a_continuation_line_gets_the_line_checks():
+    got, _, _ = await dialog(b"AUTH PLAIN\r\nEHLO c.example\r\nAUTH\r\nAUTH PLAIN !!!\r\n" + ENVELOPE
+                             + b"AUTH PLAIN " + PLAIN.encode() + b"\r\n")
+    assert [got[0], got[2], got[3], got[6]] == [replies.NEED_EHLO, replies.AUTH_SYNTAX, replies.BAD_BASE64,
+                                                replies.AUTH_IN_TRANSACTION]
+    got, _, _ = await dialog(b"EHLO c.example\r\nAUTH PLAIN\r\n", tls=False, starttls=True)
+    assert got[1] == replies.AUTH_NEEDS_TLS
+    memory = Memory([])
+    memory.challenge = True
+    got, memory, _ = await dialog(b"EHLO c.example\r\nAUTH LOGIN\r\n" + b"x" * 3000 + b"\r\nNOOP\r\n", memory=memory)
+    assert got[1:] == ["334 ", replies.LINE_TOO_LONG, replies.OK], "one line, one reply"
+    assert memory.events[-1] == "auth_response"
+
+
+async def test_too_many_errors_close_with_421_and_junk_commands_are_limited():
+    got, memory, _ = await dialog(LOGIN + b"FOO\r\n" * 30, max_errors=5)
+    assert got[2:] == [replies.UNRECOGNIZED] * 5 + [replies.TOO_MANY_ERRORS] and memory.closed
+    got, memory, _ = await dialog(LOGIN + b"NOOP\r\n" * 30, junk_command_limit=4)
+    assert got[-1] == replies.TOO_MUCH_JUNK and len(got) == 2 + 3 + 1 and memory.closed
+
+
+async def test_queue_down_refuses_data_with_a_4xx_and_the_transaction_stays():
+    memory = Memory([])
+    memory.queue_available = False
+    got, memory, session = await dialog(LOGIN + ENVELOPE + b"DATA\r\n", memory=memory)
+    assert got[-1].startswith("451 4.3.0") and session.state.phase is Phase.TRANSACTION
+
+
+async def test_every_reply_of_the_catalogue_has_an_enhanced_code_of_its_class():
+    texts = [v for k, v in vars(replies).items() if k.isupper() and isinstance(v, str) and v[:3] != "354"]
+    assert len(texts) > 50
+    for text in texts:
+        code, enhanced = text[:3], text[4:].split(" ", 1)[0]
+        assert enhanced.count(".") == 2 and enhanced[0] == code[0], text
