@@ -45,7 +45,6 @@ class TransactionCommands:
     async def ask(self, **event) -> policy_pb2.Verdict:
         raise NotImplementedError
 
-
     async def mail(self, arg: str | None) -> None:
         state = self.state
         if not state.helo:
