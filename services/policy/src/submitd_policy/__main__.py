@@ -6,10 +6,9 @@ import logging
 import os
 
 from submitd.v1 import policy_pb2, policy_pb2_grpc
-from submitd_common import grpcutil, jetstream, lifecycle
+from submitd_common import jetstream, lifecycle
 from submitd_common.files import WatchedFile
 from submitd_common.health import Health
-from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
@@ -42,22 +41,11 @@ async def amain() -> None:
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
-    stop_health = await health.start()
-
     service = PolicyService(settings, users, rates, authfail)
-    _, port, stop_grpc = await grpcutil.start_server(
-        settings.listen, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s), health, grpcutil.MutualTLS.from_settings(settings)
+    await lifecycle.serve_grpc(
+        "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
+        users=len(users.value.users),
     )
-    http_app = health_app(health, "submitd policy")
-    _, stop_http = await serve_http(http_app, *split_hostport(settings.http_listen))
-    log.info("policy listening", extra={"fields": {"port": port, "users": len(users.value.users)}})
-
-    await lifecycle.wait_for_signal()
-    log.info("policy draining")
-    await health.set_draining()
-    await stop_grpc(settings.drain_seconds)
-    await stop_http()
-    await stop_health()
     await stop_watch()
     await jetstream.close(nc)
     service.authenticator.close()

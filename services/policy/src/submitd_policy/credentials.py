@@ -14,7 +14,7 @@ purpose. A mail client authenticates on every send, so the verified credentials 
   times the hash's memory cost. At most ``password_hash_queue`` more wait for a thread; past
   that, AUTH answers 454 4.7.0 at once instead of queueing without bound.
 - Only successes are cached. A failure always costs a full verification, which is why the
-  lockout counters are read before any hash is computed (see service.py).
+  lockout counters are read before any hash is computed (see lockouts.py).
 """
 
 from __future__ import annotations

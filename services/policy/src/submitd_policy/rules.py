@@ -1,23 +1,26 @@
-"""Submission rules. Each rule looks at the session and one event and returns a Verdict to
-refuse, or None to let the next rule decide; an event that no rule refuses is accepted.
+"""Submission rules: pure checks. Each rule looks at the session, one event and what was read
+for it (an ``Ask``) and returns a Verdict to refuse, or None to let the next rule decide; an
+event that no rule refuses is accepted. Rules read nothing and change nothing: whatever they
+need (the user's current record, the rate counter) is in the Ask, and counting happens once,
+after every rule passed (``decisions.record``). So the order of a list only decides which
+refusal a client sees first.
 
-Adding a rule is adding a function to the list for its event. Rules may be coroutines.
+Adding a rule is adding a function to the list for its event.
 """
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from submitd.v1 import policy_pb2
 from submitd_common.addresses import Address, AddressError, parse_mailbox
 from submitd_common.replies import reply
-
-from .counters import Counters, window_key
-from .settings import Settings
 from submitd_common.users import User, UserDB
+
+from .counters import Counters
+from .settings import Settings
 
 
 @dataclass
@@ -38,20 +41,30 @@ class SessionState:
     sasl: object | None = None
     mail_from: str | None = None
     recipients: int = 0
-    extra: dict = field(default_factory=dict)
+    # Unauthorized recipients were accepted under the postmaster exception (RFC 6409 §6.4):
+    # the message may go to them, and only to them.
+    postmaster_only: bool = False
 
     @property
     def authorized(self) -> bool:
         """RFC 6409 §4.3: authenticated, or connecting from a trusted network."""
         return self.user is not None or self.trusted
 
+    def reset_transaction(self) -> None:
+        self.mail_from = None
+        self.recipients = 0
+        self.postmaster_only = False
 
-@dataclass
+
+@dataclass(frozen=True)
 class Ask:
-    """One MAIL or RCPT to decide: the event and its address as parsed (and completed)."""
+    """One MAIL, RCPT or DATA to decide, with everything the rules need read beforehand."""
 
     event: object
-    address: Address | None  # None for the null return path
+    address: Address | None  # as parsed (and completed); None for the null return path and DATA
+    user: User | None = None  # the session's user as the users file has it now; None if removed
+    limit: int | None = None  # the user's rate limit that applies to this event; None: unlimited
+    used: int = 0  # what the user has used of that limit in the current window
 
 
 def refuse(code: int, enhanced: str, text: str, disconnect: bool = False) -> policy_pb2.Verdict:
@@ -89,6 +102,15 @@ def is_postmaster(addr: Address | None, ctx: Context) -> bool:
     return addr.domain == "" or addr.domain in {d.lower() for d in ctx.settings.local_domains}
 
 
+def rate_limit(ctx: Context, user: User | None, name: str) -> int | None:
+    """The user's own limit, else the site's; None when nothing is counted (no user, no
+    counters, no limit)."""
+    if user is None or ctx.counters is None:
+        return None
+    own = getattr(user.limits, name)
+    return own if own is not None else getattr(ctx.settings, name)
+
+
 Rule = Callable[[Context, SessionState, Ask], policy_pb2.Verdict | None]
 
 # -- MAIL ---------------------------------------------------------------------------------
@@ -101,12 +123,8 @@ def mail_authorized(ctx: Context, state: SessionState, ask: Ask):
 
 
 def user_active(ctx: Context, state: SessionState, ask: Ask):
-    if state.user is None:
-        return None
-    current = ctx.users.users.get(state.user.login)  # the file may have changed since AUTH
-    if current is None or current.suspended:
+    if state.user is not None and (ask.user is None or ask.user.suspended):
         return refuse(550, "5.7.1", "Account suspended")
-    state.user = current
     return None
 
 
@@ -117,28 +135,17 @@ def sender_domain(ctx: Context, state: SessionState, ask: Ask):
 
 
 def sender_owned(ctx: Context, state: SessionState, ask: Ask):
-    if ask.address is None or state.user is None:
+    if ask.address is None or ask.user is None:
         return None
-    if not state.user.may_send_as(str(ask.address), ctx.users.aliases):
-        return refuse(550, "5.7.1", f"Sender address <{ask.address}> not owned by user {state.user.login}")
+    if not ask.user.may_send_as(str(ask.address), ctx.users.aliases):
+        return refuse(550, "5.7.1", f"Sender address <{ask.address}> not owned by user {ask.user.login}")
     return None
 
 
-async def message_rate(ctx: Context, state: SessionState, ask: Ask):
-    limit = _limit(ctx, state, "messages_per_hour")
-    if limit is None:
-        return None
-    sent = await ctx.counters.get(window_key("msgs", state.user.login, ctx.settings.rate_window))
-    if sent >= limit:
+def message_rate(ctx: Context, state: SessionState, ask: Ask):
+    if ask.limit is not None and ask.used >= ask.limit:
         return refuse(450, "4.7.1", "Message rate limit exceeded, try again later")
     return None
-
-
-def _limit(ctx: Context, state: SessionState, name: str) -> int | None:
-    if state.user is None or ctx.counters is None:
-        return None
-    own = getattr(state.user.limits, name)
-    return own if own is not None else getattr(ctx.settings, name)
 
 
 # -- RCPT ---------------------------------------------------------------------------------
@@ -166,47 +173,29 @@ def recipient_permitted(ctx: Context, state: SessionState, ask: Ask):
     return refuse(550, "5.7.1", f"Recipient <{ask.address}> not permitted for user {state.user.login}")
 
 
-async def recipient_rate(ctx: Context, state: SessionState, ask: Ask):
-    limit = _limit(ctx, state, "recipients_per_hour")
-    if limit is None:
-        return None
-    key = window_key("rcpts", state.user.login, ctx.settings.rate_window)
-    if await ctx.counters.get(key) >= limit:
+def recipient_rate(ctx: Context, state: SessionState, ask: Ask):
+    if ask.limit is not None and ask.used >= ask.limit:
         return refuse(451, "4.7.1", "Recipient rate limit exceeded, try again later")
-    await ctx.counters.incr(key)
     return None
 
 
 # -- DATA ---------------------------------------------------------------------------------
 
 
-def data_authorized(ctx: Context, state: SessionState, ask: Ask):
-    if state.authorized or state.extra.get("postmaster_only"):
+def data_authorized(ctx: Context, state: SessionState, ask: Ask | None):
+    if state.authorized or state.postmaster_only:
         return None
     return refuse(530, "5.7.0", "Authentication required")
 
 
-def data_needs_no_question(ctx: Context, state: SessionState) -> bool:
-    """After an accepted RCPT: DATA_RULES would accept without counting anything."""
-    return data_authorized(ctx, state, None) is None and _limit(ctx, state, "messages_per_hour") is None
-
-
-async def count_message(ctx: Context, state: SessionState, ask: Ask):
-    if _limit(ctx, state, "messages_per_hour") is not None:
-        await ctx.counters.incr(window_key("msgs", state.user.login, ctx.settings.rate_window))
-    return None
-
-
 MAIL_RULES: list[Rule] = [mail_authorized, user_active, sender_domain, sender_owned, message_rate]
 RCPT_RULES: list[Rule] = [rcpt_authorized, recipient_domain, recipient_permitted, recipient_rate]
-DATA_RULES: list[Rule] = [data_authorized, count_message]
+DATA_RULES: list[Rule] = [data_authorized]
 
 
-async def first_refusal(rules: list[Rule], ctx: Context, state: SessionState, ask: Ask) -> policy_pb2.Verdict | None:
+def first_refusal(rules: list[Rule], ctx: Context, state: SessionState, ask: Ask) -> policy_pb2.Verdict | None:
     for rule in rules:
         verdict = rule(ctx, state, ask)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
         if verdict is not None:
             return verdict
     return None

@@ -1,0 +1,92 @@
+"""SMTP AUTH (RFC 4954) for one session: mechanism choice, the SASL exchange, the credentials
+check (``credentials.py``) and the lockouts (``lockouts.py``). Every failure waits
+``auth_failure_delay`` before its reply."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from submitd.v1 import policy_pb2
+from submitd_common.replies import reply
+
+from .credentials import Authenticator, HashingBusy, Locked
+from .lockouts import Lockouts
+from .rules import SessionState, refuse
+from .sasl import MECHANISMS, SaslMalformed
+from .settings import Settings
+
+log = logging.getLogger("submitd.policy")
+
+TEMPORARY = (454, "4.7.0", "Temporary authentication failure, try again later")
+
+
+class Auth:
+    def __init__(self, settings: Settings, authenticator: Authenticator, lockouts: Lockouts) -> None:
+        self.settings = settings
+        self.authenticator = authenticator
+        self.lockouts = lockouts
+
+    async def start(self, state: SessionState, ev: policy_pb2.AuthStart) -> policy_pb2.Verdict:
+        if not state.tls and not self.settings.allow_auth_without_tls:
+            return refuse(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        if state.user is not None:
+            return refuse(503, "5.5.1", "Already authenticated")
+        if await self.lockouts.client_locked(state.peer):
+            await self._delay()
+            return refuse(421, "4.7.0", "Too many authentication failures, try again later", disconnect=True)
+        factory = MECHANISMS.get(ev.mechanism.upper())
+        if factory is None:
+            return refuse(504, "5.5.4", "Unrecognized authentication type")
+        state.sasl = factory()
+        return await self._sasl(state, lambda m: m.start(ev.initial_response if ev.has_initial_response else None))
+
+    async def step(self, state: SessionState, ev: policy_pb2.AuthResponse) -> policy_pb2.Verdict:
+        if state.sasl is None:
+            return refuse(503, "5.5.1", "No authentication in progress")
+        if ev.cancelled:
+            state.sasl = None
+            return refuse(501, "5.0.0", "Authentication cancelled")
+        return await self._sasl(state, lambda m: m.respond(ev.data))
+
+    async def _sasl(self, state: SessionState, advance) -> policy_pb2.Verdict:
+        try:
+            step = advance(state.sasl)
+        except SaslMalformed as e:
+            state.sasl = None
+            return refuse(501, "5.5.2", f"Cannot decode response: {e}")
+        if step.challenge is not None:
+            return policy_pb2.Verdict(accept=False, has_challenge=True, challenge=step.challenge)
+        state.sasl = None
+        return await self._check(state, step.credentials)
+
+    async def _check(self, state: SessionState, creds) -> policy_pb2.Verdict:
+        attempt = self.lockouts.attempt(creds.login, state.peer)
+        if await attempt.locked():
+            await self._delay()
+            return refuse(*TEMPORARY)
+        try:
+            user = await self.authenticator.authenticate(creds.login, creds.password, admit=attempt.admit)
+        except (HashingBusy, Locked) as e:
+            await attempt.unchecked()
+            if isinstance(e, Locked):
+                await self._delay()
+            else:
+                log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return refuse(*TEMPORARY)
+        if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
+            user = None
+        if user is None:
+            await attempt.failed()
+            await self._delay()
+            log.warning("authentication failed", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return refuse(535, "5.7.8", "Authentication credentials invalid")
+        await attempt.succeeded()
+        state.user = user
+        log.info("authenticated", extra={"fields": {"peer": state.peer, "user": user.login, "session": state.session_id}})
+        return policy_pb2.Verdict(
+            accept=True, authenticated_user=user.login, reply=reply(235, "2.7.0", "Authentication successful")
+        )
+
+    async def _delay(self) -> None:
+        await asyncio.sleep(self.settings.auth_failure_delay)
