@@ -1,4 +1,4 @@
-"""The relay streams DATA through aiosmtplib's protocol object (delivery.send_data): the parts
+"""The relay streams DATA through aiosmtplib's protocol object (transaction.send_data): the parts
 it uses are still there, and what a real SMTP server receives is the message, byte for byte,
 however it was cut into chunks."""
 
@@ -6,8 +6,8 @@ import aiosmtplib
 import pytest
 from aiosmtplib.protocol import SMTPProtocol
 
-from submitd_common.dev.sink import Sink
-from submitd_relay.delivery import AIOSMTPLIB_INTERNALS, send_data
+from submitd_devkit.sink import Sink
+from submitd_relay.transaction import AIOSMTPLIB_INTERNALS, send_data
 
 
 async def test_the_internals_send_data_uses_exist():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from submitd.v1 import common_pb2
-from submitd_relay.delivery import Outcome
+from submitd_relay.model import Outcome
 from submitd_relay.settle import plan
 
 DAY = 86400.0

@@ -22,7 +22,8 @@ from submitd_common.bodies import delete, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
 from . import metrics, settle
-from .delivery import NextHopError, NextHopPool, Outcome
+from .delivery import NextHopPool
+from .model import NextHopError, Outcome
 from .queue import QueuedBody, sweep_orphaned_bodies
 from .reports import Reports, Signer
 from .settings import Settings

@@ -8,130 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.resolver
 from opentelemetry import trace
 
 from submitd.v1 import common_pb2
 
+from .model import Body, NextHopError, Outcome
+from .routes import Host, MxResolver, RouteError
 from .settings import Settings
+from .transaction import transaction
 
 log = logging.getLogger("submitd.relay")
 tracer = trace.get_tracer("submitd.relay")
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
-
-
-class Body:
-    """What is delivered: read as a stream (once per transaction), never held whole. The
-    queue's bodies are read from JetStream as the next hop takes them (consumer.QueuedBody)."""
-
-    size: int = 0
-    eight_bit: bool = False  # BODY=8BITMIME is declared to the next hop (RFC 6152)
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-
-
-@dataclass
-class Outcome:
-    delivered: list[str] = field(default_factory=list)
-    temporary: dict[str, str] = field(default_factory=dict)  # recipient -> reply
-    permanent: dict[str, str] = field(default_factory=dict)
-    remote: dict[str, str] = field(default_factory=dict)  # recipient -> host that answered
-    without_dsn: set[str] = field(default_factory=set)  # delivered to a next hop without DSN
-    next_hop: str = ""
-
-    def fail_all(self, recipients: list[str], code: int, text: str, host: str = "") -> None:
-        target = self.permanent if 500 <= code < 600 else self.temporary
-        for r in recipients:
-            target[r] = f"{code} {text}".strip()
-            if host:
-                self.remote[r] = host
-
-    def merge(self, other: "Outcome") -> None:
-        self.delivered += other.delivered
-        self.temporary |= other.temporary
-        self.permanent |= other.permanent
-        self.remote |= other.remote
-        self.without_dsn |= other.without_dsn
-        hops = [h for h in (*self.next_hop.split(","), other.next_hop) if h]
-        self.next_hop = ",".join(dict.fromkeys(hops))
-
-
-class NextHopError(Exception):
-    """The connection failed; every recipient not yet accepted is deferred."""
-
-
-class RouteError(Exception):
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(f"{code} {text}")
-        self.code = code
-        self.text = text
-
-
-@dataclass(frozen=True)
-class Host:
-    name: str  # for TLS and reports
-    address: str  # what to connect to
-    port: int
-
-
-class MxResolver:
-    """MX, then A/AAAA (RFC 5321 §5.1); a null MX (RFC 7505) refuses the domain at once."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.r = dns.asyncresolver.Resolver(configure=not settings.dns_nameservers)
-        if settings.dns_nameservers:
-            self.r.nameservers = list(settings.dns_nameservers)
-            self.r.port = settings.dns_port
-        self.r.lifetime = settings.dns_timeout
-
-    async def hosts(self, domain: str) -> list[Host]:
-        try:
-            answer = await self.r.resolve(domain, "MX")
-            records = list(answer)
-            if any(rr.exchange == dns.name.root for rr in records):
-                raise RouteError(556, f"5.1.10 Domain {domain} does not accept mail (null MX, RFC 7505)")
-            # Lowest preference first; equal preferences in random order (RFC 5321 §5.1).
-            records.sort(key=lambda rr: (rr.preference, random.random()))
-            names = [rr.exchange.to_text(omit_final_dot=True) for rr in records]
-        except dns.resolver.NXDOMAIN:
-            raise RouteError(550, f"5.1.2 Domain {domain} does not exist") from None
-        except dns.resolver.NoAnswer:
-            names = [domain]  # no MX: the domain itself is the implicit MX
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-            raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
-        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.IDNAException) as e:
-            raise RouteError(553, f"5.1.2 Invalid recipient domain {domain}: {type(e).__name__}") from None
-        except dns.exception.DNSException as e:
-            raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
-        hosts: list[Host] = []
-        temporary = False
-        for name in names:
-            for rdtype in ("A", "AAAA"):
-                try:
-                    for rr in await self.r.resolve(name, rdtype):
-                        hosts.append(Host(name, rr.address, self.s.mx_port))
-                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                    pass
-                except dns.exception.DNSException:
-                    temporary = True
-        if not hosts:
-            if temporary:
-                raise RouteError(451, f"4.4.3 DNS lookup of the mail hosts of {domain} failed")
-            raise RouteError(550, f"5.4.4 No address for the mail hosts of {domain}")
-        return hosts
 
 
 class NextHopPool:
@@ -329,121 +222,3 @@ class NextHopPool:
                 except Exception:
                     client.close()
         self.idle.clear()
-
-
-async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: str = "") -> Outcome:
-    outcome = Outcome()
-    recipients = [r.address for r in envelope.recipients]
-    mail_options: list[str] = []
-    if envelope.smtputf8:
-        if not client.supports_extension("smtputf8"):
-            outcome.fail_all(
-                recipients, 553, "5.6.7 The message needs SMTPUTF8 (RFC 6531) and the next hop does not support it", host
-            )
-            return outcome
-        mail_options.append("SMTPUTF8")
-    if envelope.body_type == "8BITMIME" or body.eight_bit:
-        if not client.supports_extension("8bitmime"):
-            # RFC 6152 §3: an 8-bit message must not go to a server without 8BITMIME.
-            outcome.fail_all(
-                recipients, 554, "5.6.3 Conversion required but not supported: the message is 8-bit and "
-                "the next hop does not offer 8BITMIME", host,
-            )
-            return outcome
-        mail_options.append("BODY=8BITMIME")
-    dsn = client.supports_extension("dsn")
-    if dsn and envelope.dsn_ret:
-        mail_options.append(f"RET={envelope.dsn_ret}")
-    if dsn and envelope.dsn_envid:
-        mail_options.append(f"ENVID={envelope.dsn_envid}")
-    encoding = "utf-8" if envelope.smtputf8 else "ascii"
-    try:
-        await client.mail(envelope.return_path, options=mail_options, encoding=encoding)
-    except aiosmtplib.SMTPResponseException as e:
-        outcome.fail_all(recipients, e.code, e.message, host)
-        await _rset(client)
-        return outcome
-    accepted: list[str] = []
-    for r in envelope.recipients:
-        options = []
-        if dsn and r.notify:
-            options.append(f"NOTIFY={r.notify}")
-        if dsn and r.orcpt:
-            options.append(f"ORCPT={r.orcpt}")
-        try:
-            await client.rcpt(r.address, options=options, encoding=encoding)
-            accepted.append(r.address)
-        except aiosmtplib.SMTPResponseException as e:
-            outcome.fail_all([r.address], e.code, e.message, host)
-    if not accepted:
-        await _rset(client)
-        return outcome
-    try:
-        await send_data(client, body.chunks(), client.timeout)
-    except aiosmtplib.SMTPResponseException as e:
-        outcome.fail_all(accepted, e.code, e.message, host)
-        return outcome
-    outcome.delivered = accepted
-    for r in accepted:
-        outcome.remote[r] = host
-    if not dsn:
-        outcome.without_dsn.update(accepted)
-    return outcome
-
-
-async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeout: float | None) -> None:
-    """DATA with the message streamed to the next hop as it is read: dot-stuffed on the way
-    (RFC 5321 §4.5.2), each write waiting until the connection takes it.
-
-    aiosmtplib's ``data()`` takes the message whole; this does what it does, a chunk at a time,
-    through the parts of its protocol object named in AIOSMTPLIB_INTERNALS (checked by
-    tests/test_relay_adapter.py)."""
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        async with protocol._command_lock:
-            protocol._response_pending = True
-            protocol.write(b"DATA\r\n")
-            start = await protocol.read_response(timeout=timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
-            tail = b"\r\n"  # the last two octets sent: a CRLF before the first line
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                stuffed = chunk.replace(b"\r\n.", b"\r\n..")
-                # A line start that the chunk boundary hides from replace():
-                if tail == b"\r\n" and chunk[:1] == b".":
-                    stuffed = b"." + stuffed
-                elif tail[-1:] == b"\r" and chunk[:2] == b"\n.":
-                    stuffed = b"\n." + stuffed[1:]
-                protocol.write(stuffed)
-                await asyncio.wait_for(protocol._drain_helper(), timeout)
-                tail = (tail + chunk[-2:])[-2:]  # not the whole chunk copied for two octets
-            protocol._response_pending = True
-            protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
-            response = await protocol.read_response(timeout=timeout)
-            if response.code != 250:
-                raise aiosmtplib.SMTPDataError(response.code, response.message)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, ConnectionError) as e:
-        client.close()
-        if isinstance(e, aiosmtplib.SMTPServerDisconnected):
-            raise
-        raise aiosmtplib.SMTPServerDisconnected(str(e) or type(e).__name__) from e
-    except aiosmtplib.SMTPResponseException:
-        raise  # the next hop's answer: the connection goes on
-    except BaseException:
-        client.close()  # stopped partway through the content: the next hop drops what it got
-        raise
-
-
-# What send_data uses of aiosmtplib's protocol object.
-AIOSMTPLIB_INTERNALS = ("_command_lock", "_response_pending", "write", "read_response", "_drain_helper")
-
-
-async def _rset(client: aiosmtplib.SMTP) -> None:
-    try:
-        await client.rset()
-    except aiosmtplib.SMTPException:
-        client.close()

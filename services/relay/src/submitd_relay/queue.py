@@ -13,7 +13,7 @@ from submitd.v1 import queue_pb2
 from submitd_common import bodies, jetstream
 from submitd_common.bodies import object_info
 
-from .delivery import Body
+from .model import Body
 
 log = logging.getLogger("submitd.relay")
 MAX_SCAN = 100_000  # stream entries one listing may read

@@ -28,7 +28,7 @@ from submitd_common.bodies import BodyWriter
 from submitd_common.ids import new_queue_id
 
 from . import dsn, metrics
-from .delivery import Body
+from .model import Body
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from submitd.v1 import queue_pb2
 
 from . import dsn
-from .delivery import Outcome
+from .model import Outcome
 
 
 @dataclass(frozen=True)
