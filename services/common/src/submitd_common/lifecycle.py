@@ -1,4 +1,5 @@
-"""Graceful shutdown: every start step registers its finalizer; SIGTERM runs them in reverse."""
+"""A service's life: run its main on the best loop, wait for SIGTERM, and for the gRPC services
+(policy, rewriter) the whole serve-then-drain sequence in one place."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
+
+import grpc
+
+from .grpcutil import MutualTLS, start_server
+from .health import Health
+from .http import health_app, serve_http, split_hostport
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +44,24 @@ def run(amain) -> None:
             uvloop.run(amain())
         else:
             asyncio.run(amain())
+
+
+async def serve_grpc(
+    name: str, settings, health: Health, register: Callable[[grpc.aio.Server], None], **fields
+) -> None:
+    """Serve one gRPC service until SIGTERM or SIGINT: its health (grpc.health.v1 and HTTP
+    /healthz, /readyz, /metrics on ``settings.http_listen``) and the service on
+    ``settings.listen`` (mutual TLS where the settings name certificates). Then unready at once,
+    in-flight calls get ``settings.drain_seconds`` to finish, and everything stops; what the
+    service set up itself is the caller's to close afterwards."""
+    service_log = logging.getLogger(f"submitd.{name}")
+    stop_health = await health.start()
+    _, port, stop_grpc = await start_server(settings.listen, register, health, MutualTLS.from_settings(settings))
+    _, stop_http = await serve_http(health_app(health, f"submitd {name}"), *split_hostport(settings.http_listen))
+    service_log.info(f"{name} listening", extra={"fields": {"port": port, **fields}})
+    await wait_for_signal()
+    service_log.info(f"{name} draining")
+    await health.set_draining()
+    await stop_grpc(settings.drain_seconds)
+    await stop_http()
+    await stop_health()

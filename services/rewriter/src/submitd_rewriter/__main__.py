@@ -13,10 +13,9 @@ import os
 import sys
 
 from submitd.v1 import rewriter_pb2, rewriter_pb2_grpc
-from submitd_common import grpcutil, lifecycle
+from submitd_common import lifecycle
 from submitd_common.files import WatchedFile
 from submitd_common.health import Health
-from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 from submitd_common.users import UserDB
@@ -57,23 +56,11 @@ async def amain() -> None:
     ):
         if path:
             health.add_check(name, lambda path=path: os.access(path, os.R_OK))
-    stop_health = await health.start()
     service = RewriterService(settings, users, keys, rules)
-    _, port, stop_grpc = await grpcutil.start_server(
-        settings.listen, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s), health, grpcutil.MutualTLS.from_settings(settings)
+    await lifecycle.serve_grpc(
+        "rewriter", settings, health, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s),
+        dkim_domains=sorted(keys.value) if keys else [],
     )
-    http_app = health_app(health, "submitd rewriter")
-    _, stop_http = await serve_http(http_app, *split_hostport(settings.http_listen))
-    log.info(
-        "rewriter listening",
-        extra={"fields": {"port": port, "dkim_domains": sorted(keys.value) if keys else []}},
-    )
-    await lifecycle.wait_for_signal()
-    log.info("rewriter draining")
-    await health.set_draining()
-    await stop_grpc(settings.drain_seconds)
-    await stop_http()
-    await stop_health()
     for stop in stops:
         await stop()
     provider.shutdown()
