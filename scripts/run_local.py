@@ -11,8 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from submitd_common.dev.ports import wait_port
-from submitd_common.dev.stack import Ports, Stack, User
+from submitd_devkit.ports import wait_port
+from submitd_devkit.stack import Ports, Stack, User
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
@@ -70,7 +70,7 @@ def main() -> int:
     dkim_records = stack.make_dkim_keys("example.test")
     with open(VAR / "log" / "sink.log", "ab") as log:
         sink = subprocess.Popen(
-            [sys.executable, "-m", "submitd_common.dev.sink", "--port", str(sink_port), "--maildir", str(maildir),
+            [sys.executable, "-m", "submitd_devkit.sink", "--port", str(sink_port), "--maildir", str(maildir),
              "--unknown", UNKNOWN],
             stdout=log,
             stderr=log,

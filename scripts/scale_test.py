@@ -34,9 +34,9 @@ from pathlib import Path
 import nats
 
 from submitd_common import jetstream
-from submitd_common.dev.sink import Sink
-from submitd_common.dev.ports import free_port, wait_port
-from submitd_common.dev.stack import Stack, User
+from submitd_devkit.sink import Sink
+from submitd_devkit.ports import free_port, wait_port
+from submitd_devkit.stack import Stack, User
 
 USER, PASSWORD = "load@example.test", "scale test passphrase"
 _TOKEN = re.compile(rb"Subject: scale ([0-9a-f]{32})")

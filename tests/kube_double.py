@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
 
-from submitd_common.dev.ports import free_port
+from submitd_devkit.ports import free_port
 
 KUBERNETES_VERSION = "1.30"
 TOKEN = "operator-token"

@@ -15,11 +15,10 @@ import nats
 
 from submitd.v1 import common_pb2, queue_pb2
 from submitd_common import jetstream
-from submitd_common.dev.sink import Received, Sink
-from submitd_common.dev.stack import Stack
 from submitd_common.ids import new_queue_id
-
-ALICE = "alice@example.test"
+from submitd_devkit.sink import Received, Sink
+from submitd_devkit.stack import Stack
+from submitd_devkit.testing.plugin import ALICE
 
 
 def body(subject: str, text: str = "hello", *, extra_headers: str = "") -> bytes:
@@ -147,7 +146,7 @@ def second_relay(stack: Stack):
     import subprocess
     import sys
 
-    from submitd_common.dev.ports import free_port
+    from submitd_devkit.ports import free_port
 
     env = stack.service_env("relay")
     env["SUBMITD_RELAY_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"

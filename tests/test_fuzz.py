@@ -15,8 +15,8 @@ import re
 import socket
 import time
 
-from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
-from submitd_common.testing.smtp import insecure_context
+from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.smtp import insecure_context
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))
 SESSIONS = int(os.environ.get("FUZZ_SESSIONS", "60"))

@@ -6,8 +6,8 @@ import resource
 import socket
 import time
 
-from submitd_common.testing.plugin import ALICE
-from submitd_common.testing.smtp import logged_in
+from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.smtp import logged_in
 
 
 def rss_mb(pid: int) -> float:
@@ -174,7 +174,7 @@ def test_silent_connections_to_port_465_count_as_sessions_and_cannot_starve_the_
     import subprocess
     import sys
 
-    from submitd_common.testing.smtp import insecure_context
+    from submitd_devkit.testing.smtp import insecure_context
 
     stack = make_stack(start=False, env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "1000", "TLS_HANDSHAKE_TIMEOUT": "6"}})
     stack.start(("policy", "rewriter", "relay"))

@@ -2,7 +2,7 @@
 service do its own work and refuse it everything else (issue 14).
 
 The whole suite is the other half of the proof: every stack in the tests runs with these grants
-(``submitd_common.dev.stack``), and a test fails when its nats-server logged a violation
+(``submitd_devkit.stack``), and a test fails when its nats-server logged a violation
 (``testing.plugin.assert_within_grants``)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from nats.js.api import ConsumerConfig
 
 from submitd_common import jetstream, natsauth
 from submitd_common.bodies import BodyWriter, read_chunks
-from submitd_common.dev.ports import free_port, wait_port
-from submitd_common.dev.stack import nats_server_binary
+from submitd_devkit.ports import free_port, wait_port
+from submitd_devkit.stack import nats_server_binary
 
 from test_chart import CHART, by_kind, render
 

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from submitd_common.testing.plugin import ALICE, otlp_env
-from submitd_common.testing.smtp import logged_in, reply_of
+from submitd_devkit.testing.plugin import ALICE, otlp_env
+from submitd_devkit.testing.smtp import logged_in, reply_of
 
 pytestmark = pytest.mark.timeout(120)
 MSG = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: traced\r\n\r\nbody\r\n".encode()

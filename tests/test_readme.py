@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from submitd_common.dev.stack import User
+from submitd_devkit.stack import User
 from submitd_common.users import UserDB, verify_password
 from submitd_rewriter.rules import load_rules
 

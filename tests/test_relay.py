@@ -17,9 +17,9 @@ from relay_helpers import (
     reports,
 )
 
-from submitd_common.dev.dns import DnsServer
-from submitd_common.dev.sink import Sink
-from submitd_common.testing.waiting import eventually
+from submitd_devkit.dns import DnsServer
+from submitd_devkit.sink import Sink
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -295,7 +295,7 @@ def test_queue_admin_api_is_off_without_a_token(make_stack):
 
 
 def test_smarthost_with_starttls_and_auth(make_stack, tmp_path):
-    from submitd_common.dev.certs import make_self_signed
+    from submitd_devkit.certs import make_self_signed
 
     cert, key = make_self_signed(tmp_path / "hop-tls")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -333,7 +333,7 @@ def test_starttls_required_but_not_offered_defers(make_stack, sink):
 def test_8bit_message_to_a_next_hop_offering_starttls(make_stack, tmp_path):
     # The extensions must be asked again after STARTTLS: else 8BITMIME looks absent and an
     # 8-bit message would bounce with 5.6.3.
-    from submitd_common.dev.certs import make_self_signed
+    from submitd_devkit.certs import make_self_signed
 
     cert, key = make_self_signed(tmp_path / "hop-tls")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -396,7 +396,7 @@ async def test_delivery_record_refuses_a_stale_write(nats_server):
 
 
 def test_opportunistic_tls_that_fails_falls_back_to_clear(make_stack, tmp_path):
-    from submitd_common.dev.certs import make_self_signed
+    from submitd_devkit.certs import make_self_signed
 
     cert, key = make_self_signed(tmp_path / "hop-tls")
     broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

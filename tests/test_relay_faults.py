@@ -22,9 +22,9 @@ from relay_helpers import (
 )
 
 from submitd_common.bodies import list_objects
-from submitd_common.dev.sink import DROP, STALL, STALL_STORED
-from submitd_common.testing.smtp import connect, logged_in
-from submitd_common.testing.waiting import eventually
+from submitd_devkit.sink import DROP, STALL, STALL_STORED
+from submitd_devkit.testing.smtp import connect, logged_in
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(150)
 

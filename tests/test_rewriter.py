@@ -14,10 +14,10 @@ import dkim as dkimpy
 import pytest
 import yaml
 
-from submitd_common.dev.stack import User
-from submitd_common.testing.plugin import ALICE, ALICE_PASSWORD
-from submitd_common.testing.smtp import logged_in
-from submitd_common.testing.waiting import eventually
+from submitd_devkit.stack import User
+from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.smtp import logged_in
+from submitd_devkit.testing.waiting import eventually
 from submitd_rewriter import dkim
 
 pytestmark = pytest.mark.timeout(180)

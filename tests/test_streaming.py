@@ -14,10 +14,10 @@ import nats
 import pytest
 
 from relay_helpers import body, envelope, queue, queue_depth, relay_only
-from submitd_common.dev.sink import STALL
-from submitd_common.testing.plugin import ALICE
-from submitd_common.testing.smtp import logged_in
-from submitd_common.testing.waiting import eventually
+from submitd_devkit.sink import STALL
+from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.smtp import logged_in
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(180)
 HEADER = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: streamed\r\n\r\n".encode()

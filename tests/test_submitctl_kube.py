@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from kube_double import KubeApiDouble
-from submitd_common.dev.stack import User
-from submitd_common.testing.smtp import connect
+from submitd_devkit.stack import User
+from submitd_devkit.testing.smtp import connect
 from submitd_ctl import documents, kube
 from submitd_ctl.documents import ChangeError
 from test_chart import render

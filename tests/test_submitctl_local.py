@@ -15,12 +15,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from submitd_common.dev.dns import DnsServer
-from submitd_common.dev.sink import Sink
-from submitd_common.dev.stack import Stack, User
-from submitd_common.testing.plugin import assert_within_grants
-from submitd_common.testing.smtp import connect
-from submitd_common.testing.waiting import eventually
+from submitd_devkit.dns import DnsServer
+from submitd_devkit.sink import Sink
+from submitd_devkit.stack import Stack, User
+from submitd_devkit.testing.plugin import assert_within_grants
+from submitd_devkit.testing.smtp import connect
+from submitd_devkit.testing.waiting import eventually
 from submitd_rewriter import dkim as ours
 
 pytestmark = pytest.mark.timeout(240)

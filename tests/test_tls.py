@@ -51,8 +51,8 @@ def handshake(port: int, ctx, session=None):
 def test_ecdsa_and_rsa_certificates_side_by_side_and_sessions_resume(make_stack, tmp_path):
     import ssl
 
-    from submitd_common.dev.certs import make_self_signed
-    from submitd_common.testing.smtp import insecure_context as client
+    from submitd_devkit.certs import make_self_signed
+    from submitd_devkit.testing.smtp import insecure_context as client
 
     cert, key = make_self_signed(tmp_path / "rsa", "localhost", "rsa")
     stack = make_stack(env={"frontend": {"TLS_SECOND_CERT": str(cert), "TLS_SECOND_KEY": str(key)}})

@@ -29,8 +29,8 @@ async def test_implicit_tls_over_a_real_socket_with_octets_read_before_it():
     import tempfile
     from pathlib import Path
 
-    from submitd_common.dev.certs import make_self_signed
-    from submitd_common.testing.smtp import insecure_context
+    from submitd_devkit.certs import make_self_signed
+    from submitd_devkit.testing.smtp import insecure_context
     from submitd_frontend.aiosmtpd_adapter import start_tls
 
     cert, key = make_self_signed(Path(tempfile.mkdtemp()))

@@ -7,7 +7,7 @@ no NATS access at all. Each service answers on its own inbox prefix (``_INBOX_<s
 no service can listen to another's replies.
 
 The chart carries the same grants (``services.<name>.nats`` in values.yaml; a test keeps the two
-equal) and the local stack (``submitd_common.dev``) writes them into its nats.conf.
+equal) and the local stack (``submitd_devkit``) writes them into its nats.conf.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and, optionally, in a Maildir) and can be told to answer with failures, to drop 
 connection, or to stall at the end of data. Its extensions can be chosen (DSN on, 8BITMIME or
 SMTPUTF8 off) to act as the kinds of next hop a relay meets.
 
-    python -m submitd_common.dev.sink --port 2525 --maildir var/maildir
+    python -m submitd_devkit.sink --port 2525 --maildir var/maildir
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import yaml
 from submitd_common import natsauth
 
 from .certs import make_self_signed
+from .env import settings_env
 from .ports import free_port, wait_port
 
 SERVICES = ("policy", "rewriter", "relay", "frontend")
@@ -283,61 +284,58 @@ class Stack:
         tmp.replace(self.users_file)
 
     def service_env(self, name: str) -> dict[str, str]:
+        """The service's environment: its settings (by field name, checked against its settings
+        class) over this process's environment without any other SUBMITD_ variable."""
         p = self.ports
-        prefix = f"SUBMITD_{name.upper()}_"
-        env = {
-            "NATS_URL": self.nats.service_url,
-            **self.nats.credentials(name),
-            "LOG_LEVEL": "INFO",
-            "DRAIN_SECONDS": "10",
-        }
-        if self.grpc_tls and name in ("frontend", "policy", "rewriter", "relay"):
+        values: dict = {"nats_url": self.nats.service_url, "log_level": "INFO", "drain_seconds": 10}
+        values |= {k.lower(): v for k, v in self.nats.credentials(name).items()}
+        if self.grpc_tls:
             # The self-signed certificate is its own CA: every service presents it and trusts it.
-            env |= {"GRPC_TLS_CERT": str(self.cert), "GRPC_TLS_KEY": str(self.key), "GRPC_TLS_CA": str(self.cert)}
+            values |= {"grpc_tls_cert": self.cert, "grpc_tls_key": self.key, "grpc_tls_ca": self.cert}
         if name == "policy":
-            env |= {
-                "LISTEN": f"127.0.0.1:{p.policy}",
-                "HTTP_LISTEN": f"127.0.0.1:{p.policy_http}",
-                "USERS_FILE": str(self.users_file),
-                "TRUSTED_NETWORKS": json.dumps(self.trusted_networks),
-                "RELOAD_INTERVAL": str(self.reload_interval),
+            values |= {
+                "listen": f"127.0.0.1:{p.policy}",
+                "http_listen": f"127.0.0.1:{p.policy_http}",
+                "users_file": self.users_file,
+                "trusted_networks": self.trusted_networks,
+                "reload_interval": self.reload_interval,
             }
         elif name == "rewriter":
-            env |= {
-                "LISTEN": f"127.0.0.1:{p.rewriter}",
-                "HTTP_LISTEN": f"127.0.0.1:{p.rewriter_http}",
-                "MESSAGE_ID_DOMAIN": self.hostname,
-                "USERS_FILE": str(self.users_file),
-                "RELOAD_INTERVAL": str(self.reload_interval),
+            values |= {
+                "listen": f"127.0.0.1:{p.rewriter}",
+                "http_listen": f"127.0.0.1:{p.rewriter_http}",
+                "message_id_domain": self.hostname,
+                "users_file": self.users_file,
+                "reload_interval": self.reload_interval,
             }
             if self.dkim_keys_file:
-                env["DKIM_KEYS_FILE"] = str(self.dkim_keys_file)
+                values["dkim_keys_file"] = self.dkim_keys_file
         elif name == "frontend":
-            env |= {
-                "HOSTNAME": self.hostname,
-                "SUBMISSION_LISTEN": f"127.0.0.1:{p.submission}",
-                "SUBMISSIONS_LISTEN": f"127.0.0.1:{p.submissions}",
-                "HTTP_LISTEN": f"127.0.0.1:{p.frontend_http}",
-                "TLS_CERT": str(self.cert),
-                "TLS_KEY": str(self.key),
-                "POLICY_TARGET": f"127.0.0.1:{p.policy}",
-                "REWRITER_TARGET": f"127.0.0.1:{p.rewriter}",
+            values |= {
+                "hostname": self.hostname,
+                "submission_listen": f"127.0.0.1:{p.submission}",
+                "submissions_listen": f"127.0.0.1:{p.submissions}",
+                "http_listen": f"127.0.0.1:{p.frontend_http}",
+                "tls_cert": self.cert,
+                "tls_key": self.key,
+                "policy_target": f"127.0.0.1:{p.policy}",
+                "rewriter_target": f"127.0.0.1:{p.rewriter}",
             }
         elif name == "relay":
-            env |= {
-                "HTTP_LISTEN": f"127.0.0.1:{p.relay_http}",
-                "HELO_NAME": self.hostname,
-                "NEXT_HOP_HOST": self.next_hop[0],
-                "NEXT_HOP_PORT": str(self.next_hop[1]),
-                "NEXT_HOP_TLS": "opportunistic",
-                "NEXT_HOP_VERIFY_TLS": "false",
-                "REWRITER_TARGET": f"127.0.0.1:{p.rewriter}",  # DSNs signed like any message
+            values |= {
+                "http_listen": f"127.0.0.1:{p.relay_http}",
+                "helo_name": self.hostname,
+                "next_hop_host": self.next_hop[0],
+                "next_hop_port": self.next_hop[1],
+                "next_hop_tls": "opportunistic",
+                "next_hop_verify_tls": False,
+                "rewriter_target": f"127.0.0.1:{p.rewriter}",  # DSNs signed like any message
             }
         extra = self.extra_env.get(name, {})
-        env |= {k: v for k, v in extra.items() if not k.startswith("OTEL_")}
+        values |= {k.lower(): v for k, v in extra.items() if not k.startswith("OTEL_")}
         out = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITD_")}
         out["OTEL_SERVICE_NAME"] = name
-        out.update({prefix + k: v for k, v in env.items()})
+        out.update(settings_env(name, values))
         out.update({k: v for k, v in extra.items() if k.startswith("OTEL_")})  # standard names, unprefixed
         return out
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from submitd_common.dev.ports import free_port
+from submitd_devkit.ports import free_port
 
 KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from submitd_common.dev.sink import Sink
-from submitd_common.dev.stack import NatsServer, Stack, User
+from submitd_devkit.sink import Sink
+from submitd_devkit.stack import NatsServer, Stack, User
 
 if TYPE_CHECKING:
     from .smtp import RawClient

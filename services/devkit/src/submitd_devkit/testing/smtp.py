@@ -6,7 +6,7 @@ import smtplib
 import socket
 import ssl
 
-from submitd_common.dev.stack import Stack
+from submitd_devkit.stack import Stack
 
 from .plugin import ALICE, ALICE_PASSWORD
 
