@@ -145,6 +145,55 @@ def test_a_fifth_service_costs_a_values_block():
         assert "mail-submitd-archiver" in by_kind(docs, kind), kind
     env = by_kind(docs, "Deployment")["mail-submitd-archiver"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "SUBMITD_ARCHIVER_TARGET", "value": "mail.example.com"} in env
+    assert "SUBMITD_ARCHIVER_NATS_URL" not in {e["name"] for e in env}, "no grants: no NATS user"
+
+
+def test_a_fifth_service_gets_nats_credentials_certificates_network_policies_and_a_scaler_from_its_flags():
+    """What the chart does for a service follows from its block's flags, never from its name:
+    here an archiver that serves gRPC, is called by the relay, calls the rewriter, reads the
+    queue with a NATS user of its own and scales on its consumer's lag."""
+    archiver = {
+        "ports": [{"name": "grpc", "containerPort": 50060}, {"name": "http", "containerPort": 8080}],
+        "probe": {"grpc": 50060}, "grpcPort": 50060, "calls": ["rewriter"], "scaler": "keda", "queueConsumer": "archive",
+        "nats": {"publish": ["$JS.API.CONSUMER.INFO.SUBMITD_QUEUE.archive"], "subscribe": ["_INBOX_archiver.>"]},
+        "secretEnv": {"TOKEN": {"secret": "{{ .Release.Name }}-archive", "key": "token"}},
+    }
+    values = {"services": {"archiver": archiver, "relay": {"calls": ["rewriter", "archiver"]}},
+              "keda": {"enabled": True}, "certManager": {"enabled": True}, "grpcTls": {"enabled": True}}
+    docs = render(values)
+    deployment = by_kind(docs, "Deployment")["mail-submitd-archiver"]
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SUBMITD_ARCHIVER_NATS_USER"]["value"] == "archiver"
+    assert env["SUBMITD_ARCHIVER_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mail-submitd-nats-auth", "key": "archiver"}
+    assert env["SUBMITD_ARCHIVER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mail-archive", "key": "token"}
+    secret = by_kind(docs, "Secret")["mail-submitd-nats-auth"]
+    assert "archiver" in (secret.get("data") or secret.get("stringData"))
+    conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
+    assert "user: archiver" in conf and "$JS.API.CONSUMER.INFO.SUBMITD_QUEUE.archive" in conf
+
+    names = by_kind(docs, "Certificate")["mail-submitd-grpc-tls"]["spec"]["dnsNames"]
+    assert {"mail-submitd-archiver", "mail-submitd-archiver.mail.svc"} <= set(names)
+
+    policies = by_kind(docs, "NetworkPolicy")
+    ingress = policies["mail-submitd-archiver"]["spec"]["ingress"]
+    assert [{f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rule["from"]} for rule in ingress] == [{"relay"}]
+    assert ingress[0]["ports"] == [{"port": 50060, "protocol": "TCP"}]
+    out = policies["mail-submitd-archiver"]["spec"]["egress"]
+    assert [(r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], r["ports"][0]["port"]) for r in out] == [("rewriter", 50052)]
+    relay_out = policies["mail-submitd-relay"]["spec"]["egress"]
+    assert ("archiver", 50060) in [(r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], r["ports"][0]["port"]) for r in relay_out if "to" in r]
+    rewriter_in = policies["mail-submitd-rewriter"]["spec"]["ingress"][0]["from"]
+    assert "archiver" in {f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rewriter_in}
+    nats_clients = policies["mail-submitd-nats-clients"]["spec"]["podSelector"]["matchExpressions"][1]["values"]
+    assert "archiver" in nats_clients
+
+    scaled = by_kind(docs, "ScaledObject")
+    assert scaled["mail-submitd-archiver"]["spec"]["triggers"][0]["metadata"]["consumer"] == "archive"
+    assert "mail-submitd-archiver" not in by_kind(docs, "HorizontalPodAutoscaler")
+    assert "replicas" not in deployment["spec"]
+    for doc in docs:
+        if doc["kind"] not in CUSTOM:
+            kubernetes_validate.validate(doc, KUBERNETES[-1], strict=True)
 
 
 def test_scenarios_do_what_they_say():
