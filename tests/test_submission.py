@@ -8,8 +8,9 @@ import smtplib
 
 import pytest
 
-from submitd_common.testing.plugin import ALICE
-from submitd_common.testing.smtp import connect, logged_in, reply_of
+from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.smtp import connect, logged_in, reply_of
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -139,17 +140,43 @@ def test_trusted_network_submits_without_auth(make_stack):
     assert msg.mail_from == "anyone@example.net"
 
 
+def body_chunks_stored(stack) -> tuple[int, int]:
+    """(chunks ever stored, chunks stored now) in the body Object Store's stream."""
+    import asyncio
+
+    import nats
+
+    from submitd_common import jetstream
+    from submitd_common.bodies import stream_name
+
+    async def go():
+        nc = await nats.connect(stack.nats.url)
+        try:
+            await nc.jetstream().object_store(jetstream.BODY_BUCKET)  # exists once the frontend started
+            info = await nc.jetstream().stream_info(stream_name(jetstream.BODY_BUCKET))
+            return info.state.last_seq, info.state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
 def test_large_message_goes_through_the_object_store(stack):
     line = b"0123456789" * 7 + b"\r\n"
-    body = line * (1_000_000 // len(line))  # about 1 MB: above the inline limit
+    body = line * (1_000_000 // len(line))  # about 1 MB: far above the 64 KiB a queue entry holds
+    before, _ = body_chunks_stored(stack)
     with logged_in(stack) as client:
         client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\n" + body)
     [msg] = stack.sink.handler.wait_for(1, 30)
     assert msg.data.endswith(b"\r\n\r\n" + body)
+    after, _ = body_chunks_stored(stack)
+    assert after - before >= len(body) // (256 << 10), "the body went through the Object Store in chunks"
+    # and once delivered, the relay removes it
+    eventually(lambda: body_chunks_stored(stack)[1] == 0, 10)
 
 
 def test_users_file_changes_apply_without_restart(make_stack):
-    from submitd_common.dev.stack import User
+    from submitd_devkit.stack import User
 
     stack = make_stack()
     stack.users["newbie@example.test"] = User("fresh password", ["newbie@example.test"])
