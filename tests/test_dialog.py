@@ -20,8 +20,6 @@ from submitd_devkit.testing.smtp import RawClient, connect, insecure_context, lo
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-
 def accepted(stack) -> float:
     """Messages the frontend has accepted (and so queued) since it started."""
     return sample(stack.ports.frontend_http, "submitd_messages_total", outcome="accepted", code="250")
@@ -36,8 +34,12 @@ def assert_only_the_next_message_arrives(stack) -> None:
     time.sleep(0.5)  # (room for a stray second message to arrive)
     assert [b"marker" in m.data for m in stack.sink.handler.messages] == [True]
 
+
+@pytest.fixture
 def raw_factory(raw):
     return raw
+
+
 MSG = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: dialog\r\n\r\nbody\r\n".encode()
 PLAIN = base64.b64encode(f"\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
 
