@@ -40,8 +40,10 @@ $(GEN)/v1/.stamp: $(PROTOS)
 run: install
 	$(PY) scripts/run_local.py
 
-# Two workers, a test file per worker at a time (module-shared stacks stay in one process).
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Four workers on two cores (most of a test is waiting on a server); the tests that share a
+# module's stack run in one worker (the dev kit's plugin groups them), every other test goes to
+# whichever worker is free.
+PYTEST_ARGS ?= -n 4 --dist loadgroup
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 

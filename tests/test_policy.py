@@ -256,7 +256,7 @@ def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack)
     # Ten sessions guessing one login's password at once from one address: the lockout counts
     # each guess before its check, atomically, so at most AUTH_FAILURES_PER_LOGIN hashes run.
     # Then 50 wrong AUTHs from 50 addresses at once: policy stays within its chart limit (512 Mi).
-    stack = make_stack(users=users(), env={"policy": {
+    stack = make_stack(users=users(), argon2=None, env={"policy": {  # the default hashing memory
         "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"}})
     verified = hashes_verified(stack)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
@@ -288,7 +288,8 @@ def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
 def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_bloats_policy(make_stack):
     # The probe below sends MAIL and RSET every 20 ms without ever sending mail: past
     # JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted here.
-    stack = make_stack(users=users(), env={"frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
+    # The policy's default hashing cost: the burst must take long enough to stall a session.
+    stack = make_stack(users=users(), argon2=None, env={"frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
     with login(stack):
         pass
     verified = hashes_verified(stack)

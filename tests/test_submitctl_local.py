@@ -15,6 +15,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from submitd_devkit import zygote
 from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack, User
@@ -45,6 +46,7 @@ def local_stack(tmp_path_factory):
                   users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
                   env={"relay": {"ADMIN_TOKEN_FILE": str(token), "RETRY_SCHEDULE": "[3600]", "FETCH_WAIT": "1"}})
     stack.sink = sink
+    stack.spawn = zygote.spawn
     stack.make_dkim_keys("example.test")
     try:
         stack.start()

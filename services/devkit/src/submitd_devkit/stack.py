@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +211,10 @@ class Stack:
         reload_interval: float = 2.0,
         keep_users: bool = False,
         nats_nodes: int = 1,
+        argon2: dict[str, int] | None = None,
     ) -> None:
+        """``argon2``: the policy's ARGON2_* settings (time_cost, memory_kib, parallelism), also
+        used for the users' hashes; unset, the policy's defaults."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "log").mkdir(exist_ok=True)
@@ -224,12 +228,16 @@ class Stack:
         self.grpc_tls = grpc_tls  # mutual TLS between frontend, policy and rewriter
         self.reload_interval = reload_interval  # users, keys and rules files (tests: shorter)
         self.procs: dict[str, subprocess.Popen] = {}
+        # How a service process starts: ``python -m submitd_<name>`` (make run, bench), or
+        # forked from a zygote that has imported it already (the tests: zygote.spawn).
+        self.spawn: Callable[[str, dict[str, str], str], subprocess.Popen] | None = None
         self.sink = None  # the next hop, when the caller runs one (tests)
         self.nats = (NatsServer(self.root / "nats", self.ports.nats) if nats_nodes == 1
                      else NatsCluster(self.root / "nats", nats_nodes))
         self.cert, self.key = make_self_signed(self.root / "tls", "localhost")
         self.users_file = self.root / "users.yaml"
         self.keep_users = keep_users
+        self.argon2 = argon2
         self.write_users()
         self.dkim_keys_file: Path | None = None
 
@@ -265,11 +273,16 @@ class Stack:
     # -- configuration ------------------------------------------------------------
 
     def write_users(self) -> None:
-        from submitd_common.users import hash_password
+        from argon2 import PasswordHasher
 
+        from submitd_common.users import ARGON2_DEFAULTS
+
+        params = self.argon2 or ARGON2_DEFAULTS
+        hasher = PasswordHasher(time_cost=params["time_cost"], memory_cost=params["memory_kib"],
+                                parallelism=params["parallelism"])
         data = {
             "users": {
-                login: {"password": u.hashed or hash_password(u.password), "send_as": u.send_as, **u.extra}
+                login: {"password": u.hashed or hasher.hash(u.password), "send_as": u.send_as, **u.extra}
                 for login, u in self.users.items()
             },
             "aliases": self.aliases,
@@ -300,6 +313,7 @@ class Stack:
                 "trusted_networks": self.trusted_networks,
                 "reload_interval": self.reload_interval,
             }
+            values |= {f"argon2_{k}": v for k, v in (self.argon2 or {}).items()}
         elif name == "rewriter":
             values |= {
                 "listen": f"127.0.0.1:{p.rewriter}",
@@ -364,6 +378,9 @@ class Stack:
         return self
 
     def start_service(self, name: str) -> None:
+        if self.spawn is not None:
+            self.procs[name] = self.spawn(name, self.service_env(name), str(self.log_path(name)))
+            return
         with open(self.root / "log" / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", f"submitd_{name}"],
@@ -430,8 +447,20 @@ class Stack:
             proc.kill()
             return proc.wait()
 
-    def stop(self) -> None:
-        for name in reversed(SERVICES):
-            if name in self.procs:
-                self.stop_service(name)
+    def stop(self, at_once: bool = False) -> None:
+        """The frontend first (its sessions may still need the others), then the rest at once
+        (each drains on its own), NATS last. ``at_once``: every service together (a test that
+        has ended has no session left to finish)."""
+        if "frontend" in self.procs and not at_once:
+            self.stop_service("frontend")
+        rest = [(name, proc) for name, proc in self.procs.items() if proc.poll() is None]
+        for _, proc in rest:
+            proc.send_signal(signal.SIGTERM)
+        for name, proc in rest:
+            self.procs.pop(name, None)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self.nats.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from submitd_devkit.sink import Sink
+from submitd_devkit import zygote
 from submitd_devkit.stack import NatsServer, Stack, User
 
 if TYPE_CHECKING:
@@ -16,6 +17,19 @@ if TYPE_CHECKING:
 
 ALICE = "alice@example.test"
 ALICE_PASSWORD = "correct horse battery staple"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` the tests of a module that share a module-scoped fixture (a
+    stack started once) run in one worker; every other test goes to whichever worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = any(d.scope in ("class", "module", "package") for defs in info.name2fixturedefs.values() for d in defs)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture
@@ -34,6 +48,12 @@ def sink() -> Iterator[Sink]:
     s.stop()
 
 
+# OWASP's minimum for argon2id, a fifth of the CPU of the policy's default: the tests log in
+# thousands of times. A test about what hashing costs (memory, timing) sets the policy's
+# ARGON2_* itself.
+TEST_ARGON2 = {"time_cost": 2, "memory_kib": 19456, "parallelism": 1}
+
+
 def default_users() -> dict[str, User]:
     return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
@@ -43,13 +63,14 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for a whole test module, for tests that do not change it."""
     next_hop = Sink().start()
     stack = Stack(tmp_path_factory.mktemp("stack"), users=default_users(), next_hop=("127.0.0.1", next_hop.port),
-                  reload_interval=0.5, env={"relay": {"FETCH_WAIT": "1"}})
+                  reload_interval=0.5, env={"relay": {"FETCH_WAIT": "0.5"}}, argon2=TEST_ARGON2)
     stack.sink = next_hop
+    stack.spawn = zygote.spawn
     try:
         stack.start()
         yield stack
     finally:
-        stack.stop()
+        stack.stop(at_once=True)
         next_hop.stop()
     assert_within_grants(stack)
 
@@ -76,12 +97,14 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
         kwargs.setdefault("users", default_users())
         # A relay stops within one pull request: a short one keeps every test's teardown short.
         env = {name: dict(values) for name, values in (kwargs.get("env") or {}).items()}
-        env.setdefault("relay", {}).setdefault("FETCH_WAIT", "1")
+        env.setdefault("relay", {}).setdefault("FETCH_WAIT", "0.5")
         kwargs["env"] = env
         kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
         kwargs.setdefault("reload_interval", 0.5)  # reloads seen quickly
+        kwargs.setdefault("argon2", TEST_ARGON2)
         stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
         stack.sink = sink
+        stack.spawn = zygote.spawn
         stacks.append(stack)
         if start:
             try:
@@ -93,7 +116,7 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
     yield factory
     for stack in stacks:
-        stack.stop()
+        stack.stop(at_once=True)
     for stack in stacks:
         assert_within_grants(stack)
 
