@@ -226,15 +226,7 @@ async def test_counters_are_shared_between_replicas(nats_server):
 
 
 def policy_metric(stack: Stack, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.policy_http}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"{name} {labels} is not exported")
+    return sample(stack.ports.policy_http, name, **labels)
 
 
 def hashes_verified(stack: Stack) -> float:

@@ -77,7 +77,7 @@ def _child(service: str, module, request: dict, private: list[int]) -> None:
 def serve(service: str) -> None:
     module = importlib.import_module(f"submitd_{service}.__main__")
     try:  # what lifecycle.run imports when the service starts
-        import uvloop  # noqa: F401
+        importlib.import_module("uvloop")
     except ImportError:
         pass
     out = os.fdopen(os.dup(1), "w", buffering=1)
