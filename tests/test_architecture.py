@@ -1,11 +1,14 @@
 """The product's shape, as docs/ARCHITECTURE.md states it: no import cycles, no file over 400
-lines, and nothing of the dev kit (local stack, sink, pytest plugin) in a product package."""
+lines, nothing of the dev kit (local stack, sink, pytest plugin) in a product package, and no
+layer reaching what is above or beside it."""
 
 from __future__ import annotations
 
 import ast
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ["common", "frontend", "policy", "rewriter", "relay", "ctl"]
@@ -113,3 +116,48 @@ def test_the_product_packages_hold_no_dev_kit():
         assert not any("devkit" in d for d in project.get("dependencies", [])), service
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "services/devkit" not in dockerfile and "services/devkit" in (ROOT / ".dockerignore").read_text()
+
+
+def reaches(module: str) -> set[str]:
+    """Everything ``module`` imports, directly or through the product modules it imports."""
+    modules = product_modules()
+    seen, todo, found = set(), [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen.add(name)
+        imported = imports_of(name, modules[name])
+        found |= imported
+        todo.extend(imported)
+    return found
+
+
+# (module, what it must never reach): the layers of docs/ARCHITECTURE.md, kept by the imports.
+LAYERS = [
+    # The frontend's wire layer, replies and session state: pure, no I/O of any kind.
+    *[(f"submitd_frontend.{m}", ["asyncio", "aiosmtpd", "grpc", "nats", "ssl", "socket"])
+      for m in ("wire", "replies", "state")],
+    # The session layer talks to a Connection and Backends, never to aiosmtpd or the I/O layer.
+    *[(f"submitd_frontend.{m}", ["aiosmtpd", "submitd_frontend.smtp", "submitd_frontend.aiosmtpd_adapter"])
+      for m in ("session", "transaction")],
+    # Policy's rules check an Ask; they never reach the stream, AUTH or the lockouts.
+    ("submitd_policy.rules", ["grpc", "submitd_policy.service", "submitd_policy.auth",
+                              "submitd_policy.lockouts", "submitd_policy.decisions"]),
+    # The relay's settling plan is a pure function; the admin API never imports the consumer.
+    ("submitd_relay.settle", ["asyncio", "nats", "grpc", "aiosmtplib", "submitd_relay.consumer"]),
+    ("submitd_relay.admin", ["submitd_relay.consumer"]),
+]
+
+
+@pytest.mark.parametrize("module,forbidden", LAYERS, ids=[m for m, _ in LAYERS])
+def test_a_layer_never_reaches_what_is_above_or_beside_it(module, forbidden):
+    assert module in product_modules()
+    found = reaches(module)
+    bad = sorted(m for m in found if any(m == f or m.startswith(f + ".") for f in forbidden))
+    assert not bad, f"{module} reaches {bad}"
+
+
+def test_the_layer_check_sees_what_a_module_reaches():
+    assert "grpc" in reaches("submitd_frontend.session")  # through backends
+    assert "aiosmtpd.smtp" in reaches("submitd_frontend.smtp")

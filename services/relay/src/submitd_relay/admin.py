@@ -12,10 +12,11 @@ import hmac
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from nats.js import JetStreamContext
 from pydantic import BaseModel
 
 from submitd.v1 import queue_pb2
@@ -23,10 +24,9 @@ from submitd_common import jetstream
 
 from . import dsn
 from .queue import MAX_SCAN, QueuedBody, scan_queue
-from .state import DeliveryState
-
-if TYPE_CHECKING:
-    from .consumer import Relay
+from .reports import Reports
+from .settings import Settings
+from .state import DeliveryState, StateStore
 
 log = logging.getLogger("submitd.relay.admin")
 # The token may come in this header instead of Authorization: through the Kubernetes API
@@ -114,8 +114,22 @@ def _summary(seq: int, qmsg: queue_pb2.QueuedMessage, state: DeliveryState) -> S
     )
 
 
+class QueueOwner(Protocol):
+    """What the admin API needs of the relay (consumer.Relay is one): the admin never imports
+    the consumer."""
+
+    js: JetStreamContext
+    s: Settings
+    state: StateStore
+    reports: Reports
+
+    async def delete_body(self, qmsg: queue_pb2.QueuedMessage) -> None: ...
+
+    def event(self, event: str, env, fields: dict) -> None: ...
+
+
 class QueueAdmin:
-    def __init__(self, relay: "Relay") -> None:
+    def __init__(self, relay: QueueOwner) -> None:
         self.relay = relay
         self.js = relay.js
 
@@ -224,7 +238,7 @@ class QueueAdmin:
         )
 
 
-def router(relay: "Relay") -> APIRouter:
+def router(relay: QueueOwner) -> APIRouter:
     settings = relay.s
     bearer = HTTPBearer(auto_error=False)
 
