@@ -65,6 +65,14 @@ class Ports:
         return self
 
 
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class NatsServer:
     """A real nats-server with JetStream, fsync on every write, its store under ``root``."""
 
@@ -441,11 +449,7 @@ class Stack:
         if proc is None or proc.poll() is not None:
             return proc.returncode if proc else None
         proc.send_signal(sig)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        return _wait_or_kill(proc, timeout)
 
     def stop(self, at_once: bool = False) -> None:
         """The frontend first (its sessions may still need the others), then the rest at once
@@ -458,9 +462,5 @@ class Stack:
             proc.send_signal(signal.SIGTERM)
         for name, proc in rest:
             self.procs.pop(name, None)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _wait_or_kill(proc, 20)
         self.nats.stop()
