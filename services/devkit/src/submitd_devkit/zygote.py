@@ -25,6 +25,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 
@@ -126,12 +127,12 @@ def serve(service: str) -> None:
 class Zygote:
     """The test process's end of one service's zygote."""
 
-    def __init__(self, service: str, log: str = os.devnull) -> None:
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "submitd_devkit.zygote", service],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
-            )
+    def __init__(self, service: str) -> None:
+        self.errors = tempfile.TemporaryFile()  # what the zygote says when it fails
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "submitd_devkit.zygote", service],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, start_new_session=True,
+        )
         self.lock = threading.Lock()  # one request and its answer at a time
         self.changed = threading.Condition()
         self.codes: dict[int, int] = {}
@@ -159,7 +160,9 @@ class Zygote:
                 if not self.changed.wait_for(lambda: self.answers or self.proc.poll() is not None, 60):
                     raise RuntimeError("the zygote did not answer")
                 if not self.answers:
-                    raise RuntimeError(f"the zygote exited with {self.proc.returncode}")
+                    self.errors.seek(0)
+                    raise RuntimeError(f"the zygote exited with {self.proc.returncode}:\n"
+                                       + self.errors.read().decode(errors="replace")[-3000:])
                 return ForkedProcess(self, self.answers.pop(0))
 
     def close(self) -> None:
