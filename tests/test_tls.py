@@ -13,8 +13,7 @@ SSLYZE = Path(__file__).resolve().parent.parent / ".venv" / "sslyze" / "bin" / "
 
 
 def findings(*target: str) -> set[str]:
-    if not SSLYZE.exists():
-        pytest.skip(f"sslyze is not installed at {SSLYZE} (make install puts it there)")
+    assert SSLYZE.exists(), f"sslyze is not installed at {SSLYZE} (make install puts it there)"
     out = subprocess.run([str(SSLYZE), "--mozilla_config=intermediate", *target],
                          capture_output=True, text=True, timeout=120).stdout
     assert "COMPLIANCE AGAINST TLS CONFIGURATION" in out, out[-2000:]
