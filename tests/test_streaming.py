@@ -124,15 +124,22 @@ def test_rewriter_gone_mid_message_answers_451_and_queues_nothing(make_stack):
 
 
 def test_nats_gone_mid_message_answers_451_and_the_sweep_removes_the_chunks(make_stack):
-    stack = make_stack(env={"relay": {"ORPHAN_SWEEP_INTERVAL": "0.5", "ORPHAN_MIN_AGE": "0"}})
+    # The client goes on sending megabytes after NATS went: the chunks awaiting NATS fill
+    # their window, the rewriter's output stops, its input stops, and the frontend's write
+    # to the rewriter waits for room. When storing gives up (PUBLISH_TIMEOUT), that write
+    # is abandoned too: 451 then, not at the rewriter's deadline (60 s).
+    stack = make_stack(env={"relay": {"ORPHAN_SWEEP_INTERVAL": "0.5", "ORPHAN_MIN_AGE": "0"},
+                            "frontend": {"PUBLISH_TIMEOUT": "2"}})
     with logged_in(stack) as client:
         start_data(client)
         client.send(HEADER + lines(2))
         time.sleep(0.5)
         stack.nats.stop()
-        client.send(lines(1) + b".\r\n")
+        started = time.monotonic()
+        client.send(lines(8) + b".\r\n")
         code, text = client.getreply()
         assert code == 451, text
+        assert time.monotonic() - started < 15, "answered once storing gave up"
         stack.nats.start()
     assert stack.sink.handler.messages == []
     # Whatever reached the Object Store before NATS went away was never an object: swept.

@@ -67,6 +67,10 @@ async def connect(name: str, options: dict, **kwargs) -> NATS:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=2,
+        # A publish that finds the outgoing buffer full flushes it first; nats-py waits for
+        # that flush without a limit by default, and a connection that died unnoticed never
+        # completes it: the publish (and the session behind it) hung until a drain cut it.
+        flush_timeout=5,
         allow_reconnect=True,
         error_cb=kwargs.pop("error_cb", error_cb),
         disconnected_cb=kwargs.pop("disconnected_cb", disconnected_cb),

@@ -132,8 +132,19 @@ class StreamedMessage:
     async def _write(self, request) -> None:
         if self.receiving.done():
             return  # refused (or failed) already: finish() says which
+        write = asyncio.ensure_future(self.call.write(request))
+        await asyncio.wait((write, self.receiving), return_when=asyncio.FIRST_COMPLETED)
+        if not write.done():
+            # The rewriter's side ended (a refusal, or its output could not be stored) while
+            # this write waited for room that will never come: the call is over, and finish()
+            # says why at once rather than at the call's deadline.
+            self.call.cancel()
+            write.cancel()
+            with contextlib.suppress(BaseException):
+                await write
+            return
         try:
-            await self.call.write(request)
+            write.result()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             if not self.receiving.done():
                 raise BackendUnavailable(REWRITER_DOWN) from e
