@@ -22,14 +22,20 @@ ALICE_PASSWORD = "correct horse battery staple"
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``--dist loadgroup`` the tests of a module that share a module-scoped fixture (a
-    stack started once) run in one worker; every other test goes to whichever worker is free."""
+    stack started once) run in one worker; every other test goes to whichever worker is free.
+    The tests that start stacks of their own (the long ones) are handed out first, so that the
+    quick ones fill the workers' last minutes instead of one long test running alone."""
+    rank: dict[str, int] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
+            rank[item.nodeid] = 2
             continue
         shared = any(d.scope in ("class", "module", "package") for defs in info.name2fixturedefs.values() for d in defs)
         if shared:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        rank[item.nodeid] = 0 if "make_stack" in item.fixturenames else 1 if shared else 2
+    items.sort(key=lambda item: rank[item.nodeid])
 
 
 @pytest.fixture
