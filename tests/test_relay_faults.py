@@ -153,7 +153,9 @@ def test_two_relays_share_the_queue_and_deliver_2000_messages_once_each(make_sta
 
 
 def test_nats_restarted_while_1000_messages_flow_loses_none_answered_250(make_stack, sink):
-    stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"frontend": {"PUBLISH_TIMEOUT": "3"}})
+    # ACK_WAIT 10 s: an ack lost while NATS restarts is redelivered after it, within the wait.
+    stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"frontend": {"PUBLISH_TIMEOUT": "3"},
+                                                               "relay": {"ACK_WAIT": "10"}})
     n_threads, per_thread = 4, 250
     accepted: list[str] = []
     refused = collections.Counter()
@@ -203,12 +205,34 @@ def test_nats_restarted_while_1000_messages_flow_loses_none_answered_250(make_st
     assert not missing, f"{len(missing)} messages answered 250 never arrived"
     # At least once: a copy may go twice (an ack lost while NATS was away), and then the
     # relay says so: every duplicate the next hop saw is counted as a possible one.
-    eventually(lambda: queue_depth(stack) == 0, 60)
+    try:
+        eventually(lambda: queue_depth(stack) == 0, 60)
+    except AssertionError:
+        raise AssertionError(f"the queue did not empty: {consumer_state(stack)}") from None
     seen = collections.Counter(subjects(sink.handler.messages))
     duplicates = sum(n - 1 for n in seen.values())
     counted = metric(stack, "submitd_delivery_possible_duplicates_total")
     print(f"\nNATS restart: {len(accepted)} answered 250, {duplicates} delivered twice, {counted:.0f} counted as possible")
     assert counted >= duplicates, duplicates
+
+
+def consumer_state(stack) -> dict:
+    """The relay consumer's and the queue's counts, to say why a queue did not empty."""
+    from submitd_common import jetstream
+
+    async def go() -> dict:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            js = nc.jetstream()
+            info = await js.consumer_info(jetstream.STREAM, jetstream.RELAY_DURABLE)
+            stream = await js.stream_info(jetstream.STREAM)
+            return {"messages": stream.state.messages, "pending": info.num_pending,
+                    "ack_pending": info.num_ack_pending, "redelivered": info.num_redelivered,
+                    "waiting": info.num_waiting}
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("megabytes", [5, 40])
