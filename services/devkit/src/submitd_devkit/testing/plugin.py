@@ -60,6 +60,11 @@ def sink() -> Iterator[Sink]:
 TEST_ARGON2 = {"time_cost": 2, "memory_kib": 19456, "parallelism": 1}
 
 
+# A relay stops within one pull request, and policy and rewriter give the frontends' long-lived
+# streams DRAIN_SECONDS before they cut them: short ones keep the tests that stop a service short.
+TEST_ENV = {"relay": {"FETCH_WAIT": "0.5"}, "policy": {"DRAIN_SECONDS": "3"}, "rewriter": {"DRAIN_SECONDS": "3"}}
+
+
 def default_users() -> dict[str, User]:
     return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
@@ -69,7 +74,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for a whole test module, for tests that do not change it."""
     next_hop = Sink().start()
     stack = Stack(tmp_path_factory.mktemp("stack"), users=default_users(), next_hop=("127.0.0.1", next_hop.port),
-                  reload_interval=0.5, env={"relay": {"FETCH_WAIT": "0.5"}}, argon2=TEST_ARGON2)
+                  reload_interval=0.5, env={k: dict(v) for k, v in TEST_ENV.items()}, argon2=TEST_ARGON2)
     stack.sink = next_hop
     stack.spawn = zygote.spawn
     try:
@@ -101,9 +106,10 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
     def factory(start: bool = True, **kwargs) -> Stack:
         kwargs.setdefault("users", default_users())
-        # A relay stops within one pull request: a short one keeps every test's teardown short.
         env = {name: dict(values) for name, values in (kwargs.get("env") or {}).items()}
-        env.setdefault("relay", {}).setdefault("FETCH_WAIT", "0.5")
+        for name, values in TEST_ENV.items():
+            for key, value in values.items():
+                env.setdefault(name, {}).setdefault(key, value)
         kwargs["env"] = env
         kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
         kwargs.setdefault("reload_interval", 0.5)  # reloads seen quickly
