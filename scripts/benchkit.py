@@ -359,7 +359,6 @@ class BareAiosmtpd(Server):
 
 # -- loads ---------------------------------------------------------------------------------
 
-@dataclass
 class PeakMemory:
     """Peak RSS growth of processes over a load: the kernel's high-water mark (VmHWM), reset
     at the start (clear_refs 5), against the resident size just before."""
@@ -381,6 +380,7 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+@dataclass
 class Round:
     accepted: int = 0
     failed: int = 0

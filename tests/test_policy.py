@@ -252,7 +252,7 @@ def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack)
         "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"}})
     verified = hashes_verified(stack)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        codes = list(pool.map(lambda _: auth_plain(stack, ALICE, "guess", "127.0.0.6"), range(10)))
+        codes = list(pool.map(lambda n: auth_plain(stack, ALICE, f"guess {n}", "127.0.0.6"), range(10)))
     assert sorted(codes) == [454] * 5 + [535] * 5, codes
     assert hashes_verified(stack) - verified == 5, "no more checks than the limit"
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.7") == 235, "the right password elsewhere"
@@ -533,7 +533,7 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
                        for port in (stack.ports.policy_http, http2) for r in ("match", "mismatch"))
 
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            codes = list(pool.map(lambda _: auth_plain(stack, ALICE, "guess", "127.0.0.6"), range(10)))
+            codes = list(pool.map(lambda n: auth_plain(stack, ALICE, f"guess {n}", "127.0.0.6"), range(10)))
         assert sorted(codes) == [454] * 5 + [535] * 5, codes
         assert checks() == 5, "counted once for both replicas"
         for port in (stack.ports.policy_http, http2):

@@ -145,3 +145,19 @@ def test_argon2_parameters_below_owasp_minimum_are_refused_and_old_hashes_verify
             check_argon2_parameters(*weak)
     strong = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4).hash("pw")
     assert verify_password(strong, "pw") and verify_password(FAST.hash("pw"), "pw")
+
+
+async def test_simultaneous_logins_with_one_password_share_one_verification(users_file):
+    # A client opening many sessions at once with a cold cache: one hash, nobody refused for a
+    # full queue (1 thread, 1 waiting place here), and each attempt still gets its own answer.
+    auth, _ = authenticator(users_file, concurrency=1, queue=1)
+    before = verifications()
+    outcomes = await asyncio.gather(*(auth.authenticate("alice", "s3cret") for _ in range(20)),
+                                    return_exceptions=True)
+    assert [u.login if u else u for u in outcomes] == ["alice"] * 20
+    assert verifications() == before + 1
+    wrong = await asyncio.gather(*(auth.authenticate("alice", "wrong") for _ in range(5)),
+                                 auth.authenticate("alice", "other"), return_exceptions=True)
+    assert wrong == [None] * 6
+    assert verifications() == before + 3, "one check per distinct password"
+    auth.close()

@@ -15,6 +15,10 @@ purpose. A mail client authenticates on every send, so the verified credentials 
   that, AUTH answers 454 4.7.0 at once instead of queueing without bound.
 - Only successes are cached. A failure always costs a full verification, which is why the
   lockout counters are read before any hash is computed (see lockouts.py).
+- Attempts with the same login and password at the same moment share one verification (a client
+  that opens 20 sessions at once after its cache entry expired costs one hash, and none of
+  them is refused for a full queue or counted as a guess before its answer); a failed one
+  counts against the lockouts once per attempt, as before.
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ class VerifiedCache:
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # login -> (mac, expiry)
 
     def _mac(self, user: User, password: str) -> bytes:
-        material = b"\0".join((user.login.encode(), user.password_hash.encode(), password.encode()))
+        return self.key(user.login, user.password_hash, password)
+
+    def key(self, login: str, password_hash: str, password: str) -> bytes:
+        """HMAC of (login, current hash, password) under this process's random key."""
+        material = b"\0".join((login.encode(), password_hash.encode(), password.encode()))
         return hmac.new(self._key, material, hashlib.sha256).digest()
 
     def __len__(self) -> int:
@@ -96,6 +104,7 @@ class Authenticator:
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="password-hash")
         self._queue_limit = max(1, concurrency) + max(0, queue)
         self._pending = 0
+        self._running: dict[bytes, asyncio.Future[bool]] = {}  # verifications in progress
         self._db_seen = users.value
 
     def _follow_reloads(self, db: UserDB) -> None:
@@ -117,15 +126,32 @@ class Authenticator:
             metrics.AUTH_CACHE.labels("hit").inc()
             return user
         metrics.AUTH_CACHE.labels("miss").inc()
-        if admit is not None and not await admit():
-            raise Locked
         # An unknown login costs what a known one costs: its password is checked against a
         # dummy hash (None here: made, the first time, in the hashing thread, not on the loop).
-        ok = await self._verify(user.password_hash if user is not None else None, password)
+        hashed = user.password_hash if user is not None else None
+        key = self.cache.key(login, hashed or "", password)
+        if key not in self._running:  # (joining a check in progress is no new guess)
+            if admit is not None and not await admit():
+                raise Locked
+        ok = await self._verify_shared(key, hashed, password)
         if not ok or user is None or user.suspended:
             return None
         self.cache.remember(user, password)
         return user
+
+    async def _verify_shared(self, key: bytes, hashed: str | None, password: str) -> bool:
+        """One verification for every attempt with this login, hash and password in progress."""
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(self._verify(hashed, password))
+
+            def done(future: asyncio.Future) -> None:
+                self._running.pop(key, None)
+                if not future.cancelled():
+                    future.exception()  # (retrieved: every waiter may have gone)
+
+            running.add_done_callback(done)
+        return await asyncio.shield(running)
 
     async def _verify(self, hashed: str | None, password: str) -> bool:
         if self._pending >= self._queue_limit:
