@@ -24,15 +24,15 @@ AIOSMTPD_ATTRIBUTES = frozenset({
 })
 _COMMANDS: dict[type, tuple[str, ...]] = {}
 
-# aiosmtpd's connection handling the I/O layer (smtp.py) builds on: connection_made starts a
-# task running ``_handle_client`` (replaced: the session's own loop), ``_cb_client_connected``
-# keeps the stream ``_reader`` and ``_writer``, and ``_reset_timeout(seconds)`` arms
-# ``_timeout_cb`` (replaced: 421 and close) on ``_timeout_handle``. The frontend reads and
-# writes the session's ``_reader`` and ``_writer``; ``session.peer`` is the client's address.
+# aiosmtpd's connection handling the I/O layer (smtp.py) builds on, beyond the state above:
+# connection_made starts a task running ``_handle_client`` (replaced: the session's own loop),
+# ``_cb_client_connected`` keeps the stream ``_reader`` and ``_writer``, and
+# ``_reset_timeout(seconds)`` arms ``_timeout_cb`` (replaced: 421 and close). The frontend reads
+# and writes the session's ``_reader`` and ``_writer``; ``session.peer`` is the client's address.
 # tests/test_aiosmtpd_adapter.py checks that aiosmtpd still behaves so, and that smtp.py uses
 # no other internal.
 OVERRIDDEN = frozenset({"_handle_client", "_timeout_cb"})
-RELIED_ON = frozenset({"_reader", "_writer", "_reset_timeout", "_timeout_handle", "_tls_protocol", "_cb_client_connected"})
+RELIED_ON = frozenset({"_reader", "_writer", "_reset_timeout"})
 
 
 def aiosmtpd_state(protocol: SMTP, *, hostname: str, ident: str, tls_context, data_size_limit: int | None,
