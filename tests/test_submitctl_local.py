@@ -15,11 +15,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from submitd_devkit import zygote
 from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack, User
-from submitd_devkit.testing.plugin import assert_within_grants
+from submitd_devkit.testing.plugin import assert_within_grants, stack_options
 from submitd_devkit.testing.smtp import connect
 from submitd_devkit.testing.waiting import eventually
 from submitd_rewriter import dkim as ours
@@ -42,11 +41,11 @@ def local_stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     token = root / "admin-token"
     token.write_text("local-token\n")
-    stack = Stack(root, next_hop=("127.0.0.1", sink.port), reload_interval=0.5,
-                  users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
-                  env={"relay": {"ADMIN_TOKEN_FILE": str(token), "RETRY_SCHEDULE": "[3600]", "FETCH_WAIT": "1"}})
+    # Hashed at the default cost, as `make run` does (the users submitctl adds are too).
+    stack = Stack(root, **stack_options(
+        next_hop=("127.0.0.1", sink.port), users={DEMO: User("demo passphrase", [DEMO, "@example.test"])},
+        env={"relay": {"ADMIN_TOKEN_FILE": str(token), "RETRY_SCHEDULE": "[3600]"}}, argon2=None))
     stack.sink = sink
-    stack.spawn = zygote.spawn
     stack.make_dkim_keys("example.test")
     try:
         stack.start()

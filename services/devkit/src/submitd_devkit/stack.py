@@ -220,9 +220,12 @@ class Stack:
         keep_users: bool = False,
         nats_nodes: int = 1,
         argon2: dict[str, int] | None = None,
+        spawn: Callable[[str, dict[str, str], str], subprocess.Popen] | None = None,
     ) -> None:
         """``argon2``: the policy's ARGON2_* settings (time_cost, memory_kib, parallelism), also
-        used for the users' hashes; unset, the policy's defaults."""
+        used for the users' hashes; unset, the policy's defaults. ``spawn(name, env, log)``:
+        how a service process starts; unset, ``python -m submitd_<name>`` (make run, bench);
+        the tests fork it from a zygote that has imported it already (zygote.spawn)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "log").mkdir(exist_ok=True)
@@ -236,9 +239,7 @@ class Stack:
         self.grpc_tls = grpc_tls  # mutual TLS between frontend, policy and rewriter
         self.reload_interval = reload_interval  # users, keys and rules files (tests: shorter)
         self.procs: dict[str, subprocess.Popen] = {}
-        # How a service process starts: ``python -m submitd_<name>`` (make run, bench), or
-        # forked from a zygote that has imported it already (the tests: zygote.spawn).
-        self.spawn: Callable[[str, dict[str, str], str], subprocess.Popen] | None = None
+        self.spawn = spawn
         self.sink = None  # the next hop, when the caller runs one (tests)
         self.nats = (NatsServer(self.root / "nats", self.ports.nats) if nats_nodes == 1
                      else NatsCluster(self.root / "nats", nats_nodes))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from submitd_devkit.sink import Sink
 from submitd_devkit import zygote
+from submitd_devkit.sink import Sink
 from submitd_devkit.stack import NatsServer, Stack, User
 
 if TYPE_CHECKING:
@@ -19,23 +19,19 @@ ALICE = "alice@example.test"
 ALICE_PASSWORD = "correct horse battery staple"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` the tests of a module that share a module-scoped fixture (a
-    stack started once) run in one worker; every other test goes to whichever worker is free.
-    The tests that start stacks of their own (the long ones) are handed out first, so that the
-    quick ones fill the workers' last minutes instead of one long test running alone."""
-    rank: dict[str, int] = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            rank[item.nodeid] = 2
-            continue
-        shared = any(d.scope in ("class", "module", "package") for defs in info.name2fixturedefs.values() for d in defs)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-        rank[item.nodeid] = 0 if "make_stack" in item.fixturenames else 1 if shared else 2
-    items.sort(key=lambda item: rank[item.nodeid])
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that start stacks of their own (the long ones) first, then those on a module's
+    shared stack, then the rest: under ``-n`` the quick ones fill the workers' last minutes
+    instead of one long test running alone at the end. (A worker that gets tests of a module
+    with a shared stack starts that stack itself: pytest-xdist's ``loadgroup`` cannot keep them
+    together under pytest 9, whose node ids it can no longer rename.)"""
+
+    def rank(item: pytest.Item) -> int:
+        if "make_stack" in getattr(item, "fixturenames", ()):
+            return 0
+        return 1 if "shared_stack" in getattr(item, "fixturenames", ()) else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
@@ -65,6 +61,16 @@ TEST_ARGON2 = {"time_cost": 2, "memory_kib": 19456, "parallelism": 1}
 TEST_ENV = {"relay": {"FETCH_WAIT": "0.5"}, "policy": {"DRAIN_SECONDS": "3"}, "rewriter": {"DRAIN_SECONDS": "3"}}
 
 
+def stack_options(**kwargs) -> dict:
+    """Stack arguments for a test: ``kwargs`` over the tests' environment, hashing cost and
+    service starts (forked from a zygote)."""
+    env = {name: dict(values) for name, values in (kwargs.get("env") or {}).items()}
+    for name, values in TEST_ENV.items():
+        for key, value in values.items():
+            env.setdefault(name, {}).setdefault(key, value)
+    return {"reload_interval": 0.5, "argon2": TEST_ARGON2, "spawn": zygote.spawn} | kwargs | {"env": env}
+
+
 def default_users() -> dict[str, User]:
     return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
@@ -73,10 +79,9 @@ def default_users() -> dict[str, User]:
 def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for a whole test module, for tests that do not change it."""
     next_hop = Sink().start()
-    stack = Stack(tmp_path_factory.mktemp("stack"), users=default_users(), next_hop=("127.0.0.1", next_hop.port),
-                  reload_interval=0.5, env={k: dict(v) for k, v in TEST_ENV.items()}, argon2=TEST_ARGON2)
+    stack = Stack(tmp_path_factory.mktemp("stack"),
+                  **stack_options(users=default_users(), next_hop=("127.0.0.1", next_hop.port)))
     stack.sink = next_hop
-    stack.spawn = zygote.spawn
     try:
         stack.start()
         yield stack
@@ -106,17 +111,9 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
     def factory(start: bool = True, **kwargs) -> Stack:
         kwargs.setdefault("users", default_users())
-        env = {name: dict(values) for name, values in (kwargs.get("env") or {}).items()}
-        for name, values in TEST_ENV.items():
-            for key, value in values.items():
-                env.setdefault(name, {}).setdefault(key, value)
-        kwargs["env"] = env
         kwargs.setdefault("next_hop", ("127.0.0.1", sink.port))
-        kwargs.setdefault("reload_interval", 0.5)  # reloads seen quickly
-        kwargs.setdefault("argon2", TEST_ARGON2)
-        stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stack = Stack(tmp_path / f"stack{len(stacks)}", **stack_options(**kwargs))
         stack.sink = sink
-        stack.spawn = zygote.spawn
         stacks.append(stack)
         if start:
             try:
