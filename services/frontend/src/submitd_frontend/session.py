@@ -43,11 +43,12 @@ DURING_BDAT = frozenset({"BDAT", "RSET", "QUIT", "NOOP"})
 
 class Session(TransactionCommands):
     def __init__(self, settings: Settings, connection: Connection, backends: Backends, *, tls: bool,
-                 starttls: bool, client_address: str, session_id: str, clock=time.monotonic) -> None:
+                 starttls: bool, client_address: str, session_id: str, clock=time.monotonic,
+                 tls_info: policy_pb2.TlsInfo | None = None) -> None:
         self.settings = settings
         self.connection = connection
         self.backends = backends
-        self.state = State(tls=tls)
+        self.state = State(tls=tls, tls_info=tls_info)
         self.starttls = starttls  # STARTTLS may be offered (a context, and not implicit TLS)
         self.client_address = client_address
         self.session_id = session_id
@@ -199,7 +200,7 @@ class Session(TransactionCommands):
                 self.state.closing = True
                 return
             # RFC 3207 §4.2: everything learnt before the handshake is forgotten.
-            self.state = State(tls=True)
+            self.state = State(tls=True, tls_info=tls)
             self.backends.note(tls_started=policy_pb2.TlsStarted(tls=tls))
 
     async def noop(self, arg: str | None) -> None:

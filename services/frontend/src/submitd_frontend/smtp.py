@@ -238,6 +238,7 @@ class SubmissionSMTP(SMTP):
                     self.settings, self, SessionBackends(self.backends, policy), tls=self.tls_active,
                     starttls=self.tls_context is not None and not self.implicit_tls,
                     client_address=self.client_address, session_id=self.session_id,
+                    tls_info=self._tls_info() if self.tls_active else None,
                 )
                 await self.dialog.run()
             except (ConnectionError, EOFError):

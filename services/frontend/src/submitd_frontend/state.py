@@ -76,6 +76,7 @@ class State:
     helo: str | None = None
     extended: bool = False
     tls: bool = False
+    tls_info: policy_pb2.TlsInfo | None = None  # version and cipher, for the Received field
     user: str | None = None  # authenticated as
     transaction: Transaction | None = None
     bdat: Bdat | None = None

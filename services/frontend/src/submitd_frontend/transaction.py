@@ -130,7 +130,10 @@ class TransactionCommands:
             authenticated_user=user or "", client_address=self.client_address, helo=helo or "",
             smtputf8="SMTPUTF8" in params, body_type=params.get("BODY", "7BIT").upper(),
             dsn_ret=params.get("RET", "").upper(), dsn_envid=params.get("ENVID", ""),
+            esmtp=self.state.extended, received_by=self.settings.hostname,
         )
+        if self.state.tls_info is not None:
+            envelope.tls_version, envelope.tls_cipher = self.state.tls_info.version, self.state.tls_info.cipher
         return self.backends.submission(envelope), span
 
     async def data(self, arg: str | None) -> None:

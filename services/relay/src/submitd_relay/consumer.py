@@ -17,11 +17,11 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
 from submitd.v1 import queue_pb2
-from submitd_common import jetstream
+from submitd_common import jetstream, received
 from submitd_common.bodies import delete, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
-from . import metrics, settle
+from . import dsn, metrics, settle
 from .delivery import NextHopPool
 from .model import NextHopError, Outcome
 from .queue import QueuedBody, sweep_orphaned_bodies
@@ -215,11 +215,7 @@ class Relay:
                     outcome = Outcome(next_hop=self.pool.name)
                     outcome.fail_all([r.address for r in pending], 554, "5.3.0 The message body was lost in the queue")
                 else:
-                    try:
-                        outcome = await self.pool.deliver(work.envelope, body)
-                    except NextHopError as e:
-                        outcome = Outcome(next_hop=self.pool.name)
-                        outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+                    outcome = await self._deliver(qmsg, work, body, pending)
                 await self._settle(msg, work, body, outcome, state, attempt, span)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
@@ -235,6 +231,23 @@ class Relay:
                     await msg.nak(delay=delay)
             finally:
                 keepalive.cancel()
+
+    async def _deliver(self, qmsg, work, body: QueuedBody, pending) -> Outcome:
+        hops = received.hops(dsn.header_section(await jetstream.message_head(self.js, qmsg)))
+        if hops > self.s.max_hops:
+            # Whoever queued it, a message that went round this often is in a loop: the next
+            # hop would only hand it back again.
+            log.error("too many hops", extra={"fields": {"queue_id": qmsg.envelope.queue_id, "hops": hops}})
+            outcome = Outcome(next_hop=self.pool.name)
+            outcome.fail_all([r.address for r in pending], 554,
+                             f"5.4.6 Too many hops ({hops} Received/Delivered-To fields): a mail loop")
+            return outcome
+        try:
+            return await self.pool.deliver(work.envelope, body)
+        except NextHopError as e:
+            outcome = Outcome(next_hop=self.pool.name)
+            outcome.fail_all([r.address for r in pending], 451, f"4.4.1 next hop: {e}")
+            return outcome
 
     async def _remember_delivered(self, env, state: DeliveryState) -> None:
         """The ack of a delivered message may be lost (NATS away): its record, written as soon

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from submitd.v1 import common_pb2
+from submitd_common import received
 
 _REPLY = re.compile(r"^\s*(\d)(\d\d)[ -]?(?:(\d)\.(\d{1,3})\.(\d{1,3})\b)?", re.S)
 
@@ -89,19 +90,11 @@ def returns_full(kind: str, envelope: common_pb2.Envelope) -> bool:
     return kind == "failed" and envelope.dsn_ret.upper() == "FULL"
 
 
-def build(*, original: bytes, **kwargs) -> bytes:
-    """The report as wire-format bytes (CRLF line ends), ready to queue."""
-    head, tail = build_parts(header=header_section(original), **kwargs)
-    attached = original if returns_full(kwargs["kind"], kwargs["envelope"]) else header_section(original)
-    if attached and not attached.endswith(b"\r\n"):
-        attached += b"\r\n"
-    return head + attached + tail
-
-
 def build_parts(
     *,
     kind: str,
     envelope: common_pb2.Envelope,
+    report_id: str,
     header: bytes,
     statuses: list[RecipientStatus],
     reporting_mta: str,
@@ -118,6 +111,7 @@ def build_parts(
     now = email.utils.formatdate(localtime=False)
     message_id = f"<{envelope.queue_id}.{kind}.{secrets.token_hex(4)}@{reporting_mta}>"
     lines: list[str] = [
+        received.report_field(by=reporting_mta, queue_id=report_id).decode().rstrip("\r\n"),
         f"From: Mail Delivery System <{from_address}>",
         f"To: <{envelope.return_path}>" if envelope.return_path.isascii() else "To: undisclosed-recipients:;",
         f"Subject: {TITLES[kind]}",

@@ -128,8 +128,9 @@ class Reports:
         """Queue a report on ``qmsg``; returns the report's queue id."""
         env = qmsg.envelope
         head = await jetstream.message_head(self.js, qmsg) if body is not None else b""
+        report_id = new_queue_id()
         before, after = dsn.build_parts(
-            kind=kind, envelope=env, header=dsn.header_section(head), statuses=statuses,
+            kind=kind, envelope=env, report_id=report_id, header=dsn.header_section(head), statuses=statuses,
             reporting_mta=self.s.helo_name, from_address=self.s.bounce_from or f"MAILER-DAEMON@{self.s.helo_name}",
             arrival=qmsg.received_at_ms / 1000, will_retry_until=qmsg.received_at_ms / 1000 + self.s.max_lifetime,
         )
@@ -148,7 +149,6 @@ class Reports:
                 tail = (tail + attached[-2:])[-2:]
             yield (b"" if tail == b"\r\n" else b"\r\n") + after
 
-        report_id = new_queue_id()
         # The same report for the same recipients has the same Nats-Msg-Id: queued once even
         # if this delivery is retried after a crash.
         digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]

@@ -53,6 +53,10 @@ class Settings(ServiceSettings):
         description="Seconds before each retry; the last value repeats (RFC 5321 §4.5.4.1)",
     )
     max_lifetime: float = Field(5 * 86400, description="Seconds a message may stay queued before it bounces")
+    max_hops: int = Field(
+        50, ge=1, description="A queued message with more Received/Delivered-To fields than this is "
+        "returned 554 5.4.6 instead of delivered (a mail loop)"
+    )
     delay_warning_after: float = Field(
         4 * 3600, description="Seconds after which a delay DSN goes to senders who asked (NOTIFY=DELAY)"
     )

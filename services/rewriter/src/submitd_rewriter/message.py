@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from submitd.v1 import common_pb2
+from submitd_common import received
 from submitd_common.addresses import Address, AddressError, parse_mailbox
 from submitd_common.replies import reply
 from submitd_common.users import UserDB
@@ -43,6 +44,8 @@ class Options:
     check_addresses: bool = True
     check_from: bool = True
     complete_domain: str | None = None
+    max_hops: int = 50
+    hide_client: bool = False  # the Received field without the client's address
 
 
 @dataclass
@@ -111,6 +114,11 @@ def apply_rules(fields: list[HeaderField], envelope: common_pb2.Envelope, rules,
 def rewrite_header(
     header: bytes, envelope: common_pb2.Envelope, users: UserDB | None, opts: Options, rules=None
 ) -> Result:
+    # A message from a client gets our trace field; one submitd makes itself (a report) has its own.
+    from_client = envelope.helo != ""
+    count = received.hops(header) + from_client
+    if count > opts.max_hops:
+        raise Refused(reply(554, "5.4.6", f"Too many hops ({count} Received/Delivered-To fields): a mail loop?"))
     fields = parse_fields(header)
     result = Result(header=b"", fields=fields)
     utf8 = envelope.smtputf8
@@ -170,7 +178,8 @@ def rewrite_header(
         ids[0].raw = b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n"
         result.actions.append("message_id_replaced")
 
-    result.header = b"".join(f.raw for f in fields) + b"".join(added)
+    stamp = received.field(envelope, by=envelope.received_by or opts.domain, hide_client=opts.hide_client) if from_client else b""
+    result.header = stamp + b"".join(f.raw for f in fields) + b"".join(added)
     result.fields = parse_fields(result.header)
     return result
 

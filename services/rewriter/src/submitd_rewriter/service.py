@@ -50,6 +50,8 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             check_addresses=settings.check_header_addresses,
             check_from=settings.check_header_from,
             complete_domain=settings.complete_domain,
+            max_hops=settings.max_hops,
+            hide_client=settings.received_client == "hide",
         )
 
     async def Rewrite(self, request_iterator, context: grpc.aio.ServicerContext):

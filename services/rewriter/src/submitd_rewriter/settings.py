@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -34,3 +35,11 @@ class Settings(ServiceSettings):
         "for a next hop without 8BITMIME"
     )
     max_header_bytes: int = Field(1 << 20, description="Largest header section accepted")
+    received_client: Literal["full", "hide"] = Field(
+        "full", description="RFC 5321 §4.4 Received field: 'full' names the client's HELO and address; "
+        "'hide' leaves the client's address out (its HELO name too when that is an address literal)"
+    )
+    max_hops: int = Field(
+        50, ge=1, description="A message that would leave with more Received/Delivered-To fields than this "
+        "is refused 554 5.4.6 (a mail loop), as Postfix's hopcount_limit"
+    )
