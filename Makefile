@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl devkit
 
-.PHONY: all install proto run test bench fuzz constraints clean images image-test scale-test
+.PHONY: all install proto run test bench fuzz fault-queue constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -51,6 +51,12 @@ test: install
 FUZZ_SESSIONS ?= 2000
 fuzz: install
 	FUZZ_SESSIONS=$(FUZZ_SESSIONS) $(PY) -m pytest -s --timeout=0 tests/test_fuzz.py
+
+# nats-server killed again and again under load; what the queue holds afterwards (stranded entries,
+# withdrawn publishes): scripts/queue_faults.py. FAULT_ARGS="--observe --rounds 20" to see the
+# divergence with the relay's recovery off.
+fault-queue: install
+	$(PY) scripts/queue_faults.py $(FAULT_ARGS)
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)

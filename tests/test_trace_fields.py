@@ -9,8 +9,8 @@ import smtplib
 
 import pytest
 
-from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
-from submitd_devkit.testing.smtp import connect, insecure_context, logged_in
+from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.smtp import insecure_context, logged_in
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -225,8 +225,10 @@ async def publish_entry(
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
                 if attempt == 2:
                     raise
-    except BaseException:
-        if qmsg.WhichOneof("body") == "object_name":
+    except BaseException as e:
+        # Without the server's word (a timeout, a connection lost) the entry may have been
+        # stored: its body stays, for the entry or else for the relay's orphan sweep.
+        if qmsg.WhichOneof("body") == "object_name" and isinstance(e, nats.js.errors.APIError):
             from .bodies import delete
 
             try:

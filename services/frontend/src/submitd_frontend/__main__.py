@@ -174,6 +174,8 @@ async def amain() -> None:
     await health.check_now()
     log.info("frontend ready", extra={"fields": {"http_port": bound_http}})
 
+    stopping = asyncio.Event()
+    withdrawals = asyncio.create_task(backends.queue.withdrawals.run(stopping), name="withdrawals")
     await lifecycle.wait_for_signal()
     log.info("frontend draining", extra={"fields": {"sessions": len(sessions.active)}})
     await health.set_draining()
@@ -185,6 +187,8 @@ async def amain() -> None:
     await drain(sessions, settings.drain_seconds)
     for server in servers:
         server.close()
+    stopping.set()
+    await withdrawals  # one last try for what was given up during the drain
     await stop_http()
     await stop_health()
     await jetstream.close(nc)

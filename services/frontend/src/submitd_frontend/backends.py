@@ -22,6 +22,7 @@ from submitd_common.replies import reply
 from submitd_common.telemetry import client_call, inject_context
 
 from .mux import Streams, ready
+from .withdrawals import Withdrawals
 
 tracer = trace.get_tracer("submitd.frontend")
 
@@ -215,6 +216,7 @@ class QueueWriter:
         # entry; larger ones were streamed into the Object Store (publish_stored).
         self.inline_limit = 256 << 10
         self.timeout = timeout
+        self.withdrawals = Withdrawals(nc, timeout)
 
     @property
     def available(self) -> bool:
@@ -262,6 +264,9 @@ class QueueWriter:
         qmsg.trace_context.update(inject_context())
         try:
             await publish()
+        except asyncio.CancelledError:
+            self.withdrawals.add(qmsg.envelope.queue_id)  # the client went: it will send it again
+            raise
         except nats.js.errors.APIError as e:
             text = (e.description or "").lower()
             if "maximum bytes" in text or "maximum messages" in text or "insufficient resources" in text:
@@ -271,4 +276,6 @@ class QueueWriter:
             raise BackendUnavailable(QUEUE_DOWN) from e
         except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
             log.warning("queue unavailable: %r", e)
+            # No answer is no refusal: the entry may be stored, and the client will send it again.
+            self.withdrawals.add(qmsg.envelope.queue_id)
             raise BackendUnavailable(QUEUE_DOWN) from e

@@ -25,7 +25,14 @@ async def amain() -> None:
     settings = Settings()
     setup_logging("relay", settings.log_level)
     provider = setup_telemetry("relay")
-    nc = await jetstream.connect("submitd-relay", settings.nats_options())
+    relay: Relay | None = None
+
+    async def reconnected() -> None:
+        log.info("nats reconnected")
+        if relay is not None:
+            relay.stranded.wake.set()  # a restarted server is where stranded entries come from
+
+    nc = await jetstream.connect("submitd-relay", settings.nats_options(), reconnected_cb=reconnected)
     # Created with the cluster's replicas if the relay is first: a queue made with one replica
     # and raised to three by the frontend is moved while mail arrives (the image test saw
     # publishes time out during that move).
@@ -44,6 +51,7 @@ async def amain() -> None:
     runner = asyncio.create_task(relay.run(), name="relay")
     watcher = asyncio.create_task(relay.watch_queue(), name="queue metrics")
     sweeper = asyncio.create_task(relay.sweep(), name="orphan sweep")
+    stranded = asyncio.create_task(relay.check_stranded(), name="stranded entries")
     log.info("relay ready", extra={"fields": {"http_port": bound, "next_hop": pool.name}})
 
     await lifecycle.wait_for_signal()
@@ -53,6 +61,7 @@ async def amain() -> None:
     await runner
     await watcher
     await sweeper
+    await stranded
     await relay.close()
     await pool.close()
     if channel is not None:

@@ -24,10 +24,11 @@ from submitd_common.telemetry import extract_context
 from . import dsn, metrics, settle
 from .delivery import NextHopPool
 from .model import NextHopError, Outcome
-from .queue import QueuedBody, sweep_orphaned_bodies
+from .queue import QueuedBody, queue_metrics, sweep_orphaned_bodies
 from .reports import Reports, Signer
 from .settings import Settings
 from .state import DeliveryState, StateStore
+from .stranded import RecentAcks, StrandedEntries, withdraw
 
 log = logging.getLogger("submitd.relay")
 tracer = trace.get_tracer("submitd.relay")
@@ -41,12 +42,23 @@ def domains_only(text: str) -> str:
 INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
 
 
+def parse(msg: Msg) -> queue_pb2.QueuedMessage | None:
+    try:
+        return queue_pb2.QueuedMessage.FromString(msg.data)
+    except Exception as e:
+        log.error("unreadable queue entry terminated", extra={"fields": {"subject": msg.subject, "error": repr(e)}})
+        return None
+
+
 class Relay:
     def __init__(self, nc, pool: NextHopPool, settings: Settings, signer: Signer | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.reports = Reports(self.js, settings, signer)
         self.state = StateStore(self.js, settings.max_lifetime + 2 * 86400, settings.replicas)
+        self.acked = RecentAcks()
+        self.delivering: set[str] = set()  # queue ids being delivered here now
+        self.stranded = StrandedEntries(self.js, self.state, self.acked)
         self.pool = pool
         self.s = settings
         self.inflight: set[asyncio.Task] = set()
@@ -83,35 +95,34 @@ class Relay:
                 log.warning("fetch failed: %r", e)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                task = asyncio.create_task(self.handle(msg))
+            # Withdrawals first: the entry one withdraws is earlier in the queue, often in the
+            # same batch, and must not be started meanwhile.
+            entries = [(msg, parse(msg)) for msg in msgs]
+            withdrawn = set()
+            for msg, qmsg in entries:
+                if qmsg is not None and qmsg.withdrawal:
+                    await self.withdrawal(msg, qmsg)
+                    withdrawn.add(qmsg.envelope.queue_id)
+            for msg, qmsg in entries:
+                if qmsg is not None and (qmsg.withdrawal or qmsg.envelope.queue_id in withdrawn):
+                    continue  # a withdrawn entry is gone from the stream already
+                task = asyncio.create_task(self.handle(msg, qmsg))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
 
     async def watch_queue(self, interval: float = 15.0) -> None:
         """Queue depth, age and consumer lag for /metrics (and the alerts built on them)."""
         while not self.stopping.is_set():
-            try:
-                stream = await self.js.stream_info(jetstream.STREAM)
-                consumer = await self.js.consumer_info(jetstream.STREAM, DURABLE)
-                metrics.QUEUE_DEPTH.set(stream.state.messages)
-                metrics.QUEUE_BYTES.set(stream.state.bytes)
-                metrics.CONSUMER_LAG.set(consumer.num_pending)
-                metrics.IN_FLIGHT.set(consumer.num_ack_pending)
-                oldest = 0.0
-                if stream.state.messages:
-                    # The first entry at or after first_seq: deleted entries leave gaps.
-                    first = await self.js.get_msg(jetstream.STREAM, stream.state.first_seq,
-                                                  subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
-                    received = queue_pb2.QueuedMessage.FromString(first.data).received_at_ms / 1000
-                    oldest = max(0.0, time.time() - received)
-                metrics.QUEUE_OLDEST.set(oldest)
-            except Exception as e:  # metrics must never disturb delivery
-                log.debug("queue metrics: %r", e)
+            await queue_metrics(self.js)
             try:
                 await asyncio.wait_for(self.stopping.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def check_stranded(self) -> None:
+        """Entries the consumer passed but the stream kept (see stranded.py)."""
+        if self.s.stranded_check_interval > 0:
+            await self.stranded.run(self.stopping, self.s.stranded_check_interval)
 
     async def sweep(self) -> None:
 
@@ -156,14 +167,31 @@ class Relay:
         schedule = self.s.retry_schedule or [300.0]
         return schedule[min(attempt, len(schedule)) - 1]
 
-    async def handle(self, msg: Msg) -> None:
+    async def withdrawal(self, msg: Msg, marker: queue_pb2.QueuedMessage) -> None:
         try:
-            qmsg = queue_pb2.QueuedMessage.FromString(msg.data)
-        except Exception as e:  # not ours, or damaged: redelivering it cannot help
-            log.error("unreadable queue entry terminated", extra={"fields": {"subject": msg.subject, "error": repr(e)}})
+            await withdraw(self.js, self.acked, self.delivering, marker)
+            await msg.ack_sync()
+        except Exception as e:
+            log.warning("withdrawal of %s failed: %r", marker.envelope.queue_id, e)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=INTERNAL_RETRY)
+
+    async def handle(self, msg: Msg, qmsg: queue_pb2.QueuedMessage | None = None) -> None:
+        qmsg = qmsg or parse(msg)
+        if qmsg is None:  # not ours, or damaged: redelivering it cannot help
             with contextlib.suppress(Exception):
                 await msg.term()
             return
+        if qmsg.withdrawal:
+            await self.withdrawal(msg, qmsg)
+            return
+        self.delivering.add(qmsg.envelope.queue_id)
+        try:
+            await self._handle(msg, qmsg)
+        finally:
+            self.delivering.discard(qmsg.envelope.queue_id)
+
+    async def _handle(self, msg: Msg, qmsg: queue_pb2.QueuedMessage) -> None:
         env = qmsg.envelope
         attempt = msg.metadata.num_delivered if msg.metadata else 1
         ctx = extract_context(msg.headers)
@@ -197,6 +225,7 @@ class Relay:
                     span.set_attribute("submitd.outcome", "duplicate")
                     metrics.DUPLICATES_AVOIDED.inc()
                     await msg.ack_sync()
+                    self.acked.add(env.queue_id)
                     await self.delete_body(qmsg)
                     return
                 work = queue_pb2.QueuedMessage()
@@ -325,6 +354,7 @@ class Relay:
             except Exception:
                 await self._remember_delivered(env, state)
                 raise
+            self.acked.add(env.queue_id)
             await self.delete_body(qmsg)
             if outcome.delivered:
                 log.info("delivered", extra={"fields": {**fields, "recipients": len(outcome.delivered)}})

@@ -22,3 +22,16 @@ POSSIBLE_DUPLICATES = Counter(
     "Redelivered messages with no record, delivered again: a copy may have gone before (an ack lost, a relay killed)")
 REPORTS = Counter("submitd_dsn_total", "Delivery status notifications queued", ["action"])
 UNSIGNED = Counter("submitd_dsn_unsigned_total", "Reports queued without the rewriter (none configured, or it refused)")
+STRANDED = Counter(
+    "submitd_queue_stranded_total",
+    "Queue entries the consumer had passed but the stream still held, by what was done "
+    "(delivered: removed; requeued: queued again for delivery; body_gone, unreadable: removed)",
+    ["outcome"],
+)
+UNACCOUNTED = Gauge("submitd_queue_unaccounted", "Queue entries neither pending nor in flight at the last check")
+WITHDRAWALS = Counter(
+    "submitd_queue_withdrawals_total",
+    "Publishes the frontend answered 451 for and withdrew, by outcome (removed: taken out before delivery; "
+    "too_late, delivered_meanwhile, in_flight: it had gone or was going, a possible duplicate; nothing_stored)",
+    ["outcome"],
+)

@@ -13,6 +13,7 @@ from submitd.v1 import queue_pb2
 from submitd_common import bodies, jetstream
 from submitd_common.bodies import object_info
 
+from . import metrics
 from .model import Body
 
 log = logging.getLogger("submitd.relay")
@@ -97,3 +98,24 @@ async def sweep_orphaned_bodies(js, min_age: float) -> int:
     if removed:
         log.warning("removed orphaned bodies", extra={"fields": {"count": removed}})
     return removed
+
+
+async def queue_metrics(js) -> None:
+    """Queue depth, age and consumer lag for /metrics (and the alerts built on them)."""
+    try:
+        stream = await js.stream_info(jetstream.STREAM)
+        consumer = await js.consumer_info(jetstream.STREAM, jetstream.RELAY_DURABLE)
+        metrics.QUEUE_DEPTH.set(stream.state.messages)
+        metrics.QUEUE_BYTES.set(stream.state.bytes)
+        metrics.CONSUMER_LAG.set(consumer.num_pending)
+        metrics.IN_FLIGHT.set(consumer.num_ack_pending)
+        oldest = 0.0
+        if stream.state.messages:
+            # The first entry at or after first_seq: deleted entries leave gaps.
+            first = await js.get_msg(jetstream.STREAM, stream.state.first_seq,
+                                     subject=f"{jetstream.SUBJECT_PREFIX}.>", next=True)
+            received = queue_pb2.QueuedMessage.FromString(first.data).received_at_ms / 1000
+            oldest = max(0.0, time.time() - received)
+        metrics.QUEUE_OLDEST.set(oldest)
+    except Exception as e:  # metrics must never disturb delivery
+        log.debug("queue metrics: %r", e)

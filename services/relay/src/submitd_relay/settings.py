@@ -53,6 +53,10 @@ class Settings(ServiceSettings):
         description="Seconds before each retry; the last value repeats (RFC 5321 §4.5.4.1)",
     )
     max_lifetime: float = Field(5 * 86400, description="Seconds a message may stay queued before it bounces")
+    stranded_check_interval: float = Field(
+        60.0, description="Seconds between checks for queue entries the consumer passed but the stream kept "
+        "(also on start and after every NATS reconnect); 0 turns the check off"
+    )
     max_hops: int = Field(
         50, ge=1, description="A queued message with more Received/Delivered-To fields than this is "
         "returned 554 5.4.6 instead of delivered (a mail loop)"

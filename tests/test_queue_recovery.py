@@ -1,0 +1,119 @@
+"""Queue entries that the relay's consumer would never hand out again (JetStream's stream and
+consumer disagreeing after a restart), and publishes the frontend gave up on: found, settled,
+counted. The divergence is made on purpose here, so these tests cannot depend on luck; `make
+fault-queue` (scripts/queue_faults.py) makes it the way it happens, by killing nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import nats
+import pytest
+from relay_helpers import body, envelope, queue_async, queue_depth, relay_only
+
+from submitd_common import jetstream
+from submitd_devkit.testing.metrics import sample
+from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.smtp import logged_in
+from submitd_devkit.testing.waiting import eventually
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def relay_metric(stack, name: str, **labels: str) -> float:
+    return sample(stack.ports.relay_http, name, **labels)
+
+
+def strand(stack, items) -> None:
+    """Queue ``items`` (envelope, data, delivery record or None) behind the relay consumer's ack
+    floor, as a restarted server may leave them: with the relay stopped, the consumer is pointed
+    elsewhere, passes them, and takes one other entry; the relay points it back when it starts."""
+    elsewhere = f"{jetstream.SUBJECT_PREFIX}.elsewhere"
+
+    async def go() -> None:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            js = nc.jetstream()
+            cfg = (await js.consumer_info(jetstream.STREAM, jetstream.RELAY_DURABLE)).config
+            cfg.filter_subject = elsewhere
+            await js.add_consumer(jetstream.STREAM, config=cfg)
+            await queue_async(stack.nats.url, [(env, data) for env, data, _ in items])
+            kv = await js.key_value(jetstream.DELIVERY_BUCKET)
+            for env, _, record in items:
+                if record is not None:
+                    await kv.put(env.queue_id, json.dumps(record).encode())
+            await js.publish(elsewhere, b"")
+            sub = await js.pull_subscribe_bind(durable=jetstream.RELAY_DURABLE, stream=jetstream.STREAM)
+            [passed] = await sub.fetch(1, timeout=5)
+            await passed.ack_sync()
+            await sub.unsubscribe()
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def test_stranded_entries_are_delivered_once_or_removed_by_their_record(make_stack, sink):
+    stack = relay_only(make_stack, STRANDED_CHECK_INTERVAL=1)
+    stack.stop_service("relay")
+    waiting = envelope()
+    done = envelope()
+    record = {"attempts": [], "finished": ["bob@example.net"], "delivered": ["bob@example.net"],
+              "delay_notified": [], "reports": []}
+    strand(stack, [(waiting, body("stranded"), None), (done, body("already delivered"), record)])
+    assert queue_depth(stack) == 2
+    stack.start(services=("relay",))
+    [got] = sink.handler.wait_for(1, 20)
+    assert b"Subject: stranded" in got.data
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    time.sleep(1.5)  # one more check: nothing is sent twice
+    assert len(sink.handler.messages) == 1
+    assert relay_metric(stack, "submitd_queue_stranded_total", outcome="requeued") == 1
+    assert relay_metric(stack, "submitd_queue_stranded_total", outcome="delivered") == 1
+    log = stack.log_path("relay").read_text()
+    assert waiting.queue_id in log and done.queue_id in log
+
+
+def test_no_entry_in_flight_is_taken_for_stranded(make_stack, sink):
+    """A busy queue (entries pending and in flight, acks all the time) is never 'stranded'."""
+    stack = relay_only(make_stack, STRANDED_CHECK_INTERVAL=0.2)
+    sink.handler.data_delay = 0.05
+    asyncio.run(queue_async(stack.nats.url, [(envelope(), body(f"busy {i}")) for i in range(300)]))
+    sink.handler.wait_for(300, 60)
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    time.sleep(0.5)
+    assert len(sink.handler.messages) == 300, "each message once"
+    assert relay_metric(stack, "submitd_queue_stranded_total", outcome="requeued") == 0
+
+
+def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
+    """NATS stalls (SIGSTOP) while it stores a message: the frontend answers 451 at its publish
+    timeout; when NATS goes on, the stored entry is withdrawn before the relay may send it, and
+    the client's second try is the one copy delivered."""
+    stack = make_stack(env={"frontend": {"PUBLISH_TIMEOUT": "2"}, "relay": {"STRANDED_CHECK_INTERVAL": "1"}})
+    stack.stop_service("relay")  # so that only the withdrawal decides
+    message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: twice?\r\n\r\nbody\r\n"
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        client.send(b"DATA\r\n")
+        assert client.getreply()[0] == 354
+        os.kill(stack.nats.proc.pid, signal.SIGSTOP)
+        try:
+            client.send(message + b".\r\n")
+            code, text = client.getreply()
+        finally:
+            os.kill(stack.nats.proc.pid, signal.SIGCONT)
+        assert code == 451, text
+        eventually(lambda: sample(stack.ports.frontend_http, "submitd_frontend_withdrawals_total", outcome="stored") == 1, 20)
+        client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
+    stack.start(services=("relay",))
+    eventually(lambda: queue_depth(stack) == 0, 30)
+    [got] = sink.handler.wait_for(1, 20)
+    time.sleep(1)
+    assert len(sink.handler.messages) == 1, "the withdrawn copy never left"
+    assert relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1
