@@ -61,9 +61,9 @@ SMTPUTF8_VALUE = "501 5.5.4 SMTPUTF8 takes no value"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 NO_RECIPIENTS = "554 5.5.1 No valid recipients"
 BAD_RET = "501 5.5.4 RET must be FULL or HDRS"
-BAD_ENVID = "501 5.5.4 ENVID must be xtext of at most 100 characters"
+BAD_ENVID = "501 5.5.4 ENVID must be xtext of at most 100 printable characters"
 BAD_NOTIFY = "501 5.5.4 NOTIFY must be NEVER or SUCCESS, FAILURE and DELAY"
-BAD_ORCPT = "501 5.5.4 ORCPT must be addr-type;xtext"
+BAD_ORCPT = "501 5.5.4 ORCPT must be addr-type;xtext of printable characters"
 
 # -- message content (DATA, RFC 5321 §4.1.1.4; BDAT, RFC 3030) -------------------------------
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"

@@ -288,7 +288,11 @@ MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
 
-XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4
+# RFC 3461 §4 xtext, whose hex pairs decode to printable US-ASCII only: an ENVID is "printable
+# (graphic)" characters (§4.4), an ORCPT address may hold a space. A pair decoding to a control
+# character (+0D, +0A, +00) would end up as a raw line break in a DSN.
+XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+(?:2[1-9A-F]|[3-6][0-9A-F]|7[0-9A-E]))*\Z")
+XTEXT_SPACE = re.compile(r"(?:[!-*,-<>-~]|\+(?:[2-6][0-9A-F]|7[0-9A-E]))*\Z")
 
 
 def dsn_problem(params: dict[str, str]) -> str | None:
@@ -303,7 +307,7 @@ def dsn_problem(params: dict[str, str]) -> str | None:
             return replies.BAD_NOTIFY
     if "ORCPT" in params:
         kind, semi, value = params["ORCPT"].partition(";")
-        if not semi or not kind or not value or not XTEXT.match(value):
+        if not semi or not kind or not value or not XTEXT_SPACE.match(value):
             return replies.BAD_ORCPT
     return None
 

@@ -60,6 +60,15 @@ def xtext_decode(value: str) -> str:
     return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
+def _field_value(xtext: str) -> str:
+    """An xtext value decoded for a report field (RFC 3464 §2.2.1, §2.3.1), or left encoded when
+    decoding would put a control character (a line break) into the report; never longer than a
+    line may be."""
+    decoded = xtext_decode(xtext)
+    value = xtext if re.search(r"[\x00-\x1f\x7f]", decoded) else decoded
+    return _one_line(re.sub(r"[\x00-\x1f\x7f]", "?", value))
+
+
 def wants(recipient: common_pb2.Recipient, what: str) -> bool:
     """RFC 3461 §4.1: without NOTIFY, failures are reported and delays at our discretion (not)."""
     notify = [n.strip().upper() for n in recipient.notify.split(",") if n.strip()]
@@ -77,7 +86,7 @@ MAX_TEXT = 900  # a report line stays well under RFC 5322's 998 octets
 
 
 def _one_line(text: str) -> str:
-    text = " ".join(text.split())
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
 
 
@@ -113,7 +122,7 @@ def build_parts(
     lines: list[str] = [
         received.report_field(by=reporting_mta, queue_id=report_id).decode().rstrip("\r\n"),
         f"From: Mail Delivery System <{from_address}>",
-        f"To: <{envelope.return_path}>" if envelope.return_path.isascii() else "To: undisclosed-recipients:;",
+        f"To: <{_one_line(envelope.return_path)}>" if envelope.return_path.isascii() else "To: undisclosed-recipients:;",
         f"Subject: {TITLES[kind]}",
         f"Date: {now}",
         f"Message-ID: {message_id}",
@@ -129,11 +138,11 @@ def build_parts(
         "",
         f"This is the mail system at {reporting_mta}.",
         "",
-        EXPLANATIONS[kind],
+        *EXPLANATIONS[kind].split("\n"),  # each line its own CRLF (a bare LF here went out in every delay report)
         "",
     ]
     for s in statuses:
-        note = f" ({s.note})" if s.note else ""
+        note = f" ({_one_line(s.note)})" if s.note else ""
         lines.append(f"<{_ascii(s.recipient.address)}>{note}: {_ascii(s.reply)}")
     lines += [
         "",
@@ -147,7 +156,7 @@ def build_parts(
         f"X-Submitd-Queue-ID: {envelope.queue_id}",
     ]
     if envelope.dsn_envid:
-        lines.append(f"Original-Envelope-Id: {xtext_decode(envelope.dsn_envid)}")
+        lines.append(f"Original-Envelope-Id: {_field_value(envelope.dsn_envid)}")
     lines.append(f"Arrival-Date: {email.utils.formatdate(arrival)}")
     for s in statuses:
         address = s.recipient.address
@@ -155,14 +164,14 @@ def build_parts(
         lines.append("")
         if s.recipient.orcpt:
             kind_, _, value = s.recipient.orcpt.partition(";")
-            lines.append(f"Original-Recipient: {kind_}; {xtext_decode(value)}")
+            lines.append(f"Original-Recipient: {_one_line(kind_)}; {_field_value(value)}")
         lines += [
-            f"Final-Recipient: {addr_type}; {address}",
+            f"Final-Recipient: {addr_type}; {_one_line(address)}",
             f"Action: {s.action}",
             f"Status: {s.status or (status_of(s.reply) if s.action != 'relayed' else '2.0.0')}",
         ]
         if s.remote_mta:
-            lines.append(f"Remote-MTA: dns; {s.remote_mta}")
+            lines.append(f"Remote-MTA: dns; {_one_line(s.remote_mta)}")
         if s.reply:
             lines.append(f"Diagnostic-Code: smtp; {_ascii(s.reply) if not utf8 else _one_line(s.reply)}")
         lines.append(f"Last-Attempt-Date: {now}")

@@ -35,3 +35,7 @@ WITHDRAWALS = Counter(
     "too_late, delivered_meanwhile, in_flight: it had gone or was going, a possible duplicate; nothing_stored)",
     ["outcome"],
 )
+UNSENDABLE = Counter(
+    "submitd_delivery_unsendable_total",
+    "Messages (or reports) never sent because they break SMTP's line rules: bare CR or LF, NUL, a line over 998 octets",
+)

@@ -4,18 +4,27 @@ extensions the message needs (SMTPUTF8, 8BITMIME, DSN), each RCPT, and DATA stre
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import aiosmtplib
 
 from submitd.v1 import common_pb2
 
+from . import metrics
 from .model import Body, Outcome
+from .outgoing import LineCheck, Unsendable, check_envelope
+
+log = logging.getLogger("submitd.relay")
 
 
 async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, body: Body, host: str = "") -> Outcome:
     outcome = Outcome()
     recipients = [r.address for r in envelope.recipients]
+    try:
+        check_envelope(envelope)
+    except Unsendable as e:
+        return _unsendable(outcome, recipients, envelope, e, host)
     mail_options: list[str] = []
     if envelope.smtputf8:
         if not client.supports_extension("smtputf8"):
@@ -65,6 +74,8 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
     except aiosmtplib.SMTPResponseException as e:
         outcome.fail_all(accepted, e.code, e.message, host)
         return outcome
+    except Unsendable as e:  # the connection was cut before the end of the data: nothing arrived
+        return _unsendable(outcome, accepted, envelope, e, host)
     outcome.delivered = accepted
     for r in accepted:
         outcome.remote[r] = host
@@ -91,9 +102,11 @@ async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeo
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             tail = b"\r\n"  # the last two octets sent: a CRLF before the first line
+            check = LineCheck()
             async for chunk in chunks:
                 if not chunk:
                     continue
+                check.feed(chunk)
                 stuffed = chunk.replace(b"\r\n.", b"\r\n..")
                 # A line start that the chunk boundary hides from replace():
                 if tail == b"\r\n" and chunk[:1] == b".":
@@ -103,6 +116,7 @@ async def send_data(client: aiosmtplib.SMTP, chunks: AsyncIterator[bytes], timeo
                 protocol.write(stuffed)
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
                 tail = (tail + chunk[-2:])[-2:]  # not the whole chunk copied for two octets
+            check.finish()
             protocol._response_pending = True
             protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
             response = await protocol.read_response(timeout=timeout)
@@ -129,3 +143,12 @@ async def _rset(client: aiosmtplib.SMTP) -> None:
         await client.rset()
     except aiosmtplib.SMTPException:
         client.close()
+
+
+def _unsendable(outcome: Outcome, recipients: list[str], envelope: common_pb2.Envelope, error: Unsendable,
+                host: str) -> Outcome:
+    metrics.UNSENDABLE.inc()
+    log.error("message not sent: it breaks SMTP's line rules", extra={"fields": {
+        "queue_id": envelope.queue_id, "reason": str(error), "next_hop": host}})
+    outcome.fail_all(recipients, 554, f"5.6.0 Not sent: {error} (a local error; nothing reached the next hop)", host)
+    return outcome
