@@ -420,6 +420,11 @@ def start_nats(cluster: Cluster, docs: list[dict], values: dict, started: list[s
         sts = by_kind(docs, "StatefulSet")[f"{FULL}-nats"]
         hosts = []
     replicas = sts["spec"]["replicas"]
+    # The chart's NATS image must be the version this test (and every test) runs.
+    tested = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    image = sts["spec"]["template"]["spec"]["containers"][0]["image"]
+    if image.split(":")[1].split("-")[0] != tested.strip().rsplit("v", 1)[1]:
+        raise SystemExit(f"the chart deploys {image}, the tests run nats-server {tested.strip()}: pin the same version")
     binary = f"{nats_server_binary()}:/usr/local/bin/nats-server:ro"
     names = [f"{FULL}-nats-{i}" for i in range(replicas)]
     for i, name in enumerate(names):

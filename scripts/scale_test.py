@@ -197,7 +197,7 @@ def quorum(work: Path, clients: int) -> int:
     stack = Stack(
         work / "quorum", next_hop=("127.0.0.1", sink.port), nats_nodes=3,
         users={USER: User(PASSWORD, [USER])},
-        env={"frontend": {"QUEUE_REPLICAS": "3", "MAX_CONNECTIONS_PER_CLIENT": "200"},
+        env={"frontend": {"MAX_CONNECTIONS_PER_CLIENT": "200"},
              "policy": {"REPLICAS": "3"}, "relay": {"REPLICAS": "3", "FETCH_WAIT": "1"}},
     )
     for name in ("frontend", "policy", "rewriter", "relay"):
@@ -539,6 +539,7 @@ def replicas(root: Path, env: dict, frontend_env: dict):
     lb = None
     try:
         stack.start(services=("policy", "rewriter"))
+        asyncio.run(make_queue(stack))  # the relays own it; frontends may start first here
         lb = HAProxy(root, frontends.ports, per_client=1000)
         yield stack, sink, frontends, relays, lb
     finally:
@@ -548,6 +549,14 @@ def replicas(root: Path, env: dict, frontend_env: dict):
         relays.stop_all()
         stack.stop()
         sink.stop()
+
+
+async def make_queue(stack: Stack) -> None:
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig())
+    finally:
+        await nc.close()
 
 
 def scaling(work: Path, clients: int) -> int:

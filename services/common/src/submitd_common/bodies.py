@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 
 from nats.js import JetStreamContext, api
@@ -51,8 +51,12 @@ class BodyWriter:
     what was written. Counts its size and whether all of it is ASCII (for BODY=8BITMIME)."""
 
     def __init__(self, js: JetStreamContext, bucket: str, name: str, *, timeout: float,
-                 chunk: int = CHUNK, window: int = WINDOW) -> None:
+                 chunk: int = CHUNK, window: int = WINDOW,
+                 abandon: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """``abandon(nuid)``: how an aborted write's chunks go, for a writer that may not purge
+        them itself (the frontend asks the relay); without it they are purged here."""
         self.js = js
+        self.abandon = abandon
         self.bucket = bucket
         self.name = name
         self.timeout = timeout
@@ -127,6 +131,9 @@ class BodyWriter:
                 future.cancel()
         if self.chunks and not self.closed:
             try:
+                if self.abandon is not None:
+                    await asyncio.wait_for(self.abandon(self.nuid), 2.0)
+                    return
                 await asyncio.wait_for(self.js.purge_stream(stream_name(self.bucket), subject=self.subject), 2.0)
             except Exception as e:
                 log.info("could not remove the chunks of an unfinished body %s: %r", self.name, e)
@@ -226,3 +233,12 @@ async def sweep_unfinished(js: JetStreamContext, bucket: str, min_age: float) ->
         await js.purge_stream(stream, subject=subject)
         removed += 1
     return removed
+
+
+async def purge_abandoned(js: JetStreamContext, bucket: str, nuid: str) -> bool:
+    """Remove the chunks of an abandoned write named by its nuid (random, 22 characters: known
+    only to its writer). False for a malformed one."""
+    if not (len(nuid) == 22 and nuid.isascii() and nuid.isalnum()):
+        return False
+    await js.purge_stream(stream_name(bucket), subject=chunk_subject(bucket, nuid))
+    return True

@@ -29,6 +29,9 @@ RECORD_HEADER = "Submitd-Record"
 RELAY_DURABLE = "relay"
 # Outcome events (core NATS, outside the queue stream): submitd.events.<delivered|deferred|bounced|...>
 EVENTS_PREFIX = "submitd.events"
+# A frontend's body write that was abandoned (core NATS, JSON {"nuid": ...}): the relay removes its
+# chunks, since the internet-facing frontend may not purge anything itself.
+ABANDONED_SUBJECT = "submitd.bodies.abandoned"
 
 # JetStream's answer when a stream of that name exists with another configuration.
 STREAM_NAME_IN_USE = 10058
@@ -134,9 +137,22 @@ def stream_config(cfg: QueueConfig) -> StreamConfig:
     )
 
 
+async def wait_for_queue(js: JetStreamContext, every: float = 1.0) -> None:
+    """Return once the queue stream and the body store exist (the relay makes them)."""
+    while True:
+        try:
+            await js.stream_info(STREAM)
+            await js.stream_info(f"OBJ_{BODY_BUCKET}")
+            return
+        except NotFoundError:
+            log.info("waiting for the queue stream (the relay creates it)")
+        await asyncio.sleep(every)
+
+
 async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool = True) -> None:
     """Create the queue stream and the body store; with ``update``, bring an existing
-    stream to this configuration (the frontend owns it; the relay only makes sure it exists)."""
+    stream to this configuration. The relay owns them: the internet-facing frontend may not
+    create or change a stream."""
     want = stream_config(cfg)
     try:
         await js.stream_info(STREAM)
@@ -207,6 +223,7 @@ async def publish_entry(
     timeout: float,
     headers: dict[str, str] | None = None,
     subject: str = SUBMIT_SUBJECT,
+    remove_body: bool = True,
 ) -> None:
     """Publish the queue entry (its body, if in the Object Store, is stored already) and
     return once JetStream stored it. The publish is retried once with the same
@@ -227,8 +244,9 @@ async def publish_entry(
                     raise
     except BaseException as e:
         # Without the server's word (a timeout, a connection lost) the entry may have been
-        # stored: its body stays, for the entry or else for the relay's orphan sweep.
-        if qmsg.WhichOneof("body") == "object_name" and isinstance(e, nats.js.errors.APIError):
+        # stored: its body stays, for the entry or else for the relay's orphan sweep (as it
+        # does for a writer that may not remove anything, the frontend).
+        if qmsg.WhichOneof("body") == "object_name" and isinstance(e, nats.js.errors.APIError) and remove_body:
             from .bodies import delete
 
             try:

@@ -1,6 +1,7 @@
 """Least privilege on NATS: what each service may publish and subscribe to, and nothing more.
 
-The frontend writes the queue and bodies but cannot consume the queue; the relay consumes it,
+The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
+purges and reads nothing); the relay owns the stream and the body store, consumes the queue,
 reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
 touch the policy's buckets; the policy has its two KV buckets and nothing else; the rewriter has
 no NATS access at all. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
@@ -42,11 +43,17 @@ _BODY_STORE = [
 _DURABLE = q.RELAY_DURABLE
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
+    # Internet-facing: it publishes new entries and writes new bodies (chunks, then the object's
+    # record), and may see whether the stream is there; nothing else. No stream is created,
+    # changed or purged by it, no body read; an abandoned write's chunks go by the relay.
     "frontend": {
         "publish": [
             q.SUBMIT_SUBJECT,
-            *_stream(q.STREAM, "INFO", "CREATE", "UPDATE"),
-            *_BODY_STORE,
+            *_stream(q.STREAM, "INFO"),
+            *_stream(_BODIES, "INFO"),
+            f"$O.{q.BODY_BUCKET}.C.>",
+            f"$O.{q.BODY_BUCKET}.M.>",
+            q.ABANDONED_SUBJECT,
         ],
         "subscribe": ["_INBOX_frontend.>"],
     },
@@ -58,7 +65,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "publish": [
             q.SUBMIT_SUBJECT,  # reports (DSNs) and the admin API's retries
             f"{q.EVENTS_PREFIX}.>",
-            *_stream(q.STREAM, "INFO", "CREATE", "MSG.GET", "MSG.DELETE"),
+            *_stream(q.STREAM, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
             f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}",
             f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}.>",
             f"{API}.CONSUMER.DURABLE.CREATE.{q.STREAM}.{_DURABLE}",
@@ -68,7 +75,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             *_BODY_STORE,
             *_kv(q.DELIVERY_BUCKET),
         ],
-        "subscribe": ["_INBOX_relay.>"],
+        "subscribe": ["_INBOX_relay.>", q.ABANDONED_SUBJECT],
     },
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 
@@ -223,7 +224,11 @@ class QueueWriter:
         return self.nc.is_connected
 
     def body_writer(self, queue_id: str) -> BodyWriter:
-        return BodyWriter(self.js, jetstream.BODY_BUCKET, queue_id, timeout=self.timeout)
+        return BodyWriter(self.js, jetstream.BODY_BUCKET, queue_id, timeout=self.timeout, abandon=self._abandon)
+
+    async def _abandon(self, nuid: str) -> None:
+        # The relay removes the chunks: this service may not purge anything (natsauth).
+        await self.nc.publish(jetstream.ABANDONED_SUBJECT, json.dumps({"nuid": nuid}).encode())
 
     async def publish_stored(self, envelope: common_pb2.Envelope, prefix: bytes, writer: BodyWriter) -> None:
         """The queue entry of a message whose body ``writer`` stored in the Object Store."""
@@ -233,7 +238,8 @@ class QueueWriter:
                                        size=len(prefix) + writer.size, prefix=prefix, object_name=writer.name)
         with self._span(envelope, qmsg.size):
             await self._send(qmsg, lambda: jetstream.publish_entry(
-                self.js, qmsg, msg_id=envelope.queue_id, timeout=self.timeout, headers=dict(qmsg.trace_context)))
+                self.js, qmsg, msg_id=envelope.queue_id, timeout=self.timeout, headers=dict(qmsg.trace_context),
+                remove_body=False))
 
     async def publish(self, envelope: common_pb2.Envelope, body: bytes) -> None:
         if envelope.body_type != "8BITMIME" and not body.isascii():

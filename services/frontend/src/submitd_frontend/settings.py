@@ -29,8 +29,6 @@ class Settings(ServiceSettings):
     rewriter_target: str = Field("127.0.0.1:50052", description="gRPC target of the rewriter service")
     max_message_size: int = Field(25 << 20, description="SIZE limit in octets")
     max_recipients: int = Field(100, description="Recipients per message (RFC 5321 §4.5.3.1.8 minimum 100)")
-    queue_max_bytes: int = Field(1 << 30, description="MaxBytes of the queue stream (Discard=New)")
-    queue_replicas: int = Field(1, description="Replicas of the queue stream (3 in a cluster)")
     backend_connect_timeout: float = Field(
         5.0, description="Seconds to wait for a reconnecting policy or rewriter before answering 4xx"
     )

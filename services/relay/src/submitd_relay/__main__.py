@@ -15,6 +15,7 @@ from submitd_common.telemetry import setup_telemetry
 from . import admin
 from .consumer import Relay
 from .delivery import NextHopPool
+from .queue import remove_abandoned_bodies
 from .reports import Signer
 from .settings import Settings
 
@@ -33,10 +34,10 @@ async def amain() -> None:
             relay.stranded.wake.set()  # a restarted server is where stranded entries come from
 
     nc = await jetstream.connect("submitd-relay", settings.nats_options(), reconnected_cb=reconnected)
-    # Created with the cluster's replicas if the relay is first: a queue made with one replica
-    # and raised to three by the frontend is moved while mail arrives (the image test saw
-    # publishes time out during that move).
-    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(replicas=settings.replicas), update=False)
+    # The relay owns the queue stream and the body store (the internet-facing frontend may not
+    # create or change them): created, or brought to these settings.
+    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(
+        max_bytes=settings.queue_max_bytes, replicas=settings.replicas))
     pool = NextHopPool(settings)
     channel = grpcutil.channel(settings.rewriter_target, MutualTLS.from_settings(settings)) if settings.rewriter_target else None
     relay = Relay(nc, pool, settings, Signer(channel, settings.rewriter_timeout) if channel else None)
@@ -48,6 +49,7 @@ async def amain() -> None:
     app = health_app(health, "submitd relay")
     app.include_router(admin.router(relay))
     bound, stop_http = await serve_http(app, *split_hostport(settings.http_listen))
+    abandoned = await remove_abandoned_bodies(nc, nc.jetstream())
     runner = asyncio.create_task(relay.run(), name="relay")
     watcher = asyncio.create_task(relay.watch_queue(), name="queue metrics")
     sweeper = asyncio.create_task(relay.sweep(), name="orphan sweep")
@@ -62,6 +64,7 @@ async def amain() -> None:
     await watcher
     await sweeper
     await stranded
+    await abandoned.unsubscribe()
     await relay.close()
     await pool.close()
     if channel is not None:

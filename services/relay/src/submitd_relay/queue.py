@@ -119,3 +119,19 @@ async def queue_metrics(js) -> None:
         metrics.QUEUE_OLDEST.set(oldest)
     except Exception as e:  # metrics must never disturb delivery
         log.debug("queue metrics: %r", e)
+
+
+async def remove_abandoned_bodies(nc, js):
+    """Chunks of body writes a frontend abandoned (a refusal, a client gone), removed at once
+    (the frontend may not purge); one relay replica takes each. Returns the subscription."""
+    import json
+
+    async def remove(msg) -> None:
+        try:
+            nuid = json.loads(msg.data).get("nuid", "")
+            if await bodies.purge_abandoned(js, jetstream.BODY_BUCKET, str(nuid)):
+                metrics.ORPHANS.inc()
+        except Exception as e:  # the orphan sweep gets them later
+            log.info("abandoned body not removed: %r", e)
+
+    return await nc.subscribe(jetstream.ABANDONED_SUBJECT, queue="relay", cb=remove)

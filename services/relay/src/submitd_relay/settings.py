@@ -77,8 +77,9 @@ class Settings(ServiceSettings):
     )
     orphan_min_age: float = Field(3600.0, description="Age before an unreferenced body is removed")
     replicas: int = Field(
-        1, description="Replicas of the delivery-record KV bucket, and of the queue stream if the relay creates it (3 in a cluster)"
+        1, description="Replicas of the queue stream, the body store and the delivery-record KV bucket (3 in a cluster)"
     )
+    queue_max_bytes: int = Field(1 << 30, description="MaxBytes of the queue stream (Discard=New: full means 452)")
     admin_token: str | None = Field(None, description="Bearer token of the queue admin API (or ADMIN_TOKEN_FILE)")
     admin_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret)")
     trace_addresses: bool = Field(
