@@ -1,16 +1,21 @@
 """Nothing a client sends reaches the next hop with a line break of its own: the DSN injection
 reproduced against `make run` (ENVID/ORCPT xtext decoding to CR, LF, NUL) is refused at MAIL and
 RCPT, and the relay's writer refuses, whoever produced it, any message with a bare CR or LF, a
-NUL or an over-long line."""
+NUL or an over-long line. And the relay is aimed by DNS only at public addresses, and never
+gives its smarthost password to a next hop without TLS."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from relay_helpers import envelope, parse_report, queue, relay_only, reports
 
+from submitd_devkit.dns import DnsServer
+from submitd_devkit.sink import Sink
 from submitd_devkit.testing.metrics import sample
+from submitd_devkit.testing.waiting import eventually
 from submitd_devkit.testing.plugin import ALICE
 from submitd_devkit.testing.smtp import logged_in, reply_of
 
@@ -65,3 +70,34 @@ def test_a_report_on_a_hostile_envid_carries_no_line_break(make_stack, sink):
     assert b"\r\n.\r\n" not in report.data
     assert b"\r\nOriginal-Envelope-Id: x?.?MAIL FROM:<ceo@bank.example>??\r\n" in report.data
     assert len(reports(sink)) == 1
+
+
+def test_mx_hosts_on_loopback_or_private_addresses_are_never_connected_to(make_stack, sink):
+    dns = DnsServer({"example.net": {"MX": ["10 mx.example.net."]}, "mx.example.net": {"A": ["127.0.0.1", "10.1.2.3"]},
+                     "example.test": {"MX": ["10 mx.example.net."]}}).start()
+    try:
+        stack = relay_only(make_stack, NEXT_HOP_HOST="", MX_PORT=sink.port, DNS_NAMESERVERS=json.dumps(["127.0.0.1"]),
+                           DNS_PORT=dns.port, CONNECT_TIMEOUT=2)
+        queue(stack, envelope(["bob@example.net"]), b"From: alice@example.test\r\nSubject: internal\r\n\r\nhi\r\n")
+        eventually(lambda: sample(stack.ports.relay_http, "submitd_delivery_recipients_total", result="failed") >= 1, 20)
+        assert ("mx.example.net.", "A") in dns.queries
+        assert sink.handler.ehlos == 0, "no connection to the loopback next hop DNS named"
+        assert "have no public address" in stack.log_path("relay").read_text()
+    finally:
+        dns.stop()
+
+
+# aiosmtpd warns of AUTH without TLS at every connection: that is the point here.
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_the_smarthost_password_never_crosses_without_tls(make_stack):
+    hop = Sink(login=("relay", "hop secret")).start()  # AUTH offered, no STARTTLS (stripped on the way)
+    try:
+        stack = relay_only(make_stack, hop, NEXT_HOP_TLS="opportunistic", NEXT_HOP_USERNAME="relay",
+                           NEXT_HOP_PASSWORD="hop secret", RETRY_SCHEDULE="[0.5]")
+        queue(stack, envelope(), b"From: alice@example.test\r\nSubject: secret\r\n\r\nhi\r\n")
+        eventually(lambda: sample(stack.ports.relay_http, "submitd_delivery_attempts_total",
+                                  result="deferred", next_hop=f"127.0.0.1:{hop.port}") >= 2, 20)
+        assert hop.handler.messages == [], "deferred: never logged in, never delivered"
+        assert "the smarthost password is not sent in clear" in stack.log_path("relay").read_text()
+    finally:
+        hop.stop()

@@ -194,7 +194,7 @@ def test_mx_routing_by_domain_with_fallback_null_mx_and_nxdomain(make_stack, sin
     try:
         stack = relay_only(
             make_stack, NEXT_HOP_HOST="", MX_PORT=sink.port, DNS_NAMESERVERS=json.dumps(["127.0.0.1"]),
-            DNS_PORT=dns.port, CONNECT_TIMEOUT=2,
+            DNS_PORT=dns.port, CONNECT_TIMEOUT=2, MX_INTERNAL_NETWORKS=json.dumps(["127.0.0.0/8"]),
         )
         queue(stack, envelope(["bob@example.net", "carol@example.org", "dave@nomx.example",
                                "eve@nullmx.example", "frank@nx.example"]), body("by mx"))
@@ -357,7 +357,7 @@ def test_unusable_domain_bounces_and_the_other_recipients_get_it_once(make_stack
                      "example.test": {"MX": ["10 mx.example.net."]}}).start()
     try:
         stack = relay_only(make_stack, NEXT_HOP_HOST="", MX_PORT=sink.port, DNS_NAMESERVERS=json.dumps(["127.0.0.1"]),
-                           DNS_PORT=dns.port)
+                           DNS_PORT=dns.port, MX_INTERNAL_NETWORKS=json.dumps(["127.0.0.0/8"]))
         queue(stack, envelope(["bob@example.net", "snow@\u2603.example"], smtputf8=True), body("idna"))
         eventually(lambda: len(sink.handler.messages) == 2)
         eventually(lambda: queue_depth(stack) == 0)

@@ -65,6 +65,10 @@ class NextHopPool:
             try:
                 await asyncio.wait_for(client.connect(), self.s.connect_timeout)
                 if not mx and self.s.next_hop_username:
+                    if client.get_transport_info("ssl_object") is None:
+                        # A next hop that offers no STARTTLS (or one that is stripped on the
+                        # way) never gets the password in clear: the message waits.
+                        raise aiosmtplib.SMTPException("no TLS: the smarthost password is not sent in clear")
                     await client.login(self.s.next_hop_username, self.s.next_hop_password or "")
                 if not client.esmtp_extensions:
                     # After STARTTLS (or with no TLS at all) aiosmtplib has not asked EHLO yet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class MxResolver:
             self.r.nameservers = list(settings.dns_nameservers)
             self.r.port = settings.dns_port
         self.r.lifetime = settings.dns_timeout
+        self.internal = [ipaddress.ip_network(n, strict=False) for n in settings.mx_internal_networks]
 
     async def hosts(self, domain: str) -> list[Host]:
         try:
@@ -58,11 +60,14 @@ class MxResolver:
         except dns.exception.DNSException as e:
             raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
         hosts: list[Host] = []
-        temporary = False
+        temporary = internal = False
         for name in names:
             for rdtype in ("A", "AAAA"):
                 try:
                     for rr in await self.r.resolve(name, rdtype):
+                        if not self.reachable(rr.address):
+                            internal = True  # DNS must not aim the relay at the site's own network
+                            continue
                         hosts.append(Host(name, rr.address, self.s.mx_port))
                 except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                     pass
@@ -71,5 +76,15 @@ class MxResolver:
         if not hosts:
             if temporary:
                 raise RouteError(451, f"4.4.3 DNS lookup of the mail hosts of {domain} failed")
+            if internal:
+                raise RouteError(550, f"5.4.4 The mail hosts of {domain} have no public address")
             raise RouteError(550, f"5.4.4 No address for the mail hosts of {domain}")
         return hosts
+
+    def reachable(self, address: str) -> bool:
+        """A public address, or one in MX_INTERNAL_NETWORKS: loopback, private, link-local and
+        other special-purpose addresses are never connected to for a domain's MX."""
+        ip = ipaddress.ip_address(address)
+        if any(ip in net for net in self.internal):
+            return True
+        return ip.is_global

@@ -26,6 +26,10 @@ class Settings(ServiceSettings):
     next_hop_username: str | None = Field(None, description="AUTH user at the smarthost")
     next_hop_password: str | None = Field(None, description="AUTH password at the smarthost")
     mx_port: int = Field(25, description="Port of MX hosts (direct delivery)")
+    mx_internal_networks: list[str] = Field(
+        [], description="Non-public networks (e.g. 10.0.0.0/8) an MX host may be in; by default a domain whose "
+        "MX hosts resolve only to loopback, private or other special-purpose addresses is refused 550 5.4.4"
+    )
     mx_tls: Literal["none", "opportunistic", "required"] = Field(
         "opportunistic", description="STARTTLS to MX hosts (unverified, RFC 7435 opportunistic security)"
     )
