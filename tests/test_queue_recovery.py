@@ -117,3 +117,28 @@ def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
     time.sleep(1)
     assert len(sink.handler.messages) == 1, "the withdrawn copy never left"
     assert relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1
+
+
+def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, sink):
+    """A nats-server killed after the relay's ack can hand the entry out again, even as a first
+    delivery (its record of the ack lost with it): the relay remembers what it acknowledged."""
+    stack = relay_only(make_stack)
+    env = envelope()
+    asyncio.run(queue_async(stack.nats.url, [(env, body("once"))]))
+    sink.handler.wait_for(1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 20)
+
+    async def again() -> None:  # the same entry back in the queue, as the restarted server has it
+        nc = await nats.connect(stack.nats.url)
+        try:
+            from submitd.v1 import queue_pb2
+
+            q = queue_pb2.QueuedMessage(envelope=env, inline_body=body("once"), size=len(body("once")))
+            await nc.jetstream().publish(jetstream.SUBMIT_SUBJECT, q.SerializeToString(), headers={"Nats-Msg-Id": "again"})
+        finally:
+            await nc.close()
+
+    asyncio.run(again())
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    eventually(lambda: relay_metric(stack, "submitd_delivery_duplicates_avoided_total") == 1, 10)
+    assert len(sink.handler.messages) == 1, "sent once"

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 
 import nats.errors
@@ -33,12 +32,6 @@ from .stranded import RecentAcks, StrandedEntries, withdraw
 log = logging.getLogger("submitd.relay")
 tracer = trace.get_tracer("submitd.relay")
 DURABLE = jetstream.RELAY_DURABLE
-_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")
-
-
-def domains_only(text: str) -> str:
-    """Addresses in a next hop's reply cut down to their domains, for traces."""
-    return _ADDRESS.sub(lambda m: f"…@{m.group(1)}", text)
 INTERNAL_RETRY = 2.0  # seconds before a message whose handling failed inside submitd is tried again
 
 
@@ -209,6 +202,14 @@ class Relay:
         ) as span:
             keepalive = asyncio.create_task(self._keepalive(msg))
             try:
+                if env.queue_id in self.acked:
+                    # This relay delivered and acknowledged it; the server lost the ack (a NATS
+                    # crash) and hands it out again, maybe as a first delivery.
+                    log.info("already delivered, ack lost", extra={"fields": {"queue_id": env.queue_id, "attempt": attempt}})
+                    span.set_attribute("submitd.outcome", "duplicate")
+                    metrics.DUPLICATES_AVOIDED.inc()
+                    await msg.ack_sync()
+                    return
                 # A first delivery has no record to read: records are written only for messages
                 # that were deferred, partly delivered or reported on (and copies an admin
                 # retried carry a header saying so).
@@ -370,21 +371,8 @@ class Relay:
                  extra={"fields": {**fields, "deferred": outcome.temporary, "retry_in": p.retry_in}})
 
     def _count(self, qmsg: queue_pb2.QueuedMessage, outcome: Outcome, result: str, span) -> None:
-        metrics.ATTEMPTS.labels(result, outcome.next_hop if self.pool.smarthost else "mx").inc()
-        for name, count in (("delivered", len(outcome.delivered)), ("deferred", len(outcome.temporary)),
-                            ("failed", len(outcome.permanent))):
-            if count:
-                metrics.RECIPIENTS.labels(name).inc(count)
-        if outcome.delivered:
-            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - qmsg.received_at_ms / 1000))
-        span.set_attribute("submitd.outcome", result)
-        replies = {**outcome.temporary, **outcome.permanent}
-        if replies:
-            texts = sorted(set(replies.values()))[:5]
-            span.set_attribute("smtp.reply", texts if self.s.trace_addresses else [domains_only(t) for t in texts])
-        span.set_attribute("submitd.delivered", len(outcome.delivered))
-        span.set_attribute("submitd.deferred", len(outcome.temporary))
-        span.set_attribute("submitd.failed", len(outcome.permanent))
+        metrics.count_attempt(qmsg, outcome, result, span, smarthost=bool(self.pool.smarthost),
+                              trace_addresses=self.s.trace_addresses)
 
     def event(self, event: str, env, fields: dict) -> None:
         """An outcome event on NATS (submitd.events.<event>), fire and forget: events inform,

@@ -1,5 +1,8 @@
 """Prometheus metrics of the relay (no addresses in labels)."""
 
+import re
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ATTEMPTS = Counter("submitd_delivery_attempts_total", "Delivery attempts by result and next hop", ["result", "next_hop"])
@@ -39,3 +42,30 @@ UNSENDABLE = Counter(
     "submitd_delivery_unsendable_total",
     "Messages (or reports) never sent because they break SMTP's line rules: bare CR or LF, NUL, a line over 998 octets",
 )
+
+
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")
+
+
+def domains_only(text: str) -> str:
+    """Addresses in a next hop's reply cut down to their domains, for traces."""
+    return _ADDRESS.sub(lambda m: f"…@{m.group(1)}", text)
+
+
+def count_attempt(qmsg, outcome, result: str, span, *, smarthost: bool, trace_addresses: bool) -> None:
+    """One delivery attempt in the metrics and on its span."""
+    ATTEMPTS.labels(result, outcome.next_hop if smarthost else "mx").inc()
+    for name, count in (("delivered", len(outcome.delivered)), ("deferred", len(outcome.temporary)),
+                        ("failed", len(outcome.permanent))):
+        if count:
+            RECIPIENTS.labels(name).inc(count)
+    if outcome.delivered:
+        DELIVERY_LATENCY.observe(max(0.0, time.time() - qmsg.received_at_ms / 1000))
+    span.set_attribute("submitd.outcome", result)
+    replies = {**outcome.temporary, **outcome.permanent}
+    if replies:
+        texts = sorted(set(replies.values()))[:5]
+        span.set_attribute("smtp.reply", texts if trace_addresses else [domains_only(t) for t in texts])
+    span.set_attribute("submitd.delivered", len(outcome.delivered))
+    span.set_attribute("submitd.deferred", len(outcome.temporary))
+    span.set_attribute("submitd.failed", len(outcome.permanent))
