@@ -128,17 +128,34 @@ def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, s
     sink.handler.wait_for(1, 20)
     eventually(lambda: queue_depth(stack) == 0, 20)
 
-    async def again() -> None:  # the same entry back in the queue, as the restarted server has it
-        nc = await nats.connect(stack.nats.url)
-        try:
-            from submitd.v1 import queue_pb2
-
-            q = queue_pb2.QueuedMessage(envelope=env, inline_body=body("once"), size=len(body("once")))
-            await nc.jetstream().publish(jetstream.SUBMIT_SUBJECT, q.SerializeToString(), headers={"Nats-Msg-Id": "again"})
-        finally:
-            await nc.close()
-
-    asyncio.run(again())
+    asyncio.run(again(stack.nats.url, env, body("once")))
     eventually(lambda: queue_depth(stack) == 0, 20)
     eventually(lambda: relay_metric(stack, "submitd_delivery_duplicates_avoided_total") == 1, 10)
     assert len(sink.handler.messages) == 1, "sent once"
+
+
+def test_an_entry_handed_out_again_while_it_is_being_delivered_goes_once(make_stack, sink):
+    """A restarted server that lost the delivery hands the entry out again while the first
+    attempt still runs (a slow next hop): the second waits for the first and finds it done."""
+    stack = relay_only(make_stack)
+    sink.handler.data_delay = 3
+    env = envelope()
+    asyncio.run(queue_async(stack.nats.url, [(env, body("slow"))]))
+    eventually(lambda: sink.handler.ehlos >= 1, 10)
+    asyncio.run(again(stack.nats.url, env, body("slow")))
+    sink.handler.wait_for(1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 30)
+    time.sleep(1)
+    assert len(sink.handler.messages) == 1, "sent once"
+
+
+async def again(url: str, env, data: bytes) -> None:
+    """The same entry back in the queue, as a restarted server may have it."""
+    from submitd.v1 import queue_pb2
+
+    nc = await nats.connect(url)
+    try:
+        q = queue_pb2.QueuedMessage(envelope=env, inline_body=data, size=len(data))
+        await nc.jetstream().publish(jetstream.SUBMIT_SUBJECT, q.SerializeToString(), headers={"Nats-Msg-Id": "again"})
+    finally:
+        await nc.close()

@@ -178,6 +178,13 @@ class Relay:
         if qmsg.withdrawal:
             await self.withdrawal(msg, qmsg)
             return
+        if qmsg.envelope.queue_id in self.delivering:
+            # Handed out again while this relay still delivers it (a restarted server that lost
+            # the delivery): after this attempt has ended, the next look finds it finished.
+            log.info("already being delivered", extra={"fields": {"queue_id": qmsg.envelope.queue_id}})
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=INTERNAL_RETRY)
+            return
         self.delivering.add(qmsg.envelope.queue_id)
         try:
             await self._handle(msg, qmsg)
@@ -284,6 +291,9 @@ class Relay:
         as NATS takes it again (the redelivery waits AckWait), makes the redelivery an ack and
         not a second copy. Costs nothing unless an ack fails."""
         state.finish(r.address for r in env.recipients)
+        # A restarted server may hand it out as a first delivery, which reads no record: this
+        # relay's memory of what it finished covers that.
+        self.acked.add(env.queue_id)
         deadline = time.monotonic() + self.s.ack_wait * 0.8
         while True:
             try:

@@ -43,7 +43,8 @@ log = logging.getLogger("submitd.relay")
 
 
 class RecentAcks:
-    """Queue ids this relay acknowledged after delivering them, the newest ``size`` of them."""
+    """Queue ids this relay finished (every recipient delivered or reported) and acknowledged,
+    or tried to, the newest ``size`` of them."""
 
     def __init__(self, size: int = 100_000) -> None:
         self.size = size
