@@ -19,6 +19,11 @@ ALICE = "alice@example.test"
 ALICE_PASSWORD = "correct horse battery staple"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "starts_stacks: the test starts whole stacks of its own without "
+                            "make_stack (scripts/run_local.py): it is handed out first, as the make_stack tests are")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that start stacks of their own (the long ones) first, then those on a module's
     shared stack, then the rest: under ``-n`` the quick ones fill the workers' last minutes
@@ -27,7 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     together under pytest 9, whose node ids it can no longer rename.)"""
 
     def rank(item: pytest.Item) -> int:
-        if "make_stack" in getattr(item, "fixturenames", ()):
+        if "make_stack" in getattr(item, "fixturenames", ()) or item.get_closest_marker("starts_stacks"):
             return 0
         return 1 if "shared_stack" in getattr(item, "fixturenames", ()) else 2
 
