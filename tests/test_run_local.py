@@ -10,6 +10,7 @@ that every failure names (RUN_SIGNAL_SEED=n repeats it; RUN_SIGNAL_ROUNDS=n runs
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import signal
@@ -17,13 +18,14 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from submitd_devkit.ports import free_port
 from submitd_devkit.testing.smtp import insecure_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +68,44 @@ def plan(rng: random.Random, rounds: int) -> list[Round]:
                         "starting": rng.uniform(0, 1)}.get(kind, 0.0)
         out.append(Round(kind, rng.uniform(0, 3), rng.choice(SECOND), second_after))
     return out
+
+
+# Between free_port's ports (20000-32000, every other test's, in every test session on this
+# machine) and the kernel's ephemeral ones (from 32768): this test frees its ports and takes them
+# again every round, and one that free_port handed to another session meanwhile failed a round
+# (a second make test on the machine). A lock file per port keeps two runs of this test apart.
+OWN_PORTS = range(32001, 32768)
+
+
+@pytest.fixture
+def ports() -> Iterator[dict[str, int]]:
+    """A port of OWN_PORTS for each of PORTS, that no other run of this test takes meanwhile."""
+    lock_dir = Path(tempfile.gettempdir()) / "submitd-test-run-local-ports"
+    lock_dir.mkdir(exist_ok=True)
+    locks: list[int] = []
+    ports: dict[str, int] = {}
+    try:
+        for port in random.sample(OWN_PORTS, len(OWN_PORTS)):
+            if len(ports) == len(PORTS):
+                break
+            lock = os.open(lock_dir / str(port), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                continue
+            locks.append(lock)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            ports[PORTS[len(ports)]] = port
+        assert len(ports) == len(PORTS), "not enough free ports in OWN_PORTS"
+        yield ports
+    finally:
+        for lock in locks:
+            os.close(lock)
 
 
 def processes_naming(var: Path) -> dict[int, str]:
@@ -162,11 +202,9 @@ def signal_round(run: LocalRun, r: Round, var: Path, ports: dict[str, int],
 
 
 @pytest.mark.starts_stacks
-def test_signals_at_random_moments_of_the_stop_leave_no_process_and_the_ports_free(tmp_path):
-    rng = random.Random(SEED)
-    rounds = plan(rng, ROUNDS)
+def test_signals_at_random_moments_of_the_stop_leave_no_process_and_the_ports_free(tmp_path, ports):
+    rounds = plan(random.Random(SEED), ROUNDS)
     var = tmp_path / "var"
-    ports = {name: free_port() for name in PORTS}
     run = None
     try:
         for i, r in enumerate(rounds):
