@@ -10,13 +10,12 @@ import pytest
 
 from submitd_devkit import zygote
 from submitd_devkit.sink import Sink
-from submitd_devkit.stack import NatsServer, Stack, User
+from submitd_devkit.stack import NatsServer, Stack
+
+from .users import default_users
 
 if TYPE_CHECKING:
     from .smtp import RawClient
-
-ALICE = "alice@example.test"
-ALICE_PASSWORD = "correct horse battery staple"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,10 +73,6 @@ def stack_options(**kwargs) -> dict:
         for key, value in values.items():
             env.setdefault(name, {}).setdefault(key, value)
     return {"reload_interval": 0.5, "argon2": TEST_ARGON2, "spawn": zygote.spawn} | kwargs | {"env": env}
-
-
-def default_users() -> dict[str, User]:
-    return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
 
 @pytest.fixture(scope="module")
