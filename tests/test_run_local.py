@@ -202,6 +202,7 @@ def signal_round(run: LocalRun, r: Round, var: Path, ports: dict[str, int],
 
 
 @pytest.mark.starts_stacks
+@pytest.mark.timeout(60 + 20 * ROUNDS)  # about 5 s a round alone, 10 s on busy cores
 def test_signals_at_random_moments_of_the_stop_leave_no_process_and_the_ports_free(tmp_path, ports):
     rounds = plan(random.Random(SEED), ROUNDS)
     var = tmp_path / "var"
