@@ -37,7 +37,8 @@ from submitd_common import jetstream
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import default_users, stack_options
+from submitd_devkit.testing.plugin import stack_options
+from submitd_devkit.testing.users import default_users
 
 _ID = re.compile(rb"\(submitd\) with \w+ id ([0-9A-Z]{22})")
 

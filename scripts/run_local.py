@@ -1,5 +1,6 @@
 """`make run`: the whole submitd stack on this machine, with a demo user and a local next
-hop that stores delivered mail in a Maildir under ./var. Ctrl-C stops everything."""
+hop that stores delivered mail in a Maildir under ./var (SUBMITD_RUN_VAR elsewhere). Ctrl-C
+(SIGTERM, SIGHUP) stops everything; a second one kills everything at once."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 from submitd_devkit.ports import wait_port
-from submitd_devkit.stack import Ports, Stack, User
+from submitd_devkit.stack import Ports, Stack, StartAbandoned, User
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR = ROOT / "var"
+VAR = Path(os.environ.get("SUBMITD_RUN_VAR") or ROOT / "var").resolve()
 DEMO_USER = "demo@example.test"
 UNKNOWN = "nobody@example.net"  # the local next hop refuses it: a way to see a bounce
 
@@ -68,18 +69,19 @@ def main() -> int:
         keep_users=True,  # users added with submitctl --local var stay across runs
     )
     dkim_records = stack.make_dkim_keys("example.test")
-    with open(VAR / "log" / "sink.log", "ab") as log:
-        sink = subprocess.Popen(
-            [sys.executable, "-m", "submitd_devkit.sink", "--port", str(sink_port), "--maildir", str(maildir),
-             "--unknown", UNKNOWN],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
     try:
-        print("starting nats-server, policy, rewriter, relay and frontend ...", flush=True)
-        stack.start()
-        print(
+        with open(stack.log_path("sink"), "ab") as log:
+            # In stack.procs, the sink is watched and stopped with the services.
+            stack.procs["sink"] = subprocess.Popen(
+                [sys.executable, "-m", "submitd_devkit.sink", "--port", str(sink_port), "--maildir", str(maildir),
+                 "--unknown", UNKNOWN],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        say("starting nats-server, policy, rewriter, relay and frontend ...")
+        stack.start(abandon=stop_asked)
+        say(
             f"""
 submitd is running.
 
@@ -106,29 +108,57 @@ in the same Maildir, addressed to you. The queue admin API (its OpenAPI descript
 Messages from @example.test are DKIM-signed (RSA and Ed25519); the DNS records would be:
   {chr(10).join('  ' + r[:110] + ('...' if len(r) > 110 else '') for r in dkim_records).lstrip()}
 
-Ctrl-C stops everything.
-""",
-            flush=True,
+Ctrl-C stops everything; a second Ctrl-C kills everything at once.
+"""
         )
-        while not stopping.wait(0.5):
+        while not stop_asked():
             crashed = [n for n, p in stack.procs.items() if p.poll() is not None]
             if crashed:
-                print(f"{crashed[0]} stopped unexpectedly; its log:\n{stack.log_tail(crashed[0])}", file=sys.stderr)
+                say(f"{crashed[0]} stopped unexpectedly; its log:\n{stack.log_tail(crashed[0])}", sys.stderr)
                 return 1
+            time.sleep(0.1)
+    except StartAbandoned:
+        pass
     except RuntimeError as e:
-        print(f"submitd did not start: {e}", file=sys.stderr)
+        say(f"submitd did not start: {e}", sys.stderr)
         return 1
     finally:
-        print("stopping ...", flush=True)
-        stack.stop()
-        sink.terminate()
-        sink.wait(10)
+        say("stopping ... (Ctrl-C again to kill everything at once)")
+        stack.stop(now=kill_asked)
     return 0
 
 
-stopping = threading.Event()
+def say(text: str, stream=None) -> None:
+    """Print, unless the terminal is gone (SIGHUP): stopping must not depend on it."""
+    try:
+        print(text, file=stream or sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
+# SIGINT, SIGTERM and SIGHUP as they arrive. The handler only appends to a list: that takes no
+# lock and cannot block, so a signal arriving while the handler runs (a second Ctrl-C) only nests
+# another append, and none is lost. (It was threading.Event.set(), which takes a lock: a second
+# signal inside it waited on that lock for ever, and every process of the stack was left running.)
+# The main loop, Stack.start and Stack.stop poll the list: one signal asks for a stop, two or
+# more for everything killed at once.
+received: list[int] = []
+
+
+def stop_asked() -> bool:
+    return len(received) > 0
+
+
+def kill_asked() -> bool:
+    return len(received) > 1
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    sys.exit(main())
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    code = main()
+    for sig in STOP_SIGNALS:  # everything has stopped: one more changes nothing
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)

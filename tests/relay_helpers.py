@@ -18,7 +18,7 @@ from submitd_common import jetstream
 from submitd_common.ids import new_queue_id
 from submitd_devkit.sink import Received, Sink
 from submitd_devkit.stack import Stack
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 
 
 def body(subject: str, text: str = "hello", *, extra_headers: str = "") -> bytes:

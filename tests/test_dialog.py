@@ -14,7 +14,7 @@ import aiosmtplib
 import pytest
 
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import RawClient, connect, insecure_context, logged_in, reply_of
 
 pytestmark = pytest.mark.timeout(90)

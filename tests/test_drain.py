@@ -137,7 +137,7 @@ def test_a_starttls_handshake_left_halfway_does_not_hold_the_drain(make_stack, r
 
 
 def test_during_the_drain_delay_the_frontend_is_unready_and_still_serves_new_clients(make_stack):
-    from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+    from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 
     stack: Stack = make_stack(env={"frontend": {"DRAIN_DELAY": "3", "DRAIN_SECONDS": "10"}})
     idle = connect(stack)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in, reply_of
 from submitd_devkit.testing.waiting import eventually
 

@@ -15,7 +15,7 @@ import re
 import socket
 import time
 
-from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import insecure_context
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))

@@ -6,7 +6,7 @@ import resource
 import socket
 import time
 
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
 
 

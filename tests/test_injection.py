@@ -16,7 +16,7 @@ from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.waiting import eventually
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in, reply_of
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from submitd_devkit.testing.plugin import ALICE, otlp_env
+from submitd_devkit.testing.plugin import otlp_env
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in, reply_of
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ from passlib.hash import bcrypt, sha512_crypt
 
 from submitd_devkit.stack import Stack, User
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import connect, insecure_context, reply_of
 from submitd_devkit.testing.waiting import eventually
 

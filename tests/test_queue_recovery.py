@@ -17,7 +17,7 @@ from relay_helpers import body, envelope, queue_async, queue_depth, relay_only
 
 from submitd_common import jetstream
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
 from submitd_devkit.testing.waiting import eventually
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from submitd_devkit.stack import User
-from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import logged_in
 from submitd_devkit.testing.trace import without_received
 from submitd_devkit.testing.waiting import eventually

@@ -15,7 +15,7 @@ import pytest
 
 from relay_helpers import body, envelope, queue, queue_depth, relay_only
 from submitd_devkit.sink import STALL
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
 from submitd_devkit.testing.waiting import eventually
 

@@ -8,7 +8,7 @@ import smtplib
 
 import pytest
 
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import connect, logged_in, reply_of
 from submitd_devkit.testing.trace import without_received
 from submitd_devkit.testing.waiting import eventually

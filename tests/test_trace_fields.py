@@ -9,7 +9,7 @@ import smtplib
 
 import pytest
 
-from submitd_devkit.testing.plugin import ALICE
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import insecure_context, logged_in
 
 pytestmark = pytest.mark.timeout(90)
@@ -24,7 +24,8 @@ def trusting_stack(tmp_path_factory):
     """A stack that lets 127.0.0.0/8 submit without AUTH, so that every `with` keyword can be seen."""
     from submitd_devkit.sink import Sink
     from submitd_devkit.stack import Stack
-    from submitd_devkit.testing.plugin import assert_within_grants, default_users, stack_options
+    from submitd_devkit.testing.plugin import assert_within_grants, stack_options
+    from submitd_devkit.testing.users import default_users
 
     next_hop = Sink().start()
     stack = Stack(tmp_path_factory.mktemp("stack"), **stack_options(

@@ -65,12 +65,36 @@ class Ports:
         return self
 
 
-def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+def _never() -> bool:
+    return False
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to ``proc`` and whatever it started: each process the stack starts has a session,
+    and so a process group, of its own."""
+    if proc.poll() is not None:
+        return  # (a Popen that poll() finds running is not reaped: its pid is still its own)
     try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         proc.kill()
-        return proc.wait()
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float, *, sig: int = signal.SIGTERM,
+                   now: Callable[[], bool] = _never) -> None:
+    """``sig`` to each of ``procs``, then wait for all of them together; whatever still runs
+    after ``timeout`` seconds, or as soon as ``now()`` is true, is killed with its process group.
+    Waits by polling, so that ``now()`` is seen within 50 ms (make run's second Ctrl-C)."""
+    if not now():
+        for proc in procs:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs) and not now() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for proc in procs:
+        kill_group(proc)
+    for proc in procs:
+        proc.wait()
 
 
 class NatsServer:
@@ -146,14 +170,10 @@ class NatsServer:
             raise RuntimeError(f"nats-server did not start; see {self.root / 'nats-server.log'}")
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, sig: int = signal.SIGTERM, *, now: Callable[[], bool] = _never) -> None:
+        """``sig``, killed after 10 s or once ``now()`` is true (as stop_processes)."""
+        if self.proc:
+            stop_processes([self.proc], 10, sig=sig, now=now)
         self.proc = None
 
 
@@ -199,9 +219,13 @@ class NatsCluster:
             node.start()
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM, *, now: Callable[[], bool] = _never) -> None:
         for node in self.nodes:
-            node.stop(sig)
+            node.stop(sig, now=now)
+
+
+class StartAbandoned(RuntimeError):
+    """Stack.start() gave up because its caller asked it to (``abandon``)."""
 
 
 class Stack:
@@ -376,14 +400,16 @@ class Stack:
         }, indent=2))
         return path
 
-    def start(self, services: tuple[str, ...] = SERVICES) -> "Stack":
+    def start(self, services: tuple[str, ...] = SERVICES, *, abandon: Callable[[], bool] = _never) -> "Stack":
+        """``abandon()``: polled while the services get ready; once it is true (make run's Ctrl-C
+        while starting), StartAbandoned is raised, and what has started is stop()'s to stop."""
         self.write_descriptor()
         if self.nats.proc is None:
             self.nats.start()
         for name in services:
             self.start_service(name)
         for name in services:
-            self.wait_ready(name)
+            self.wait_ready(name, abandon=abandon)
         return self
 
     def start_service(self, name: str) -> None:
@@ -425,9 +451,11 @@ class Stack:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
 
-    def wait_ready(self, name: str, timeout: float = 30) -> None:
+    def wait_ready(self, name: str, timeout: float = 30, *, abandon: Callable[[], bool] = _never) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if abandon():
+                raise StartAbandoned(f"abandoned while {name} was starting")
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_path(name)}:\n{self.log_tail(name)}")
@@ -445,23 +473,23 @@ class Stack:
         except OSError:
             return ""
 
-    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20, *,
+                     now: Callable[[], bool] = _never) -> int | None:
+        """``sig`` to the service, killed after ``timeout`` or once ``now()`` is true; its exit status."""
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return proc.returncode if proc else None
-        proc.send_signal(sig)
-        return _wait_or_kill(proc, timeout)
+        if proc is None:
+            return None
+        stop_processes([proc], timeout, sig=sig, now=now)
+        return proc.returncode
 
-    def stop(self, at_once: bool = False) -> None:
+    def stop(self, at_once: bool = False, *, now: Callable[[], bool] = _never) -> None:
         """The frontend first (its sessions may still need the others), then the rest at once
-        (each drains on its own), NATS last. ``at_once``: every service together (a test that
-        has ended has no session left to finish)."""
+        (each drains on its own, as does any process the caller put in ``procs``), NATS last.
+        ``at_once``: every service together (a test that has ended has no session left to
+        finish). ``now()``: polled while waiting; once it is true (make run's second Ctrl-C),
+        every process still running is killed with its process group, without waiting."""
         if "frontend" in self.procs and not at_once:
-            self.stop_service("frontend")
-        rest = [(name, proc) for name, proc in self.procs.items() if proc.poll() is None]
-        for _, proc in rest:
-            proc.send_signal(signal.SIGTERM)
-        for name, proc in rest:
-            self.procs.pop(name, None)
-            _wait_or_kill(proc, 20)
-        self.nats.stop()
+            self.stop_service("frontend", now=now)
+        stop_processes(list(self.procs.values()), 20, now=now)
+        self.procs.clear()
+        self.nats.stop(now=now)

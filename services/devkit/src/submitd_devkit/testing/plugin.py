@@ -10,13 +10,17 @@ import pytest
 
 from submitd_devkit import zygote
 from submitd_devkit.sink import Sink
-from submitd_devkit.stack import NatsServer, Stack, User
+from submitd_devkit.stack import NatsServer, Stack
+
+from .users import default_users
 
 if TYPE_CHECKING:
     from .smtp import RawClient
 
-ALICE = "alice@example.test"
-ALICE_PASSWORD = "correct horse battery staple"
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "starts_stacks: the test starts whole stacks of its own without "
+                            "make_stack (scripts/run_local.py): it is handed out first, as the make_stack tests are")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     together under pytest 9, whose node ids it can no longer rename.)"""
 
     def rank(item: pytest.Item) -> int:
-        if "make_stack" in getattr(item, "fixturenames", ()):
+        if "make_stack" in getattr(item, "fixturenames", ()) or item.get_closest_marker("starts_stacks"):
             return 0
         return 1 if "shared_stack" in getattr(item, "fixturenames", ()) else 2
 
@@ -69,10 +73,6 @@ def stack_options(**kwargs) -> dict:
         for key, value in values.items():
             env.setdefault(name, {}).setdefault(key, value)
     return {"reload_interval": 0.5, "argon2": TEST_ARGON2, "spawn": zygote.spawn} | kwargs | {"env": env}
-
-
-def default_users() -> dict[str, User]:
-    return {ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"])}
 
 
 @pytest.fixture(scope="module")

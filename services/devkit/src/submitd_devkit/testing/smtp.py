@@ -8,7 +8,7 @@ import ssl
 
 from submitd_devkit.stack import Stack
 
-from .plugin import ALICE, ALICE_PASSWORD
+from .users import ALICE, ALICE_PASSWORD
 
 
 def insecure_context(version: ssl.TLSVersion | None = None, ciphers: str | None = None) -> ssl.SSLContext:
