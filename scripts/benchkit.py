@@ -409,6 +409,37 @@ def message(i: int, size: int = 2048) -> bytes:
     return head + line * max(1, (size - len(head)) // len(line))
 
 
+def folded_message(header_size: int = 1 << 20) -> bytes:
+    """A message whose header section is ``header_size`` octets, nearly all of it one Subject
+    of continuation lines (issue 25: the rewriter parsed that in quadratic time, seconds)."""
+    head = f"From: {USER}\r\nTo: bob@example.net\r\nSubject: folded\r\n".encode()
+    return head + b" \r\n" * ((header_size - len(head)) // 3) + b"\r\nbody\r\n"
+
+
+async def header_cpu(port: int, pid: int, calls: int = 10) -> float:
+    """The rewriter's CPU (ms, from /proc) per message with a 1 MiB header of continuation lines,
+    through its Rewrite stream in 256 KiB chunks, as the frontend sends a large message."""
+    import grpc
+
+    from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
+
+    msg = folded_message()
+    envelope = common_pb2.Envelope(queue_id="bench", return_path=USER)
+
+    def requests():
+        yield rewriter_pb2.RewriteRequest(envelope=envelope)
+        for i in range(0, len(msg), 256 << 10):
+            yield rewriter_pb2.RewriteRequest(chunk=msg[i : i + (256 << 10)])
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = rewriter_pb2_grpc.RewriterStub(ch)
+        before = proc_cpu(pid)
+        for _ in range(calls):
+            parts = [r.WhichOneof("part") async for r in stub.Rewrite(requests())]
+            assert "reject" not in parts and "prepend" in parts, parts
+        return (proc_cpu(pid) - before) / calls * 1000
+
+
 async def _reply(reader: asyncio.StreamReader) -> bytes:
     while True:
         line = await reader.readuntil(b"\r\n")

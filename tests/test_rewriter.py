@@ -138,6 +138,19 @@ def test_header_errors_answer_in_the_session(stack):
     assert len(stack.sink.handler.wait_for(1, 20)) == 1
 
 
+def test_more_than_1000_header_fields_is_552_534_and_the_session_goes_on(stack):
+    # MAX_HEADER_FIELDS (1,000 by default) counts the fields the client sent.
+    thousand = HEADER + b"".join(b"X-Tag-%d: t\r\n" % i for i in range(997))
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(thousand + b"X-One-Too-Many: t\r\n\r\nbody\r\n")
+        assert (code, text) == (552, b"5.3.4 Too many header fields (more than 1000)")
+        client.sendmail(ALICE, ["bob@example.net"], thousand + b"\r\nbody\r\n")
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert thousand in msg.data and b"X-One-Too-Many" not in msg.data
+
+
 def test_sender_is_added_for_an_alias(stack):
     with logged_in(stack) as client:
         client.sendmail("sales@alias.example.test", ["bob@example.net"],

@@ -134,14 +134,14 @@ def sign(fields: list[tuple[bytes, bytes]], body_hash: bytes, key: Key, now: int
         if h in OVERSIGNED and count:
             names.append(h)
     taken: dict[str, int] = {}
-    canon = b""
+    canon: list[bytes] = []
     for h in names:
         instances = present.get(h, [])
         used = taken.get(h, 0)
         taken[h] = used + 1
         if used < len(instances):  # bottom-up: the last instance first (RFC 6376 §5.4.2)
             raw = instances[len(instances) - 1 - used]
-            canon += relaxed_header(h.encode(), raw) + b"\r\n"
+            canon.append(relaxed_header(h.encode(), raw) + b"\r\n")
         # an oversigned name beyond the instances signs the absence: contributes nothing
     tags = (
         f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain}; s={key.selector};\r\n"
@@ -149,7 +149,7 @@ def sign(fields: list[tuple[bytes, bytes]], body_hash: bytes, key: Key, now: int
         f"\tbh={base64.b64encode(body_hash).decode()};\r\n\tb="
     )
     unsigned = b"DKIM-Signature: " + tags.encode()
-    data = canon + relaxed_header(b"dkim-signature", unsigned)
+    data = b"".join(canon) + relaxed_header(b"dkim-signature", unsigned)
     if key.algorithm == "rsa-sha256":
         signature = key.private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     else:

@@ -26,20 +26,15 @@ def convertible(fields: list[HeaderField]) -> bool:
     return True
 
 
-def mark_quoted_printable(fields: list[HeaderField]) -> bytes:
-    """The header section with Content-Transfer-Encoding: quoted-printable (and MIME-Version)."""
-    out, done = [], False
-    for f in fields:
-        if f.key == "content-transfer-encoding":
-            out.append(b"Content-Transfer-Encoding: quoted-printable\r\n")
-            done = True
-        else:
-            out.append(f.raw)
-    if not done:
-        out.append(b"Content-Transfer-Encoding: quoted-printable\r\n")
+def mark_quoted_printable(fields: list[HeaderField]) -> list[HeaderField]:
+    """The fields with Content-Transfer-Encoding: quoted-printable (and MIME-Version)."""
+    cte = HeaderField(b"Content-Transfer-Encoding", b"Content-Transfer-Encoding: quoted-printable\r\n")
+    out = [cte if f.key == "content-transfer-encoding" else f for f in fields]
+    if not any(f.key == "content-transfer-encoding" for f in fields):
+        out.append(cte)
     if not any(f.key == "mime-version" for f in fields):
-        out.append(b"MIME-Version: 1.0\r\n")
-    return b"".join(out)
+        out.append(HeaderField(b"MIME-Version", b"MIME-Version: 1.0\r\n"))
+    return out
 
 
 class QuotedPrintable:

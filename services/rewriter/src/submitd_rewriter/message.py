@@ -16,14 +16,16 @@ from submitd_common.addresses import Address, AddressError, parse_mailbox
 from submitd_common.replies import reply
 from submitd_common.users import UserDB
 
-from .headers import HeaderField, new_date, new_message_id, parse_fields
+from .headers import HeaderField, TooManyFields, new_date, new_message_id, parse_fields
 
 ORIGINATOR_FIELDS = {"from", "sender", "reply-to", "resent-from", "resent-sender"}
 ADDRESS_FIELDS = {
     "from", "sender", "reply-to", "to", "cc", "bcc",
     "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
 }
-_EMPTY_GROUP = re.compile(r"^\s*[^:]+:\s*;\s*$")
+# No leading \s*: [^:]+ takes leading white space too, and \s* before it backtracked
+# quadratically (a minute for a From of 350,000 folded blank lines before its address).
+_EMPTY_GROUP = re.compile(r"^[^:]+:\s*;\s*$")
 _MSGID = re.compile(rb"^\s*<[^<>@\s\"]+@[^<>@\s]+>\s*$")
 
 
@@ -45,6 +47,7 @@ class Options:
     check_from: bool = True
     complete_domain: str | None = None
     max_hops: int = 50
+    max_fields: int = 1000
     hide_client: bool = False  # the Received field without the client's address
 
 
@@ -119,36 +122,34 @@ def rewrite_header(
     count = received.hops(header) + from_client
     if count > opts.max_hops:
         raise Refused(reply(554, "5.4.6", f"Too many hops ({count} Received/Delivered-To fields): a mail loop?"))
-    fields = parse_fields(header)
+    try:
+        fields = parse_fields(header, opts.max_fields)
+    except TooManyFields:
+        raise Refused(reply(552, "5.3.4", f"Too many header fields (more than {opts.max_fields})")) from None
     result = Result(header=b"", fields=fields)
     utf8 = envelope.smtputf8
     by_key: dict[str, list[HeaderField]] = {}
     for f in fields:
         by_key.setdefault(f.key, []).append(f)
 
-    from_addresses: list[Address] = []
+    parsed: dict[int, list[Address]] = {}  # a field's addresses (by position), each field parsed once
     if opts.check_addresses:
-        for f in fields:
-            if f.key not in ADDRESS_FIELDS:
-                continue
-            for addr in addresses_of(f, utf8):
-                if not addr.fully_qualified:
-                    if opts.complete_domain and "." not in addr.domain and not addr.is_literal:
-                        completed = f"{addr.domain}.{opts.complete_domain.lower()}"
-                        _complete_in_field(f, addr, completed)
-                        result.actions.append("domain_completed")
-                        addr = Address(addr.local, completed)
-                    else:
-                        name = f.name.decode("ascii", "replace")
-                        raise Refused(reply(554, "5.6.0", f"Domain {addr.domain} in {name} header is not fully qualified"))
-                if f.key == "from":
-                    from_addresses.append(addr)
+        for i, f in enumerate(fields):
+            if f.key in ADDRESS_FIELDS:
+                parsed[i] = _qualified(f, addresses_of(f, utf8), opts, result)
+
+    def addresses(i: int, f: HeaderField) -> list[Address]:
+        if i not in parsed:
+            parsed[i] = addresses_of(f, utf8)
+        return parsed[i]
 
     user = users.users.get(envelope.authenticated_user) if users and envelope.authenticated_user else None
+    from_addresses = [a for i, f in enumerate(fields) if f.key == "from" and i in parsed for a in parsed[i]]
     if user is not None and opts.check_from and user.header_from_check:
         owned = [*from_addresses]
-        for f in by_key.get("sender", []):
-            owned.extend(addresses_of(f, utf8))
+        for i, f in enumerate(fields):
+            if f.key == "sender":
+                owned.extend(addresses(i, f))
         for addr in owned:
             if not user.may_send_as(str(addr), users.aliases):
                 raise Refused(reply(550, "5.7.1", f"Header address <{addr}> not owned by user {user.login}"))
@@ -156,32 +157,51 @@ def rewrite_header(
     if rules is not None and rules.rules:
         apply_rules(fields, envelope, rules, utf8, result)
 
-    added: list[bytes] = []
+    added: list[HeaderField] = []
     if opts.add_sender and user is not None and user.address and not by_key.get("sender"):
         if user.address not in {str(a) for a in from_addresses}:
-            added.append(b"Sender: " + user.address.encode() + b"\r\n")
+            added.append(HeaderField(b"Sender", b"Sender: " + user.address.encode() + b"\r\n"))
             result.actions.append("sender_added")
 
     dates = by_key.get("date", [])
     if not dates and opts.add_date:
-        added.append(b"Date: " + new_date().encode() + b"\r\n")
+        added.append(HeaderField(b"Date", b"Date: " + new_date().encode() + b"\r\n"))
         result.actions.append("date_added")
     elif dates and opts.fix_date and not _valid_date(dates[0]):
-        dates[0].raw = b"Date: " + new_date().encode() + b"\r\n"
+        dates[0].name, dates[0].raw = b"Date", b"Date: " + new_date().encode() + b"\r\n"
         result.actions.append("date_replaced")
 
     ids = by_key.get("message-id", [])
     if not ids and opts.add_message_id:
-        added.append(b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n")
+        added.append(HeaderField(b"Message-ID", b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n"))
         result.actions.append("message_id_added")
     elif ids and opts.fix_message_id and not _MSGID.match(ids[0].raw.split(b":", 1)[1].replace(b"\r\n", b"")):
-        ids[0].raw = b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n"
+        ids[0].name, ids[0].raw = b"Message-ID", b"Message-ID: " + new_message_id(opts.domain).encode() + b"\r\n"
         result.actions.append("message_id_replaced")
 
     stamp = received.field(envelope, by=envelope.received_by or opts.domain, hide_client=opts.hide_client) if from_client else b""
-    result.header = stamp + b"".join(f.raw for f in fields) + b"".join(added)
-    result.fields = parse_fields(result.header)
+    # Edits never move a field's bounds: the fields of the result are known without a second parse.
+    result.fields = [*parse_fields(stamp), *fields, *added]
+    result.header = b"".join(f.raw for f in result.fields)
     return result
+
+
+def _qualified(f: HeaderField, addrs: list[Address], opts: Options, result: Result) -> list[Address]:
+    """The field's addresses, single-label domains completed in place (COMPLETE_DOMAIN), or
+    Refused (554 5.6.0) for a domain that is not fully qualified."""
+    out = []
+    for addr in addrs:
+        if not addr.fully_qualified:
+            if opts.complete_domain and "." not in addr.domain and not addr.is_literal:
+                completed = f"{addr.domain}.{opts.complete_domain.lower()}"
+                _complete_in_field(f, addr, completed)
+                result.actions.append("domain_completed")
+                addr = Address(addr.local, completed)
+            else:
+                name = f.name.decode("ascii", "replace")
+                raise Refused(reply(554, "5.6.0", f"Domain {addr.domain} in {name} header is not fully qualified"))
+        out.append(addr)
+    return out
 
 
 def _valid_date(f: HeaderField) -> bool:

@@ -51,6 +51,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             check_from=settings.check_header_from,
             complete_domain=settings.complete_domain,
             max_hops=settings.max_hops,
+            max_fields=settings.max_header_fields,
             hide_client=settings.received_client == "hide",
         )
 
@@ -166,8 +167,8 @@ class Job:
             and self.envelope.body_type == "8BITMIME"
             and encoding.convertible(fields)
         ):
-            new_header = encoding.mark_quoted_printable(fields)
-            fields = headers.parse_fields(new_header)
+            fields = encoding.mark_quoted_printable(fields)
+            new_header = b"".join(f.raw for f in fields)
             self.qp = encoding.QuotedPrintable()
             self.envelope.body_type = "7BIT"
             result.actions.append("transfer_encoded")

@@ -35,6 +35,9 @@ class Settings(ServiceSettings):
         "for a next hop without 8BITMIME"
     )
     max_header_bytes: int = Field(1 << 20, description="Largest header section accepted")
+    max_header_fields: int = Field(
+        1000, ge=1, description="A header section with more fields than this is refused 552 5.3.4"
+    )
     received_client: Literal["full", "hide"] = Field(
         "full", description="RFC 5321 §4.4 Received field: 'full' names the client's HELO and address; "
         "'hide' leaves the client's address out (its HELO name too when that is an address literal)"
