@@ -120,3 +120,36 @@ pieces = st.sampled_from([b"\r\n", b"\r", b"\n", b" ", b"\t", b":", b"X-A", b"re
 def test_fields_and_hops_are_what_a_line_by_line_reading_finds(header):
     assert [(f.name, f.raw) for f in parse_fields(header)] == by_lines(header)
     assert received.hops(header) == trace_lines(header)
+
+
+class NoMetadata:
+    """What the service reads of a gRPC call's context: no caller's trace here."""
+
+    def invocation_metadata(self):
+        return ()
+
+
+async def streamed(service: RewriterService, message: bytes, chunk: int) -> list:
+    async def requests():
+        yield rewriter_pb2.RewriteRequest(envelope=common_pb2.Envelope())
+        for i in range(0, len(message), chunk):
+            yield rewriter_pb2.RewriteRequest(chunk=message[i : i + chunk])
+
+    return [r async for r in service.Rewrite(requests(), NoMetadata())]
+
+
+@pytest.mark.parametrize("chunk", [1, 700, 1 << 16])
+async def test_max_header_bytes_holds_however_the_stream_is_cut(chunk):
+    service = RewriterService(Settings(message_id_domain="mx.example.test", max_header_bytes=1000))
+    for size, refused in ((1000, False), (1001, True)):
+        header = b"Subject: " + b"s" * (size - 15) + b"\r\n" + b"X:\r\n"
+        assert len(header) == size
+        message = header + b"\r\n" + b"body\r\n" * 50
+        whole = service.rewrite_whole(rewriter_pb2.WholeMessage(envelope=common_pb2.Envelope(), message=message))
+        replies = await streamed(service, message, chunk)
+        if refused:
+            assert whole.reject.text == "Message header section too large"
+            assert [r.reject for r in replies] == [whole.reject], "as RewriteWhole says"
+        else:
+            assert whole.WhichOneof("result") == "accepted"
+            assert b"".join(r.chunk for r in replies).endswith(message[size:]), "the body passes"

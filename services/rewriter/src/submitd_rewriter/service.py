@@ -76,10 +76,11 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                 continue
             pending += req.chunk
             split = headers.split_header(bytes(pending))
+            # Until its end is seen, the header is at least all of pending but a blank line's CR.
+            if (len(split[0]) if split else len(pending) - 1) > self.settings.max_header_bytes:
+                yield rewriter_pb2.RewriteResponse(reject=TOO_LARGE)
+                return
             if split is None:
-                if len(pending) > self.settings.max_header_bytes:
-                    yield rewriter_pb2.RewriteResponse(reject=TOO_LARGE)
-                    return
                 continue
             pending.clear()
             job = Job(self, envelope)
