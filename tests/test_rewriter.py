@@ -138,6 +138,19 @@ def test_header_errors_answer_in_the_session(stack):
     assert len(stack.sink.handler.wait_for(1, 20)) == 1
 
 
+def test_a_resent_from_the_user_does_not_own_is_550_571(stack):
+    # RFC 6409 §6.3 for a message the user resends: Resent-From is checked as From is.
+    resent = b"Resent-Date: Mon, 07 Dec 2026 12:00:00 +0000\r\nResent-From: %s\r\n"
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(resent % b"ceo@example.test" + HEADER + b"\r\nresent\r\n")
+        assert (code, text) == (550, f"5.7.1 Resent-From header address <ceo@example.test> not owned by user {ALICE}".encode())
+        client.sendmail(ALICE, ["bob@example.net"], resent % b"sales@alias.example.test" + HEADER + b"\r\nresent\r\n")
+    [msg] = stack.sink.handler.wait_for(1, 20)
+    assert b"\r\nResent-From: sales@alias.example.test\r\n" in msg.data
+
+
 def test_more_than_1000_header_fields_is_552_534_and_the_session_goes_on(stack):
     # MAX_HEADER_FIELDS (1,000 by default) counts the fields the client sent.
     thousand = HEADER + b"".join(b"X-Tag-%d: t\r\n" % i for i in range(997))

@@ -19,6 +19,8 @@ from submitd_common.users import UserDB
 from .headers import HeaderField, TooManyFields, new_date, new_message_id, parse_fields
 
 ORIGINATOR_FIELDS = {"from", "sender", "reply-to", "resent-from", "resent-sender"}
+# RFC 6409 §6.3: who the message is from, and who sent (or resent) it, must be the user's.
+OWNED_FIELDS = {"from", "sender", "resent-from", "resent-sender"}
 ADDRESS_FIELDS = {
     "from", "sender", "reply-to", "to", "cc", "bcc",
     "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
@@ -144,22 +146,23 @@ def rewrite_header(
         return parsed[i]
 
     user = users.users.get(envelope.authenticated_user) if users and envelope.authenticated_user else None
-    from_addresses = [a for i, f in enumerate(fields) if f.key == "from" and i in parsed for a in parsed[i]]
     if user is not None and opts.check_from and user.header_from_check:
-        owned = [*from_addresses]
+        # Whatever CHECK_HEADER_ADDRESSES says: the addresses are parsed here if it did not.
         for i, f in enumerate(fields):
-            if f.key == "sender":
-                owned.extend(addresses(i, f))
-        for addr in owned:
-            if not user.may_send_as(str(addr), users.aliases):
-                raise Refused(reply(550, "5.7.1", f"Header address <{addr}> not owned by user {user.login}"))
+            if f.key not in OWNED_FIELDS:
+                continue
+            for addr in addresses(i, f):
+                if not user.may_send_as(str(addr), users.aliases):
+                    name = f.name.decode("ascii", "replace")
+                    raise Refused(reply(550, "5.7.1", f"{name} header address <{addr}> not owned by user {user.login}"))
 
     if rules is not None and rules.rules:
         apply_rules(fields, envelope, rules, utf8, result)
 
     added: list[HeaderField] = []
     if opts.add_sender and user is not None and user.address and not by_key.get("sender"):
-        if user.address not in {str(a) for a in from_addresses}:
+        authors = {str(a) for i, f in enumerate(fields) if f.key == "from" for a in _quietly(addresses, i, f)}
+        if user.address not in authors:
             added.append(HeaderField(b"Sender", b"Sender: " + user.address.encode() + b"\r\n"))
             result.actions.append("sender_added")
 
@@ -202,6 +205,14 @@ def _qualified(f: HeaderField, addrs: list[Address], opts: Options, result: Resu
                 raise Refused(reply(554, "5.6.0", f"Domain {addr.domain} in {name} header is not fully qualified"))
         out.append(addr)
     return out
+
+
+def _quietly(addresses, i: int, f: HeaderField) -> list[Address]:
+    # For adding Sender only: a From that does not parse (with no check asked for) is nobody.
+    try:
+        return addresses(i, f)
+    except Refused:
+        return []
 
 
 def _valid_date(f: HeaderField) -> bool:

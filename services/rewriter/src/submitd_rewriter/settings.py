@@ -28,7 +28,10 @@ class Settings(ServiceSettings):
     fix_message_id: bool = Field(True, description="RFC 6409 §8.3: replace a Message-ID of invalid syntax")
     add_sender: bool = Field(True, description="RFC 6409 §8.1: add Sender when the user is not the From")
     check_header_addresses: bool = Field(True, description="RFC 6409 §4.2/§5.1: address headers valid and qualified")
-    check_header_from: bool = Field(True, description="RFC 6409 §6.3: From and Sender owned by the user")
+    check_header_from: bool = Field(
+        True, description="RFC 6409 §6.3: From, Sender, Resent-From and Resent-Sender owned by the user "
+        "(whatever check_header_addresses says)"
+    )
     complete_domain: str | None = Field(None, description="Completes single-label domains, as the policy does")
     seven_bit: bool = Field(
         False, description="RFC 6409 §8.4: make 8-bit single-part text 7-bit (quoted-printable) before signing, "
