@@ -151,6 +151,17 @@ def test_a_resent_from_the_user_does_not_own_is_550_571(stack):
     assert b"\r\nResent-From: sales@alias.example.test\r\n" in msg.data
 
 
+def test_a_from_nested_past_the_address_parsers_depth_is_554_not_451(stack):
+    # Before: the parser's RecursionError left the rewriter as a 451 (try again, for ever).
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        code, text = client.data(b"From: " + b"(" * 600 + ALICE.encode() + b"\r\nSubject: x\r\n\r\nx\r\n")
+        assert (code, text) == (554, b"5.6.0 Invalid address in From header: nested too deep")
+        client.sendmail(ALICE, ["bob@example.net"], HEADER + b"\r\nfine\r\n")
+    assert len(stack.sink.handler.wait_for(1, 20)) == 1
+
+
 def test_more_than_1000_header_fields_is_552_534_and_the_session_goes_on(stack):
     # MAX_HEADER_FIELDS (1,000 by default) counts the fields the client sent.
     thousand = HEADER + b"".join(b"X-Tag-%d: t\r\n" % i for i in range(997))

@@ -156,3 +156,13 @@ async def test_message_without_final_crlf_is_completed_and_signed():
             assert out.endswith(b"\r\n\r\nlast line"), "the body is left exactly as sent"
         else:
             assert out.endswith(b"Subject: no body, no CRLF\r\n" + DATE + b"\r\n" + MSGID + b"\r\n")
+
+
+@pytest.mark.parametrize("nesting", [b"(" * 600, (b"g:" * 400 + b"\r\n ") * 5], ids=["comments", "groups"])
+@pytest.mark.parametrize("name", [b"From", b"Reply-To", b"Resent-From"])
+def test_an_address_nested_past_the_parsers_depth_is_554_560(name, nesting):
+    # email.utils recurses once per level: a RecursionError out of the service was a 451.
+    with pytest.raises(Refused) as err:
+        run(b"From: alice@example.net\r\n" + name + b": " + nesting + b"alice@example.net\r\n")
+    assert (err.value.reply.code, err.value.reply.enhanced) == (554, "5.6.0")
+    assert err.value.reply.text == f"Invalid address in {name.decode()} header: nested too deep"

@@ -71,8 +71,15 @@ def addresses_of(f: HeaderField, utf8: bool) -> list[Address]:
     if _EMPTY_GROUP.match(text):
         return []
     name = f.name.decode("ascii", "replace")
+    try:
+        pairs = email.utils.getaddresses([text])
+    except RecursionError:
+        # The stdlib parser recurses per nested comment "(" and group ":": a few hundred of them
+        # in a line raised out of the service (451 to the client, and the end of a stream other
+        # sessions' messages shared).
+        raise Refused(reply(554, "5.6.0", f"Invalid address in {name} header: nested too deep")) from None
     out = []
-    for _, addr in email.utils.getaddresses([text]):
+    for _, addr in pairs:
         try:
             if not addr:
                 raise AddressError("unparseable address list")
