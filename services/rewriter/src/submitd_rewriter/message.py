@@ -126,11 +126,6 @@ def apply_rules(fields: list[HeaderField], envelope: common_pb2.Envelope, rules,
 def rewrite_header(
     header: bytes, envelope: common_pb2.Envelope, users: UserDB | None, opts: Options, rules=None
 ) -> Result:
-    # A message from a client gets our trace field; one submitd makes itself (a report) has its own.
-    from_client = envelope.helo != ""
-    count = received.hops(header) + from_client
-    if count > opts.max_hops:
-        raise Refused(reply(554, "5.4.6", f"Too many hops ({count} Received/Delivered-To fields): a mail loop?"))
     try:
         fields = parse_fields(header, opts.max_fields)
     except TooManyFields:
@@ -140,6 +135,11 @@ def rewrite_header(
     by_key: dict[str, list[HeaderField]] = {}
     for f in fields:
         by_key.setdefault(f.key, []).append(f)
+    # A message from a client gets our trace field; one submitd makes itself (a report) has its own.
+    from_client = envelope.helo != ""
+    count = sum(len(by_key.get(name, ())) for name in received.TRACE_FIELDS) + from_client
+    if count > opts.max_hops:
+        raise Refused(reply(554, "5.4.6", f"Too many hops ({count} Received/Delivered-To fields): a mail loop?"))
 
     parsed: dict[int, list[Address]] = {}  # a field's addresses (by position), each field parsed once
     if opts.check_addresses:
