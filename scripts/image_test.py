@@ -552,31 +552,53 @@ def submit_and_check(cluster: Cluster, docs: list[dict], deployments: dict, sink
 
 
 def check_callers(cluster: Cluster) -> None:
-    """The policy container under the chart's mTLS: a session from the frontend's certificate is
-    answered, the same from the relay's is refused (PERMISSION_DENIED)."""
+    """The chart's mTLS between the containers, with the chart's certificates: policy answers a
+    session from the frontend's certificate and refuses the relay's; the rewriter answers the
+    relay's on Rewrite (its reports) and refuses it on RewriteWhole (PERMISSION_DENIED)."""
     import grpc
 
-    from submitd.v1 import policy_pb2, policy_pb2_grpc
+    from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2, rewriter_pb2_grpc
 
-    step("mutual TLS: the policy container answers the frontend's certificate and refuses the relay's")
+    step("mutual TLS: who the policy and rewriter containers answer, by certificate")
 
-    def ask(service: str) -> None:
-        secret = cluster.secrets[f"{FULL}-{service}-grpc-tls"]
+    def channel(caller: str, callee: str, port: int) -> grpc.Channel:
+        secret = cluster.secrets[f"{FULL}-{caller}-grpc-tls"]
         credentials = grpc.ssl_channel_credentials(secret["ca.crt"], secret["tls.key"], secret["tls.crt"])
-        options = [("grpc.ssl_target_name_override", f"{FULL}-policy")]  # the name its certificate has
-        with grpc.secure_channel(f"{ip_of('policy')}:50051", credentials, options=options) as ch:
+        options = [("grpc.ssl_target_name_override", f"{FULL}-{callee}")]  # the name its certificate has
+        return grpc.secure_channel(f"{ip_of(callee)}:{port}", credentials, options=options)
+
+    def policy(caller: str) -> None:
+        with channel(caller, "policy", 50051) as ch:
             event = policy_pb2.SessionEvent(connect=policy_pb2.Connect(session_id="x", peer_address="192.0.2.1"))
             batch = policy_pb2.SessionBatch(requests=[policy_pb2.SessionRequest(id=1, session_id="x", events=[event])])
             next(iter(policy_pb2_grpc.PolicyStub(ch).Sessions(iter([batch]), timeout=10)))
 
-    ask("frontend")
-    try:
-        ask("relay")
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
-    else:
-        raise AssertionError("policy answered the relay's certificate")
-    print("  frontend: answered; relay: PERMISSION_DENIED")
+    envelope = common_pb2.Envelope(queue_id="x", return_path="")
+    message = b"From: MAILER-DAEMON@mail.example.test\r\nSubject: report\r\n\r\nx\r\n"
+
+    def rewriter(caller: str, method: str) -> None:
+        with channel(caller, "rewriter", 50052) as ch:
+            stub = rewriter_pb2_grpc.RewriterStub(ch)
+            if method == "Rewrite":
+                requests = [rewriter_pb2.RewriteRequest(envelope=envelope), rewriter_pb2.RewriteRequest(chunk=message)]
+                list(stub.Rewrite(iter(requests), timeout=10))
+            else:
+                stub.RewriteWhole(rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=10)
+
+    def refused(call, *args) -> None:
+        try:
+            call(*args)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        else:
+            raise AssertionError(f"{call.__name__}{args} answered")
+
+    policy("frontend")
+    refused(policy, "relay")
+    rewriter("relay", "Rewrite")
+    refused(rewriter, "relay", "RewriteWhole")
+    print("  policy: frontend answered, relay PERMISSION_DENIED; rewriter: relay's Rewrite answered, "
+          "its RewriteWhole PERMISSION_DENIED")
 
 
 def run_helm_test(cluster: Cluster, docs: list[dict]) -> None:
