@@ -15,7 +15,8 @@ No registry and no Kubernetes API server are reachable here, so:
 
 Then: swaks with STARTTLS and AUTH through the frontend container, the message at the next hop
 with both DKIM signatures verifying, its trace in the OTLP receiver across the services, the
-queue admin API answering through the relay container, and a SIGTERM to the frontend container
+queue admin API answering through the relay container, the policy container refusing the relay's
+gRPC certificate (mutual TLS, on by default), and a SIGTERM to the frontend container
 draining within terminationGracePeriodSeconds. The images themselves: user 65532, no shell, no
 package manager, OCI labels, sizes, and their software bill of materials read from the images.
 """
@@ -174,7 +175,7 @@ class Authority:
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                      .sign(self.key, hashes.SHA256()))
 
-    def issue(self, dns_names: list[str]) -> dict[str, bytes]:
+    def issue(self, dns_names: list[str], common_name: str | None = None) -> dict[str, bytes]:
         import datetime
 
         from cryptography import x509
@@ -184,7 +185,8 @@ class Authority:
 
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        cn = common_name or dns_names[0]
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
                 .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
@@ -204,12 +206,13 @@ def operator_secrets(cluster: Cluster, values: dict, docs: list[dict]) -> dict:
 
     ca = Authority()
     for cert in by_kind(docs, "Certificate").values():
-        cluster.add_secret(cert["spec"]["secretName"], ca.issue(cert["spec"]["dnsNames"]))
+        cluster.add_secret(cert["spec"]["secretName"], ca.issue(cert["spec"]["dnsNames"], cert["spec"].get("commonName")))
     if (values.get("tls") or {}).get("existingSecret"):
         cluster.add_secret(values["tls"]["existingSecret"], ca.issue([values.get("hostname", "mail.example.com")]))
-    if (values.get("grpcTls") or {}).get("existingSecret"):
-        cluster.add_secret(values["grpcTls"]["existingSecret"],
-                           ca.issue([f"{FULL}-{s}" for s in SERVICES] + [f"{FULL}-{s}.mail.svc" for s in SERVICES]))
+    prefix = (values.get("grpcTls") or {}).get("existingSecretPrefix")
+    if prefix:  # one per service, each naming its service as the chart's own would
+        for s in SERVICES:
+            cluster.add_secret(f"{prefix}-{s}", ca.issue([f"{FULL}-{s}", f"{FULL}-{s}.mail.svc"], f"{FULL}-{s}"))
     if (values.get("users") or {}).get("existingSecret"):
         cluster.add_secret(values["users"]["existingSecret"], {"users.yaml": yaml.safe_dump({"users": {USER: {
             "password": hash_password(PASSWORD), "send_as": [USER]}}}).encode()})
@@ -503,6 +506,8 @@ def submit_and_check(cluster: Cluster, docs: list[dict], deployments: dict, sink
     services = sorted({s.service for s in spans if s.trace_id == tid})
     print(f"  one trace {tid}: spans from {', '.join(services)}")
 
+    check_callers(cluster)
+
     token = cluster.secrets[f"{FULL}-admin"]["token"].decode()
     request = urllib.request.Request(f"http://{ip_of('relay')}:8080/api/v1/queue/totals",
                                      headers={"Authorization": f"Bearer {token}"})
@@ -544,6 +549,56 @@ def submit_and_check(cluster: Cluster, docs: list[dict], deployments: dict, sink
     print(f"  the message in DATA was accepted ({text.decode()[:40]}...) and delivered; exited 0 in {took:.1f} s")
     podman("rm", "frontend")
 
+
+
+def check_callers(cluster: Cluster) -> None:
+    """The chart's mTLS between the containers, with the chart's certificates: policy answers a
+    session from the frontend's certificate and refuses the relay's; the rewriter answers the
+    relay's on Rewrite (its reports) and refuses it on RewriteWhole (PERMISSION_DENIED)."""
+    import grpc
+
+    from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2, rewriter_pb2_grpc
+
+    step("mutual TLS: who the policy and rewriter containers answer, by certificate")
+
+    def channel(caller: str, callee: str, port: int) -> grpc.Channel:
+        secret = cluster.secrets[f"{FULL}-{caller}-grpc-tls"]
+        credentials = grpc.ssl_channel_credentials(secret["ca.crt"], secret["tls.key"], secret["tls.crt"])
+        options = [("grpc.ssl_target_name_override", f"{FULL}-{callee}")]  # the name its certificate has
+        return grpc.secure_channel(f"{ip_of(callee)}:{port}", credentials, options=options)
+
+    def policy(caller: str) -> None:
+        with channel(caller, "policy", 50051) as ch:
+            event = policy_pb2.SessionEvent(connect=policy_pb2.Connect(session_id="x", peer_address="192.0.2.1"))
+            batch = policy_pb2.SessionBatch(requests=[policy_pb2.SessionRequest(id=1, session_id="x", events=[event])])
+            next(iter(policy_pb2_grpc.PolicyStub(ch).Sessions(iter([batch]), timeout=10)))
+
+    envelope = common_pb2.Envelope(queue_id="x", return_path="")
+    message = b"From: MAILER-DAEMON@mail.example.test\r\nSubject: report\r\n\r\nx\r\n"
+
+    def rewriter(caller: str, method: str) -> None:
+        with channel(caller, "rewriter", 50052) as ch:
+            stub = rewriter_pb2_grpc.RewriterStub(ch)
+            if method == "Rewrite":
+                requests = [rewriter_pb2.RewriteRequest(envelope=envelope), rewriter_pb2.RewriteRequest(chunk=message)]
+                list(stub.Rewrite(iter(requests), timeout=10))
+            else:
+                stub.RewriteWhole(rewriter_pb2.WholeMessage(envelope=envelope, message=message), timeout=10)
+
+    def refused(call, *args) -> None:
+        try:
+            call(*args)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        else:
+            raise AssertionError(f"{call.__name__}{args} answered")
+
+    policy("frontend")
+    refused(policy, "relay")
+    rewriter("relay", "Rewrite")
+    refused(rewriter, "relay", "RewriteWhole")
+    print("  policy: frontend answered, relay PERMISSION_DENIED; rewriter: relay's Rewrite answered, "
+          "its RewriteWhole PERMISSION_DENIED")
 
 
 def run_helm_test(cluster: Cluster, docs: list[dict]) -> None:

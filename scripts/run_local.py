@@ -67,6 +67,7 @@ def main() -> int:
         # Bounces come from the signed domain: they are DKIM-signed by the rewriter like any message.
         env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file), "BOUNCE_FROM": "postmaster@example.test"}},
         keep_users=True,  # users added with submitctl --local var stay across runs
+        grpc_tls=True,  # as the chart runs them: a certificate per service, callers checked
     )
     dkim_records = stack.make_dkim_keys("example.test")
     try:

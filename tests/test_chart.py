@@ -118,7 +118,8 @@ def test_defaults_are_safe_for_production():
         assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     for grpc_service in ("policy", "rewriter"):
         c = deployments[f"mail-submitd-{grpc_service}"]["spec"]["template"]["spec"]["containers"][0]
-        assert "grpc" in c["readinessProbe"], "native gRPC probes for gRPC services"
+        # Under mTLS (the default) the kubelet's plaintext gRPC probe would never pass.
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         assert by_kind(docs, "Service")[f"mail-submitd-{grpc_service}"]["spec"]["clusterIP"] == "None", \
             "headless, so that frontends balance calls over every pod"
     assert set(by_kind(docs, "HorizontalPodAutoscaler")) == set(deployments)
@@ -171,7 +172,7 @@ def test_a_fifth_service_gets_nats_credentials_certificates_network_policies_and
     conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
     assert "user: archiver" in conf and "$JS.API.CONSUMER.INFO.SUBMITD_QUEUE.archive" in conf
 
-    names = by_kind(docs, "Certificate")["mail-submitd-grpc-tls"]["spec"]["dnsNames"]
+    names = by_kind(docs, "Certificate")["mail-submitd-archiver-grpc-tls"]["spec"]["dnsNames"]
     assert {"mail-submitd-archiver", "mail-submitd-archiver.mail.svc"} <= set(names)
 
     policies = by_kind(docs, "NetworkPolicy")
@@ -212,7 +213,7 @@ def test_scenarios_do_what_they_say():
     assert "sync_interval: always" in by_kind(minimal, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
 
     certs = render(load("cert-manager"))
-    assert {"mail-submitd-tls", "mail-submitd-grpc-tls"} <= set(by_kind(certs, "Certificate"))
+    assert {"mail-submitd-tls", "mail-submitd-policy-grpc-tls"} <= set(by_kind(certs, "Certificate"))
     for grpc_service in ("policy", "rewriter"):
         # Under mTLS the kubelet's plaintext gRPC probe would never pass (the image test found it).
         probe = by_kind(certs, "Deployment")[f"mail-submitd-{grpc_service}"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]

@@ -43,8 +43,9 @@ def readyz(port: int) -> tuple[int, dict]:
         return e.code, json.load(e)
 
 
-def grpc_status(port: int) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+def grpc_status(stack: Stack, port: int) -> int:
+    """grpc.health.v1 as a peer asks it (with a certificate of the stack's CA)."""
+    with grpc.secure_channel(f"127.0.0.1:{port}", stack.grpc_credentials("devkit")) as ch:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
 
 
@@ -155,16 +156,16 @@ def test_health_follows_nats(make_stack):
     stack: Stack = make_stack()
     p = stack.ports
     assert readyz(p.frontend_http)[0] == 200 and readyz(p.relay_http)[0] == 200
-    assert grpc_status(p.policy) == health_pb2.HealthCheckResponse.SERVING
+    assert grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.SERVING
     stack.nats.stop()
     eventually(lambda: readyz(p.frontend_http)[0] == 503)
     assert readyz(p.frontend_http)[1]["checks"]["nats"] is False
     eventually(lambda: readyz(p.relay_http)[0] == 503)
-    eventually(lambda: grpc_status(p.policy) == health_pb2.HealthCheckResponse.NOT_SERVING)
+    eventually(lambda: grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.NOT_SERVING)
     stack.nats.start()
     eventually(lambda: readyz(p.frontend_http)[0] == 200)
     eventually(lambda: readyz(p.relay_http)[0] == 200)
-    eventually(lambda: grpc_status(p.policy) == health_pb2.HealthCheckResponse.SERVING)
+    eventually(lambda: grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.SERVING)
 
 
 @pytest.mark.parametrize("dependency", ["policy", "rewriter"])
@@ -262,7 +263,7 @@ def test_grpc_between_services_over_mutual_tls(make_stack):
     with grpc.insecure_channel(f"127.0.0.1:{stack.ports.policy}") as ch:
         with pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-    cert = stack.cert.read_bytes()  # trusts the server, but presents no client certificate
-    with grpc.secure_channel(f"127.0.0.1:{stack.ports.policy}", grpc.ssl_channel_credentials(cert)) as ch:
+    ca = stack.grpc_ca.path.read_bytes()  # trusts the server, but presents no client certificate
+    with grpc.secure_channel(f"127.0.0.1:{stack.ports.policy}", grpc.ssl_channel_credentials(ca)) as ch:
         with pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)

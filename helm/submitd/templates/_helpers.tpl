@@ -73,8 +73,43 @@ nats://{{ $n }}-nats:4222
 {{- if .Values.tls.existingSecret -}}{{ .Values.tls.existingSecret }}{{- else -}}{{ include "submitd.fullname" . }}-tls{{- end -}}
 {{- end -}}
 
+{{- /* The enabled services that serve or call gRPC, each with what its certificate is for:
+     {"<name>": {"server": bool, "client": bool}}. Each gets a certificate naming it. */ -}}
+{{- define "submitd.grpcPeers" -}}
+{{- $peers := dict -}}
+{{- range $name, $raw := .Values.services -}}
+{{- $svc := include "submitd.service" (dict "root" $ "svc" $raw) | fromYaml -}}
+{{- if and $svc.enabled (or $svc.grpcPort $svc.calls) -}}
+{{- $_ := set $peers $name (dict "server" (not (not $svc.grpcPort)) "client" (not (empty $svc.calls))) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $peers -}}
+{{- end -}}
+
+{{- /* The name a service's gRPC certificate gives it (commonName): its Service's name. */ -}}
+{{- define "submitd.grpcName" -}}
+{{ include "submitd.fullname" .root }}-{{ .name }}
+{{- end -}}
+
+{{- /* Who may call service .name: every enabled service whose `calls` names it, by its
+     certificate's name, as NAME:Method for each method its `callMethods` allows there (none
+     listed: every method). A JSON list, the service's GRPC_ALLOWED_CALLERS. */ -}}
+{{- define "submitd.grpcCallers" -}}
+{{- $callers := list -}}
+{{- range $other, $raw := .root.Values.services -}}
+{{- $o := include "submitd.service" (dict "root" $.root "svc" $raw) | fromYaml -}}
+{{- if and $o.enabled (has $.name $o.calls) -}}
+{{- $cn := include "submitd.grpcName" (dict "root" $.root "name" $other) -}}
+{{- $methods := get ($o.callMethods | default dict) $.name | default list -}}
+{{- range $methods -}}{{- $callers = append $callers (printf "%s:%s" $cn .) -}}{{- end -}}
+{{- if not $methods -}}{{- $callers = append $callers $cn -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $callers -}}
+{{- end -}}
+
 {{- define "submitd.grpcTlsSecret" -}}
-{{- if .Values.grpcTls.existingSecret -}}{{ .Values.grpcTls.existingSecret }}{{- else -}}{{ include "submitd.fullname" . }}-grpc-tls{{- end -}}
+{{- if .root.Values.grpcTls.existingSecretPrefix -}}{{ .root.Values.grpcTls.existingSecretPrefix }}-{{ .name }}{{- else -}}{{ include "submitd.fullname" .root }}-{{ .name }}-grpc-tls{{- end -}}
 {{- end -}}
 
 {{/* Named volumes a service can ask for in its "mounts" list: volume and mount path. */}}
@@ -82,7 +117,9 @@ nats://{{ $n }}-nats:4222
 {{- $n := include "submitd.fullname" .root -}}
 {{- $tls := or .root.Values.tls.existingSecret .root.Values.certManager.enabled }}
 tls: {path: /etc/submitd/tls, volume: {secret: {secretName: {{ include "submitd.tlsSecret" .root }}, optional: {{ not $tls }}}}{{ if $tls }}, env: {TLS_CERT: /etc/submitd/tls/tls.crt, TLS_KEY: /etc/submitd/tls/tls.key}{{ end }}}
-grpcTls: {path: /etc/submitd/grpc-tls, volume: {secret: {secretName: {{ include "submitd.grpcTlsSecret" .root }}, optional: {{ not .root.Values.grpcTls.enabled }}}}{{ if .root.Values.grpcTls.enabled }}, env: {GRPC_TLS_CERT: /etc/submitd/grpc-tls/tls.crt, GRPC_TLS_KEY: /etc/submitd/grpc-tls/tls.key, GRPC_TLS_CA: /etc/submitd/grpc-tls/ca.crt}{{ end }}}
+{{- $grpc := .root.Values.grpcTls.enabled }}
+{{- $svc := include "submitd.service" (dict "root" .root "svc" (index .root.Values.services .name)) | fromYaml }}
+grpcTls: {path: /etc/submitd/grpc-tls, volume: {secret: {secretName: {{ include "submitd.grpcTlsSecret" . }}, optional: {{ not $grpc }}}}{{ if $grpc }}, env: {GRPC_TLS_CERT: /etc/submitd/grpc-tls/tls.crt, GRPC_TLS_KEY: /etc/submitd/grpc-tls/tls.key, GRPC_TLS_CA: /etc/submitd/grpc-tls/ca.crt{{ if $svc.grpcPort }}, GRPC_ALLOWED_CALLERS: {{ include "submitd.grpcCallers" . | toJson }}{{ end }}}{{ end }}}
 users: {path: /etc/submitd/users, volume: {secret: {secretName: {{ .root.Values.users.existingSecret | default (printf "%s-users" $n) }}}}}
 dkim: {path: /etc/submitd/dkim, volume: {secret: {secretName: {{ .root.Values.dkim.existingSecret | default (printf "%s-dkim" $n) }}}}, env: {DKIM_KEYS_FILE: /etc/submitd/dkim/keys.yaml}}
 rewriteRules: {path: /etc/submitd/rewrite, volume: {configMap: {name: {{ $n }}-rewrite-rules}}}

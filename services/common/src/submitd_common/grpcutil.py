@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,9 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class MutualTLS:
-    """Service-to-service gRPC over TLS with client certificates, all signed by one CA."""
+    """Service-to-service gRPC over TLS with client certificates, all signed by one CA; each
+    service's certificate names it (commonName), which is how a server knows its caller
+    (``callers.CallerCheck``)."""
 
     cert: bytes
     key: bytes
@@ -54,14 +56,15 @@ class MutualTLS:
 
 
 async def start_server(
-    bind: str, register: Callable[[grpc.aio.Server], None], health: Health, tls: MutualTLS | None = None
+    bind: str, register: Callable[[grpc.aio.Server], None], health: Health, tls: MutualTLS | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, Callable[[float], Awaitable[None]]]:
     """Start a gRPC server on ``bind`` ("host:port"; port 0 picks one), with mutual TLS when
     ``tls`` is given.
 
     Returns the server, the bound port and a finalizer taking the grace period.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     port = server.add_secure_port(bind, tls.server()) if tls else server.add_insecure_port(bind)

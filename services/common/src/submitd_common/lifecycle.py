@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 
+from .callers import CallerCheck, Callers
 from .grpcutil import MutualTLS, start_server
 from .health import Health
 from .http import health_app, serve_http, split_hostport
@@ -47,16 +48,27 @@ def run(amain) -> None:
 
 
 async def serve_grpc(
-    name: str, settings, health: Health, register: Callable[[grpc.aio.Server], None], **fields
+    name: str, settings, health: Health, register: Callable[[grpc.aio.Server], None], methods: Iterable[str],
+    **fields,
 ) -> None:
     """Serve one gRPC service until SIGTERM or SIGINT: its health (grpc.health.v1 and HTTP
     /healthz, /readyz, /metrics on ``settings.http_listen``) and the service on
-    ``settings.listen`` (mutual TLS where the settings name certificates). Then unready at once,
-    in-flight calls get ``settings.drain_seconds`` to finish, and everything stops; what the
-    service set up itself is the caller's to close afterwards."""
+    ``settings.listen``. Where the settings name certificates: mutual TLS, and only the callers
+    ``settings.grpc_allowed_callers`` names may call ``methods`` (the service's method names).
+    Then unready at once, in-flight calls get ``settings.drain_seconds`` to finish, and
+    everything stops; what the service set up itself is the caller's to close afterwards."""
     service_log = logging.getLogger(f"submitd.{name}")
+    tls = MutualTLS.from_settings(settings)
+    interceptors = []
+    if tls is None:
+        service_log.warning("gRPC without mutual TLS: any caller that reaches the port is believed",
+                            extra={"fields": {"listen": settings.listen}})
+    else:
+        callers = Callers.parse(settings.grpc_allowed_callers, methods)
+        interceptors.append(CallerCheck(callers))
+        fields["allowed_callers"] = sorted(settings.grpc_allowed_callers)
     stop_health = await health.start()
-    _, port, stop_grpc = await start_server(settings.listen, register, health, MutualTLS.from_settings(settings))
+    _, port, stop_grpc = await start_server(settings.listen, register, health, tls, interceptors)
     _, stop_http = await serve_http(health_app(health, f"submitd {name}"), *split_hostport(settings.http_listen))
     service_log.info(f"{name} listening", extra={"fields": {"port": port, **fields}})
     await wait_for_signal()

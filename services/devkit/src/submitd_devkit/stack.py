@@ -21,7 +21,7 @@ import yaml
 
 from submitd_common import natsauth
 
-from .certs import make_self_signed
+from .certs import CertificateAuthority, make_self_signed
 from .env import settings_env
 from .ports import free_port, wait_port
 
@@ -260,7 +260,8 @@ class Stack:
         self.extra_env = env or {}
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname
-        self.grpc_tls = grpc_tls  # mutual TLS between frontend, policy and rewriter
+        # Mutual TLS on every gRPC call: a CA of the stack's own, a certificate per service.
+        self.grpc_ca = CertificateAuthority(self.root / "grpc-tls") if grpc_tls else None
         self.reload_interval = reload_interval  # users, keys and rules files (tests: shorter)
         self.procs: dict[str, subprocess.Popen] = {}
         self.spawn = spawn
@@ -335,9 +336,8 @@ class Stack:
         p = self.ports
         values: dict = {"nats_url": self.nats.service_url, "log_level": "INFO", "drain_seconds": 10}
         values |= {k.lower(): v for k, v in self.nats.credentials(name).items()}
-        if self.grpc_tls:
-            # The self-signed certificate is its own CA: every service presents it and trusts it.
-            values |= {"grpc_tls_cert": self.cert, "grpc_tls_key": self.key, "grpc_tls_ca": self.cert}
+        if self.grpc_ca:
+            values |= self.grpc_ca.credentials(name)
         if name == "policy":
             values |= {
                 "listen": f"127.0.0.1:{p.policy}",
@@ -439,17 +439,26 @@ class Stack:
 
         port = p.policy if name == "policy" else p.rewriter
         target = f"127.0.0.1:{port}"
-        if self.grpc_tls:
-            key, cert = self.key.read_bytes(), self.cert.read_bytes()
-            ch = grpc.secure_channel(target, grpc.ssl_channel_credentials(cert, key, cert))
-        else:
-            ch = grpc.insecure_channel(target)
+        # Health is open to any certificate of the CA: the dev kit asks with one of its own.
+        ch = grpc.secure_channel(target, self.grpc_credentials("devkit")) if self.grpc_ca else grpc.insecure_channel(target)
         with ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    @property
+    def grpc_tls(self) -> bool:
+        return self.grpc_ca is not None
+
+    def grpc_credentials(self, name: str):
+        """Channel credentials presenting a certificate that names ``name``, from the stack's CA."""
+        import grpc
+
+        assert self.grpc_ca is not None, "a stack without grpc_tls"
+        cert, key = self.grpc_ca.issue(name)
+        return grpc.ssl_channel_credentials(self.grpc_ca.path.read_bytes(), key.read_bytes(), cert.read_bytes())
 
     def wait_ready(self, name: str, timeout: float = 30, *, abandon: Callable[[], bool] = _never) -> None:
         deadline = time.monotonic() + timeout

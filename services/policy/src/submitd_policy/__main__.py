@@ -18,7 +18,8 @@ from .settings import Settings
 from submitd_common.users import ARGON2_DEFAULTS, UserDB, configure_hashing, hash_password
 
 log = logging.getLogger("submitd.policy")
-SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Policy"]
+SERVICE_NAME = SERVICE.full_name
 
 
 async def amain() -> None:
@@ -44,7 +45,7 @@ async def amain() -> None:
     service = PolicyService(settings, users, rates, authfail)
     await lifecycle.serve_grpc(
         "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
-        users=len(users.value.users),
+        [m.name for m in SERVICE.methods], users=len(users.value.users),
     )
     await stop_watch()
     await jetstream.close(nc)

@@ -12,6 +12,10 @@ class Settings(ServiceSettings):
 
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50051", description="gRPC listen address host:port")
+    grpc_allowed_callers: list[str] = Field(
+        ["frontend"], description="Under mutual TLS, the certificate names (commonName) that may call: only the "
+        "frontend, whose client addresses the AUTH lockouts count by (the chart names its own certificates)",
+    )
     replicas: int = Field(1, description="Replicas of the rate and AUTH-failure KV buckets (3 in a cluster)")
     users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
     dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")

@@ -26,7 +26,8 @@ from .service import RewriterService
 from .settings import Settings
 
 log = logging.getLogger("submitd.rewriter")
-SERVICE_NAME = rewriter_pb2.DESCRIPTOR.services_by_name["Rewriter"].full_name
+SERVICE = rewriter_pb2.DESCRIPTOR.services_by_name["Rewriter"]
+SERVICE_NAME = SERVICE.full_name
 
 
 async def amain() -> None:
@@ -59,7 +60,7 @@ async def amain() -> None:
     service = RewriterService(settings, users, keys, rules)
     await lifecycle.serve_grpc(
         "rewriter", settings, health, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s),
-        dkim_domains=sorted(keys.value) if keys else [],
+        [m.name for m in SERVICE.methods], dkim_domains=sorted(keys.value) if keys else [],
     )
     for stop in stops:
         await stop()

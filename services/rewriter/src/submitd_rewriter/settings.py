@@ -14,6 +14,10 @@ class Settings(ServiceSettings):
 
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50052", description="gRPC listen address host:port")
+    grpc_allowed_callers: list[str] = Field(
+        ["frontend", "relay:Rewrite"], description="Under mutual TLS, the certificate names (commonName) that may "
+        "call, NAME:Method for one method only: the frontend, and the relay for the reports it has signed",
+    )
     message_id_domain: str = Field(
         default_factory=socket.getfqdn, description="Domain part of the Message-IDs the rewriter adds"
     )
