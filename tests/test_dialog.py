@@ -16,6 +16,7 @@ import pytest
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.plugin import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import RawClient, connect, insecure_context, logged_in, reply_of
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -236,7 +237,8 @@ def test_connections_per_client_are_limited(make_stack, raw_factory):
     extra = raw_factory(stack.ports.submission)
     assert extra.reply().startswith("421 4.7.0")
     held[0].close()
-    time.sleep(0.3)
+    # The frontend counts a session out when it has seen it end: then its place is free.
+    eventually(lambda: sample(stack.ports.frontend_http, "submitd_smtp_sessions_active") == 1)
     again = raw_factory(stack.ports.submission)
     assert again.reply().startswith("220")
 
