@@ -260,20 +260,25 @@ def test_network_policies_follow_the_next_hop_and_nats():
 def test_every_setting_the_chart_passes_is_one_the_service_reads(scenario):
     # An env name the settings class does not read is ignored without a word: the setting an
     # operator thought they made never takes effect. (CONFIG_FILE is read by the settings
-    # loader itself.)
+    # loader itself.) Every Deployment running one of our images is checked: a service whose
+    # settings cannot be imported fails, it is never passed over.
     import importlib
 
+    checked = set()
     for name, d in by_kind(render(load(scenario)), "Deployment").items():
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        if not c["image"].rsplit("/", 1)[-1].startswith("submitd-"):
+            assert c["image"].startswith("jaegertracing/"), f"{name}: whose image is {c['image']}?"
+            continue  # the Jaeger all-in-one: not ours
         service = d["metadata"]["labels"]["app.kubernetes.io/component"]
-        try:
-            settings = importlib.import_module(f"submitd_{service}.settings").Settings
-        except ModuleNotFoundError:
-            continue  # not one of ours (a Jaeger all-in-one)
+        assert c["image"].rsplit("/", 1)[-1].startswith(f"submitd-{service}:"), (name, c["image"])
+        settings = importlib.import_module(f"submitd_{service}.settings").Settings
         prefix = f"SUBMITD_{service.upper()}_"
         fields = {f.upper() for f in settings.model_fields} | {"CONFIG_FILE"}
-        (c,) = d["spec"]["template"]["spec"]["containers"]
         passed = {e["name"].removeprefix(prefix) for e in c.get("env", []) if e["name"].startswith(prefix)}
         assert passed <= fields, f"{scenario}/{name}: settings no service reads: {sorted(passed - fields)}"
+        checked.add(service)
+    assert checked == {"frontend", "policy", "rewriter", "relay"}, checked
 
 
 def test_the_submission_helm_test_appears_with_a_user_and_may_ask_the_relay():

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
+from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in, reply_of
 from submitd_devkit.testing.waiting import eventually
@@ -127,15 +128,21 @@ def test_unreachable_next_hop_is_retried_until_it_comes_up(make_stack, tmp_path)
 
     port = free_port()
     stack: Stack = make_stack(next_hop=("127.0.0.1", port), env={"relay": {"RETRY_SCHEDULE": "[0.5]"}})
+    relay = stack.ports.relay_http
     with logged_in(stack) as client:
         client.sendmail(ALICE, ["bob@example.net"], message("later"))
-    time.sleep(1.5)
+    # Nothing listens yet: an attempt fails (deferred, not bounced) before the next hop comes up.
+    eventually(lambda: sample(relay, "submitd_delivery_attempts_total", result="deferred") >= 1, timeout=20)
     late = Sink(port=port).start()
     try:
         late.handler.wait_for(1, 20)
-        assert subjects(late) == ["message later"]
+        assert subjects(late) == ["message later"], "delivered, and no report of a failure went out"
     finally:
         late.stop()
+    # (counted once the next hop has answered)
+    eventually(lambda: sample(relay, "submitd_delivery_attempts_total", result="delivered") >= 1)
+    assert sample(relay, "submitd_delivery_attempts_total", result="delivered") == 1
+    assert sample(relay, "submitd_delivery_attempts_total", result="failed") == 0
 
 
 def test_partial_failure_retries_only_the_deferred_recipient(make_stack):

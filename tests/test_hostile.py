@@ -6,8 +6,10 @@ import resource
 import socket
 import time
 
+from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
+from submitd_devkit.testing.waiting import eventually
 
 
 def rss_mb(pid: int) -> float:
@@ -189,16 +191,31 @@ def test_silent_connections_to_port_465_count_as_sessions_and_cannot_starve_the_
     def descriptors() -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
 
+    def sessions(name: str) -> float:
+        return sample(stack.ports.frontend_http, name)
+
+    started = sessions("submitd_smtp_sessions_total")
     silent = []
     try:
         for i in range(320):
             silent.append(socket.create_connection(("127.0.0.1", stack.ports.submissions), timeout=10,
                                                    source_address=(f"127.0.12.{i % 8 + 1}", 0)))
-        time.sleep(0.3)
+        # Once the frontend has taken every one of them (a session each, held or closed at once),
+        # what it holds is what it keeps.
+        def taken_in() -> bool:
+            if descriptors() >= 200:
+                return True  # no use waiting: the assertion below says what went wrong
+            try:
+                return sessions("submitd_smtp_sessions_total") - started >= 320
+            except OSError:  # (its /metrics refused: it is starved, and the count will say so)
+                return False
+
+        eventually(taken_in)
         assert descriptors() < 200, f"{descriptors()} descriptors held"
         with socket.create_connection(("127.0.0.1", stack.ports.submission), timeout=5) as late:
             assert late.recv(100).startswith(b"421 4.3.2"), "a clear 421, not a dropped connection"
-        time.sleep(6.5)  # TLS_HANDSHAKE_TIMEOUT
+        # TLS_HANDSHAKE_TIMEOUT (6 s) cuts the silent ones it held.
+        eventually(lambda: sessions("submitd_smtp_sessions_active") == 0, timeout=12)
         with socket.create_connection(("127.0.0.1", stack.ports.submissions), timeout=5) as raw:
             with insecure_context().wrap_socket(raw, server_hostname="localhost") as tls:
                 assert tls.recv(100).startswith(b"220 "), "served again once the silent ones are cut"

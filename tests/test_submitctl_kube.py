@@ -129,15 +129,22 @@ def test_api_test_double_dkim_rotate_fills_the_charts_empty_dkim_secret_and_the_
 
 def test_api_test_double_queue_and_status_through_the_pod_proxy_with_the_admin_token_from_its_secret(cluster, tmp_path):
     double, stack = cluster
-    out = submitctl(double, tmp_path, "queue", "totals", "-o", "json")
+    token = double.secret_files("mail-submitd-admin")["token"].decode().strip()
+    assert len(token) >= 16, "the chart's token is a real secret, not a word any output might hold"
+    printed = []
+
+    def run(*args):
+        out = submitctl(double, tmp_path, *args)
+        printed.append(out.stdout + out.stderr)
+        return out
+
+    out = run("queue", "totals", "-o", "json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["messages"] == 0
     proxied = [h for m, p, h in double.requests if p.endswith("/proxy/api/v1/queue/totals")]
-    token = double.secret_files("mail-submitd-admin")["token"].decode()
     assert proxied and proxied[-1].get(kube.TOKEN_HEADER) == token
-    assert "token" not in out.stdout + out.stderr
 
-    out = submitctl(double, tmp_path, "status", "-o", "json")
+    out = run("status", "-o", "json")
     report = json.loads(out.stdout)
     rows = {s["name"]: s for s in report["services"]}
     assert set(rows) == {"frontend", "policy", "rewriter", "relay"}
@@ -145,14 +152,21 @@ def test_api_test_double_queue_and_status_through_the_pod_proxy_with_the_admin_t
     assert rows["frontend"]["autoscaler"]["metrics"] == [f"cpu 91%/{target['resource']['target']['averageUtilization']}%"]
     assert rows["frontend"]["autoscaler"]["last_scaling"]["message"].startswith("New size: 3")
     assert rows["relay"]["disruptions_allowed"] == 1 and report["queue"]["messages"] == 0
-    screen = submitctl(double, tmp_path, "status").stdout
+    screen = run("status").stdout
     assert "frontend" in screen and "2->3 of" in screen and "queue: 0 messages" in screen
 
     # A token the relay does not hold: refused, exit 2, and said so.
     double.mounts.pop("mail-submitd-admin")  # (the pod keeps its file: a token out of step)
-    double.put_secret_files("mail-submitd-admin", {"token": b"not-the-token"})
-    out = submitctl(double, tmp_path, "queue", "totals")
+    wrong = "not-the-relays-token-0123456789"
+    double.put_secret_files("mail-submitd-admin", {"token": wrong.encode()})
+    out = run("queue", "totals")
     assert out.returncode == 2 and "refused the token" in out.stderr
+
+    # Neither token, nor the Secret's base64 of it, is in anything submitctl printed.
+    for secret in (token, wrong):
+        for shown in (secret, base64.b64encode(secret.encode()).decode()):
+            leaks = sum(shown in text for text in printed)
+            assert leaks == 0, f"a token ({shown[:4]}...) was in what {leaks} submitctl run(s) printed"
 
 
 def test_no_cluster_reachable_is_exit_code_2(tmp_path):

@@ -24,11 +24,13 @@ class Memory:
     """The Connection (input given in pieces, replies kept) and the Backends (policy accepts;
     messages kept when finished)."""
 
-    def __init__(self, pieces: list[bytes]) -> None:
+    def __init__(self, pieces: list[bytes], after_tls: list[bytes] | None = None) -> None:
         self.pieces = list(pieces)
+        self.after_tls = list(after_tls or [])  # what the client sends once the handshake is done
         self.written: list[str] = []
         self.closed = False
         self.events: list[str] = []
+        self.senders: list[str] = []  # MAIL FROM addresses policy was asked about
         self.queued: list[bytes] = []
         self.queue_available = True
         self.challenge = False  # AUTH answers with a 334 first
@@ -44,6 +46,10 @@ class Memory:
         self.written.append(reply)
 
     async def start_tls(self):
+        # What the client sent in the clear and the session has not read yet never reaches it
+        # as commands (on a socket it would be taken for handshake bytes); then the client speaks
+        # over TLS.
+        self.pieces = list(self.after_tls)
         return policy_pb2.TlsInfo(version="TLSv1.3")
 
     def close(self) -> None:
@@ -52,6 +58,8 @@ class Memory:
     async def ask(self, **event) -> policy_pb2.Verdict:
         kind = next(k for k in event if k != "trace_context")
         self.events.append(kind)
+        if kind == "mail_from":
+            self.senders.append(event[kind].address)
         if kind == "auth_start" and self.challenge:
             return policy_pb2.Verdict(has_challenge=True, challenge=b"")
         if kind == "auth_response" and event[kind].cancelled:
@@ -85,15 +93,19 @@ async def dialog(data: bytes, *, split: int | None = None, tls: bool = True, sta
                  memory: Memory | None = None, **settings) -> tuple[list[str], Memory, Session]:
     """Run a session over ``data`` cut into pieces of ``split`` octets; its replies after the
     greeting, one per entry (a multi-line reply is one entry)."""
-    pieces = [data[i:i + split] for i in range(0, len(data), split)] if split else [data]
     memory = memory or Memory([])
-    memory.pieces = pieces
+    memory.pieces = _cut(data, split)
+    memory.after_tls = [piece for part in memory.after_tls for piece in _cut(part, split)]
     session = Session(Settings(**{**SETTINGS, **settings}), memory, memory, tls=tls, starttls=starttls,
                       client_address="192.0.2.1", session_id="s1")
     await session.run()
     await session.end()
     assert memory.written[0] == replies.greeting("mx.example.test")
     return memory.written[1:], memory, session
+
+
+def _cut(data: bytes, split: int | None) -> list[bytes]:
+    return [data[i:i + split] for i in range(0, len(data), split)] if split else [data]
 
 
 PLAIN = base64.b64encode(b"\0alice@example.test\0secret").decode()
@@ -125,10 +137,15 @@ async def test_ehlo_offers_the_rfc_6409_extensions_and_auth_only_under_tls():
 @pytest.mark.parametrize("split", SPLITS)
 async def test_starttls_forgets_what_came_before_and_what_was_pipelined_in_the_clear(split):
     data = b"EHLO c.example\r\nSTARTTLS\r\nMAIL FROM:<evil@example.net>\r\n"
-    memory = Memory([])
-    got, memory, session = await dialog(data, tls=False, starttls=True, memory=memory)
-    assert got[1] == replies.TLS_READY and len(got) == 2, "the injected MAIL got no reply"
-    assert session.state.tls and session.state.phase is Phase.CONNECTED
+    memory = Memory([], after_tls=[b"MAIL FROM:<alice@example.test>\r\nEHLO c.example\r\n"
+                                   b"MAIL FROM:<alice@example.test>\r\n"])
+    got, memory, session = await dialog(data, split=split, tls=False, starttls=True, memory=memory)
+    assert got[1] == replies.TLS_READY, got
+    assert got[2:4] == [replies.NEED_HELO, got[3]], "the EHLO before the handshake is forgotten"
+    assert got[3].startswith("250-mx.example.test\r\n") and got[3].endswith("250 AUTH PLAIN LOGIN")
+    assert got[4:] == [replies.SENDER_OK], "the injected MAIL got no reply and started no transaction"
+    assert memory.senders == ["alice@example.test"], "policy never heard of the injected MAIL"
+    assert session.state.tls and session.state.phase is Phase.TRANSACTION
     got, _, _ = await dialog(b"STARTTLS\r\n")
     assert got == [replies.TLS_ACTIVE]
 
@@ -168,7 +185,8 @@ async def test_a_bad_line_is_refused_once_and_the_session_goes_on(line, reply, s
 async def test_what_the_frontend_refuses_before_asking_policy(command, reply):
     got, memory, _ = await dialog(LOGIN + command + b"\r\nQUIT\r\n")
     assert got[2:] == [reply, replies.BYE]
-    assert memory.events.count("mail_from") == 0 and memory.queued == []
+    assert memory.events == ["helo", "auth_start"], "policy heard nothing after the AUTH"
+    assert memory.queued == []
 
 
 async def test_rcpt_checks_and_the_recipient_limit_keeps_earlier_recipients():
@@ -213,7 +231,8 @@ async def test_bdat_chunks_make_one_message_and_pipelined_commands_follow(split)
 async def test_bdat_refused_before_content_still_reads_the_chunk_and_only_some_commands_are_allowed():
     got, memory, _ = await dialog(LOGIN + b"BDAT 15 LAST\r\nMAIL FROM:<x>\r\nMAIL FROM:<alice@example.test>\r\n")
     assert got[2:] == [replies.NEED_MAIL, replies.SENDER_OK], "the chunk's octets were never a command"
-    got, _, _ = await dialog(LOGIN + ENVELOPE + b"BDAT 3\r\nx\nyEHLO a.example\r\nBDAT 0 LAST\r\n")
+    assert memory.queued == []
+    got, memory, _ = await dialog(LOGIN + ENVELOPE + b"BDAT 3\r\nx\nyEHLO a.example\r\nBDAT 0 LAST\r\n")
     assert got[4:] == [replies.chunk_received(3), replies.BDAT_ONLY, replies.BARE_CR_LF]
     assert memory.queued == []
 

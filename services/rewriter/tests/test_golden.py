@@ -141,19 +141,24 @@ def test_quoted_printable_streaming_matches_the_stdlib_decoder():
         assert b"\n" not in out.replace(b"\r\n", b""), "CRLF line ends only"
 
 
-async def test_message_without_final_crlf_is_completed_and_signed():
+async def test_message_without_final_crlf_is_completed_and_signed(signing):
     from submitd.v1 import rewriter_pb2
     from submitd_rewriter.service import RewriterService
     from submitd_rewriter.settings import Settings
 
-    service = RewriterService(Settings(message_id_domain="mx.example.net"))
+    service = RewriterService(Settings(message_id_domain="mx.example.net"), keys=signing.keys)
     for message in (b"From: alice@example.net\r\nSubject: no body, no CRLF", b"From: a@example.net\r\n\r\nlast line"):
         result = service.rewrite_whole(rewriter_pb2.WholeMessage(envelope=common_pb2.Envelope(), message=message))
         out = result.accepted.message
-        assert out.startswith(message.split(b"\r\n\r\n")[0].split(b"\r\nSubject")[0])
+        signatures, _, rest = out.partition(message[:6])
+        assert rest.startswith(message.split(b"\r\n\r\n")[0].split(b"\r\nSubject")[0][6:])
+        assert signatures.count(b"DKIM-Signature: ") == 2 and signatures.startswith(b"DKIM-Signature: ")
+        assert signing.verified(out) == signing.selectors, "each key of the From domain signed it"
+        assert signing.verified(out.replace(b"From: a", b"From: b")) == [], "the signatures cover it"
         assert b"\r\n" + DATE in out and b"\r\n" + MSGID in out
         if b"last line" in message:
             assert out.endswith(b"\r\n\r\nlast line"), "the body is left exactly as sent"
+            assert signing.verified(out[:-1] + b"s") == [], "the signatures cover the last line"
         else:
             assert out.endswith(b"Subject: no body, no CRLF\r\n" + DATE + b"\r\n" + MSGID + b"\r\n")
 
