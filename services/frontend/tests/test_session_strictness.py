@@ -1,5 +1,6 @@
-"""The dialog in memory against a client that would crash a session: parameters in Unicode
-look-alikes (a "²" is a digit to str.isdigit and nothing to int())."""
+"""The dialog in memory against two ways a client could hold or crash a session: parameters in
+Unicode look-alikes (a "²" is a digit to str.isdigit and nothing to int()), and message content
+trickled past MAX_SESSION_SECONDS. The clock here moves one second for every read."""
 
 from __future__ import annotations
 
@@ -121,3 +122,38 @@ def test_bdat_chunk_sizes_are_ascii_digits(arg):
     # (parse_command already refuses 8-bit BDAT arguments with 553: this is the parser's own check)
     assert wire.bdat_args(arg) is None
     assert wire.bdat_args("10 last") == (10, True)
+
+
+TRICKLE = [b"0123456789abcdef\r\n"] * 30  # a line a second, for 30 seconds
+
+
+async def test_data_past_the_session_lifetime_is_cut_with_421_and_nothing_queued():
+    got, client = await dialog(LOGIN + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+                               *TRICKLE, b".\r\nNOOP\r\n")
+    assert got[2:] == [replies.SENDER_OK, replies.RECIPIENT_OK, replies.START_DATA, replies.SESSION_TOO_LONG]
+    assert client.closed and client.queued == []
+    assert client.fed <= LIFETIME * len(TRICKLE[0]), "cut at the first block past the limit"
+
+
+async def test_one_huge_bdat_chunk_past_the_session_lifetime_is_cut_with_421_and_nothing_queued():
+    # Before: the lifetime was never looked at inside BDAT, so this held the session for ever.
+    got, client = await dialog(LOGIN + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\n"
+                               b"BDAT 1000000000000 LAST\r\n", *TRICKLE)
+    assert got[2:] == [replies.SENDER_OK, replies.RECIPIENT_OK, replies.SESSION_TOO_LONG]
+    assert client.closed and client.queued == []
+
+
+async def test_many_bdat_chunks_past_the_session_lifetime_end_with_421_and_nothing_queued():
+    chunk = b"BDAT 18\r\n" + TRICKLE[0]
+    got, client = await dialog(LOGIN + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\n",
+                               *[chunk] * 30, b"BDAT 0 LAST\r\n")
+    assert got[-1] == replies.SESSION_TOO_LONG and replies.chunk_received(18) in got
+    assert got.count(replies.chunk_received(18)) < LIFETIME, "the chunks stop being taken at the limit"
+    assert client.closed and client.queued == []
+
+
+async def test_a_message_that_ends_within_the_lifetime_is_queued():
+    got, client = await dialog(LOGIN + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+                               *TRICKLE[:5], b".\r\nQUIT\r\n")
+    assert got[5].startswith("250 2.0.0 Ok: queued") and got[-1] == replies.BYE
+    assert client.queued == [TRICKLE[0] * 5]

@@ -59,8 +59,8 @@ class Settings(ServiceSettings):
         100, description="NOOP, RSET, HELP, VRFY or EXPN commands without a message queued; then 421 4.7.0"
     )
     max_session_seconds: float = Field(
-        3600.0, description="A session's lifetime: the first command after it gets 421 4.4.2 (a message in "
-        "transfer finishes first)"
+        3600.0, description="A session's lifetime: past it the next command, or the next block of a message in "
+        "DATA or BDAT, gets 421 4.4.2 and the session ends (that message is dropped, never queued)"
     )
     max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
     max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")
