@@ -122,10 +122,14 @@ def test_from_a_listed_balancer_the_announced_address_is_the_client_policy_count
         assert client.docmd("AUTH", auth_plain(ALICE_PASSWORD))[0] == 235
     with tls_session(smtplib.SMTP("127.0.0.1", proxied.ports.internal_submission, timeout=10)) as client:
         assert client.docmd("AUTH", auth_plain(ALICE_PASSWORD))[0] == 235
-    # And the announced address is what TRUSTED_NETWORKS is checked against.
+    # And the announced address is what TRUSTED_NETWORKS is checked against, and what the
+    # message's trace field names.
+    proxied.sink.handler.reset()
     with ProxiedSMTP(TRUSTED_CLIENT, port) as client:
         client.ehlo("client.example.test")
-        assert client.docmd("MAIL", "FROM:<anyone@example.net>")[0] == 250
+        client.sendmail("anyone@example.net", ["bob@example.net"], b"Subject: trusted\r\n\r\nhi\r\n")
+    [got] = proxied.sink.handler.wait_for(1, 20)
+    assert f"from client.example.test ([{TRUSTED_CLIENT}])".encode() in got.data
 
 
 def test_the_internal_listener_takes_no_proxy_header_its_client_is_the_peer(proxied, raw):
