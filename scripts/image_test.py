@@ -356,7 +356,7 @@ def ready(container: str, probe: dict, timeout: float = 60) -> None:
     raise RuntimeError(f"{container} never ready ({last}):\n{logs(container)}")
 
 
-SCENARIOS = ["default", "minimal", "monitoring", "keda", "cert-manager", "external-nats", "ha"]
+SCENARIOS = ["default", "minimal", "monitoring", "keda", "cert-manager", "external-nats", "ha", "proxy"]
 
 
 def main() -> int:

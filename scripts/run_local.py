@@ -45,6 +45,7 @@ def main() -> int:
         rewriter=port("rewriter", 50052),
         submission=port("submission", 2587),
         submissions=port("submissions", 2465),
+        internal_submission=port("internal_submission", 2588),
         frontend_http=port("frontend_http", 8081),
         relay_http=port("relay_http", 8082),
         policy_http=port("policy_http", 8083),
@@ -88,6 +89,7 @@ submitd is running.
 
   submission (STARTTLS)  127.0.0.1:{ports.submission}
   submissions (TLS)      127.0.0.1:{ports.submissions}
+  internal (STARTTLS)    127.0.0.1:{ports.internal_submission}  (never a PROXY header)
   user                   {DEMO_USER}
   password               {password}
   delivered mail         {maildir}/new/

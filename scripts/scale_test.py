@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -293,7 +294,7 @@ class Pool:
         self.ports: dict[str, dict[str, int]] = {}
 
     def reserve(self, name: str) -> dict[str, int]:
-        self.ports[name] = {"smtp": free_port(), "smtps": free_port(), "http": free_port()}
+        self.ports[name] = {"smtp": free_port(), "smtps": free_port(), "internal": free_port(), "http": free_port()}
         return self.ports[name]
 
     def start(self, name: str) -> None:
@@ -304,6 +305,7 @@ class Pool:
         if self.service == "frontend":
             env[prefix + "SUBMISSION_LISTEN"] = f"127.0.0.1:{ports['smtp']}"
             env[prefix + "SUBMISSIONS_LISTEN"] = f"127.0.0.1:{ports['smtps']}"
+            env[prefix + "INTERNAL_SUBMISSION_LISTEN"] = f"127.0.0.1:{ports['internal']}"
         env.update({prefix + k: v for k, v in self.overrides.items()})
         env["OTEL_SERVICE_NAME"] = self.service
         with open(self.stack.root / "log" / f"{self.service}-{name}.log", "ab") as log:
@@ -346,6 +348,12 @@ class Pool:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name, 20)
+
+
+# HAProxy connects to the frontends from 127.0.0.1: the one peer whose PROXY header they believe
+# (clients here come from 127.0.0.5 and up).
+BALANCER = '["127.0.0.1/32"]'
+UNTRUSTED_PEERS = 'submitd_smtp_proxy_refused_total{reason="untrusted_peer"}'
 
 
 class HAProxy:
@@ -435,8 +443,8 @@ def balancer(work: Path) -> int:
                         "AUTH_FAILURES_PER_LOGIN": "100", "LOG_LEVEL": "WARNING"},
              "relay": {"FETCH_WAIT": "1", "LOG_LEVEL": "WARNING"}, "rewriter": {"LOG_LEVEL": "WARNING"}},
     )
-    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "2",
-                                         "LOG_LEVEL": "WARNING"})
+    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "PROXY_TRUSTED_NETWORKS": BALANCER,
+                                         "MAX_CONNECTIONS_PER_CLIENT": "2", "LOG_LEVEL": "WARNING"})
     names = ["f1", "f2", "f3"]
     lb = None
     failures = []
@@ -499,6 +507,21 @@ def balancer(work: Path) -> int:
         code, text = client.docmd("PROXY TCP4 203.0.113.9 127.0.0.1 4444 587")
         client.close()
         check(500 <= code < 600, f"a PROXY line sent by the client through the balancer: {code} {text.decode()}")
+
+        # Past the balancer, straight to a frontend's PROXY port: not a listed balancer, so the
+        # connection is closed before its header is read, and counted.
+        refused = frontends.metric("f1", UNTRUSTED_PEERS)
+        direct = socket.create_connection(("127.0.0.1", frontends.ports["f1"]["smtp"]), timeout=5,
+                                          source_address=("127.0.0.8", 0))
+        try:
+            direct.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4444 587\r\n")
+            answer = direct.recv(100)
+        except OSError:
+            answer = b""
+        direct.close()
+        counted = frontends.metric("f1", UNTRUSTED_PEERS) - refused
+        check(answer == b"" and counted == 1, f"a PROXY header sent to a frontend directly from 127.0.0.8: closed "
+              f"without a greeting ({answer!r}), counted {counted:g}")
         return 1 if failures else 0
     finally:
         if lb:
@@ -531,8 +554,8 @@ def replicas(root: Path, env: dict, frontend_env: dict):
     quiet = {"LOG_LEVEL": os.environ.get("SCALE_LOG_LEVEL", "WARNING"), **env}
     stack = Stack(root, next_hop=("127.0.0.1", sink.port), users={USER: User(PASSWORD, [USER])},
                   env={"policy": quiet, "rewriter": quiet})
-    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "200",
-                                         **quiet, **frontend_env})
+    frontends = Pool(stack, "frontend", {"PROXY_PROTOCOL": "true", "PROXY_TRUSTED_NETWORKS": BALANCER,
+                                         "MAX_CONNECTIONS_PER_CLIENT": "200", **quiet, **frontend_env})
     relays = Pool(stack, "relay", {"FETCH_WAIT": "1", **quiet})
     for name in ("f1", "f2", "f3"):
         frontends.reserve(name)

@@ -418,7 +418,9 @@ def test_refusals_are_logged_with_identity_and_rate_limited(make_stack):
 
 
 def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
-    stack = make_stack(trusted_networks=["203.0.113.0/24"], env={"frontend": {"PROXY_PROTOCOL": "true"}})
+    # The test's own connections come from 127.0.0.1: the balancer whose header is believed.
+    stack = make_stack(trusted_networks=["203.0.113.0/24"],
+                       env={"frontend": {"PROXY_PROTOCOL": "true", "PROXY_TRUSTED_NETWORKS": ["127.0.0.1/32"]}})
     c = raw(stack.ports.submission)
     c.send(f"PROXY TCP4 203.0.113.9 127.0.0.1 40000 {stack.ports.submission}\r\n".encode())
     assert c.reply().startswith("220")

@@ -29,7 +29,7 @@ import pytest
 from submitd_devkit.testing.smtp import insecure_context
 
 ROOT = Path(__file__).resolve().parent.parent
-PORTS = ("nats", "policy", "rewriter", "submission", "submissions", "frontend_http", "relay_http",
+PORTS = ("nats", "policy", "rewriter", "submission", "submissions", "internal_submission", "frontend_http", "relay_http",
          "policy_http", "rewriter_http", "sink")
 DEMO = "demo@example.test"
 ROUNDS = int(os.environ.get("RUN_SIGNAL_ROUNDS", "5"))

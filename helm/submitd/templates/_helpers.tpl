@@ -130,3 +130,22 @@ config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}
 {{- define "submitd.image" -}}
 {{ .root.Values.image.repository }}-{{ .name }}:{{ .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- end -}}
+
+{{- /* frontendService.proxyTrustedNetworks as JSON (the frontend's PROXY_TRUSTED_NETWORKS);
+     required with proxyProtocol. */ -}}
+{{- define "submitd.proxyTrustedNetworks" -}}
+{{- if and .Values.frontendService.proxyProtocol (not .Values.frontendService.proxyTrustedNetworks) -}}
+{{- fail "frontendService.proxyTrustedNetworks is required with frontendService.proxyProtocol: the CIDRs the load balancer connects from (only their PROXY header is believed; only they may reach 587 and 465)" -}}
+{{- end -}}
+{{- toJson (.Values.frontendService.proxyTrustedNetworks | default list) -}}
+{{- end -}}
+
+{{- /* Where helm test reaches the frontend from inside the cluster: the public Service's 587,
+     or behind a PROXY balancer (whose ports take no one else) the internal port. */ -}}
+{{- define "submitd.testSubmissionServer" -}}
+{{- if .Values.frontendService.proxyProtocol -}}
+{{ include "submitd.fullname" . }}-frontend-internal:1588
+{{- else -}}
+{{ include "submitd.fullname" . }}-frontend:587
+{{- end -}}
+{{- end -}}

@@ -53,6 +53,7 @@ class Ports:
     rewriter: int = 0
     submission: int = 0
     submissions: int = 0
+    internal_submission: int = 0  # STARTTLS, never a PROXY header
     frontend_http: int = 0
     relay_http: int = 0
     policy_http: int = 0
@@ -362,6 +363,7 @@ class Stack:
                 "hostname": self.hostname,
                 "submission_listen": f"127.0.0.1:{p.submission}",
                 "submissions_listen": f"127.0.0.1:{p.submissions}",
+                "internal_submission_listen": f"127.0.0.1:{p.internal_submission}",
                 "http_listen": f"127.0.0.1:{p.frontend_http}",
                 "tls_cert": self.cert,
                 "tls_key": self.key,

@@ -9,6 +9,9 @@ import ssl
 import time
 from functools import partial
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from submitd.v1 import policy_pb2_grpc, rewriter_pb2_grpc
 from submitd_common import grpcutil, jetstream, lifecycle
 from submitd_common.health import Health
@@ -20,7 +23,7 @@ from . import replies
 from .backends import QueueWriter, Rewriter
 from .policy_client import PolicyStreams
 from .settings import Settings
-from .smtp import Backends, Sessions, SubmissionSMTP
+from .smtp import Backends, Balancers, Sessions, SubmissionSMTP
 
 log = logging.getLogger("submitd.frontend")
 
@@ -107,8 +110,16 @@ def open_file_limit(settings: Settings) -> int:
     return soft
 
 
+def load_settings() -> Settings:
+    """The settings, or the process ends here saying what is wrong with them (no traceback)."""
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as e:
+        raise SystemExit(f"submitd-frontend: refusing to start: {e}") from None
+
+
 async def amain() -> None:
-    settings = Settings()
+    settings = load_settings()
     setup_logging("frontend", settings.log_level)
     provider = setup_telemetry("frontend")
     open_file_limit(settings)
@@ -153,22 +164,26 @@ async def amain() -> None:
         log.warning("no TLS certificate configured: STARTTLS, port 465 and AUTH are unavailable")
     sessions = Sessions()
     loop = asyncio.get_running_loop()
-    listeners = [(settings.submission_listen, False)]
+    # 587 and 465 take a PROXY header where PROXY_PROTOCOL is on, from the listed balancers
+    # alone; the internal listener never does (its clients reach the pod directly).
+    balancers = Balancers(settings.proxy_trusted_networks) if settings.proxy_protocol else None
+    listeners = [("submission", settings.submission_listen, False, balancers)]
     if tls is not None:
-        listeners.append((settings.submissions_listen, True))
-    for listen, implicit in listeners:
+        listeners.append(("submissions", settings.submissions_listen, True, balancers))
+    listeners.append(("internal submission", settings.internal_submission_listen, False, None))
+    for name, listen, implicit, proxied_by in listeners:
         if not listen:
             continue
         host, port = split_hostport(listen)
-        factory = partial(SubmissionSMTP, backends, sessions, implicit_tls=implicit, tls_context=tls)
+        factory = partial(SubmissionSMTP, backends, sessions, implicit_tls=implicit, tls_context=tls,
+                          balancers=proxied_by)
         # Port 465 is accepted in the clear and the session starts TLS itself: counted from
         # the accept (MAX_SESSIONS), after a PROXY header where there is one.
         server = await loop.create_server(factory, host, port, reuse_address=True)
         servers.append(server)
-        log.info(
-            "frontend listening",
-            extra={"fields": {"port": server.sockets[0].getsockname()[1], "implicit_tls": implicit}},
-        )
+        log.info("frontend listening", extra={"fields": {
+            "listener": name, "port": server.sockets[0].getsockname()[1], "implicit_tls": implicit,
+            "proxy_protocol": proxied_by is not None}})
     await health.check_now()
     log.info("frontend ready", extra={"fields": {"http_port": bound_http}})
 

@@ -8,6 +8,12 @@ SESSIONS_ACTIVE = Gauge("submitd_smtp_sessions_active", "SMTP sessions open now"
 SESSIONS = Counter("submitd_smtp_sessions_total", "SMTP sessions accepted")
 TLS = Counter("submitd_smtp_tls_total", "TLS sessions by protocol version", ["version"])
 TLS_FAILURES = Counter("submitd_smtp_tls_handshake_failures_total", "Implicit-TLS handshakes that failed or timed out")
+PROXY_REFUSED = Counter(
+    "submitd_smtp_proxy_refused_total", "Connections to a PROXY port closed before any SMTP: untrusted_peer (not in "
+    "PROXY_TRUSTED_NETWORKS: nothing read) or invalid_header (a missing or broken PROXY header)", ["reason"],
+)
+for _reason in ("untrusted_peer", "invalid_header"):
+    PROXY_REFUSED.labels(_reason)
 AUTH = Counter("submitd_smtp_auth_total", "AUTH attempts by result", ["result"])
 REPLIES = Counter("submitd_smtp_replies_total", "Replies sent, by class and enhanced code", ["code_class", "enhanced"])
 MESSAGES = Counter("submitd_messages_total", "Messages at end of data, by outcome and reply code", ["outcome", "code"])

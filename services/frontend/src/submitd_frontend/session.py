@@ -53,6 +53,7 @@ class Session(TransactionCommands):
         self.client_address = client_address
         self.session_id = session_id
         self.clock = clock
+        self.started = clock()  # the lifetime counts from the greeting (run)
         self.input = CommandInput()
         self.errors = 0
         self.junk = 0  # JUNK_COMMANDS since the last message queued
@@ -63,17 +64,21 @@ class Session(TransactionCommands):
 
     async def run(self) -> None:
         await self.send(replies.greeting(self.settings.hostname))
-        started = self.clock()
+        self.started = self.clock()
         while not self.state.closing and not self.connection.closed:
             line = await self.next_line()
             if line is None:
                 return
             if isinstance(line, str):
                 await self.send(line)
-            elif self.clock() - started > self.settings.max_session_seconds and self.state.bdat is None:
-                await self.send(replies.SESSION_TOO_LONG)
+            elif self.expired():
+                await self.send(replies.SESSION_TOO_LONG)  # a BDAT transfer in progress ends with it
             else:
                 await self.command(line)
+
+    def expired(self) -> bool:
+        """Past MAX_SESSION_SECONDS since the greeting."""
+        return self.clock() - self.started > self.settings.max_session_seconds
 
     async def end(self) -> None:
         """The connection ended: a BDAT transfer the client never finished is dropped."""

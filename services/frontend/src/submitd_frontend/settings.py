@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import ipaddress
+import json
 import socket
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from submitd_common.config import ServiceSettings
 
@@ -56,8 +59,8 @@ class Settings(ServiceSettings):
         100, description="NOOP, RSET, HELP, VRFY or EXPN commands without a message queued; then 421 4.7.0"
     )
     max_session_seconds: float = Field(
-        3600.0, description="A session's lifetime: the first command after it gets 421 4.4.2 (a message in "
-        "transfer finishes first)"
+        3600.0, description="A session's lifetime: past it the next command, or the next block of a message in "
+        "DATA or BDAT, gets 421 4.4.2 and the session ends (that message is dropped, never queued)"
     )
     max_sessions: int = Field(1000, description="Concurrent sessions per frontend; more get 421 4.3.2")
     max_connections_per_client: int = Field(20, description="Concurrent sessions per client address; more get 421 4.7.0")
@@ -70,5 +73,49 @@ class Settings(ServiceSettings):
         "drain, while the load balancer (a Service's endpoints, a cloud balancer's health checks) stops sending them",
     )
     proxy_protocol: bool = Field(
-        False, description="Expect a PROXY protocol v1/v2 header on every connection (behind a load balancer)"
+        False, description="Expect a PROXY protocol v1/v2 header on every connection to SUBMISSION_LISTEN and "
+        "SUBMISSIONS_LISTEN (behind a load balancer); only from PROXY_TRUSTED_NETWORKS"
     )
+    proxy_trusted_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs of the load balancers whose PROXY header is believed (required with PROXY_PROTOCOL), a JSON "
+        "list or comma-separated: a connection to a PROXY port from any other address is closed before anything is "
+        "read, logged and counted",
+    )
+    internal_submission_listen: str = Field(
+        "", description="A second STARTTLS listener host:port for clients that reach the frontend directly (webmail, "
+        "applications in the cluster): never a PROXY header, the client is the connection's peer; empty disables it"
+    )
+
+    @field_validator("proxy_trusted_networks", mode="before")
+    @classmethod
+    def _network_list(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ValueError("PROXY_TRUSTED_NETWORKS: not a JSON list of CIDRs") from None
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("proxy_trusted_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError as e:
+                raise ValueError(f"PROXY_TRUSTED_NETWORKS: {e} (a CIDR such as 10.0.0.0/24, host bits zero)") from None
+        return networks
+
+    @model_validator(mode="after")
+    def _proxy_needs_its_balancers(self) -> "Settings":
+        if self.proxy_protocol and not self.proxy_trusted_networks:
+            raise ValueError(
+                "SUBMITD_FRONTEND_PROXY_PROTOCOL is on but SUBMITD_FRONTEND_PROXY_TRUSTED_NETWORKS is empty: list the "
+                "load balancers' addresses (CIDRs, a JSON list or comma-separated); a PROXY header believed from anyone lets "
+                "them choose their client address"
+            )
+        return self

@@ -9,6 +9,7 @@ nothing here decides what a command means.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -67,12 +68,30 @@ class Sessions:
             self.per_client.pop(client, None)
 
 
+class Balancers:
+    """The load balancers whose PROXY header is believed (PROXY_TRUSTED_NETWORKS)."""
+
+    def __init__(self, networks: list[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n) for n in networks)
+
+    def listed(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped  # a dual-stack listener's IPv4 peer
+        return any(address in network for network in self.networks)
+
+
 class SubmissionSMTP(SMTP):
     """One client connection: the :class:`~.session.Connection` its dialog runs on."""
 
     line_length_limit = READ_SIZE  # the reader's buffer (lines are checked by the dialog)
 
-    def __init__(self, backends: Backends, sessions: Sessions, *, implicit_tls: bool, tls_context: ssl.SSLContext | None):
+    def __init__(self, backends: Backends, sessions: Sessions, *, implicit_tls: bool, tls_context: ssl.SSLContext | None,
+                 balancers: Balancers | None = None):
+        """``balancers``: this listener takes a PROXY header, from them alone."""
         s = backends.settings
         aiosmtpd_state(
             self, hostname=s.hostname, ident="ESMTP submitd", tls_context=tls_context,
@@ -84,6 +103,7 @@ class SubmissionSMTP(SMTP):
         self.backends = backends
         self.sessions = sessions
         self.implicit_tls = implicit_tls
+        self.balancers = balancers
         self.handshaking = False  # TLS not yet up: nothing may be written in the clear
         self._abort_handle: asyncio.TimerHandle | None = None  # close_transport's deadline
         self.dialog: Session | None = None
@@ -185,6 +205,14 @@ class SubmissionSMTP(SMTP):
         peer = self.session.peer or ("", 0)
         sockname = self.transport.get_extra_info("sockname") if self.transport else None
         self.client_address = str(peer[0])
+        if self.balancers is not None and not self.balancers.listed(self.client_address):
+            # Anyone else's PROXY header would choose the client address that lockouts, limits and
+            # TRUSTED_NETWORKS go by: nothing this peer sent is read, not even as a header.
+            log.warning("connection to a PROXY port from outside PROXY_TRUSTED_NETWORKS: closed", extra={"fields": {
+                "peer": self.client_address, "port": sockname[1] if sockname else 0}})
+            metrics.PROXY_REFUSED.labels("untrusted_peer").inc()
+            self.transport.abort()
+            return
         with tracer.start_as_current_span(
             "smtp.session",
             kind=trace.SpanKind.SERVER,
@@ -197,13 +225,14 @@ class SubmissionSMTP(SMTP):
             },
         ) as span:
             proxy_address = ""
-            if self.settings.proxy_protocol:
+            if self.balancers is not None:
                 try:
                     proxy = await asyncio.wait_for(get_proxy(self._reader), 10)
                 except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
                     proxy = None
                 if proxy is None or not proxy.valid or proxy.src_addr is None:
                     log.warning("invalid or missing PROXY header", extra={"fields": {"peer": self.client_address}})
+                    metrics.PROXY_REFUSED.labels("invalid_header").inc()
                     self.close_transport()
                     return
                 proxy_address = str(proxy.src_addr)

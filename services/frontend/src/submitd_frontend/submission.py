@@ -10,6 +10,7 @@ held here, and 250 comes only after JetStream acknowledged the queue entry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from opentelemetry import trace
@@ -21,6 +22,7 @@ from . import metrics, replies
 from .backends import CHUNK, BackendUnavailable, StreamedMessage
 
 log = logging.getLogger("submitd.frontend")
+_CLEANUPS: set[asyncio.Future] = set()  # abandoned streams still being removed (kept from the GC)
 
 
 class SessionBackends:
@@ -79,7 +81,13 @@ class Submission:
         self.buffer = bytearray()
         if self.stream is not None:
             stream, self.stream = self.stream, None
-            await stream.abort()
+            # The session's task is cancelled when its connection is lost, which a session cut
+            # mid-message (421) brings about while this runs: the stored chunks' removal goes
+            # on regardless, or they would wait for the orphan sweep.
+            cleanup = asyncio.ensure_future(stream.abort())
+            _CLEANUPS.add(cleanup)
+            cleanup.add_done_callback(_CLEANUPS.discard)
+            await asyncio.shield(cleanup)
 
     async def finish(self) -> str:
         """The reply to the end of data: 250 with the queue id once queued, or why not."""

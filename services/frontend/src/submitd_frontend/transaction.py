@@ -36,6 +36,9 @@ class TransactionCommands:
     accepted: list[str]
     refused: int
 
+    def expired(self) -> bool:
+        raise NotImplementedError
+
     async def send(self, reply: str) -> None:
         raise NotImplementedError
 
@@ -184,6 +187,16 @@ class TransactionCommands:
             data = await self.connection.read()
             if not data:
                 raise EOFError("connection closed during DATA")
+            await self._within_lifetime()
+
+    async def _within_lifetime(self) -> None:
+        """Message content counts against MAX_SESSION_SECONDS too (a BDAT transfer has no end of
+        its own): past it the session ends at the next block read, its message never queued."""
+        if self.expired():
+            log.warning("session time limit reached in message content", extra={"fields": {
+                "peer": self.client_address, "session": self.session_id}})
+            await self.send(replies.SESSION_TOO_LONG)
+            raise EOFError("session time limit reached during message content")
 
     async def _finish(self, submission: Submission, problem: str | None) -> str:
         if problem:
@@ -269,6 +282,7 @@ class TransactionCommands:
                 data = await self.connection.read()
                 if not data:
                     raise EOFError("connection closed during BDAT")
+                await self._within_lifetime()
                 piece = data[:remaining]
                 if len(data) > remaining:
                     self.input.feed(data[remaining:])

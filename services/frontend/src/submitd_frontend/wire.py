@@ -227,7 +227,7 @@ def parse_command(line: bytes, *, extended: bool, smtputf8: bool) -> Command | s
         return replies.LINE_TOO_LONG
     if arg and not arg.isascii():
         if verb == "MAIL":
-            allowed = any(p.upper() == "SMTPUTF8" for p in arg.split()[1:])
+            allowed = any(p.upper() == "SMTPUTF8" for p in arg.split(" ")[1:])
         else:
             allowed = verb == "RCPT" and smtputf8
         if not allowed:
@@ -259,11 +259,11 @@ def parse_path(arg: str | None, *, mail: bool, extended: bool) -> tuple[str, dic
 def mail_problem(address: str, params: dict[str, str], size_limit: int | None) -> str | None:
     """What only MAIL checks: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), DSN."""
     if "SIZE" in params:
-        if not params["SIZE"].isdigit():
+        if not SIZE_VALUE.match(params["SIZE"]):
             return replies.MAIL_SYNTAX
         if size_limit and int(params["SIZE"]) > size_limit:
             return replies.TOO_BIG
-    if params.get("BODY", "7BIT").upper() not in ("7BIT", "8BITMIME"):
+    if not _one_of(params.get("BODY", "7BIT"), ("7BIT", "8BITMIME")):
         return replies.BAD_BODY
     if "SMTPUTF8" in params and params["SMTPUTF8"]:
         return replies.SMTPUTF8_VALUE
@@ -274,10 +274,22 @@ def mail_problem(address: str, params: dict[str, str], size_limit: int | None) -
 
 def bdat_args(arg: str | None) -> tuple[int, bool] | None:
     """``chunk-size [LAST]`` → (size, last), or None."""
-    parts = (arg or "").split()
-    if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+    parts = [part for part in (arg or "").split(" ") if part]
+    if not parts or not CHUNK_SIZE.match(parts[0]) or len(parts) > 2 or (len(parts) == 2 and not _one_of(parts[1], ("LAST",))):
         return None
     return int(parts[0]), len(parts) == 2
+
+
+# Client input is ASCII wherever a number or a keyword is expected: str.isdigit() takes "²" (and
+# int() then fails), str.upper() makes "ſUCCESS" into SUCCESS and "8bıtmıme" into 8BITMIME.
+SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value
+CHUNK_SIZE = re.compile(r"[0-9]+\Z")  # RFC 3030 chunk-size
+ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # RFC 5321 §4.1.2
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> bool:
+    """``value`` is one of ``allowed`` (upper case ASCII), in any ASCII case."""
+    return value.isascii() and value.upper() in allowed
 
 
 COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
@@ -297,11 +309,13 @@ XTEXT_SPACE = re.compile(r"(?:[!-*,-<>-~]|\+(?:[2-6][0-9A-F]|7[0-9A-E]))*\Z")
 
 def dsn_problem(params: dict[str, str]) -> str | None:
     """RFC 3461 syntax of the DSN parameters present, or None."""
-    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
+    if "RET" in params and not _one_of(params["RET"], ("FULL", "HDRS")):
         return replies.BAD_RET
     if "ENVID" in params and (len(params["ENVID"]) > 100 or not XTEXT.match(params["ENVID"])):
         return replies.BAD_ENVID
     if "NOTIFY" in params:
+        if not params["NOTIFY"].isascii():
+            return replies.BAD_NOTIFY
         values = params["NOTIFY"].upper().split(",")
         if not (values == ["NEVER"] or (set(values) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(values)) == len(values))):
             return replies.BAD_NOTIFY
@@ -313,10 +327,13 @@ def dsn_problem(params: dict[str, str]) -> str | None:
 
 
 def parse_params(text: str) -> dict[str, str] | None:
+    """``KEY[=value]`` separated by spaces (only SP: RFC 5321 §4.1.2), the keys ASCII."""
     params: dict[str, str] = {}
-    for token in text.split():
+    for token in text.split(" "):
+        if not token:
+            continue
         key, eq, value = token.partition("=")
-        if not key.isalnum() or (eq and not value):
+        if not ESMTP_KEYWORD.match(key) or (eq and not value):
             return None
         params[key.upper()] = value
     return params

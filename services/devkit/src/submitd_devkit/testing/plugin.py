@@ -134,13 +134,13 @@ def make_stack(tmp_path: Path, sink: Sink) -> Iterator[Callable[..., Stack]]:
 
 @pytest.fixture
 def raw() -> Iterator[Callable[..., "RawClient"]]:
-    """Raw SMTP sockets (``raw(port, tls=False)``), all closed when the test ends."""
+    """Raw SMTP sockets (``raw(port, tls=False, source=None)``), all closed when the test ends."""
     from .smtp import RawClient, insecure_context
 
     opened: list[RawClient] = []
 
-    def factory(port: int, tls: bool = False, timeout: float = 10) -> RawClient:
-        client = RawClient(port, timeout=timeout)
+    def factory(port: int, tls: bool = False, timeout: float = 10, source: str | None = None) -> RawClient:
+        client = RawClient(port, timeout=timeout, source=source)
         opened.append(client)
         if tls:
             client.sock = insecure_context().wrap_socket(client.sock, server_hostname="localhost")

@@ -50,8 +50,10 @@ def reply_of(client: smtplib.SMTP, command: str) -> tuple[int, str]:
 class RawClient:
     """A bare socket for what real clients never send (pipelined junk, bare LF)."""
 
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10, source: str | None = None) -> None:
+        """``source``: the local address to connect from (127.0.0.2 is another peer on loopback)."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
