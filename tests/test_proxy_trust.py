@@ -15,12 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import assert_within_grants, stack_options
+from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import insecure_context
-from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD, default_users
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 
 BALANCER = "127.0.0.1"
 STRANGER = "127.0.0.2"
@@ -30,19 +29,10 @@ TRUSTED_CLIENT = "203.0.113.9"  # policy's TRUSTED_NETWORKS: submits without AUT
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Frontend with PROXY on 587 and 465 from 127.0.0.1 only; two failed AUTHs lock a client out."""
-    next_hop = Sink().start()
-    stack = Stack(tmp_path_factory.mktemp("proxied"), **stack_options(
-        users=default_users(), next_hop=("127.0.0.1", next_hop.port), trusted_networks=["203.0.113.0/24"],
+    yield from module_stack(
+        tmp_path_factory.mktemp("proxied"), trusted_networks=["203.0.113.0/24"],
         env={"frontend": {"PROXY_PROTOCOL": "true", "PROXY_TRUSTED_NETWORKS": [f"{BALANCER}/32"]},
-             "policy": {"AUTH_FAILURES_PER_CLIENT": "2", "AUTH_FAILURE_DELAY": "0.05"}}))
-    stack.sink = next_hop
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop(at_once=True)
-        next_hop.stop()
-    assert_within_grants(stack)
+             "policy": {"AUTH_FAILURES_PER_CLIENT": "2", "AUTH_FAILURE_DELAY": "0.05"}})
 
 
 def header(client: str, port: int) -> bytes:

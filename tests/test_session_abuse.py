@@ -12,12 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import assert_within_grants, stack_options
+from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import RawClient
-from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD, default_users
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.waiting import eventually
 from test_streaming import stored_chunks
 
@@ -30,18 +29,8 @@ PLAIN = base64.b64encode(f"\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Sessions live 3 s; content must come at 200 octets/s after half a second."""
-    next_hop = Sink().start()
-    stack = Stack(tmp_path_factory.mktemp("short-lived"), **stack_options(
-        users=default_users(), next_hop=("127.0.0.1", next_hop.port),
-        env={"frontend": {"MAX_SESSION_SECONDS": str(LIFETIME), "MIN_DATA_RATE": "200", "DATA_RATE_GRACE": "0.5"}}))
-    stack.sink = next_hop
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop(at_once=True)
-        next_hop.stop()
-    assert_within_grants(stack)
+    yield from module_stack(tmp_path_factory.mktemp("short-lived"), env={"frontend": {
+        "MAX_SESSION_SECONDS": str(LIFETIME), "MIN_DATA_RATE": "200", "DATA_RATE_GRACE": "0.5"}})
 
 
 def session(stack: Stack, raw) -> tuple[RawClient, float]:

@@ -9,6 +9,7 @@ import smtplib
 
 import pytest
 
+from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import insecure_context, logged_in
 
@@ -22,22 +23,7 @@ TLS_COMMENT = r"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\r\n"
 @pytest.fixture(scope="module")
 def trusting_stack(tmp_path_factory):
     """A stack that lets 127.0.0.0/8 submit without AUTH, so that every `with` keyword can be seen."""
-    from submitd_devkit.sink import Sink
-    from submitd_devkit.stack import Stack
-    from submitd_devkit.testing.plugin import assert_within_grants, stack_options
-    from submitd_devkit.testing.users import default_users
-
-    next_hop = Sink().start()
-    stack = Stack(tmp_path_factory.mktemp("stack"), **stack_options(
-        users=default_users(), next_hop=("127.0.0.1", next_hop.port), trusted_networks=["127.0.0.0/8"]))
-    stack.sink = next_hop
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop(at_once=True)
-        next_hop.stop()
-    assert_within_grants(stack)
+    yield from module_stack(tmp_path_factory.mktemp("stack"), trusted_networks=["127.0.0.0/8"])
 
 
 def send(client: smtplib.SMTP, recipients=("bob@example.net",), header=HEADER, **kw) -> str:

@@ -77,12 +77,13 @@ def stack_options(**kwargs) -> dict:
     return defaults | kwargs | {"env": env}
 
 
-@pytest.fixture(scope="module")
-def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack for a whole test module, for tests that do not change it."""
+def module_stack(root: Path, **kwargs) -> Iterator[Stack]:
+    """A whole stack with its own next hop (``stack.sink``) for a module-scoped fixture to
+    yield from: ``kwargs`` over the tests' options; stopped, and checked against its NATS
+    grants, when the module is done."""
     next_hop = Sink().start()
-    stack = Stack(tmp_path_factory.mktemp("stack"),
-                  **stack_options(users=default_users(), next_hop=("127.0.0.1", next_hop.port)))
+    kwargs.setdefault("users", default_users())
+    stack = Stack(root, **stack_options(next_hop=("127.0.0.1", next_hop.port), **kwargs))
     stack.sink = next_hop
     try:
         stack.start()
@@ -91,6 +92,12 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop(at_once=True)
         next_hop.stop()
     assert_within_grants(stack)
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for a whole test module, for tests that do not change it."""
+    yield from module_stack(tmp_path_factory.mktemp("stack"))
 
 
 def assert_within_grants(stack: Stack) -> None:
