@@ -11,7 +11,7 @@ from submitd.v1 import policy_pb2
 from submitd_common.replies import reply
 
 from .credentials import Authenticator, HashingBusy, Locked
-from .lockouts import Lockouts
+from .lockouts import CLIENT, Lockouts
 from .rules import SessionState, refuse
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
@@ -19,6 +19,7 @@ from .settings import Settings
 log = logging.getLogger("submitd.policy")
 
 TEMPORARY = (454, "4.7.0", "Temporary authentication failure, try again later")
+TOO_MANY_FAILURES = (421, "4.7.0", "Too many authentication failures, try again later")
 
 
 class Auth:
@@ -32,9 +33,10 @@ class Auth:
             return refuse(538, "5.7.11", "Encryption required for requested authentication mechanism")
         if state.user is not None:
             return refuse(503, "5.5.1", "Already authenticated")
+        started = asyncio.get_running_loop().time()
         if await self.lockouts.client_locked(state.peer):
-            await self._delay()
-            return refuse(421, "4.7.0", "Too many authentication failures, try again later", disconnect=True)
+            await self._delay(started)
+            return refuse(*TOO_MANY_FAILURES, disconnect=True)
         factory = MECHANISMS.get(ev.mechanism.upper())
         if factory is None:
             return refuse(504, "5.5.4", "Unrecognized authentication type")
@@ -62,23 +64,32 @@ class Auth:
 
     async def _check(self, state: SessionState, creds) -> policy_pb2.Verdict:
         attempt = self.lockouts.attempt(creds.login, state.peer)
+        try:
+            return await self._checked(state, creds, attempt, asyncio.get_running_loop().time())
+        finally:
+            attempt.close()
+
+    async def _checked(self, state: SessionState, creds, attempt, started: float) -> policy_pb2.Verdict:
         if await attempt.locked():
-            await self._delay()
+            await self._delay(started)
             return refuse(*TEMPORARY)
         try:
             user = await self.authenticator.authenticate(creds.login, creds.password, admit=attempt.admit)
-        except (HashingBusy, Locked) as e:
+        except HashingBusy:
             await attempt.unchecked()
-            if isinstance(e, Locked):
-                await self._delay()
-            else:
-                log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return refuse(*TEMPORARY)
+        except Locked:
+            await attempt.unchecked()
+            await self._delay(started)
+            if attempt.refused_by == CLIENT:
+                return refuse(*TOO_MANY_FAILURES, disconnect=True)
             return refuse(*TEMPORARY)
         if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
             user = None
         if user is None:
             await attempt.failed()
-            await self._delay()
+            await self._delay(started)
             log.warning("authentication failed", extra={"fields": {"peer": state.peer, "session": state.session_id}})
             return refuse(535, "5.7.8", "Authentication credentials invalid")
         await attempt.succeeded()
@@ -88,5 +99,5 @@ class Auth:
             accept=True, authenticated_user=user.login, reply=reply(235, "2.7.0", "Authentication successful")
         )
 
-    async def _delay(self) -> None:
+    async def _delay(self, started: float) -> None:
         await asyncio.sleep(self.settings.auth_failure_delay)
