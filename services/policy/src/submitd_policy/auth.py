@@ -1,11 +1,19 @@
 """SMTP AUTH (RFC 4954) for one session: mechanism choice, the SASL exchange, the credentials
-check (``credentials.py``) and the lockouts (``lockouts.py``). Every failure waits
-``auth_failure_delay`` before its reply."""
+check (``credentials.py``) and the lockouts (``lockouts.py``).
+
+Every failure is answered ``auth_failure_delay`` after the credentials arrived, however long its
+check took (a check that takes longer: the next multiple of it). A wrong password for an
+argon2id user, for a user on a legacy bcrypt or SHA512-CRYPT hash, an unknown login (its dummy
+hash) and a login refused by the lockouts without any hash all answer at the same moment, so
+the reply time tells an attacker neither which logins exist nor how they are hashed. The delay
+must exceed the slowest hash in the users file to hide it (argon2id at its defaults: ~0.25 s of
+CPU; bcrypt at cost 12: about as much)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from submitd.v1 import policy_pb2
 from submitd_common.replies import reply
@@ -100,4 +108,10 @@ class Auth:
         )
 
     async def _delay(self, started: float) -> None:
-        await asyncio.sleep(self.settings.auth_failure_delay)
+        """Until ``auth_failure_delay`` after ``started`` (or the first multiple of it not past)."""
+        delay = self.settings.auth_failure_delay
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        periods = max(1, math.ceil((loop.time() - started) / delay))
+        await asyncio.sleep(max(0.0, started + periods * delay - loop.time()))

@@ -53,7 +53,11 @@ class Settings(ServiceSettings):
     auth_ipv6_prefix: int = Field(
         64, ge=32, le=128, description="IPv6 clients are counted per network of this prefix length (a /64 is one client)"
     )
-    auth_failure_delay: float = Field(1.0, description="Seconds every failed AUTH waits before its reply")
+    auth_failure_delay: float = Field(
+        1.0,
+        description="Seconds after the credentials arrive that a failed AUTH is answered (a check that takes longer: "
+        "the next multiple), whatever the login or its hash: the reply time does not tell which logins exist",
+    )
     auth_cache_seconds: float = Field(
         3600, description="How long a verified login/password stays cached (0: no cache); a changed users entry drops it"
     )
