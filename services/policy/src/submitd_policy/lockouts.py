@@ -31,7 +31,9 @@ from .counters import Counters, SlidingWindow, key_part
 from .settings import Settings
 
 CLIENT, LOGIN = "client", "login"  # which limit refused: 421 and disconnect, or 454
-WAIT_FOR_CHECKS = 30.0  # at most this long for checks in flight on a full counter
+# At most this long for checks in flight on a full counter: well inside the frontend's POLICY_TIMEOUT
+# (10 s), so that the wait ends in a reply from policy, not in the frontend's 421.
+WAIT_FOR_CHECKS = 5.0
 KNOWN_MEMORY = 100_000
 
 
