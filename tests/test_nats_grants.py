@@ -131,8 +131,10 @@ async def _grants(url: str) -> None:
     assert await purge_abandoned(relay.js, jetstream.BODY_BUCKET, json.loads(notice.data)["nuid"])
     rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60)
     authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60)
+    known = await jetstream.ensure_kv(policy.js, jetstream.AUTHKNOWN_BUCKET, 60)
     await rates.put("k", b"1")
     assert (await authfail.put("login", b"1")) and (await rates.get("k")).value == b"1"
+    assert (await known.put("known.x", b"1")) and (await known.get("known.x")).value == b"1"
     records = await jetstream.ensure_kv(relay.js, jetstream.DELIVERY_BUCKET, 60)
     await records.put("q1", b"{}")
     await relay.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(durable_name="relay", ack_wait=30))
@@ -166,12 +168,13 @@ async def _grants(url: str) -> None:
     await frontend.refused("listen to the queue", lambda: frontend.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
     await frontend.refused("read lockouts", lambda: frontend.js.key_value(jetstream.AUTHFAIL_BUCKET))
     await frontend.refused("delete the queue", lambda: frontend.js.delete_stream(jetstream.STREAM))
-    # The policy has its two buckets only.
+    # The policy has its three buckets only.
     await policy.refused("queue a message", lambda: policy.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
     await policy.refused("read delivery records", lambda: policy.js.key_value(jetstream.DELIVERY_BUCKET))
     await policy.refused("read bodies", lambda: _read(policy))
     # The relay may not touch the policy's buckets nor remove the queue.
     await relay.refused("read lockouts", lambda: relay.js.key_value(jetstream.AUTHFAIL_BUCKET))
+    await relay.refused("read where users log in from", lambda: relay.js.key_value(jetstream.AUTHKNOWN_BUCKET))
     await relay.refused("clear a lockout", lambda: relay.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.login", b"0"))
     await relay.refused("purge the queue", lambda: relay.js.purge_stream(jetstream.STREAM))
     await relay.refused("delete the queue", lambda: relay.js.delete_stream(jetstream.STREAM))

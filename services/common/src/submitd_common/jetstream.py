@@ -21,6 +21,8 @@ SUBMIT_SUBJECT = f"{SUBJECT_PREFIX}.submit"
 BODY_BUCKET = "SUBMITD_BODIES"
 COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
+# The clients each login has authenticated from (hashed together), for the AUTH failure budget.
+AUTHKNOWN_BUCKET = "SUBMITD_AUTHKNOWN"
 # Per-queue-id delivery record: recipients done, attempts and their replies (relay).
 DELIVERY_BUCKET = "SUBMITD_DELIVERY"
 # On a queue entry: a delivery record may exist for its queue id (an admin retry's copy).

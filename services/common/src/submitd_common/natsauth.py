@@ -3,7 +3,7 @@
 The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
 purges and reads nothing); the relay owns the stream and the body store, consumes the queue,
 reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
-touch the policy's buckets; the policy has its two KV buckets and nothing else; the rewriter has
+touch the policy's buckets; the policy has its three KV buckets and nothing else; the rewriter has
 no NATS access at all. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
 no service can listen to another's replies.
 
@@ -58,7 +58,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "subscribe": ["_INBOX_frontend.>"],
     },
     "policy": {
-        "publish": [*_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET)],
+        "publish": [*_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET), *_kv(q.AUTHKNOWN_BUCKET)],
         "subscribe": ["_INBOX_policy.>"],
     },
     "relay": {

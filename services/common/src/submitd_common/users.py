@@ -16,6 +16,12 @@
 ``send_as`` entries are exact addresses (their ``+detail`` sub-addresses included) or
 ``@domain`` for a whole domain. A login that is itself an address may always send as itself.
 
+Addresses are compared in one form (``addresses.address_key``): source routes dropped, quotes
+dropped where they change nothing, domains case-insensitive (IDNs as A-labels), and local parts
+case-insensitive unless the file says otherwise:
+
+    local_parts: case-sensitive             # default: case-insensitive (CEO@ is ceo@)
+
 Passwords: argon2id (``$argon2id$...``), and, so that a site can bring its Dovecot users along
 without resetting passwords, bcrypt (``$2y$``/``$2b$``, Dovecot ``{BLF-CRYPT}``) and SHA512-CRYPT
 (``$6$``, Dovecot ``{SHA512-CRYPT}``). A Dovecot passwd-file can be read directly as well
@@ -26,13 +32,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from passlib.hash import bcrypt as bcrypt_hash
 from passlib.hash import sha512_crypt
 
+from .addresses import AddressError, address_key, parse_mailbox
 from .files import load_yaml
 
 # argon2-cffi's defaults (RFC 9106's second recommended option: t=3, 64 MiB, p=4), stronger than
@@ -69,6 +76,7 @@ def dummy_hash() -> str:
         _dummy = _hasher.hash(os.urandom(16).hex())
     return _dummy
 _SCHEME = re.compile(r"^\{([A-Z0-9-]+)\}")
+LOCAL_PARTS = ("case-insensitive", "case-sensitive")
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,21 @@ class User:
     limits: Limits = field(default_factory=Limits)
     suspended: bool = False
     header_from_check: bool = True  # RFC 6409 §6.3: the header From must be the user's too
+    fold_local: bool = True  # the users file's ``local_parts``: case-insensitive unless it says so
+    # The grants as compared (``address_key``), made once: the fields above keep them as written.
+    _send_as: frozenset[str] = field(init=False, repr=False, compare=False)
+    _allow: frozenset[str] | None = field(init=False, repr=False, compare=False)
+    _deny: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = self.keys
+        grants = keys(self.send_as) | (keys([self.login]) if "@" in self.login else frozenset())
+        object.__setattr__(self, "_send_as", grants)
+        object.__setattr__(self, "_allow", None if self.allow_recipients is None else keys(self.allow_recipients))
+        object.__setattr__(self, "_deny", keys(self.deny_recipients))
+
+    def keys(self, addresses) -> frozenset[str]:
+        return frozenset(address_key(str(a), fold_local=self.fold_local) for a in addresses or ())
 
     @property
     def address(self) -> str | None:
@@ -98,29 +121,36 @@ class User:
         return exact[0] if exact else None
 
     def may_send_as(self, address: str, aliases: dict[str, frozenset[str]] | None = None) -> bool:
-        candidates = _candidates(address)
-        grants = self.send_as | ({normalize(self.login)} if "@" in self.login else set())
-        if candidates & grants:
+        candidates = _candidates(address, self.fold_local)
+        if candidates & self._send_as:
             return True
         return any(self.login in (aliases or {}).get(c, ()) for c in candidates)
 
     def may_send_to(self, address: str) -> bool:
-        candidates = _candidates(address)
-        if candidates & self.deny_recipients:
+        candidates = _candidates(address, self.fold_local)
+        if candidates & self._deny:
             return False
-        return self.allow_recipients is None or bool(candidates & self.allow_recipients)
+        return self._allow is None or bool(candidates & self._allow)
 
 
 def normalize(address: str) -> str:
-    local, at, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}" if at else address
+    """An address as it is written back (users file, envelope): its canonical form (source
+    route dropped, quotes dropped where they change nothing, domain lowercased), the local
+    part's case kept. A text that does not parse only has its domain lowercased."""
+    try:
+        return str(parse_mailbox(address, utf8=True).canonical)
+    except AddressError:
+        local, at, domain = address.rpartition("@")
+        return f"{local}@{domain.lower()}" if at else address
 
 
-def _candidates(address: str) -> set[str]:
-    """The grant entries that would cover ``address``: itself, its base address, its domain."""
-    address = normalize(address)
-    local, _, domain = address.rpartition("@")
-    return {address, f"{local.split('+', 1)[0]}@{domain}", f"@{domain}"}
+def _candidates(address: str, fold_local: bool) -> set[str]:
+    """The grant keys that would cover ``address``: itself, its base address, its domain."""
+    key = address_key(address, fold_local=fold_local)
+    local, at, domain = key.rpartition("@")
+    if not at:
+        return {key}
+    return {key, f"{local.split('+', 1)[0]}@{domain}", f"@{domain}"}
 
 
 def _addresses(values) -> frozenset[str]:
@@ -138,8 +168,13 @@ class UserDB:
 
     @classmethod
     def from_mapping(cls, data: dict, users: dict[str, User] | None = None) -> "UserDB":
-        """The users file's content (``users`` and ``aliases``) over ``users`` already read."""
-        users = dict(users or {})
+        """The users file's content (``users``, ``aliases``, ``local_parts``) over ``users``
+        already read."""
+        local_parts = str(data.get("local_parts") or LOCAL_PARTS[0])
+        if local_parts not in LOCAL_PARTS:
+            raise ValueError(f"local_parts: {local_parts!r} is neither {' nor '.join(LOCAL_PARTS)}")
+        fold = local_parts == LOCAL_PARTS[0]
+        users = {login: replace(user, fold_local=fold) for login, user in (users or {}).items()}
         for login, entry in (data.get("users") or {}).items():
             if not isinstance(entry, dict) or not entry.get("password"):
                 raise ValueError(f"user {login!r}: a password hash is required")
@@ -155,8 +190,12 @@ class UserDB:
                 limits=Limits(limits.get("messages_per_hour"), limits.get("recipients_per_hour")),
                 suspended=bool(entry.get("suspended", False)),
                 header_from_check=bool(entry.get("header_from_check", True)),
+                fold_local=fold,
             )
-        aliases = {normalize(str(a)): frozenset(str(u) for u in logins or []) for a, logins in (data.get("aliases") or {}).items()}
+        aliases: dict[str, frozenset[str]] = {}
+        for address, logins in (data.get("aliases") or {}).items():
+            key = address_key(str(address), fold_local=fold)
+            aliases[key] = aliases.get(key, frozenset()) | frozenset(str(u) for u in logins or [])
         return cls(users, aliases)
 
 

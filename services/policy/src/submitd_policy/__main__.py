@@ -36,13 +36,17 @@ async def amain() -> None:
     # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
     nc = await jetstream.connect("submitd-policy", settings.nats_options())
     js = nc.jetstream()
-    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, max(2 * settings.rate_window, 60), settings.replicas))
+    # Windowed counters (rates, the logins' AUTH failure budgets) live two windows.
+    windows = max(2 * settings.rate_window, 2 * settings.auth_login_budget_seconds, 60)
+    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, windows, settings.replicas))
     authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds, settings.replicas))
+    known = Counters(await jetstream.ensure_kv(
+        js, jetstream.AUTHKNOWN_BUCKET, settings.auth_known_address_seconds, settings.replicas))
 
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
-    service = PolicyService(settings, users, rates, authfail)
+    service = PolicyService(settings, users, rates, authfail, known)
     await lifecycle.serve_grpc(
         "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
         [m.name for m in SERVICE.methods], users=len(users.value.users),

@@ -1,17 +1,25 @@
 """SMTP AUTH (RFC 4954) for one session: mechanism choice, the SASL exchange, the credentials
-check (``credentials.py``) and the lockouts (``lockouts.py``). Every failure waits
-``auth_failure_delay`` before its reply."""
+check (``credentials.py``) and the lockouts (``lockouts.py``).
+
+Every failure is answered ``auth_failure_delay`` after the credentials arrived, however long its
+check took (a check that takes longer: the next multiple of it). A wrong password for an
+argon2id user, for a user on a legacy bcrypt or SHA512-CRYPT hash, an unknown login (its dummy
+hash) and a login refused by the lockouts without any hash all answer at the same moment, so
+the reply time tells an attacker neither which logins exist nor how they are hashed. The delay
+must exceed the slowest hash in the users file to hide it (argon2id at its defaults: ~0.25 s of
+CPU; bcrypt at cost 12: about as much)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from submitd.v1 import policy_pb2
 from submitd_common.replies import reply
 
 from .credentials import Authenticator, HashingBusy, Locked
-from .lockouts import Lockouts
+from .lockouts import CLIENT, Lockouts
 from .rules import SessionState, refuse
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
@@ -19,6 +27,7 @@ from .settings import Settings
 log = logging.getLogger("submitd.policy")
 
 TEMPORARY = (454, "4.7.0", "Temporary authentication failure, try again later")
+TOO_MANY_FAILURES = (421, "4.7.0", "Too many authentication failures, try again later")
 
 
 class Auth:
@@ -32,9 +41,10 @@ class Auth:
             return refuse(538, "5.7.11", "Encryption required for requested authentication mechanism")
         if state.user is not None:
             return refuse(503, "5.5.1", "Already authenticated")
+        started = asyncio.get_running_loop().time()
         if await self.lockouts.client_locked(state.peer):
-            await self._delay()
-            return refuse(421, "4.7.0", "Too many authentication failures, try again later", disconnect=True)
+            await self._delay(started)
+            return refuse(*TOO_MANY_FAILURES, disconnect=True)
         factory = MECHANISMS.get(ev.mechanism.upper())
         if factory is None:
             return refuse(504, "5.5.4", "Unrecognized authentication type")
@@ -62,23 +72,32 @@ class Auth:
 
     async def _check(self, state: SessionState, creds) -> policy_pb2.Verdict:
         attempt = self.lockouts.attempt(creds.login, state.peer)
+        try:
+            return await self._checked(state, creds, attempt, asyncio.get_running_loop().time())
+        finally:
+            attempt.close()
+
+    async def _checked(self, state: SessionState, creds, attempt, started: float) -> policy_pb2.Verdict:
         if await attempt.locked():
-            await self._delay()
+            await self._delay(started)
             return refuse(*TEMPORARY)
         try:
             user = await self.authenticator.authenticate(creds.login, creds.password, admit=attempt.admit)
-        except (HashingBusy, Locked) as e:
+        except HashingBusy:
             await attempt.unchecked()
-            if isinstance(e, Locked):
-                await self._delay()
-            else:
-                log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return refuse(*TEMPORARY)
+        except Locked:
+            await attempt.unchecked()
+            await self._delay(started)
+            if attempt.refused_by == CLIENT:
+                return refuse(*TOO_MANY_FAILURES, disconnect=True)
             return refuse(*TEMPORARY)
         if user is not None and creds.authzid and creds.authzid != creds.login and creds.authzid not in user.act_as:
             user = None
         if user is None:
             await attempt.failed()
-            await self._delay()
+            await self._delay(started)
             log.warning("authentication failed", extra={"fields": {"peer": state.peer, "session": state.session_id}})
             return refuse(535, "5.7.8", "Authentication credentials invalid")
         await attempt.succeeded()
@@ -88,5 +107,11 @@ class Auth:
             accept=True, authenticated_user=user.login, reply=reply(235, "2.7.0", "Authentication successful")
         )
 
-    async def _delay(self) -> None:
-        await asyncio.sleep(self.settings.auth_failure_delay)
+    async def _delay(self, started: float) -> None:
+        """Until ``auth_failure_delay`` after ``started`` (or the first multiple of it not past)."""
+        delay = self.settings.auth_failure_delay
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        periods = max(1, math.ceil((loop.time() - started) / delay))
+        await asyncio.sleep(max(0.0, started + periods * delay - loop.time()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import logging
 import time
@@ -61,6 +62,62 @@ class Counters:
                 continue
         raise RuntimeError(f"counter {key} too contended")
 
+    async def reserve(self, key: str, limit: int, already: int = 0) -> bool:
+        """Add one unless the counter (plus ``already``, counted elsewhere) has reached ``limit``,
+        atomically across replicas: N callers at once get at most the room left, never more."""
+        for attempt in range(50):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                if already >= limit:
+                    return False
+                try:
+                    await self.kv.create(key, b"1")
+                    return True
+                except KeyWrongLastSequenceError:
+                    continue
+            value = int(entry.value or b"0")
+            if value + already >= limit:
+                return False
+            try:
+                await self.kv.update(key, str(value + 1).encode(), last=entry.revision)
+                return True
+            except KeyWrongLastSequenceError:
+                continue
+        raise RuntimeError(f"counter {key} too contended")
 
-def window_key(kind: str, who: str, window: int) -> str:
-    return f"{kind}.{key_part(who)}.{int(time.time() // window)}"
+    async def has(self, key: str) -> bool:
+        try:
+            await self.kv.get(key)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    async def mark(self, key: str) -> None:
+        await self.kv.put(key, b"1")
+
+
+def window_key(kind: str, who: str, window: int, now: float | None = None) -> str:
+    return f"{kind}.{key_part(who)}.{int((time.time() if now is None else now) // window)}"
+
+
+class SlidingWindow:
+    """A count over the last ``window`` seconds, estimated from two fixed windows (the current
+    one, and the previous one weighted by how much of it is still inside), rounded up: a burst
+    across a window's edge gets no more than ``limit`` either."""
+
+    def __init__(self, counters: Counters, kind: str, window: int) -> None:
+        self.counters, self.kind, self.window = counters, kind, window
+
+    async def parts(self, who: str) -> tuple[str, int]:
+        """The current window's key, and what the previous window still counts for."""
+        now = time.time()
+        previous = await self.counters.get(window_key(self.kind, who, self.window, now - self.window))
+        inside = 1 - (now % self.window) / self.window
+        return window_key(self.kind, who, self.window, now), math.ceil(previous * inside)
+
+    async def count(self, who: str) -> int:
+        key, earlier = await self.parts(who)
+        return earlier + await self.counters.get(key)

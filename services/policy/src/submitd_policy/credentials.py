@@ -16,9 +16,11 @@ purpose. A mail client authenticates on every send, so the verified credentials 
 - Only successes are cached. A failure always costs a full verification, which is why the
   lockout counters are read before any hash is computed (see lockouts.py).
 - Attempts with the same login and password at the same moment share one verification (a client
-  that opens 20 sessions at once after its cache entry expired costs one hash, and none of
-  them is refused for a full queue or counted as a guess before its answer); a failed one
-  counts against the lockouts once per attempt, as before.
+  that opens 50 sessions at once after its cache entry expired costs one hash, and none of
+  them is refused for a full queue or counted as a guess before its answer): the first one
+  registers the check before it awaits anything, its admission by the lockouts included, and
+  the others wait for it. A failed one counts against the lockouts once per attempt; one whose
+  check was refused by the first attempt's limits is admitted on its own.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ class Authenticator:
         """The user if the password matches and the account is active, else None.
 
         ``admit``, if given, is awaited just before a password would be checked (not for a
-        cached credential); False refuses with Locked. Raises HashingBusy when the
-        verification queue is full.
+        cached credential, nor for an attempt that joins a check in progress); False refuses
+        with Locked. Raises HashingBusy when the verification queue is full.
         """
         db = self.users.value
         self._follow_reloads(db)
@@ -130,28 +132,40 @@ class Authenticator:
         # dummy hash (None here: made, the first time, in the hashing thread, not on the loop).
         hashed = user.password_hash if user is not None else None
         key = self.cache.key(login, hashed or "", password)
-        if key not in self._running:  # (joining a check in progress is no new guess)
-            if admit is not None and not await admit():
-                raise Locked
-        ok = await self._verify_shared(key, hashed, password)
+        while True:
+            running = self._running.get(key)
+            if running is None:
+                # Registered before anything is awaited, admission included: an attempt that
+                # arrives while this one is still being admitted joins it, and reserves nothing.
+                running = self._running[key] = asyncio.ensure_future(self._admit_and_verify(user, hashed, password, admit))
+                running.add_done_callback(lambda future, key=key: self._finished(key, future))
+                ok = await asyncio.shield(running)
+                break
+            try:
+                ok = await asyncio.shield(running)
+                break
+            except Locked:  # that attempt's limits refused it, not ours: be admitted on our own
+                if self._running.get(key) is running:
+                    del self._running[key]
         if not ok or user is None or user.suspended:
             return None
-        self.cache.remember(user, password)
         return user
 
-    async def _verify_shared(self, key: bytes, hashed: str | None, password: str) -> bool:
-        """One verification for every attempt with this login, hash and password in progress."""
-        running = self._running.get(key)
-        if running is None:
-            running = self._running[key] = asyncio.ensure_future(self._verify(hashed, password))
+    async def _admit_and_verify(self, user: User | None, hashed: str | None, password: str, admit) -> bool:
+        """Admission, one verification, and on a match the cache entry, before any waiter hears
+        the answer (an attempt arriving just after it finds the cache, not an empty slot)."""
+        if admit is not None and not await admit():
+            raise Locked
+        ok = await self._verify(hashed, password)
+        if ok and user is not None and not user.suspended:
+            self.cache.remember(user, password)
+        return ok
 
-            def done(future: asyncio.Future) -> None:
-                self._running.pop(key, None)
-                if not future.cancelled():
-                    future.exception()  # (retrieved: every waiter may have gone)
-
-            running.add_done_callback(done)
-        return await asyncio.shield(running)
+    def _finished(self, key: bytes, future: asyncio.Future) -> None:
+        if self._running.get(key) is future:
+            del self._running[key]
+        if not future.cancelled():
+            future.exception()  # (retrieved: every waiter may have gone)
 
     async def _verify(self, hashed: str | None, password: str) -> bool:
         if self._pending >= self._queue_limit:
@@ -173,7 +187,7 @@ class Authenticator:
 
 
 class Locked(Exception):
-    """Too many password checks for this login (from this address) already."""
+    """No room for another password check under the lockouts (``admit`` said no)."""
 
 
 def _check(hashed: str | None, password: str) -> bool:

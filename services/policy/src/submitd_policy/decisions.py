@@ -117,7 +117,9 @@ class Decisions:
 
 
 def accept_address(given: str, parsed) -> policy_pb2.Verdict:
-    """Accepted; tells the frontend when the address changed (domain completion)."""
-    if parsed is not None and parsed.domain and str(parsed) != given and parsed.local == given.rpartition("@")[0]:
+    """Accepted; tells the frontend the address to queue when it is not the one given: the
+    canonical form the rules checked (a source route dropped, RFC 5321 §3.3; needless quotes
+    dropped; the domain lowercased or completed)."""
+    if parsed is not None and parsed.domain and str(parsed) != given:
         return policy_pb2.Verdict(accept=True, address=str(parsed))
     return ACCEPT

@@ -82,9 +82,11 @@ def in_networks(address: str, networks: list[ipaddress._BaseNetwork]) -> bool:
 
 
 def complete(address: str, ctx: Context, *, utf8: bool) -> Address:
-    """Parse, and complete a single-label domain where the site says so (RFC 6409 §4.2).
-    Multi-label domains are never completed: an incomplete one cannot be told from a real one."""
-    addr = parse_mailbox(address, utf8=utf8)
+    """Parse into the canonical form (a source route dropped, quotes dropped where they change
+    nothing: what the rules check is what is queued), and complete a single-label domain where
+    the site says so (RFC 6409 §4.2). Multi-label domains are never completed: an incomplete
+    one cannot be told from a real one."""
+    addr = parse_mailbox(address, utf8=utf8).canonical
     if not addr.fully_qualified and ctx.settings.complete_domain and not addr.is_literal and "." not in addr.domain:
         addr = Address(addr.local, f"{addr.domain}.{ctx.settings.complete_domain.lower()}")
     return addr

@@ -66,7 +66,8 @@ class ErrorLog:
 
 class PolicyService(policy_pb2_grpc.PolicyServicer):
     def __init__(
-        self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None, authfail: Counters | None
+        self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None, authfail: Counters | None,
+        known: Counters | None = None,
     ) -> None:
         self.errors = ErrorLog(settings.error_log_per_minute)
         self.decisions = Decisions(settings, users, rates)
@@ -77,7 +78,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             cache_seconds=settings.auth_cache_seconds,
             cache_entries=settings.auth_cache_entries,
         )
-        self.auth = Auth(settings, self.authenticator, Lockouts(authfail, settings))
+        self.auth = Auth(settings, self.authenticator, Lockouts(authfail, settings, windows=rates, known=known))
 
     async def Sessions(self, request_iterator, context: grpc.aio.ServicerContext):
         """Many SMTP sessions over one stream. Each request runs as its own task, so a slow

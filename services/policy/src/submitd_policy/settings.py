@@ -45,7 +45,23 @@ class Settings(ServiceSettings):
         5, description="Failed AUTHs for one login from one address before 454 4.7.0 for that login there"
     )
     auth_lockout_seconds: int = Field(900, description="Failures are forgotten this long after the last one")
-    auth_failure_delay: float = Field(1.0, description="Seconds every failed AUTH waits before its reply")
+    auth_login_failure_budget: int = Field(
+        50,
+        description="Failed AUTHs for one login from all the addresses it has never logged in from, per "
+        "auth_login_budget_seconds; once spent, 454 4.7.0 without a hash there (addresses it logged in from go on)",
+    )
+    auth_login_budget_seconds: int = Field(3600, description="The window of auth_login_failure_budget (sliding)")
+    auth_known_address_seconds: int = Field(
+        30 * 86400, description="An address a login succeeded from stays known this long after its last success"
+    )
+    auth_ipv6_prefix: int = Field(
+        64, ge=32, le=128, description="IPv6 clients are counted per network of this prefix length (a /64 is one client)"
+    )
+    auth_failure_delay: float = Field(
+        1.0,
+        description="Seconds after the credentials arrive that a failed AUTH is answered (a check that takes longer: "
+        "the next multiple), whatever the login or its hash: the reply time does not tell which logins exist",
+    )
     auth_cache_seconds: float = Field(
         3600, description="How long a verified login/password stays cached (0: no cache); a changed users entry drops it"
     )
