@@ -23,7 +23,8 @@ from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 pytestmark = pytest.mark.timeout(150)
 BOB, BOB_PASSWORD = "bob@example.test", "bob password"
 POLICY = {"AUTH_FAILURE_DELAY": "0.05"}  # every other limit at its default
-FRONTEND = {"PROXY_PROTOCOL": "true", "MAX_CONNECTIONS_PER_CLIENT": "100"}
+# The test speaks for the balancer from 127.0.0.1, the one peer whose PROXY header is believed.
+FRONTEND = {"PROXY_PROTOCOL": "true", "PROXY_TRUSTED_NETWORKS": "127.0.0.1/32", "MAX_CONNECTIONS_PER_CLIENT": "100"}
 
 
 def proxied_stack(make_stack, users: dict[str, User] | None = None, **policy: str):
