@@ -517,8 +517,10 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
 
     # In the clear: a target listing two addresses has no name a server certificate could carry
     # (in a cluster the frontend dials the headless Service's name, which both pods' certificate has).
+    # A failure is answered at a multiple of AUTH_FAILURE_DELAY after its credentials came: one
+    # well above a test hash's time (~50 ms, more under load), so that every refusal takes one.
     stack = make_stack(start=False, users=users(), grpc_tls=False, env={
-        "policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"},
+        "policy": {"AUTH_FAILURE_DELAY": "0.3", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"},
         "frontend": {"BACKEND_STREAMS": "4"}})
     grpc2, http2 = free_port(), free_port()
     stack.extra_env["frontend"]["POLICY_TARGET"] = f"ipv4:127.0.0.1:{stack.ports.policy},127.0.0.1:{grpc2}"
