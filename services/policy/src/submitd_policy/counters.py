@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import random
 import logging
+import random
 import time
+from collections.abc import Callable
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -39,51 +40,34 @@ class Counters:
         return await self.add(key, 1)
 
     async def add(self, key: str, delta: int) -> int:
-        """Add ``delta`` (never below zero), atomically across replicas (compare-and-set on the
-        revision); returns the new value."""
-        for attempt in range(50):
-            if attempt:
-                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-            try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
-                if delta <= 0:
-                    return 0
-                try:
-                    await self.kv.create(key, str(delta).encode())
-                    return delta
-                except KeyWrongLastSequenceError:
-                    continue
-            value = max(0, int(entry.value or b"0") + delta)
-            try:
-                await self.kv.update(key, str(value).encode(), last=entry.revision)
-                return value
-            except KeyWrongLastSequenceError:
-                continue
-        raise RuntimeError(f"counter {key} too contended")
+        """Add ``delta`` (never below zero), atomically across replicas; returns the new value."""
+        return await self._compare_and_set(key, lambda value: max(0, value + delta))
 
     async def reserve(self, key: str, limit: int, already: int = 0) -> bool:
         """Add one unless the counter (plus ``already``, counted elsewhere) has reached ``limit``,
         atomically across replicas: N callers at once get at most the room left, never more."""
+        return await self._compare_and_set(key, lambda value: value + 1 if value + already < limit else None) is not None
+
+    async def _compare_and_set(self, key: str, change: Callable[[int], int | None]) -> int | None:
+        """Write ``change(value)`` on the revision it was read at, again while another replica
+        wrote in between; None, writing nothing, when ``change`` refuses."""
         for attempt in range(50):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             try:
                 entry = await self.kv.get(key)
+                value, revision = int(entry.value or b"0"), entry.revision
             except KeyNotFoundError:
-                if already >= limit:
-                    return False
-                try:
-                    await self.kv.create(key, b"1")
-                    return True
-                except KeyWrongLastSequenceError:
-                    continue
-            value = int(entry.value or b"0")
-            if value + already >= limit:
-                return False
+                value, revision = 0, None
+            new = change(value)
+            if new is None or (revision is None and new == value):
+                return new  # refused, or nothing to create
             try:
-                await self.kv.update(key, str(value + 1).encode(), last=entry.revision)
-                return True
+                if revision is None:
+                    await self.kv.create(key, str(new).encode())
+                else:
+                    await self.kv.update(key, str(new).encode(), last=revision)
+                return new
             except KeyWrongLastSequenceError:
                 continue
         raise RuntimeError(f"counter {key} too contended")
