@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from submitd.v1 import policy_pb2
+from submitd_devkit.testing.dialog import Memory
 from submitd_frontend import replies, wire
 from submitd_frontend.session import Session
 from submitd_frontend.settings import Settings
@@ -16,69 +16,9 @@ from submitd_frontend.settings import Settings
 LIFETIME = 10  # seconds; the clock moves a second per read
 
 
-class Client:
-    """The Connection and the Backends: pieces read one per second, policy accepting, messages
-    kept when finished."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces = list(pieces)
-        self.now = 0.0
-        self.written: list[str] = []
-        self.closed = False
-        self.queued: list[bytes] = []
-        self.fed = 0  # octets handed on to the rewriter and queue
-        self.queue_available = True
-        self.notify: list[str] = []
-
-    async def read(self) -> bytes:
-        self.now += 1
-        return self.pieces.pop(0) if self.pieces else b""
-
-    def expect(self, content: bool) -> None:
-        pass
-
-    async def write(self, reply: str) -> None:
-        assert not self.closed, f"written after close: {reply}"
-        self.written.append(reply)
-
-    async def start_tls(self):
-        return policy_pb2.TlsInfo(version="TLSv1.3")
-
-    def close(self) -> None:
-        self.closed = True
-
-    async def ask(self, **event) -> policy_pb2.Verdict:
-        if "rcpt_to" in event:
-            self.notify.append(event["rcpt_to"].parameters.get("NOTIFY", ""))
-        return policy_pb2.Verdict(accept=True, authenticated_user="alice@example.test")
-
-    def note(self, **event) -> None:
-        pass
-
-    def submission(self, envelope):
-        return Kept(self, envelope)
-
-
-class Kept:
-    def __init__(self, client: Client, envelope) -> None:
-        self.client, self.envelope, self.content, self.size = client, envelope, bytearray(), 0
-
-    async def feed(self, content: bytes) -> None:
-        self.content += content
-        self.size += len(content)
-        self.client.fed += len(content)
-
-    async def abandon(self) -> None:
-        self.content = bytearray()
-
-    async def finish(self) -> str:
-        self.client.queued.append(bytes(self.content))
-        return replies.queued(self.envelope.queue_id)
-
-
-async def dialog(*pieces: bytes) -> tuple[list[str], Client]:
+async def dialog(*pieces: bytes) -> tuple[list[str], Memory]:
     """The replies after the greeting to ``pieces``, one read (one second) each."""
-    client = Client(list(pieces))
+    client = Memory(list(pieces))
     settings = Settings(hostname="mx.example.test", max_message_size=10_000_000, max_session_seconds=LIFETIME)
     session = Session(settings, client, client, tls=True, starttls=False, client_address="192.0.2.1",
                       session_id="s1", clock=lambda: client.now)
