@@ -22,3 +22,22 @@ for _result in ("hit", "miss"):
     AUTH_CACHE.labels(_result)
 for _result in ("match", "mismatch", "busy"):
     PASSWORD_VERIFICATIONS.labels(_result)
+
+DIRECTORY_REQUESTS = Counter(
+    "submitd_policy_directory_requests_total",
+    "Requests to a directory by operation (lookup, check_password) and outcome "
+    "(found, unknown, match, mismatch, unavailable)",
+    ["directory", "operation", "outcome"],
+)
+DIRECTORY_SECONDS = Histogram(
+    "submitd_policy_directory_seconds", "Latency of one directory request", ["directory", "operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+DIRECTORY_CACHE = Counter(
+    "submitd_policy_directory_cache_total",
+    "Login look-ups by where the answer came from: fresh (cached within the TTL), stale (cached, served "
+    "within the grace while a directory was down), miss (asked the directories)",
+    ["result"],
+)
+for _result in ("fresh", "stale", "miss"):
+    DIRECTORY_CACHE.labels(_result)

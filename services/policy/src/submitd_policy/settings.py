@@ -6,8 +6,13 @@ from pydantic_settings import SettingsConfigDict
 from submitd_common.config import ServiceSettings
 from submitd_common.users import ARGON2_DEFAULTS
 
+from .settings_parts.apppasswords import AppPasswordSettings
+from .settings_parts.ldap import LdapSettings
+from .settings_parts.oauth import OAuthSettings
+from .settings_parts.sql import SqlSettings
 
-class Settings(ServiceSettings):
+
+class Settings(ServiceSettings, LdapSettings, SqlSettings, OAuthSettings, AppPasswordSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_POLICY_", extra="forbid")
 
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
@@ -20,6 +25,18 @@ class Settings(ServiceSettings):
     users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
     dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")
     reload_interval: float = Field(2.0, description="Seconds between checks of the users files")
+    directories: list[str] = Field(
+        ["file"], description="Where logins come from, in order (file, ldap, sql): the first that knows a login answers"
+    )
+    directory_cache_seconds: float = Field(
+        300, description="A remote directory's answer (rights, password hash, a password an LDAP bind accepted) is "
+        "used this long: a changed password, a suspended account or new addresses are seen within it"
+    )
+    directory_grace_seconds: float = Field(
+        3600, description="While a directory is down, logins it answered for keep their last answer this much past "
+        "directory_cache_seconds (others get 454 4.7.0)"
+    )
+    directory_timeout: float = Field(5.0, description="Seconds a directory request may take before it counts as down")
     trusted_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs whose clients may submit without AUTH (RFC 6409 §4.3); empty by default",

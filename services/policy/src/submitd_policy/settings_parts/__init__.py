@@ -1,0 +1,1 @@
+"""Policy settings by subject, one class each, joined into ``settings.Settings``."""
