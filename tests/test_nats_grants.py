@@ -24,7 +24,8 @@ from submitd_devkit.stack import nats_server_binary
 
 from test_chart import CHART, by_kind, render
 
-PASSWORDS = {"frontend": "pw-frontend", "policy": "pw-policy", "relay": "pw-relay", "rewriter": "pw-rewriter"}
+PASSWORDS = {"frontend": "pw-frontend", "policy": "pw-policy", "relay": "pw-relay", "rewriter": "pw-rewriter",
+             "submitctl": "pw-submitctl"}
 
 
 def test_the_charts_grants_are_the_services_grants():
@@ -43,7 +44,9 @@ def test_only_services_that_use_nats_get_a_user_and_a_way_out():
     for service in ("frontend", "policy", "relay", "archiver"):
         assert f"SUBMITD_{service.upper()}_NATS_USER" in env[service]
         assert f"SUBMITD_{service.upper()}_NATS_INBOX_PREFIX" in env[service], "replies on its own inbox"
-    assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {"frontend", "policy", "relay", "archiver"}
+    # (and submitctl, the operator's app-password tool, which is no service: no Deployment, no way out)
+    assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {
+        "frontend", "policy", "relay", "archiver", "submitctl"}
     conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
     assert '{user: archiver, password: $ARCHIVER_PASSWORD, permissions: {publish: {allow: ["archive.>"]}' in conf
     clients = by_kind(docs, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["podSelector"]["matchExpressions"]
@@ -197,3 +200,86 @@ async def _grants(url: str) -> None:
 async def _read(who: As) -> None:
     async for _ in read_chunks(who.js, jetstream.BODY_BUCKET, "q1"):
         pass
+
+
+def test_policy_reads_app_passwords_and_only_submitctl_makes_or_revokes_them(chart_nats):
+    asyncio.run(_app_password_grants(chart_nats))
+
+
+async def _until(predicate, timeout: float = 5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := await predicate()):
+        assert asyncio.get_running_loop().time() < deadline, f"not true within {timeout}s"
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def _app_password_grants(url: str) -> None:
+    import time
+
+    from nats.js.api import KeyValueConfig
+
+    from submitd_common import apppasswords as records
+    from submitd_ctl import apppasswords as ctl
+    from submitd_policy.apppasswords import AppPasswords
+
+    bucket, stream = jetstream.APPPASSWORDS_BUCKET, f"KV_{jetstream.APPPASSWORDS_BUCKET}"
+    policy = await As("policy").connect(url)
+    operator = await As("submitctl").connect(url)
+    relay = await As("relay").connect(url)
+    options = {"servers": [url], "user": "submitctl", "password": PASSWORDS["submitctl"],
+               "inbox_prefix": natsauth.inbox_prefix("submitctl")}
+    alice = "alice@example.test"
+
+    # What each does in production, allowed: policy creates the (empty) bucket on its first start,
+    # reads it and follows it; submitctl adds, lists and revokes; policy records the last use.
+    mirror = AppPasswords(policy.nc, last_used_seconds=0)
+    await mirror.start()
+    record, password = await ctl.add(options, alice, "printer")
+
+    async def accepted():
+        return mirror.check(alice, password) is not None
+
+    async def last_used():
+        return [r for r in await ctl.listing(options, alice) if r["last_used"] != "never"]
+
+    await _until(accepted)
+    await _until(last_used)
+    await ctl.revoke(options, alice, record.ident)
+
+    async def refused():
+        return mirror.check(alice, password) is None
+
+    await _until(refused)
+    assert not policy.errors + operator.errors + relay.errors
+    for c in (policy, operator, relay):
+        c.js = c.nc.jetstream(timeout=0.5)
+
+    # One step beyond: policy may neither make nor revoke an app password, nor change, purge or
+    # delete the bucket, nor aim a consumer's deliveries anywhere (the queue, say).
+    forged, _ = records.new("mallory@example.test", "forged", time.time())
+    kept, _ = await ctl.add(options, alice, "kept")
+    await policy.refused("make an app password", lambda: policy.js.publish(
+        f"$KV.{bucket}.{forged.key}", forged.to_json(), timeout=1))
+    await policy.refused("revoke an app password", lambda: policy.js.publish(
+        f"$KV.{bucket}.{kept.key}", b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"}, timeout=1))
+    config = (await policy.js.stream_info(stream)).config
+    config.max_age = 1.0
+    await policy.refused("expire every app password", lambda: policy.js.update_stream(config))
+    await policy.refused("purge the bucket", lambda: policy.js.purge_stream(stream))
+    await policy.refused("delete the bucket", lambda: policy.js.delete_stream(stream))
+    await policy.refused("create another bucket", lambda: policy.js.create_key_value(KeyValueConfig(bucket="OTHER")))
+    await policy.refused("aim a consumer at the queue", lambda: policy.js.add_consumer(
+        stream, config=ConsumerConfig(name="aimed", deliver_subject=jetstream.SUBMIT_SUBJECT)))
+    # submitctl writes app passwords and nothing else; the relay does not see them at all.
+    await operator.refused("delete the bucket", lambda: operator.js.delete_stream(stream))
+    await operator.refused("queue a message", lambda: operator.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
+    await operator.refused("clear a lockout", lambda: operator.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.x", b"0"))
+    await operator.refused("aim a consumer at the queue", lambda: operator.js.add_consumer(
+        stream, config=ConsumerConfig(name="aimed", deliver_subject=jetstream.SUBMIT_SUBJECT)))
+    await relay.refused("read app passwords", lambda: relay.js.key_value(bucket))
+    await relay.refused("follow app passwords", lambda: relay.nc.subscribe(f"$KV.{bucket}.>"))
+    assert mirror.check(alice, password) is None and [r["id"] for r in await ctl.listing(options, alice)] == [kept.ident]
+    await mirror.close()
+    for c in (policy, operator, relay):
+        await c.nc.close()

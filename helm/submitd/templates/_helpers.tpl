@@ -25,7 +25,7 @@ app.kubernetes.io/component: {{ .name }}
 {{- /* A service's NATS grants: its own `nats` block, else the chart's (files/nats-grants.json).
      Empty for a service that needs no NATS (it then gets no NATS user at all). */ -}}
 {{- define "submitd.natsGrants" -}}
-{{- $svc := include "submitd.service" (dict "root" .root "svc" (index .root.Values.services .name)) | fromYaml -}}
+{{- $svc := include "submitd.service" (dict "root" .root "svc" (index .root.Values.services .name | default dict)) | fromYaml -}}
 {{- $chart := .root.Files.Get "files/nats-grants.json" | fromJson -}}
 {{- if $svc.nats -}}
 {{- toYaml $svc.nats -}}
@@ -40,6 +40,18 @@ app.kubernetes.io/component: {{ .name }}
 {{- range $name, $raw := .Values.services -}}
 {{- $svc := include "submitd.service" (dict "root" $ "svc" $raw) | fromYaml -}}
 {{- if and $svc.enabled (include "submitd.natsGrants" (dict "root" $ "name" $name)) -}}
+{{- $users = append $users $name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $users -}}
+{{- end -}}
+
+{{- /* Every NATS user: the services' (natsUsers), and the operator's tools in the chart's grants
+     that are no service (submitctl, for app passwords). */ -}}
+{{- define "submitd.natsLogins" -}}
+{{- $users := include "submitd.natsUsers" . | fromJsonArray -}}
+{{- range $name, $_ := .Files.Get "files/nats-grants.json" | fromJson -}}
+{{- if not (hasKey $.Values.services $name) -}}
 {{- $users = append $users $name -}}
 {{- end -}}
 {{- end -}}

@@ -23,6 +23,8 @@ COUNTERS_BUCKET = "SUBMITD_COUNTERS"
 AUTHFAIL_BUCKET = "SUBMITD_AUTHFAIL"
 # The clients each login has authenticated from (hashed together), for the AUTH failure budget.
 AUTHKNOWN_BUCKET = "SUBMITD_AUTHKNOWN"
+# SMTP-only app passwords (submitd_common.apppasswords): written by submitctl, read by policy.
+APPPASSWORDS_BUCKET = "SUBMITD_APPPASSWORDS"
 # Per-queue-id delivery record: recipients done, attempts and their replies (relay).
 DELIVERY_BUCKET = "SUBMITD_DELIVERY"
 # On a queue entry: a delivery record may exist for its queue id (an admin retry's copy).

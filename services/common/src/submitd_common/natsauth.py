@@ -3,8 +3,9 @@
 The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
 purges and reads nothing); the relay owns the stream and the body store, consumes the queue,
 reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
-touch the policy's buckets; the policy has its three KV buckets and nothing else; the rewriter has
-no NATS access at all. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
+touch the policy's buckets; the policy has its three KV buckets, and reads the app passwords
+(writing only their last-used times); the rewriter has no NATS access at all. ``submitctl`` (the
+operator's side) writes and revokes app passwords and does nothing else. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
 no service can listen to another's replies.
 
 The chart carries the same grants (``services.<name>.nats`` in values.yaml; a test keeps the two
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 
 from submitd_common import jetstream as q
+from submitd_common.apppasswords import USED
 
 API = "$JS.API"
 
@@ -41,6 +43,10 @@ _BODY_STORE = [
     *_direct_get(_BODIES),
 ]
 _DURABLE = q.RELAY_DURABLE
+# App passwords are read without a consumer (submitd_common.apppasswords): a consumer grant would
+# let its holder aim deliveries at any subject.
+_APP = q.APPPASSWORDS_BUCKET
+_APP_READ = [*_stream(f"KV_{_APP}", "INFO", "MSG.GET"), *_direct_get(f"KV_{_APP}")]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     # Internet-facing: it publishes new entries and writes new bodies (chunks, then the object's
@@ -58,8 +64,13 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "subscribe": ["_INBOX_frontend.>"],
     },
     "policy": {
-        "publish": [*_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET), *_kv(q.AUTHKNOWN_BUCKET)],
-        "subscribe": ["_INBOX_policy.>"],
+        "publish": [
+            *_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET), *_kv(q.AUTHKNOWN_BUCKET),
+            # App passwords: read them, follow their changes, record when each was last used;
+            # create the (empty) bucket on a first start. Never write or purge one.
+            *_APP_READ, *_stream(f"KV_{_APP}", "CREATE"), f"$KV.{_APP}.{USED}.>",
+        ],
+        "subscribe": ["_INBOX_policy.>", f"$KV.{_APP}.>"],
     },
     "relay": {
         "publish": [
@@ -76,6 +87,12 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             *_kv(q.DELIVERY_BUCKET),
         ],
         "subscribe": ["_INBOX_relay.>", q.ABANDONED_SUBJECT],
+    },
+    # Not a service: the operator's command line (``submitctl app-password``), with a user of its
+    # own. It adds and revokes app passwords; the bucket is policy's to create.
+    "submitctl": {
+        "publish": [f"$KV.{_APP}.>", *_APP_READ],
+        "subscribe": ["_INBOX_submitctl.>"],
     },
 }
 

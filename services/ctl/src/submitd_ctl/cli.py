@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import apppasswords
 from .commands import (
     REFUSED, UNREACHABLE,
     cmd_check, cmd_dkim_check, cmd_dkim_ls, cmd_dkim_retire, cmd_dkim_rotate, cmd_queue_ls, cmd_queue_show,
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command(queue, name, handler, text).add_argument("id")
     command(queue, "totals", cmd_queue_totals, "depth, bytes, oldest, in delivery, deferred")
+
+    apppasswords.add_commands(groups, command)
 
     command(groups, "status", cmd_status, "services, autoscalers, disruption budgets and the queue, on one screen")
     p = command(groups, "check", cmd_check, "submit a test message (STARTTLS, AUTH) and ask the relay about it")

@@ -203,6 +203,40 @@ class KubeSite:
         headers = {TOKEN_HEADER: self.admin_token()}
         return self.pod_http(pods[0]["metadata"]["name"], method, path, headers=headers, body=body)
 
+    # -- NATS (app passwords) ----------------------------------------------------------------
+
+    def nats_options(self, url: str | None = None) -> dict:
+        """submitctl's own NATS user: its password from the release's NATS Secret (or, for an
+        external NATS, $SUBMITCTL_NATS_USER and $SUBMITCTL_NATS_PASSWORD); the server at ``url``,
+        else the one the policy Deployment is given (reachable from inside the cluster)."""
+        import os
+
+        user = os.environ.get("SUBMITCTL_NATS_USER", "submitctl")
+        password = os.environ.get("SUBMITCTL_NATS_PASSWORD")
+        if password is None:
+            name = f"{self.fullname}-nats-auth"
+            status, data = self.request("GET", self.ns(f"secrets/{name}"))
+            if status != 200:
+                raise SiteError(f"Secret {name}: {status} {_message(data)} (an external NATS: set "
+                                "SUBMITCTL_NATS_USER and SUBMITCTL_NATS_PASSWORD)")
+            files = secret_files(json.loads(data))
+            if "submitctl" not in files:
+                raise SiteError(f"Secret {name} has no key 'submitctl': upgrade the release")
+            password = files["submitctl"].decode()
+        url = url or os.environ.get("SUBMITCTL_NATS_URL") or self._policy_env("SUBMITD_POLICY_NATS_URL")
+        if not url:
+            raise SiteError("no NATS URL: give --nats-url")
+        return {"servers": [u for u in url.split(",") if u], "user": user, "password": password,
+                "inbox_prefix": "_INBOX_submitctl"}
+
+    def _policy_env(self, name: str) -> str | None:
+        deployment = self.get(self.ns(f"deployments/{self.fullname}-policy", "apis/apps/v1"))
+        for container in deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []:
+            for e in container.get("env") or []:
+                if e.get("name") == name and "value" in e:
+                    return e["value"]
+        return None
+
     # -- status -----------------------------------------------------------------------------
 
     def status(self) -> dict:

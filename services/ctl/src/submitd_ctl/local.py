@@ -93,6 +93,18 @@ class LocalSite:
         url = f"http://127.0.0.1:{self.ports['relay_http']}{path}"
         return _request(method, url, {"Authorization": f"Bearer {token}"}, body)
 
+    def nats_options(self, url: str | None = None) -> dict:
+        """submitctl's NATS user on the stack's server (``run.json``: its URL, the passwords file)."""
+        passwords = self.run.get("nats_passwords_file")
+        if not passwords or not Path(passwords).exists():
+            raise SiteError(f"{self.root / 'run.json'} names no NATS passwords file: restart `make run` once")
+        password = json.loads(Path(passwords).read_text()).get("submitctl")
+        if not password:
+            raise SiteError(f"{passwords} has no password for submitctl: restart `make run` once")
+        servers = (url or self.run.get("nats_url") or "").split(",")
+        return {"servers": [s for s in servers if s], "user": "submitctl", "password": password,
+                "inbox_prefix": "_INBOX_submitctl"}
+
     def status(self) -> dict:
         services = []
         for name in SERVICES:

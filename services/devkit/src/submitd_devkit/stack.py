@@ -115,11 +115,14 @@ class NatsServer:
         # an ``admin`` with every permission for the operator and the tests (``url``). The
         # passwords stay the same across restarts of the same directory.
         secrets = passwords or self.root / "passwords.json"
-        if not secrets.exists():
-            names = [*natsauth.PERMISSIONS, "admin"]
-            secrets.write_text(json.dumps({n: secrets_module.token_urlsafe(18) for n in names}))
+        self.passwords_file = secrets
+        known = json.loads(secrets.read_text()) if secrets.exists() else {}
+        names = [*natsauth.PERMISSIONS, "admin"]
+        if set(names) - set(known):  # a new directory, or one made before a user was added
+            known |= {n: secrets_module.token_urlsafe(18) for n in names if n not in known}
+            secrets.write_text(json.dumps(known))
             secrets.chmod(0o600)
-        self.passwords: dict[str, str] = json.loads(secrets.read_text())
+        self.passwords: dict[str, str] = known
         if cluster:
             route_port, all_ports = cluster
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in all_ports if p != route_port)
@@ -190,6 +193,7 @@ class NatsCluster:
                       for i in range(nodes)]
         self.root = root
         self.passwords = self.nodes[0].passwords
+        self.passwords_file = passwords
         self.port = self.nodes[0].port
 
     @property
@@ -399,6 +403,9 @@ class Stack:
             "users_file": str(self.users_file),
             "dkim_dir": str(self.dkim_keys_file.parent if self.dkim_keys_file else self.root / "dkim"),
             "admin_token_file": relay.get("ADMIN_TOKEN_FILE"),
+            # submitctl's own NATS user (app passwords): the URL, and its password in this file.
+            "nats_url": self.nats.service_url,
+            "nats_passwords_file": str(self.nats.passwords_file),
         }, indent=2))
         return path
 

@@ -1,0 +1,172 @@
+"""``submitctl app-password add|ls|revoke``: SMTP-only app passwords, in the NATS KV bucket that
+every policy replica mirrors (``submitd_common.apppasswords``).
+
+submitctl reaches NATS with a user of its own (``submitctl`` in ``submitd_common.natsauth``),
+which may write and purge app passwords and nothing else: with ``--local``, the stack's
+``run.json`` names the server and the passwords file; on a cluster, its password is in the
+release's ``<release>-submitd-nats-auth`` Secret and the server is reached at ``--nats-url`` (e.g.
+through ``kubectl port-forward``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+from submitd_common import apppasswords as records
+from submitd_common.jetstream import APPPASSWORDS_BUCKET
+
+from . import output
+from .documents import ChangeError
+from .site import SiteError
+
+OK = 0
+# A revoked entry's purge marker is kept this long (seconds), then goes: a policy replica
+# that missed the purge reads the bucket whole again anyway when it reconnects.
+MARKER_TTL = 86400
+
+
+async def _connect(options: dict):
+    import nats
+
+    async def quiet(e: Exception) -> None:  # the failure is raised to the caller
+        pass
+
+    where = ",".join(options.get("servers") or [])
+    try:
+        nc = await nats.connect(**options, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0,
+                                error_cb=quiet)
+    except Exception as e:
+        raise SiteError(f"NATS at {where} could not be reached as {options.get('user')}: {type(e).__name__} {e}") from e
+    js = nc.jetstream(timeout=5)
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        kv = await js.key_value(APPPASSWORDS_BUCKET)
+    except BucketNotFoundError:
+        await nc.close()
+        raise SiteError("there is no app-password store yet: policy creates it when it starts") from None
+    except Exception as e:
+        await nc.close()
+        raise SiteError(f"NATS at {where}: {type(e).__name__} {e}") from e
+    return nc, js, kv
+
+
+def _run(coroutine):
+    try:
+        return asyncio.run(coroutine)
+    except (ChangeError, SiteError):
+        raise
+    except Exception as e:  # a request refused or timed out half-way
+        raise SiteError(f"NATS: {type(e).__name__} {e}") from e
+
+
+async def _entries(js, kv, login: str) -> dict[str, tuple[records.AppPassword, int | None]]:
+    """id -> (record, last used) of ``login``'s app passwords."""
+    found = await records.read_entries(js, kv, APPPASSWORDS_BUCKET, f"*.{records.login_key(login)}.*")
+    out = {}
+    for key, (value, _) in found.items():
+        kind, _, rest = key.partition(".")
+        if kind != records.ENTRY:
+            continue
+        record = records.AppPassword.from_json(value)
+        if record.login != login:
+            continue
+        used = found.get(f"{records.USED}.{rest}")
+        out[record.ident] = (record, records.last_used_of(used[0]) if used else None)
+    return out
+
+
+async def add(options: dict, login: str, name: str) -> tuple[records.AppPassword, str]:
+    nc, js, kv = await _connect(options)
+    try:
+        if len(await _entries(js, kv, login)) >= records.MAX_PER_LOGIN:
+            raise ChangeError(f"{login} has {records.MAX_PER_LOGIN} app passwords already: revoke one first")
+        record, password = records.new(login, name, time.time())
+        await kv.create(record.key, record.to_json())
+        return record, password
+    finally:
+        await nc.close()
+
+
+async def listing(options: dict, login: str) -> list[dict]:
+    nc, js, kv = await _connect(options)
+    try:
+        entries = await _entries(js, kv, login)
+    finally:
+        await nc.close()
+    return [{"id": r.ident, "name": r.name, "created": _when(r.created), "last_used": _when(used) if used else "never"}
+            for r, used in sorted(entries.values(), key=lambda e: (e[0].created, e[0].ident))]
+
+
+async def revoke(options: dict, login: str, ident: str) -> records.AppPassword:
+    nc, js, kv = await _connect(options)
+    try:
+        entry = (await _entries(js, kv, login)).get(ident)
+        if entry is None:
+            raise ChangeError(f"{login} has no app password {ident} (see `submitctl app-password ls {login}`)")
+        await kv.purge(records.entry_key(login, ident), msg_ttl=MARKER_TTL)
+        await kv.purge(records.used_key(login, ident), msg_ttl=MARKER_TTL)
+        return entry[0]
+    finally:
+        await nc.close()
+
+
+def _when(unix: int) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def _options(args) -> dict:
+    from .commands import site_of
+
+    return site_of(args).nats_options(getattr(args, "nats_url", None))
+
+
+def cmd_add(args) -> int:
+    name = args.name.strip()
+    if not name or len(name) > 64 or not name.isprintable():
+        raise ChangeError("--name: 1 to 64 printable characters, e.g. the device or script it is for")
+    record, password = _run(add(_options(args), args.login, name))
+    if args.output != "table":
+        output.emit(args.output, {"login": record.login, "id": record.ident, "name": record.name,
+                                  "created": _when(record.created), "password": password}, [])
+        return OK
+    print(f"App password {record.ident} ({record.name}) for {record.login}. It is shown only this once:\n\n"
+          f"  {password}\n\n"
+          f"It works for SMTP submission only (AUTH PLAIN or LOGIN as {record.login}), until "
+          f"`submitctl app-password revoke {record.login} {record.ident}`.")
+    return OK
+
+
+def cmd_ls(args) -> int:
+    rows = _run(listing(_options(args), args.login))
+    output.emit(args.output, rows, ["id", "name", "created", "last_used"])
+    return OK
+
+
+def cmd_revoke(args) -> int:
+    record = _run(revoke(_options(args), args.login, args.id))
+    print(f"app password {record.ident} ({record.name}) of {record.login} revoked")
+    return OK
+
+
+def add_commands(groups, command) -> None:
+    """The ``app-password`` commands on submitctl's parser (``command``: cli's helper)."""
+    sub = groups.add_parser("app-password", help="SMTP-only app passwords (NATS KV)").add_subparsers(metavar="ACTION")
+    nats_url = {"metavar": "URL", "help": "NATS as submitctl reaches it (cluster: default the services' URL, "
+                "reachable from inside it; from outside, `kubectl port-forward svc/RELEASE-submitd-nats 4222` "
+                "and nats://127.0.0.1:4222)"}
+    p = command(sub, "add", cmd_add, "make an app password for LOGIN; it is printed once")
+    p.add_argument("login")
+    p.add_argument("--name", required=True, help="what it is for (a printer, a script)")
+    p.add_argument("--nats-url", **nats_url)
+    p = command(sub, "ls", cmd_ls, "list LOGIN's app passwords: id, name, created, last used (never the secret)")
+    p.add_argument("login")
+    p.add_argument("--nats-url", **nats_url)
+    p = command(sub, "revoke", cmd_revoke, "revoke one of LOGIN's app passwords (every policy replica at once)")
+    p.add_argument("login")
+    p.add_argument("id")
+    p.add_argument("--nats-url", **nats_url)
