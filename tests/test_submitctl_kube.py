@@ -17,6 +17,7 @@ import yaml
 from kube_double import KubeApiDouble
 from submitd_devkit.stack import User
 from submitd_devkit.testing.smtp import connect
+from submitd_devkit.testing.waiting import eventually
 from submitd_ctl import documents, kube
 from submitd_ctl.documents import ChangeError
 from test_chart import render
@@ -167,6 +168,25 @@ def test_api_test_double_queue_and_status_through_the_pod_proxy_with_the_admin_t
         for shown in (secret, base64.b64encode(secret.encode()).decode()):
             leaks = sum(shown in text for text in printed)
             assert leaks == 0, f"a token ({shown[:4]}...) was in what {leaks} submitctl run(s) printed"
+
+
+def test_api_test_double_app_passwords_with_submitctls_own_nats_user_from_the_releases_secret(cluster, tmp_path):
+    # From outside the cluster NATS is reached through `kubectl port-forward` (here: the stack's
+    # server on loopback); submitctl's password is read from the release's NATS Secret.
+    double, stack = cluster
+    double.put_secret_files("mail-submitd-nats-auth", {"submitctl": stack.nats.passwords["submitctl"].encode()})
+    nats = ["--nats-url", stack.nats.service_url]
+    out = submitctl(double, tmp_path, "-o", "json", "app-password", "add", DEMO, "--name", "scanner", *nats)
+    assert out.returncode == 0, out.stderr
+    made = json.loads(out.stdout)
+    assert can_login(stack, DEMO, made["password"])
+    assert ("GET", "/api/v1/namespaces/mail/secrets/mail-submitd-nats-auth") in [(m, p) for m, p, _ in double.requests]
+    out = submitctl(double, tmp_path, "-o", "json", "app-password", "ls", DEMO, *nats)
+    assert [r["name"] for r in json.loads(out.stdout)] == ["scanner"] and made["password"] not in out.stdout
+    out = submitctl(double, tmp_path, "app-password", "revoke", DEMO, made["id"], *nats)
+    assert out.returncode == 0, out.stderr
+    eventually(lambda: not can_login(stack, DEMO, made["password"]), timeout=5)  # (milliseconds: test_app_passwords)
+    assert can_login(stack, DEMO, "demo passphrase")
 
 
 def test_no_cluster_reachable_is_exit_code_2(tmp_path):

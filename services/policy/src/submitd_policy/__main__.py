@@ -12,6 +12,7 @@ from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from .apppasswords import AppPasswords
 from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
@@ -46,7 +47,12 @@ async def amain() -> None:
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
-    service = PolicyService(settings, users, rates, authfail, known)
+    app_passwords = None
+    if settings.app_passwords:  # every replica's own mirror of the bucket submitctl writes
+        app_passwords = AppPasswords(nc, replicas=settings.replicas, resync_seconds=settings.app_passwords_resync_seconds,
+                                     last_used_seconds=settings.app_passwords_last_used_seconds)
+        await app_passwords.start()
+    service = PolicyService(settings, users, rates, authfail, known, app_passwords=app_passwords)
     for name in service.directories.names:  # reported by /readyz; a directory that is down never takes policy out
         if name != "file":
             health.add_report(f"directory_{name}", lambda name=name: service.directories.ready()[name])
@@ -55,6 +61,8 @@ async def amain() -> None:
         [m.name for m in SERVICE.methods], users=len(users.value.users),
     )
     await stop_watch()
+    if app_passwords is not None:
+        await app_passwords.close()
     await jetstream.close(nc)
     await service.directories.close()
     service.authenticator.close()

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from submitd_common.users import User, dummy_hash, verify_password
 
 from . import metrics
+from .apppasswords import AppPasswords
 from .directories.base import Account, DirectoryUnavailable
 from .directories.chain import Directories
 
@@ -106,8 +107,10 @@ class Authenticator:
         queue: int,
         cache_seconds: float,
         cache_entries: int,
+        app_passwords: AppPasswords | None = None,
     ) -> None:
         self.directories = directories
+        self.app_passwords = app_passwords  # checked before the directory's password (apppasswords.py)
         self.cache = VerifiedCache(cache_seconds, cache_entries)
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="password-hash")
         self._queue_limit = max(1, concurrency) + max(0, queue)
@@ -126,6 +129,8 @@ class Authenticator:
         account = await self.directories.lookup(login)
         if account is not None and account.user.suspended:
             account = None  # checked like an unknown login: the reply tells nothing
+        if account is not None and self.app_passwords is not None and self.app_passwords.check(account.login, password):
+            return account.user  # one of its app passwords (an HMAC in memory; never cached here)
         bound = account is not None and not account.verifier  # the directory checks the password
         if account is not None and self.cache.hit(account, password, self.directories.ttl if bound else None):
             metrics.AUTH_CACHE.labels("hit").inc()

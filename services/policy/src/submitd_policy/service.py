@@ -18,6 +18,7 @@ from submitd_common.telemetry import extract_context
 from submitd_common.users import UserDB
 
 from . import metrics, rules
+from .apppasswords import AppPasswords
 from .auth import Auth
 from .counters import Counters
 from .credentials import Authenticator
@@ -79,6 +80,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
     def __init__(
         self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None, authfail: Counters | None,
         known: Counters | None = None, directories: Directories | None = None,
+        app_passwords: AppPasswords | None = None,
     ) -> None:
         self.errors = ErrorLog(settings.error_log_per_minute)
         self.directories = directories or default_directories(settings, users)
@@ -89,6 +91,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             queue=settings.password_hash_queue,
             cache_seconds=settings.auth_cache_seconds,
             cache_entries=settings.auth_cache_entries,
+            app_passwords=app_passwords,
         )
         self.auth = Auth(settings, self.authenticator, Lockouts(authfail, settings, windows=rates, known=known))
 
