@@ -253,3 +253,22 @@ async def _missed_revocation(server) -> None:
     await mirror.close()
     await nc.close()
     proxy.server.close()
+
+
+def test_user_rm_revokes_the_logins_app_passwords_so_a_login_made_again_finds_none(stack):
+    erin = "erin@example.test"
+    out = submitctl(stack, "user", "add", erin, "--password-stdin", stdin="erin's main passphrase\n")
+    assert out.returncode == 0, out.stderr
+    first, second = add(stack, erin, "one")["password"], add(stack, erin, "two")["password"]
+    assert auth(stack.ports.submission, erin, first) == 235
+    out = submitctl(stack, "user", "rm", erin)
+    assert out.returncode == 0 and "2 app passwords of erin@example.test revoked" in out.stdout, out.stdout + out.stderr
+    assert listing(stack, erin) == []
+    out = submitctl(stack, "user", "add", erin, "--password-stdin", stdin="another erin's passphrase\n")
+    assert out.returncode == 0, out.stderr
+    assert auth(stack.ports.submission, erin, first) == 535 and auth(stack.ports.submission, erin, second) == 535
+    # `revoke --all` for a login that lives elsewhere (LDAP, SQL), where submitctl removes no one.
+    third = add(stack, erin, "three")["password"]
+    out = submitctl(stack, "app-password", "revoke", erin, "--all")
+    assert out.returncode == 0 and "(three) of erin@example.test revoked" in out.stdout, out.stderr
+    assert auth(stack.ports.submission, erin, third) == 535

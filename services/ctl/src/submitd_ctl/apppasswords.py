@@ -10,6 +10,7 @@ through ``kubectl port-forward``)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -52,7 +53,7 @@ async def _connect(options: dict):
     return nc, js, kv
 
 
-def _run(coroutine):
+def run(coroutine):
     try:
         return asyncio.run(coroutine)
     except (ChangeError, SiteError):
@@ -99,74 +100,55 @@ async def listing(options: dict, login: str) -> list[dict]:
             for r, used in sorted(entries.values(), key=lambda e: (e[0].created, e[0].ident))]
 
 
-async def revoke(options: dict, login: str, ident: str) -> records.AppPassword:
+async def revoke(options: dict, login: str, ident: str | None) -> list[records.AppPassword]:
+    """Revoke ``login``'s app password ``ident``, or all of them (None); returns those revoked."""
     nc, js, kv = await _connect(options)
     try:
-        entry = (await _entries(js, kv, login)).get(ident)
-        if entry is None:
+        entries = await _entries(js, kv, login)
+        if ident is not None and ident not in entries:
             raise ChangeError(f"{login} has no app password {ident} (see `submitctl app-password ls {login}`)")
-        await kv.purge(records.entry_key(login, ident), msg_ttl=MARKER_TTL)
-        await kv.purge(records.used_key(login, ident), msg_ttl=MARKER_TTL)
-        return entry[0]
+        gone = [entries[ident][0]] if ident is not None else [r for r, _ in entries.values()]
+        for record in gone:
+            await kv.purge(records.entry_key(login, record.ident), msg_ttl=MARKER_TTL)
+            await kv.purge(records.used_key(login, record.ident), msg_ttl=MARKER_TTL)
+        return gone
     finally:
         await nc.close()
+
+
+def revoke_removed_user(site, login: str) -> None:
+    """After ``user rm``: a login made again later must not find the old one's app passwords.
+    Best effort: the user is removed either way, and what could not be done is said."""
+    try:
+        gone = run(revoke(site.nats_options(None), login, None))
+    except (SiteError, ChangeError) as e:
+        print(f"submitctl: the app passwords of {login} (if any) were not revoked: {e}; "
+              f"run `submitctl app-password revoke {login} --all`", file=sys.stderr)
+        return
+    if gone:
+        print(f"{len(gone)} app password{'s' if len(gone) != 1 else ''} of {login} revoked")
 
 
 def _when(unix: int) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# -- the commands ------------------------------------------------------------------------------
+# -- what the commands print --------------------------------------------------------------
 
 
-def _options(args) -> dict:
-    from .commands import site_of
-
-    return site_of(args).nats_options(getattr(args, "nats_url", None))
-
-
-def cmd_add(args) -> int:
-    name = args.name.strip()
-    if not name or len(name) > 64 or not name.isprintable():
-        raise ChangeError("--name: 1 to 64 printable characters, e.g. the device or script it is for")
-    record, password = _run(add(_options(args), args.login, name))
-    if args.output != "table":
-        output.emit(args.output, {"login": record.login, "id": record.ident, "name": record.name,
-                                  "created": _when(record.created), "password": password}, [])
-        return OK
+def show_added(fmt: str, record: records.AppPassword, password: str) -> None:
+    if fmt != "table":
+        output.emit(fmt, {"login": record.login, "id": record.ident, "name": record.name,
+                          "created": _when(record.created), "password": password}, [])
+        return
     print(f"App password {record.ident} ({record.name}) for {record.login}. It is shown only this once:\n\n"
           f"  {password}\n\n"
           f"It works for SMTP submission only (AUTH PLAIN or LOGIN as {record.login}), until "
           f"`submitctl app-password revoke {record.login} {record.ident}`.")
-    return OK
 
 
-def cmd_ls(args) -> int:
-    rows = _run(listing(_options(args), args.login))
-    output.emit(args.output, rows, ["id", "name", "created", "last_used"])
-    return OK
-
-
-def cmd_revoke(args) -> int:
-    record = _run(revoke(_options(args), args.login, args.id))
-    print(f"app password {record.ident} ({record.name}) of {record.login} revoked")
-    return OK
-
-
-def add_commands(groups, command) -> None:
-    """The ``app-password`` commands on submitctl's parser (``command``: cli's helper)."""
-    sub = groups.add_parser("app-password", help="SMTP-only app passwords (NATS KV)").add_subparsers(metavar="ACTION")
-    nats_url = {"metavar": "URL", "help": "NATS as submitctl reaches it (cluster: default the services' URL, "
-                "reachable from inside it; from outside, `kubectl port-forward svc/RELEASE-submitd-nats 4222` "
-                "and nats://127.0.0.1:4222)"}
-    p = command(sub, "add", cmd_add, "make an app password for LOGIN; it is printed once")
-    p.add_argument("login")
-    p.add_argument("--name", required=True, help="what it is for (a printer, a script)")
-    p.add_argument("--nats-url", **nats_url)
-    p = command(sub, "ls", cmd_ls, "list LOGIN's app passwords: id, name, created, last used (never the secret)")
-    p.add_argument("login")
-    p.add_argument("--nats-url", **nats_url)
-    p = command(sub, "revoke", cmd_revoke, "revoke one of LOGIN's app passwords (every policy replica at once)")
-    p.add_argument("login")
-    p.add_argument("id")
-    p.add_argument("--nats-url", **nats_url)
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 64 or not name.isprintable():
+        raise ChangeError("--name: 1 to 64 printable characters, e.g. the device or script it is for")
+    return name

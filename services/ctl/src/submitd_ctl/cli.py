@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import apppasswords
 from .commands import (
     REFUSED, UNREACHABLE,
-    cmd_check, cmd_dkim_check, cmd_dkim_ls, cmd_dkim_retire, cmd_dkim_rotate, cmd_queue_ls, cmd_queue_show,
+    cmd_app_password_add, cmd_app_password_ls, cmd_app_password_revoke, cmd_check, cmd_dkim_check, cmd_dkim_ls, cmd_dkim_retire, cmd_dkim_rotate, cmd_queue_ls, cmd_queue_show,
     cmd_queue_totals, cmd_status, cmd_user_add, cmd_user_ls, cmd_user_passwd, cmd_user_resume, cmd_user_rm,
     cmd_user_suspend, queue_action,
 )
@@ -121,7 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         command(queue, name, handler, text).add_argument("id")
     command(queue, "totals", cmd_queue_totals, "depth, bytes, oldest, in delivery, deferred")
 
-    apppasswords.add_commands(groups, command)
+    app = groups.add_parser("app-password", help="SMTP-only app passwords (NATS KV)").add_subparsers(metavar="ACTION")
+    nats_url = {"metavar": "URL", "help": "NATS as submitctl reaches it (cluster: default the services' URL, "
+                "reachable from inside it; from outside, `kubectl port-forward svc/RELEASE-submitd-nats 4222` "
+                "and nats://127.0.0.1:4222)"}
+    p = command(app, "add", cmd_app_password_add, "make an app password for LOGIN; it is printed once")
+    p.add_argument("login")
+    p.add_argument("--name", required=True, help="what it is for (a printer, a script)")
+    p.add_argument("--nats-url", **nats_url)
+    p = command(app, "ls", cmd_app_password_ls, "list LOGIN's app passwords: id, name, created, last used (never the secret)")
+    p.add_argument("login")
+    p.add_argument("--nats-url", **nats_url)
+    p = command(app, "revoke", cmd_app_password_revoke,
+                "revoke one of LOGIN's app passwords, or --all (every policy replica at once)")
+    p.add_argument("login")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--all", action="store_true", help="every app password of LOGIN")
+    p.add_argument("--nats-url", **nats_url)
 
     command(groups, "status", cmd_status, "services, autoscalers, disruption budgets and the queue, on one screen")
     p = command(groups, "check", cmd_check, "submit a test message (STARTTLS, AUTH) and ask the relay about it")

@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 
-from . import documents, output
+from . import apppasswords, documents, output
 from .documents import ChangeError
 from .site import Site, SiteError, edit, lagging, wait_loaded
 
@@ -100,13 +100,41 @@ def cmd_user_resume(args) -> int:
 
 
 def cmd_user_rm(args) -> int:
-    return apply(args, "users", lambda f: documents.remove_user(f, args.login), f"user {args.login} removed")
+    site = site_of(args)
+    code = apply(args, "users", lambda f: documents.remove_user(f, args.login), f"user {args.login} removed", site)
+    apppasswords.revoke_removed_user(site, args.login)
+    return code
 
 
 def cmd_user_ls(args) -> int:
     files, _ = site_of(args).read("users")
     rows = documents.user_rows(files)
     output.emit(args.output, rows, ["login", "send_as", "suspended", "limits"])
+    return OK
+
+
+# -- app passwords ---------------------------------------------------------------------------
+
+
+def cmd_app_password_add(args) -> int:
+    name = apppasswords.check_name(args.name)
+    record, password = apppasswords.run(apppasswords.add(site_of(args).nats_options(args.nats_url), args.login, name))
+    apppasswords.show_added(args.output, record, password)
+    return OK
+
+
+def cmd_app_password_ls(args) -> int:
+    rows = apppasswords.run(apppasswords.listing(site_of(args).nats_options(args.nats_url), args.login))
+    output.emit(args.output, rows, ["id", "name", "created", "last_used"])
+    return OK
+
+
+def cmd_app_password_revoke(args) -> int:
+    if (args.id is None) == (not args.all):
+        raise ChangeError("give an app password's ID, or --all")
+    options = site_of(args).nats_options(args.nats_url)
+    for record in apppasswords.run(apppasswords.revoke(options, args.login, args.id)):
+        print(f"app password {record.ident} ({record.name}) of {record.login} revoked")
     return OK
 
 
