@@ -10,9 +10,13 @@ through ``kubectl port-forward``)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from datetime import datetime, timezone
+
+import nats
+from nats.js.errors import BucketNotFoundError
 
 from submitd_common import apppasswords as records
 from submitd_common.jetstream import APPPASSWORDS_BUCKET
@@ -21,27 +25,22 @@ from . import output
 from .documents import ChangeError
 from .site import SiteError
 
-OK = 0
 # A revoked entry's purge marker is kept this long (seconds), then goes: a policy replica
 # that missed the purge reads the bucket whole again anyway when it reconnects.
 MARKER_TTL = 86400
 
 
 async def _connect(options: dict):
-    import nats
-
     async def quiet(e: Exception) -> None:  # the failure is raised to the caller
         pass
 
-    where = ",".join(options.get("servers") or [])
+    where = ",".join(re.sub(r"//[^@/]*@", "//", s) for s in options.get("servers") or [])  # no credentials
     try:
         nc = await nats.connect(**options, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0,
                                 error_cb=quiet)
     except Exception as e:
         raise SiteError(f"NATS at {where} could not be reached as {options.get('user')}: {type(e).__name__} {e}") from e
     js = nc.jetstream(timeout=5)
-    from nats.js.errors import BucketNotFoundError
-
     try:
         kv = await js.key_value(APPPASSWORDS_BUCKET)
     except BucketNotFoundError:

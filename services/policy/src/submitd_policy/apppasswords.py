@@ -70,24 +70,28 @@ class AppPasswords:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Open (or, on a first start, create) the bucket, follow it and read it whole; a read
-        that fails is retried in the background (app passwords answer 454 until it succeeds)."""
-        try:
-            self.kv = await self.js.key_value(APPPASSWORDS_BUCKET)
-        except BucketNotFoundError:
-            try:
-                self.kv = await self.js.create_key_value(
-                    KeyValueConfig(bucket=APPPASSWORDS_BUCKET, history=1, replicas=self.replicas))
-            except BadRequestError as e:
-                if e.err_code != STREAM_NAME_IN_USE:
-                    raise
-                self.kv = await self.js.key_value(APPPASSWORDS_BUCKET)  # another replica made it
+        """Follow the bucket and read it whole (opening it, or on a first start creating it). What
+        fails is retried in the background: meanwhile no app password is accepted, and policy
+        serves main passwords as ever."""
         self._sub = await self.nc.subscribe(f"{_PREFIX}>", cb=self._on_change)
         try:
             await asyncio.wait_for(self.reload(), timeout)
         except Exception as e:
             log.warning("app passwords not read yet: %s", type(e).__name__)
         self._supervisor = asyncio.create_task(self._keep_current())
+
+    async def _open(self):
+        try:
+            return await self.js.key_value(APPPASSWORDS_BUCKET)
+        except BucketNotFoundError:
+            pass
+        try:
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=APPPASSWORDS_BUCKET, history=1, replicas=self.replicas))
+        except BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+            return await self.js.key_value(APPPASSWORDS_BUCKET)  # another replica made it
 
     async def close(self) -> None:
         for task in [self._supervisor, *self._tasks]:
@@ -196,6 +200,8 @@ class AppPasswords:
     async def reload(self) -> None:
         """Read the bucket whole and replace the mirror with it (and whatever changed meanwhile)."""
         reconnects = self.nc.stats["reconnects"]
+        if self.kv is None:
+            self.kv = await self._open()
         self._buffer = []
         try:
             found = await records.read_entries(self.js, self.kv, APPPASSWORDS_BUCKET)
