@@ -155,3 +155,11 @@ def test_a_password_changed_in_sql_old_refused_new_accepted_within_the_ttl(sql_s
     assert time.monotonic() - changed < TTL + 2
     assert auth(sql_stack, login, new)[0] == 235
     assert auth(sql_stack, login, old)[0] == 535
+
+
+def test_a_wrong_query_stops_policy_at_start_saying_why(pg, make_stack):
+    env = pg.policy_env(DIRECTORIES='["sql"]', SQL_USER_QUERY="SELECT password FROM userz WHERE login = $1")
+    stack = make_stack(start=False, users={}, env={"policy": env})
+    with pytest.raises(RuntimeError, match="policy exited") as raised:
+        stack.start(services=("policy",))
+    assert 'sql_user_query is refused by PostgreSQL (42P01): relation "userz" does not exist' in str(raised.value)
