@@ -7,7 +7,10 @@ SQL seen within the directory cache's TTL, an old password included."""
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -51,7 +54,10 @@ def sql_stack(pg, tmp_path_factory) -> Iterator[Stack]:
     env = pg.policy_env(DIRECTORIES='["sql"]', DIRECTORY_CACHE_SECONDS=str(TTL), DIRECTORY_GRACE_SECONDS="3600",
                         DIRECTORY_TIMEOUT="2", SQL_TIMEOUT="1", AUTH_FAILURE_DELAY="0.05",
                         AUTH_FAILURES_PER_CLIENT="1000", AUTH_FAILURES_PER_LOGIN="1000")
-    yield from module_stack(tmp_path_factory.mktemp("sql-stack"), users={}, env={"policy": env})
+    root = tmp_path_factory.mktemp("sql-stack")
+    (root / "admin-token").write_text("sql-admin-token\n")  # submitctl --local reads the users API with it
+    relay = {"ADMIN_TOKEN_FILE": str(root / "admin-token")}
+    yield from module_stack(root, users={}, env={"policy": env, "relay": relay})
 
 
 def auth(stack: Stack, login: str, password: str) -> tuple[int, str]:
@@ -163,3 +169,19 @@ def test_a_wrong_query_stops_policy_at_start_saying_why(pg, make_stack):
     with pytest.raises(RuntimeError, match="policy exited") as raised:
         stack.start(services=("policy",))
     assert 'sql_user_query is refused by PostgreSQL (42P01): relation "userz" does not exist' in str(raised.value)
+
+
+def test_submitctl_user_ls_and_show_read_the_sql_logins(sql_stack, pg):
+    def submitctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(sql_stack.root), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    listing = submitctl("user", "ls", "-o", "json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {r["login"]: r for r in json.loads(listing.stdout)}
+    assert {*USERS, "dora@example.test"} <= set(rows) and {r["source"] for r in rows.values()} == {"sql"}
+    assert rows["dora@example.test"]["suspended"] is True and rows["bob@example.test"]["scheme"] == "2y"
+    assert "team@example.test" in rows[ALICE]["send_as"] and "$argon2" not in listing.stdout
+    shown = submitctl("user", "show", "carol@example.test")
+    assert shown.returncode == 0, shown.stderr
+    assert "source:     sql" in shown.stdout and f"postgresql 127.0.0.1:{pg.port}/mail" in shown.stdout
