@@ -137,6 +137,14 @@ async def test_postgresql_stopped_is_unavailable_never_unknown_and_it_recovers(p
     assert (await directory.lookup(ALICE)).login == ALICE and directory.ready()
 
 
+async def test_a_lost_connection_is_replaced_and_a_rotated_password_read_from_its_file(pg, directory):
+    assert await directory.lookup(ALICE) is not None
+    pg.rotate_password()  # the Secret updated: new connections must use the new password
+    assert pg.disconnect() == 1  # the pooled session ends (a failover, a restart)
+    assert (await directory.lookup(ALICE)).login == ALICE  # at once: not one 454
+    assert pg.disconnect() == 1 and directory.ready()
+
+
 async def test_a_slow_query_is_unavailable(pg):
     d = sql.build(settings(pg, sql_timeout=0.5,
                            sql_user_query="SELECT password FROM users, pg_sleep(5) WHERE login = $1"))

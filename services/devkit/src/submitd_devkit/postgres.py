@@ -213,6 +213,22 @@ class Postgres:
         self.sql(f"CREATE DATABASE {DATABASE}", "postgres")
         self.sql(EXAMPLE_SCHEMA + f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {ROLE};")
 
+    def rotate_password(self) -> str:
+        """A new password for the submitd role, written to ``password_file`` (as a Secret is
+        updated); sessions already open stay (``disconnect`` ends them)."""
+        self.password = secrets.token_urlsafe(18)
+        self.sql(f"ALTER ROLE {ROLE} PASSWORD :'password'", "postgres", password=self.password)
+        tmp = self.password_file.with_suffix(".tmp")
+        tmp.write_text(self.password + "\n")
+        tmp.chmod(0o600)
+        tmp.replace(self.password_file)
+        return self.password
+
+    def disconnect(self) -> int:
+        """Ends the submitd role's sessions (as a failover or a restart would); how many."""
+        rows = self.sql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{ROLE}'")
+        return int(rows[0][0])
+
     # -- the example schema's users ---------------------------------------------------------
 
     def add_user(self, login: str, password_hash: str | None, send_as: Iterable[str] = (), *,

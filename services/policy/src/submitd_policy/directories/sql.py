@@ -51,6 +51,11 @@ class QueryError(ValueError):
     directory reads: a configuration error, reported at start."""
 
 
+class ConnectionLost(DirectoryUnavailable):
+    """A pooled connection turned out closed (PostgreSQL restarted, the session terminated):
+    the lookup is tried once more on a new one (the queries only read)."""
+
+
 class RowError(ValueError):
     """A row whose value cannot be read (a limit that is no number ...)."""
 
@@ -107,7 +112,9 @@ class SqlDirectory(Directory):
                 yield conn
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             self._ok = False
-            raise DirectoryUnavailable(f"sql: {self._why(e, stage, pool)}") from None
+            lost = stage == "query" and (isinstance(e, (ConnectionError, asyncpg.ConnectionDoesNotExistError))
+                                         or str(getattr(e, "sqlstate", "")).startswith(("08", "57P")))
+            raise (ConnectionLost if lost else DirectoryUnavailable)(f"sql: {self._why(e, stage, pool)}") from None
         except RowError as e:
             raise DirectoryUnavailable(f"sql: {e}") from None
         except (QueryError, DirectoryUnavailable):
@@ -123,7 +130,7 @@ class SqlDirectory(Directory):
                 return f"all {self.pool_size} connections of the pool busy for {self.timeout:g} s"
             return f"no connection within {self.timeout:g} s ({self.detail})"
         if isinstance(e, asyncpg.PostgresError):
-            return f"PostgreSQL answered {e.sqlstate}: {e.message}"
+            return f"PostgreSQL answered {e.sqlstate}: {e.message or str(e) or type(e).__name__}"
         if isinstance(e, OSError):
             return f"cannot reach {self.detail}: {type(e).__name__} {e.strerror or ''}".rstrip()
         return f"{type(e).__name__} ({self.detail})"
@@ -175,8 +182,12 @@ class SqlDirectory(Directory):
     # -- lookups ------------------------------------------------------------------------------
 
     async def lookup(self, login: str) -> Account | None:
-        async with self._connection() as conn:
-            return await self._read(conn, login)
+        try:
+            async with self._connection() as conn:
+                return await self._read(conn, login)
+        except ConnectionLost:
+            async with self._connection() as conn:
+                return await self._read(conn, login)
 
     async def _read(self, conn: asyncpg.Connection, login: str) -> Account | None:
         rows = await conn.fetch(self.queries["sql_user_query"], login)
