@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -231,12 +232,31 @@ def test_a_dsn_with_a_password_or_tls_options_is_refused_without_quoting_it():
         assert "hunter2" not in str(raised.value) and "SQL_" in str(raised.value)
 
 
-def test_the_readme_shows_the_example_schema_and_the_default_queries():
+async def test_the_readmes_example_schema_role_and_rows_work_with_the_default_queries(pg, tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Users from SQL"):]
-    assert postgres.EXAMPLE_SCHEMA in section
+    section = section[:section.index("\n## ")]
     for field in ("sql_user_query", "sql_send_as_query", "sql_list_query"):
-        assert Settings.model_fields[field].default in section, field
+        assert f"`{Settings.model_fields[field].default}`" in section, field
+    schema, setup = re.findall(r"```sql\n(.*?)```", section, re.S)[:2]
+    assert schema == postgres.EXAMPLE_SCHEMA
+    # As the README says, in a database and with a role of their own (the cluster has a submitd role)
+    pg.sql("CREATE DATABASE readme", "postgres")
+    pg.sql(schema, "readme")
+    setup = (setup.replace("submitd", "readme_reader").replace("PASSWORD '...'", "PASSWORD :'password'")
+             .replace("'$argon2id$v=19$m=65536,t=3,p=4$...'", ":'hash'"))
+    pg.sql(setup, "readme", password="readme pw", hash=ARGON2.hash("alice's password"))
+    (tmp_path / "password").write_text("readme pw\n")
+    d = sql.build(settings(pg, sql_dsn=f"postgresql://readme_reader@127.0.0.1:{pg.port}/readme",
+                           sql_password_file=str(tmp_path / "password")))
+    try:
+        await d.start()
+        user = (await d.lookup("alice@example.net")).user
+    finally:
+        await d.close()
+    assert verify_password(user.password_hash, "alice's password")
+    assert user.may_send_as("alice@example.net") and user.may_send_as("anyone@sales.example.net")
+    assert not user.may_send_as("bob@example.net")
 
 
 @pytest.fixture(scope="module")
