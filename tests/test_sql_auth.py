@@ -138,14 +138,14 @@ def test_a_changed_row_is_seen_within_the_ttl(sql_stack, pg):
     pg.add_send_as(login, "@shared.example.test")
     changed = time.monotonic()
     eventually(lambda: mail_from(sql_stack, login, password, "erin@shared.example.test")[0] == 250, timeout=TTL + 10)
-    assert time.monotonic() - changed < TTL + 2
+    assert time.monotonic() - changed < TTL + 4
     # a session that is open when the account is suspended: its next MAIL is refused
     with connect(sql_stack) as client:
         assert _auth(client, login, password)[0] == 235
         pg.suspend(login)
         changed = time.monotonic()
         refusal = eventually(lambda: refused_mail(client, login), timeout=TTL + 10)
-        assert time.monotonic() - changed < TTL + 2
+        assert time.monotonic() - changed < TTL + 4
     assert refusal == "550 5.7.1 Account suspended"
     assert auth(sql_stack, login, password)[0] == 535
 
@@ -158,7 +158,7 @@ def test_a_password_changed_in_sql_old_refused_new_accepted_within_the_ttl(sql_s
     pg.set_password(login, bcrypt.using(rounds=4).hash(new))
     changed = time.monotonic()
     eventually(lambda: auth(sql_stack, login, old)[0] == 535, timeout=TTL + 10)
-    assert time.monotonic() - changed < TTL + 2
+    assert time.monotonic() - changed < TTL + 4
     assert auth(sql_stack, login, new)[0] == 235
     assert auth(sql_stack, login, old)[0] == 535
 
