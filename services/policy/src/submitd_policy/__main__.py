@@ -12,6 +12,7 @@ from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from . import admin
 from .apppasswords import AppPasswords
 from .counters import Counters
 from .service import PolicyService
@@ -53,12 +54,15 @@ async def amain() -> None:
                                      last_used_seconds=settings.app_passwords_last_used_seconds)
         await app_passwords.start()
     service = PolicyService(settings, users, rates, authfail, known, app_passwords=app_passwords)
+    for directory in service.directories.directories:
+        await directory.start()  # a configuration the directory refuses (a wrong SQL query) stops policy here
     for name in service.directories.names:  # reported by /readyz; a directory that is down never takes policy out
         if name != "file":
             health.add_report(f"directory_{name}", lambda name=name: service.directories.ready()[name])
     await lifecycle.serve_grpc(
         "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
-        [m.name for m in SERVICE.methods], users=len(users.value.users),
+        [m.name for m in SERVICE.methods], routers=[admin.router(settings, service.directories)],
+        users=len(users.value.users), directories=service.directories.names,
     )
     await stop_watch()
     if app_passwords is not None:
