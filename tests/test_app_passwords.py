@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from submitd_devkit import postgres
 from submitd_devkit.ports import free_port
 from submitd_devkit.stack import Stack, User
 from submitd_devkit.testing.plugin import module_stack
@@ -297,3 +298,29 @@ def test_user_rm_revokes_the_logins_app_passwords_so_a_login_made_again_finds_no
     out = submitctl(stack, "app-password", "revoke", erin, "--all")
     assert out.returncode == 0 and "(three) of erin@example.test revoked" in out.stdout, out.stderr
     assert auth(stack.ports.submission, erin, third) == 535
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed (apt-get install postgresql)")
+def test_an_sql_login_uses_an_app_password_beside_its_sql_password_and_loses_it_when_suspended_in_sql(make_stack):
+    # The login lives in PostgreSQL only (no users file entry): its app password works as well,
+    # survives a new password in SQL, and stops when the row says suspended (within the TTL).
+    from argon2 import PasswordHasher
+
+    from submitd_devkit.testing.plugin import TEST_ARGON2
+
+    hasher = PasswordHasher(time_cost=TEST_ARGON2["time_cost"], memory_cost=TEST_ARGON2["memory_kib"],
+                            parallelism=TEST_ARGON2["parallelism"])
+    frank = "frank@example.test"
+    with postgres.Postgres() as pg:
+        pg.add_user(frank, hasher.hash("frank's sql password"), [frank])
+        stack = make_stack(users={}, env={"policy": pg.policy_env(
+            DIRECTORIES='["sql"]', DIRECTORY_CACHE_SECONDS="1", AUTH_FAILURE_DELAY="0.05")})
+        secret = add(stack, frank, "mail merge")["password"]
+        assert auth(stack.ports.submission, frank, secret) == 235
+        assert auth(stack.ports.submission, frank, "frank's sql password") == 235
+        pg.set_password(frank, hasher.hash("frank's new sql password"))
+        eventually(lambda: auth(stack.ports.submission, frank, "frank's sql password") == 535, timeout=10)
+        assert auth(stack.ports.submission, frank, secret) == 235, "a new password in SQL revokes no app password"
+        pg.suspend(frank)
+        eventually(lambda: auth(stack.ports.submission, frank, secret) == 535, timeout=10)
+        stack.stop(at_once=True)
