@@ -94,7 +94,7 @@ PEOPLE = [
     Person("erin", "sha512-crypt", ["erin@example.test"], {
         "sAMAccountName": ["erin"], "userAccountControl": ["512"],
         "proxyAddresses": ["SMTP:erin@example.test", "smtp:e.jones@example.test", "X500:/o=Example/cn=erin",
-                           "sip:erin@example.test"]}),
+                           "sip:erin.phone@example.test"]}),
     Person("frank", "sha512-crypt", ["frank@example.test"], {"sAMAccountName": ["frank"], "userAccountControl": ["514"]}),
     # The same uid twice (a second tree): a lookup must refuse rather than pick one.
     Person("twin", "argon2", ["twin@example.test"]),
