@@ -245,6 +245,8 @@ def _unbind_all(connections: list[ldap3.Connection]) -> None:
             conn.unbind()
         except (LDAPException, OSError):
             pass
+        if conn.socket is not None:  # (a connection that failed while opening keeps its socket)
+            conn.socket.close()
 
 
 def build(settings, users) -> LdapDirectory:
