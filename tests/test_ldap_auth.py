@@ -7,7 +7,10 @@ included although the old one was in the credential cache."""
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -42,7 +45,9 @@ def slapd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ldap_stack(slapd, tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    yield from module_stack(root, users={}, env={"policy": ldap_env(slapd, root)})
+    (root / "admin-token").write_text("ldap-admin-token\n")  # submitctl --local reads it
+    yield from module_stack(root, users={}, env={"policy": ldap_env(slapd, root),
+                                                 "relay": {"ADMIN_TOKEN_FILE": str(root / "admin-token")}})
 
 
 def auth(stack, login: str, password: str) -> tuple[int, str, smtplib.SMTP]:
@@ -174,3 +179,22 @@ def test_compare_mode_over_ldaps_checks_the_hash_in_policy(make_stack, slapd, tm
     # Checked by policy's hashing pool, not by a bind.
     assert sample(stack.ports.policy_http, "submitd_policy_password_verifications_total", result="match") == verified + 3
     assert mail_from(stack, "alice", "sales@example.test")[0] == 250
+
+
+def test_submitctl_lists_the_directorys_users_with_their_rights(ldap_stack):
+    def submitctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(ldap_stack.root), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    listing = submitctl("user", "ls", "-o", "json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {r["login"]: r for r in json.loads(listing.stdout)}
+    assert {"alice", "bob", "carol", "dave", "erin", "frank"} <= set(rows)
+    assert {r["source"] for r in rows.values()} == {"ldap"}
+    assert "sales@example.test" in rows["alice"]["send_as"] and rows["alice"]["scheme"] == "directory"
+    assert rows["dave"]["suspended"] and rows["frank"]["suspended"] and not rows["erin"]["suspended"]
+    assert rows["bob"]["limits"] == {"messages_per_hour": 7} and rows["bob"]["deny_recipients"] == ["ceo@example.test"]
+    shown = submitctl("user", "show", "erin")
+    assert shown.returncode == 0, shown.stderr
+    assert "source:     ldap" in shown.stdout and "uid=erin,ou=people,dc=example,dc=test" in shown.stdout
+    assert "e.jones@example.test" in shown.stdout and "X500" not in shown.stdout

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ from submitd_devkit.ldap import (BASE, HASHES_DN, HASHES_PASSWORD, SEARCH_DN, SE
 from submitd_policy.directories import DirectoryUnavailable, build
 from submitd_policy.settings import Settings
 
-AD = {"ldap_user_filter": "(&(objectClass=submitdAdUser)(sAMAccountName={login}))",
-      "ldap_login_attribute": "sAMAccountName"}
+AD = {"ldap_user_filter": "(&(objectCategory=person)(objectClass=user)(sAMAccountName={login}))",
+      "ldap_login_attribute": "sAMAccountName", "ldap_group_filter": "(&(objectClass=group)(member={dn}))"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,8 @@ async def test_active_directory_proxy_addresses_count_only_as_smtp_without_the_p
     user = account.user
     assert user.login == "erin"
     assert user.may_send_as("erin@example.test") and user.may_send_as("e.jones@example.test")
-    assert {a.lower() for a in user.send_as} == {"erin@example.test", "e.jones@example.test"}  # no X500:, no sip:
+    assert {a.lower() for a in user.send_as} == {"erin@example.test", "e.jones@example.test",  # no X500:, no sip:
+                                                 "support@example.test"}  # her group's
     assert not user.may_send_as("erin.phone@example.test")  # her sip: address
     assert await ldap.check_password(account, password_of("erin"))
     assert await ldap.lookup("alice") is None  # not an AD user: the filter decides
@@ -233,3 +236,41 @@ async def test_accounts_lists_the_directorys_users(make):
     alice = next(a for a in everyone if a.login == "alice")
     assert alice.user.may_send_as("sales@example.test") and alice.detail == dn_of("alice")
     assert len(await ldap.accounts(limit=3)) == 3
+
+
+def readme_settings(containing: str) -> dict[str, str]:
+    """The environment one of the README's LDAP examples sets (the block with ``containing``)."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "SUBMITD_POLICY_LDAP_URL" in b and containing in b]
+    assert len(blocks) == 1, containing
+    return dict(line.split("=", 1) for line in shlex.split(blocks[0], comments=True))
+
+
+@pytest.mark.parametrize("example", ["inetOrgPerson", "sAMAccountName"])
+async def test_the_readmes_examples_map_the_dev_kits_directory(example, slapd, secrets, monkeypatch):
+    """The README's OpenLDAP and Active Directory settings, as an operator pastes them, with only
+    where the server is (URL, CA, service account, base DN) pointing at the dev kit's slapd."""
+    env = readme_settings(example)
+    env |= {"SUBMITD_POLICY_LDAP_URL": slapd.url, "SUBMITD_POLICY_LDAP_STARTTLS": "true",
+            "SUBMITD_POLICY_LDAP_CA_FILE": str(slapd.ca_file), "SUBMITD_POLICY_LDAP_BIND_DN": SEARCH_DN,
+            "SUBMITD_POLICY_LDAP_BIND_PASSWORD_FILE": str(secrets / "search"), "SUBMITD_POLICY_LDAP_BASE_DN": BASE,
+            "SUBMITD_POLICY_USERS_FILE": str(secrets / "users.yaml")}
+    if "SUBMITD_POLICY_LDAP_GROUP_BASE_DN" in env:
+        env["SUBMITD_POLICY_LDAP_GROUP_BASE_DN"] = f"ou=groups,{BASE}"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert "ldap" in settings.directories
+    ldap = build("ldap", settings, None)
+    try:
+        login = "alice" if example == "inetOrgPerson" else "erin"
+        account = await ldap.lookup(login)
+        assert account.login == login and await ldap.check_password(account, password_of(login))
+        shared = "sales@example.test" if login == "alice" else "support@example.test"
+        assert account.user.may_send_as(shared)
+        if example == "sAMAccountName":
+            assert account.user.may_send_as("e.jones@example.test")
+            assert (await ldap.lookup("frank")).user.suspended
+            assert await ldap.lookup("alice") is None  # not an AD user
+    finally:
+        await ldap.close()

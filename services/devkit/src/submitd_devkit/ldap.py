@@ -10,6 +10,10 @@ proxyAddresses and userAccountControl), and a small test directory (``PEOPLE``, 
         slapd.replace("alice", "mail", ["a@example.test"])
         slapd.stop(); slapd.start()                         # the data stays
 
+To try submitd's LDAP directory by hand (``make run`` with the settings it prints):
+
+    .venv/bin/python -m submitd_devkit.ldap var/ldap     # 127.0.0.1:2389 (StartTLS), :2636 (LDAPS)
+
 Every user's password is ``password_of(uid)``; their hashes are in the form the entry says
 (``{ARGON2}``, ``{CRYPT}$6$``, ``{CRYPT}$2b$``), which slapd itself checks on a bind too.
 Needs ``slapd`` and ``ldap-utils`` (.ci/run installs them).
@@ -17,9 +21,11 @@ Needs ``slapd`` and ``ldap-utils`` (.ci/run installs them).
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +70,13 @@ attributetype ( 1.2.840.113556.1.2.210 NAME 'proxyAddresses'
   EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 )
 attributetype ( 1.2.840.113556.1.4.8 NAME 'userAccountControl'
   EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
-objectclass ( 1.3.6.1.4.1.4203.666.27.2.2 NAME 'submitdAdUser' DESC 'an Active Directory user, as far as submitd reads it'
-  SUP top AUXILIARY MAY ( sAMAccountName $ proxyAddresses $ userAccountControl ) )
+attributetype ( 1.2.840.113556.1.4.782 NAME 'objectCategory'
+  DESC 'a DN in AD, which a filter may name by its short name: person' EQUALITY caseIgnoreMatch
+  SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+objectclass ( 1.2.840.113556.1.5.9 NAME 'user' DESC 'an Active Directory user, as far as submitd reads it'
+  SUP top AUXILIARY MAY ( sAMAccountName $ proxyAddresses $ userAccountControl $ objectCategory ) )
+objectclass ( 1.2.840.113556.1.5.8 NAME 'group' DESC 'an Active Directory group, as far as submitd reads it'
+  SUP top AUXILIARY MAY ( mail $ proxyAddresses ) )
 """
 
 
@@ -92,16 +103,17 @@ PEOPLE = [
     Person("dave", "argon2", ["dave@example.test"], {"submitdSuspended": ["TRUE"]}),
     # Active Directory's ways: SMTP:/smtp: addresses among others, the disabled bit (0x2).
     Person("erin", "sha512-crypt", ["erin@example.test"], {
-        "sAMAccountName": ["erin"], "userAccountControl": ["512"],
+        "sAMAccountName": ["erin"], "userAccountControl": ["512"], "objectCategory": ["person"],
         "proxyAddresses": ["SMTP:erin@example.test", "smtp:e.jones@example.test", "X500:/o=Example/cn=erin",
                            "sip:erin.phone@example.test"]}),
-    Person("frank", "sha512-crypt", ["frank@example.test"], {"sAMAccountName": ["frank"], "userAccountControl": ["514"]}),
+    Person("frank", "sha512-crypt", ["frank@example.test"],
+           {"sAMAccountName": ["frank"], "userAccountControl": ["514"], "objectCategory": ["person"]}),
     # The same uid twice (a second tree): a lookup must refuse rather than pick one.
     Person("twin", "argon2", ["twin@example.test"]),
     Person("twin", "argon2", ["twin2@example.test"], ou="contractors"),
 ]
-# A group's mail: its members may send as it.
-GROUPS = {"sales": ("sales@example.test", ["alice", "bob"]), "support": ("support@example.test", ["bob"])}
+# A group's mail: its members may send as it (groupOfNames, and AD's group).
+GROUPS = {"sales": ("sales@example.test", ["alice", "bob"]), "support": ("support@example.test", ["bob", "erin"])}
 
 
 def hash_password(password: str, scheme: str) -> str:
@@ -141,12 +153,12 @@ def directory_entries() -> list[dict[str, list[str]]]:
         entries.append({"dn": [dn], "objectClass": ["organizationalRole", "simpleSecurityObject"],
                         "cn": [dn.split(",")[0][3:]], "userPassword": [hash_password(password, "sha512-crypt")]})
     for p in PEOPLE:
-        classes = ["inetOrgPerson", "submitdUser"] + (["submitdAdUser"] if "sAMAccountName" in p.attributes else [])
+        classes = ["inetOrgPerson", "submitdUser"] + (["user"] if "sAMAccountName" in p.attributes else [])
         entries.append({"dn": [dn_of(p.uid, p.ou)], "objectClass": classes, "uid": [p.uid], "cn": [p.uid.title()],
                         "sn": [p.uid.title()], "mail": p.mail,
                         "userPassword": [hash_password(password_of(p.uid), p.scheme)], **p.attributes})
     for name, (mail, members) in GROUPS.items():
-        entries.append({"dn": [f"cn={name},{GROUPS_DN}"], "objectClass": ["groupOfNames", "extensibleObject"],
+        entries.append({"dn": [f"cn={name},{GROUPS_DN}"], "objectClass": ["groupOfNames", "group"],
                         "cn": [name], "mail": [mail], "member": [dn_of(m) for m in members]})
     return entries
 
@@ -251,3 +263,31 @@ class Slapd:
         done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A test slapd with the dev kit's directory, for trying the ldap directory")
+    parser.add_argument("directory", type=Path, help="where its config, data and certificate live (kept)")
+    parser.add_argument("--port", type=int, default=2389, help="ldap:// with StartTLS")
+    parser.add_argument("--ldaps-port", type=int, default=2636)
+    args = parser.parse_args()
+    slapd = Slapd(args.directory, args.port, args.ldaps_port).start()
+    password_file = args.directory / "bind-password"
+    password_file.write_text(SEARCH_PASSWORD + "\n")
+    settings = {"DIRECTORIES": '["ldap", "file"]', "LDAP_URL": slapd.url, "LDAP_STARTTLS": "true",
+                "LDAP_CA_FILE": slapd.ca_file, "LDAP_BASE_DN": BASE, "LDAP_BIND_DN": SEARCH_DN,
+                "LDAP_BIND_PASSWORD_FILE": password_file}
+    print("slapd on", slapd.url, "and", slapd.ldaps_url, "; policy's settings:")
+    print("\n".join(f"SUBMITD_POLICY_{k}='{v}'" for k, v in settings.items()))
+    print("users:", ", ".join(sorted({p.uid for p in PEOPLE})), f"(password: {password_of('<uid>')!r}); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        slapd.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        slapd.stop()
+
+
+if __name__ == "__main__":
+    main()
