@@ -17,6 +17,7 @@ import pytest
 from submitd_common.users import verify_password
 from submitd_devkit.ldap import (BASE, HASHES_DN, HASHES_PASSWORD, SEARCH_DN, SEARCH_PASSWORD, Slapd, dn_of,
                                  password_of)
+from submitd_devkit.ports import free_port
 from submitd_policy.directories import DirectoryUnavailable, build
 from submitd_policy.settings import Settings
 
@@ -176,6 +177,12 @@ async def test_a_directory_that_is_down_is_unavailable_never_unknown(make, slapd
     assert (await ldap.lookup("alice")).login == "alice"
     assert await ldap.check_password(alice, password_of("alice"))
     assert ldap.ready()
+
+
+async def test_a_second_url_answers_when_the_first_server_is_down(make, slapd):
+    ldap = make(ldap_url=f"ldap://127.0.0.1:{free_port()} {slapd.url}")
+    account = await ldap.lookup("alice")
+    assert account.login == "alice" and await ldap.check_password(account, password_of("alice"))
 
 
 async def test_ldaps_and_starttls_verify_the_servers_certificate(make, slapd):

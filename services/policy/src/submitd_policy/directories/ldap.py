@@ -181,7 +181,10 @@ class LdapDirectory(Directory):
         """The server(s) for one new connection: an ldap3 Server keeps state of its own (the address
         it is connected to, addresses it found down in the last seconds) that its connections
         share without a lock, so threads never share one."""
-        servers = [ldap3.Server(url, tls=self.tls, get_info=ldap3.NONE, connect_timeout=self.timeout) for url in self.urls]
+        # Each server's connect may take a share of the chain's timeout: a next one is still tried within it.
+        connect_timeout = self.timeout / (len(self.urls) + 1) if len(self.urls) > 1 else self.timeout
+        servers = [ldap3.Server(url, tls=self.tls, get_info=ldap3.NONE, connect_timeout=connect_timeout)
+                   for url in self.urls]
         return servers[0] if len(servers) == 1 else ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
 
     def _forget(self, kind: str, conn: ldap3.Connection) -> None:
