@@ -255,9 +255,10 @@ class Slapd:
     def set_password(self, uid: str, password: str, scheme: str = "sha512-crypt") -> None:
         self.replace(uid, "userPassword", [hash_password(password, scheme)])
 
-    def add(self, entry: dict[str, list[str]]) -> None:
+    def add(self, *entries: dict[str, list[str]]) -> None:
+        """New entries (attribute -> values, the DN under ``dn``), in one ldapadd."""
         self._run(["ldapadd", "-x", "-H", self.url, "-D", ADMIN_DN, "-y", str(self.admin_password_file)],
-                  _ldif([entry]))
+                  _ldif(list(entries)))
 
     def _run(self, command: list[str], stdin: str | None = None) -> None:
         done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=30)
