@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from argon2 import PasswordHasher
-from passlib.hash import bcrypt, md5_crypt, sha512_crypt
+from passlib.hash import bcrypt, sha512_crypt
 
 from submitd_common.users import verify_password
 from submitd_policy.directories.ldap_entries import UNUSABLE_HASH, addresses, escape, fill, password_hash
@@ -39,24 +39,27 @@ def test_addresses_keep_smtp_values_without_their_prefix_and_drop_other_prefixes
 FAST_ARGON2 = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
 
-@pytest.mark.parametrize("stored", [
-    "{ARGON2}" + FAST_ARGON2.hash("pw"),  # OpenLDAP's argon2 module
-    "{CRYPT}" + sha512_crypt.using(rounds=5000).hash("pw"),
-    "{CRYPT}" + bcrypt.using(ident="2b", rounds=4).hash("pw"),
-    "{BLF-CRYPT}" + bcrypt.using(ident="2y", rounds=4).hash("pw"),  # Dovecot's name
-    "{crypt}" + sha512_crypt.using(rounds=5000).hash("pw"),  # scheme names are case-insensitive
-])
-def test_compare_mode_reads_the_hashes_submitd_can_verify(stored):
-    hashed = password_hash([stored])
+STORED = {  # as userPassword holds them (made when the test runs: the salts differ per process)
+    "argon2": lambda: "{ARGON2}" + FAST_ARGON2.hash("pw"),  # OpenLDAP's argon2 module
+    "crypt-sha512": lambda: "{CRYPT}" + sha512_crypt.using(rounds=5000).hash("pw"),
+    "crypt-bcrypt": lambda: "{CRYPT}" + bcrypt.using(ident="2b", rounds=4).hash("pw"),
+    "blf-crypt": lambda: "{BLF-CRYPT}" + bcrypt.using(ident="2y", rounds=4).hash("pw"),  # Dovecot's name
+    "lowercase-scheme": lambda: "{crypt}" + sha512_crypt.using(rounds=5000).hash("pw"),  # names are case-insensitive
+}
+
+
+@pytest.mark.parametrize("form", sorted(STORED))
+def test_compare_mode_reads_the_hashes_submitd_can_verify(form):
+    hashed = password_hash([STORED[form]()])
     assert verify_password(hashed, "pw") and not verify_password(hashed, "pw2")
 
 
 @pytest.mark.parametrize("stored", [
     ["pw"],  # cleartext in the directory: never compared
     ["{SSHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g="],
-    ["{CRYPT}" + md5_crypt.hash("pw")],  # $1$: too weak to accept
+    ["{CRYPT}$1$saltsalt$6SNdNaZLKst2LlSm7oPPL1"],  # MD5-crypt: too weak to accept
     [],
-])
+], ids=["cleartext", "ssha", "md5-crypt", "none"])
 def test_other_hashes_match_no_password(stored):
     assert password_hash(stored) == UNUSABLE_HASH
     assert not verify_password(password_hash(stored), "pw")
