@@ -188,7 +188,7 @@ config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}
 {{- define "submitd.identityEnv" -}}
 {{- $i := .Values.identity -}}
 {{- $secrets := include "submitd.identitySecrets" . | fromJson -}}
-{{- $env := dict "DIRECTORIES" (toJson $i.directories) "DIRECTORY_CACHE_SECONDS" $i.cacheSeconds "DIRECTORY_GRACE_SECONDS" $i.graceSeconds "DIRECTORY_TIMEOUT" $i.timeoutSeconds "AUTH_MECHANISMS" (toJson $i.mechanisms) -}}
+{{- $env := dict "DIRECTORIES" (toJson $i.directories) "DIRECTORY_CACHE_SECONDS" $i.cacheSeconds "DIRECTORY_GRACE_SECONDS" $i.graceSeconds "DIRECTORY_TIMEOUT" $i.timeoutSeconds "AUTH_MECHANISMS" (toJson $i.mechanisms) "APP_PASSWORDS" $i.appPasswords -}}
 {{- if has "ldap" $i.directories -}}
 {{- if not $i.ldap.url }}{{ fail "identity.ldap.url is required when identity.directories names ldap" }}{{ end -}}
 {{- range $key, $value := dict "URL" $i.ldap.url "STARTTLS" $i.ldap.startTLS "MODE" $i.ldap.mode "BIND_DN" $i.ldap.bindDN "BASE_DN" $i.ldap.baseDN "USER_FILTER" $i.ldap.userFilter "GROUP_BASE_DN" $i.ldap.groupBaseDN "GROUP_FILTER" $i.ldap.groupFilter -}}
