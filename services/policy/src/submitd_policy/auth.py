@@ -20,6 +20,7 @@ from submitd_common.replies import reply
 
 from .credentials import Authenticator, HashingBusy, Locked
 from .lockouts import CLIENT, Lockouts
+from .oauth.mechanisms import MECHANISMS as TOKEN_MECHANISMS
 from .rules import SessionState, refuse
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
@@ -31,10 +32,12 @@ TOO_MANY_FAILURES = (421, "4.7.0", "Too many authentication failures, try again 
 
 
 class Auth:
-    def __init__(self, settings: Settings, authenticator: Authenticator, lockouts: Lockouts) -> None:
+    def __init__(self, settings: Settings, authenticator: Authenticator, lockouts: Lockouts, tokens=None) -> None:
         self.settings = settings
         self.authenticator = authenticator
         self.lockouts = lockouts
+        self.tokens = tokens  # oauth.auth.TokenAuth when oauth_mode is set
+        self.mechanisms = MECHANISMS | (TOKEN_MECHANISMS if tokens is not None else {})
 
     async def start(self, state: SessionState, ev: policy_pb2.AuthStart) -> policy_pb2.Verdict:
         if not state.tls and not self.settings.allow_auth_without_tls:
@@ -45,7 +48,7 @@ class Auth:
         if await self.lockouts.client_locked(state.peer):
             await self._delay(started)
             return refuse(*TOO_MANY_FAILURES, disconnect=True)
-        factory = MECHANISMS.get(ev.mechanism.upper())
+        factory = self.mechanisms.get(ev.mechanism.upper())
         if factory is None:
             return refuse(504, "5.5.4", "Unrecognized authentication type")
         state.sasl = factory()
@@ -67,7 +70,11 @@ class Auth:
             return refuse(501, "5.5.2", f"Cannot decode response: {e}")
         if step.challenge is not None:
             return policy_pb2.Verdict(accept=False, has_challenge=True, challenge=step.challenge)
-        state.sasl = None
+        mechanism, state.sasl = state.sasl, None
+        if step.failed:  # the client's answer to a refused token's error challenge (RFC 7628 §3.2.2)
+            return refuse(535, "5.7.8", "Authentication credentials invalid")
+        if step.token is not None:
+            return await self.tokens.check(state, mechanism, step.token)
         return await self._check(state, step.credentials)
 
     async def _check(self, state: SessionState, creds) -> policy_pb2.Verdict:

@@ -73,6 +73,12 @@ class Lockouts:
     async def client_locked(self, peer: str) -> bool:
         return self.failures is not None and await self.failures.get(self.client_key(peer)) >= self.per_client
 
+    async def token_failed(self, peer: str) -> None:
+        """A bearer token refused: counted against the client only (a token is not a password
+        that could be guessed for one login)."""
+        if self.failures is not None:
+            await self.failures.incr(self.client_key(peer))
+
     def attempt(self, login: str, peer: str) -> Attempt:
         return Attempt(self, login, peer)
 
