@@ -59,6 +59,21 @@ def auth_plain(stack: Stack, user: str, password: str, source: str) -> int:
             return -1
 
 
+def test_ehlo_advertises_exactly_the_mechanisms_policy_accepts(make_stack):
+    # One source: the frontend has no list of its own. Policy restricted to PLAIN: EHLO says so,
+    # and LOGIN (which smtplib would fall back to) is refused as unrecognized.
+    stack = make_stack(users=users(), env={"policy": {"AUTH_MECHANISMS": '["PLAIN"]'}})
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.ehlo("client.example.test")
+        assert "auth" not in client.esmtp_features, "no AUTH before TLS"
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.test")
+        assert client.esmtp_features["auth"].split() == ["PLAIN"]
+        assert reply_of(client, "AUTH LOGIN") == (504, "5.5.4 Unrecognized authentication type")
+        client.login(ALICE, ALICE_PASSWORD)
+        assert client.mail(ALICE)[0] == 250
+
+
 def test_shared_address_aliases(make_stack):
     stack = make_stack(start=False, users=users())
     stack.aliases = {"sales@example.test": [ALICE]}

@@ -14,6 +14,9 @@ from argon2 import PasswordHasher
 from submitd_common.files import WatchedFile
 from submitd_common.users import UserDB
 from submitd_policy.credentials import Authenticator, Locked
+from submitd_policy.directories.chain import Directories
+from submitd_policy.directories.file import FileDirectory
+
 from submitd_policy.lockouts import CLIENT, LOGIN, Lockouts, client_of
 from submitd_policy.settings import Settings
 
@@ -124,6 +127,10 @@ async def test_right_passwords_at_once_are_never_refused_for_the_company_they_ar
     assert results == ["235", "535"]
 
 
+def file_chain(path) -> Directories:
+    return Directories([FileDirectory(WatchedFile(str(path), UserDB.load, interval=3600))], ttl=300, grace=3600, timeout=5)
+
+
 def write_users(path, users: dict[str, str]) -> None:
     fast = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
     path.write_text(yaml.safe_dump({"users": {login: {"password": fast.hash(pw)} for login, pw in users.items()}}))
@@ -132,7 +139,7 @@ def write_users(path, users: dict[str, str]) -> None:
 async def test_attempts_that_arrive_while_the_first_is_being_admitted_share_its_check(tmp_path):
     path = tmp_path / "users.yaml"
     write_users(path, {"alice": "right"})
-    auth = Authenticator(WatchedFile(str(path), UserDB.load, interval=3600), concurrency=1, queue=1,
+    auth = Authenticator(file_chain(path), concurrency=1, queue=1,
                          cache_seconds=60, cache_entries=10)
     admitted = 0
 
@@ -151,7 +158,7 @@ async def test_attempts_that_arrive_while_the_first_is_being_admitted_share_its_
 async def test_an_attempt_joining_one_refused_by_its_own_limits_is_admitted_on_its_own(tmp_path):
     path = tmp_path / "users.yaml"
     write_users(path, {"alice": "right"})
-    auth = Authenticator(WatchedFile(str(path), UserDB.load, interval=3600), concurrency=1, queue=1,
+    auth = Authenticator(file_chain(path), concurrency=1, queue=1,
                          cache_seconds=60, cache_entries=10)
 
     async def refused() -> bool:  # from an address whose limits are spent

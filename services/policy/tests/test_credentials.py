@@ -15,6 +15,9 @@ from submitd_common.files import WatchedFile
 from submitd_common.users import UserDB, check_argon2_parameters, configure_hashing, verify_password
 from submitd_policy import metrics  # noqa: F401  (registers the counters read below)
 from submitd_policy.credentials import Authenticator, HashingBusy, VerifiedCache
+from submitd_policy.directories.base import Account
+from submitd_policy.directories.chain import Directories
+from submitd_policy.directories.file import FileDirectory
 
 # OWASP's minimum (19 MiB, t=2): fast enough for tests, and a hash the defaults must still verify.
 FAST = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
@@ -44,7 +47,8 @@ def users_file(tmp_path):
 def authenticator(path, **kw) -> tuple[Authenticator, WatchedFile]:
     watched = WatchedFile(str(path), UserDB.load, interval=3600)
     options = dict(concurrency=2, queue=8, cache_seconds=60, cache_entries=100) | kw
-    return Authenticator(watched, **options), watched
+    chain = Directories([FileDirectory(watched)], ttl=300, grace=3600, timeout=5)
+    return Authenticator(chain, **options), watched
 
 
 async def test_repeated_auth_is_served_from_the_cache_without_a_hash(users_file):
@@ -79,12 +83,14 @@ async def test_changed_users_entry_empties_its_cache_entry(users_file):
     user = await auth.authenticate("alice", "new password")
     assert user is not None and "alias@example.net" in user.send_as
     assert len(auth.cache) == 1
-    # Any change to the entry (here only a grant) drops the cached verification.
-    write_users(users_file, alice=("new password", {}), bob=("pw", {}))
+    # A change that leaves the hash alone (here only a grant) keeps the verification and is seen at once.
+    text = users_file.read_text().replace("alias@example.net", "other@example.net")
+    users_file.write_text(text)
     watched.reload_if_changed()
     before = verifications()
-    assert await auth.authenticate("alice", "new password")
-    assert verifications() == before + 1
+    user = await auth.authenticate("alice", "new password")
+    assert user is not None and user.send_as == {"other@example.net"}
+    assert verifications() == before
 
 
 async def test_suspension_after_caching_refuses(users_file):
@@ -100,7 +106,7 @@ def test_cache_expires_is_bounded_and_holds_no_password():
     now = [0.0]
     cache = VerifiedCache(ttl=10, max_entries=2, clock=lambda: now[0])
     users = UserDB.from_mapping({"users": {f"u{i}": {"password": f"$argon2id$hash{i}"} for i in range(3)}})
-    u0, u1, u2 = (users.users[f"u{i}"] for i in range(3))
+    u0, u1, u2 = (Account(users.users[f"u{i}"], "file") for i in range(3))
     cache.remember(u0, "password zero")
     assert cache.hit(u0, "password zero")
     now[0] = 10.0

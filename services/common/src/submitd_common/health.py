@@ -32,12 +32,27 @@ class Health:
         self.interval = interval
         self.checks: dict[str, Check] = {}
         self.results: dict[str, bool] = {}
+        self.reports: dict[str, Callable[[], bool]] = {}  # shown by /readyz, never gating it
         self.draining = False
         self._task: asyncio.Task | None = None
         self.checked_at = 0.0
 
     def add_check(self, name: str, check: Check) -> None:
         self.checks[name] = check
+
+    def add_report(self, name: str, report: Callable[[], bool]) -> None:
+        """A dependency /readyz shows without taking the service out of rotation (a directory
+        that is down: policy still answers, and logins in its cache still work)."""
+        self.reports[name] = report
+
+    def reported(self) -> dict[str, bool]:
+        out = {}
+        for name, report in self.reports.items():
+            try:
+                out[name] = bool(report())
+            except Exception:
+                out[name] = False
+        return out
 
     @property
     def ready(self) -> bool:

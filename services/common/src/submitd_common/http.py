@@ -26,7 +26,8 @@ def health_app(health: Health, title: str) -> FastAPI:
         await health.fresh()
         if not health.ready:
             response.status_code = 503
-        return {"ready": health.ready, "draining": health.draining, "checks": health.results}
+        return {"ready": health.ready, "draining": health.draining, "checks": health.results,
+                "reports": health.reported()}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -154,6 +154,7 @@ async def amain() -> None:
     health.add_check("listening", lambda: bool(servers) and all(s.is_serving() for s in servers))
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("policy", lambda: grpcutil.remote_serving(policy_ch))
+    health.add_check("policy_capabilities", backends.policy.refresh_capabilities)
     health.add_check("rewriter", lambda: grpcutil.remote_serving(rewriter_ch))
     stop_health = await health.start()
     http_host, http_port = split_hostport(settings.http_listen)

@@ -34,12 +34,26 @@ class PolicyStreams:
         connect_timeout: float, max_age: float,
     ) -> None:
         self.timeout = timeout
+        self.stub = stub
+        # What EHLO advertises after AUTH: policy's list (Capabilities), asked with every health
+        # check; none until policy has answered (AUTH could not succeed before that anyway).
+        self.auth_mechanisms: list[str] = []
         self.streams = Streams(
             "policy", channel, count=streams, connect_timeout=connect_timeout, max_age=max_age, open_call=stub.Sessions,
             batch=lambda requests: policy_pb2.SessionBatch(requests=requests),
             replies=lambda batch: ((r.id, r.verdicts) for r in batch.replies),
             error=lambda: BackendUnavailable(POLICY_DOWN),
         )
+
+    async def refresh_capabilities(self) -> bool:
+        """Asks policy what AUTH accepts; False when it did not answer (the last list stays)."""
+        try:
+            reply = await self.stub.Capabilities(policy_pb2.CapabilitiesRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            log.debug("policy capabilities: %s", e.code())
+            return False
+        self.auth_mechanisms = list(reply.auth_mechanisms)
+        return True
 
     def session(self, session_id: str) -> "PolicySession":
         return PolicySession(self, session_id)

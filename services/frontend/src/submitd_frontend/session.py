@@ -183,8 +183,8 @@ class Session(TransactionCommands):
                  "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]
         if self.starttls and not state.tls:
             lines.append("STARTTLS")
-        if state.tls:
-            lines.append("AUTH PLAIN LOGIN")
+        if state.tls and self.backends.auth_mechanisms:
+            lines.append(" ".join(["AUTH", *self.backends.auth_mechanisms]))
         await self.send(replies.ehlo(lines))
 
     async def ehlo(self, arg: str | None) -> None:

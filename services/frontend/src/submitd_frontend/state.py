@@ -39,6 +39,7 @@ class Backends(Protocol):
     """The submission layer's side: policy's verdicts and the message's way to the queue."""
 
     queue_available: bool
+    auth_mechanisms: list[str]  # what policy accepts, advertised after TLS
 
     async def ask(self, **event) -> policy_pb2.Verdict: ...
     def note(self, **event) -> None: ...  # heard with the session's next question

@@ -37,6 +37,10 @@ class SessionBackends:
     def queue_available(self) -> bool:
         return self.backends.queue.available
 
+    @property
+    def auth_mechanisms(self) -> list[str]:
+        return self.backends.policy.auth_mechanisms
+
     async def ask(self, **event):
         with metrics.BACKEND_LATENCY.labels("policy").time():
             return await self.policy.ask(**event)

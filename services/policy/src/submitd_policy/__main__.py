@@ -47,12 +47,18 @@ async def amain() -> None:
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
     service = PolicyService(settings, users, rates, authfail, known)
+    for name in service.directories.names:  # reported by /readyz; a directory that is down never takes policy out
+        if name != "file":
+            health.add_report(f"directory_{name}", lambda name=name: service.directories.ready()[name])
     await lifecycle.serve_grpc(
         "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
         [m.name for m in SERVICE.methods], users=len(users.value.users),
     )
     await stop_watch()
     await jetstream.close(nc)
+    await service.directories.close()
+    if service.tokens is not None:
+        await service.tokens.close()
     service.authenticator.close()
     provider.shutdown()
 

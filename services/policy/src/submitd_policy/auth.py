@@ -19,8 +19,9 @@ from submitd.v1 import policy_pb2
 from submitd_common.replies import reply
 
 from .credentials import Authenticator, HashingBusy, Locked
+from .directories import DirectoryUnavailable
 from .lockouts import CLIENT, Lockouts
-from .oauth.mechanisms import MECHANISMS as TOKEN_MECHANISMS
+from .oauth import MECHANISMS as TOKEN_MECHANISMS, token_mechanisms
 from .rules import SessionState, refuse
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
@@ -28,7 +29,15 @@ from .settings import Settings
 log = logging.getLogger("submitd.policy")
 
 TEMPORARY = (454, "4.7.0", "Temporary authentication failure, try again later")
+FACTORIES = MECHANISMS | TOKEN_MECHANISMS
 TOO_MANY_FAILURES = (421, "4.7.0", "Too many authentication failures, try again later")
+
+
+def mechanisms(settings: Settings) -> list[str]:
+    """The SASL mechanisms AUTH accepts, in the order EHLO lists them: the frontend advertises
+    exactly these (``Capabilities``), and ``start`` refuses any other."""
+    available = {*MECHANISMS, *token_mechanisms(settings)}
+    return [m for m in (m.upper() for m in settings.auth_mechanisms) if m in available]
 
 
 class Auth:
@@ -37,7 +46,7 @@ class Auth:
         self.authenticator = authenticator
         self.lockouts = lockouts
         self.tokens = tokens  # oauth.auth.TokenAuth when oauth_mode is set
-        self.mechanisms = MECHANISMS | (TOKEN_MECHANISMS if tokens is not None else {})
+        self.mechanisms = mechanisms(settings)
 
     async def start(self, state: SessionState, ev: policy_pb2.AuthStart) -> policy_pb2.Verdict:
         if not state.tls and not self.settings.allow_auth_without_tls:
@@ -48,7 +57,8 @@ class Auth:
         if await self.lockouts.client_locked(state.peer):
             await self._delay(started)
             return refuse(*TOO_MANY_FAILURES, disconnect=True)
-        factory = self.mechanisms.get(ev.mechanism.upper())
+        name = ev.mechanism.upper()
+        factory = FACTORIES.get(name) if name in self.mechanisms else None
         if factory is None:
             return refuse(504, "5.5.4", "Unrecognized authentication type")
         state.sasl = factory()
@@ -93,6 +103,12 @@ class Auth:
         except HashingBusy:
             await attempt.unchecked()
             log.warning("password hashing queue full", extra={"fields": {"peer": state.peer, "session": state.session_id}})
+            return refuse(*TEMPORARY)
+        except DirectoryUnavailable as e:
+            # Never 535: a user is not told their password is wrong because a directory is down.
+            await attempt.unchecked()
+            await self._delay(started)
+            log.warning("directory unavailable", extra={"fields": {"peer": state.peer, "session": state.session_id, "error": str(e)}})
             return refuse(*TEMPORARY)
         except Locked:
             await attempt.unchecked()

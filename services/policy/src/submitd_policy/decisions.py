@@ -17,6 +17,9 @@ from submitd_common.users import UserDB
 
 from . import rules
 from .counters import Counters, window_key
+from .directories import DirectoryUnavailable
+from .directories.chain import Directories
+from .directories.file import FileDirectory
 from .rules import Ask, Context, SessionState
 from .settings import Settings
 
@@ -31,9 +34,13 @@ RATES = {
 
 
 class Decisions:
-    def __init__(self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None) -> None:
+    def __init__(self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None,
+                 directories: Directories | None = None) -> None:
         self.settings = settings
         self.users = users
+        self.directories = directories or Directories(
+            [FileDirectory(users)], ttl=settings.directory_cache_seconds, grace=settings.directory_grace_seconds,
+            timeout=settings.directory_timeout)
         self.rates = rates
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_networks]
 
@@ -72,7 +79,10 @@ class Decisions:
             parsed, checks = None, rules.DATA_RULES
         if isinstance(parsed, policy_pb2.Verdict):
             return parsed
-        ask = await self.read(ctx, state, kind, ev, parsed)
+        try:
+            ask = await self.read(ctx, state, kind, ev, parsed)
+        except DirectoryUnavailable:
+            return rules.refuse(451, "4.4.3", "Directory server temporarily unavailable, try again later")
         verdict = rules.first_refusal(checks, ctx, state, ask)
         if verdict is not None:
             return verdict
@@ -86,8 +96,10 @@ class Decisions:
 
     async def read(self, ctx: Context, state: SessionState, kind: str, ev, parsed) -> Ask:
         user = state.user
-        if kind == "mail_from" and user is not None:
-            user = ctx.users.users.get(user.login)  # the file may have changed since AUTH
+        if kind == "mail_from" and user is not None and state.user_in_directory:
+            # The directory may have changed since AUTH (within its cache TTL for a remote one).
+            account = await self.directories.lookup(user.login)
+            user = account.user if account is not None else None
         name, _ = RATES[kind]
         limit = rules.rate_limit(ctx, user, name)
         used = 0

@@ -22,7 +22,11 @@ from .auth import Auth
 from .counters import Counters
 from .credentials import Authenticator
 from .decisions import Decisions
+from .directories import build as build_directory
+from .directories.chain import Directories
 from .lockouts import Lockouts
+from . import oauth
+from .oauth.auth import TokenAuth
 from .settings import Settings
 
 log = logging.getLogger("submitd.policy")
@@ -64,21 +68,35 @@ class ErrorLog:
         )
 
 
+def default_directories(settings: Settings, users: WatchedFile[UserDB]) -> Directories:
+    """The chain the settings name (``directories``), with the settings' TTL, grace and timeout."""
+    return Directories(
+        [build_directory(name, settings, users) for name in settings.directories],
+        ttl=settings.directory_cache_seconds, grace=settings.directory_grace_seconds,
+        timeout=settings.directory_timeout, max_entries=settings.auth_cache_entries,
+    )
+
+
 class PolicyService(policy_pb2_grpc.PolicyServicer):
     def __init__(
         self, settings: Settings, users: WatchedFile[UserDB], rates: Counters | None, authfail: Counters | None,
-        known: Counters | None = None,
+        known: Counters | None = None, directories: Directories | None = None,
     ) -> None:
         self.errors = ErrorLog(settings.error_log_per_minute)
-        self.decisions = Decisions(settings, users, rates)
+        self.directories = directories or default_directories(settings, users)
+        self.decisions = Decisions(settings, users, rates, self.directories)
         self.authenticator = Authenticator(
-            users,
+            self.directories,
             concurrency=settings.password_hash_concurrency,
             queue=settings.password_hash_queue,
             cache_seconds=settings.auth_cache_seconds,
             cache_entries=settings.auth_cache_entries,
         )
-        self.auth = Auth(settings, self.authenticator, Lockouts(authfail, settings, windows=rates, known=known))
+        lockouts = Lockouts(authfail, settings, windows=rates, known=known)
+        self.auth = Auth(settings, self.authenticator, lockouts)
+        self.tokens = oauth.build_validator(settings) if settings.oauth_mode else None
+        if self.tokens is not None:
+            self.auth.tokens = TokenAuth(settings, self.tokens, self.directories.lookup, lockouts, self.auth._delay)
 
     async def Sessions(self, request_iterator, context: grpc.aio.ServicerContext):
         """Many SMTP sessions over one stream. Each request runs as its own task, so a slow
@@ -136,6 +154,9 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             states.clear()
             with contextlib.suppress(BaseException):
                 await reader  # a broken stream's error: the frontend sees it on its side
+
+    async def Capabilities(self, request: policy_pb2.CapabilitiesRequest, context) -> policy_pb2.CapabilitiesReply:
+        return policy_pb2.CapabilitiesReply(auth_mechanisms=self.auth.mechanisms)
 
     async def answer(self, state: rules.SessionState, request: policy_pb2.SessionRequest) -> list[policy_pb2.Verdict]:
         """One verdict per event, in order. An AUTH step is traced as a child of the frontend's

@@ -41,6 +41,11 @@ class Settings(ServiceSettings, LdapSettings, SqlSettings, OAuthSettings, AppPas
         default_factory=list,
         description="CIDRs whose clients may submit without AUTH (RFC 6409 §4.3); empty by default",
     )
+    auth_mechanisms: list[str] = Field(
+        ["PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"],
+        description="SASL mechanisms AUTH may offer, in EHLO's order; token mechanisms only when OAuth is configured. "
+        "The frontend advertises exactly what policy accepts",
+    )
     allow_auth_without_tls: bool = Field(False, description="Accept AUTH on an unencrypted connection")
     local_domains: list[str] = Field(default_factory=list, description="This site's domains (postmaster)")
     complete_domain: str | None = Field(

@@ -21,6 +21,7 @@ class Memory:
         self.senders: list[str] = []  # MAIL FROM addresses policy was asked about
         self.queued: list[bytes] = []
         self.queue_available = True
+        self.auth_mechanisms = ["PLAIN", "LOGIN"]  # what policy would say it accepts
         self.challenge = False  # AUTH answers with a 334 first
         self.notify: list[str] = []  # RCPT NOTIFY parameters policy was told
         self.now = 0.0  # a clock for the session: one second per read

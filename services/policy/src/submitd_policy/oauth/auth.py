@@ -47,7 +47,7 @@ class TokenAuth:
         fields = {"peer": state.peer, "session": state.session_id, "mechanism": type(mechanism).__name__.upper()}
         try:
             identity = await self.validator.validate(bearer.token)
-            user = await self.user(identity.login)
+            user, in_directory = await self.user(identity.login)
         except (ProviderUnavailable, DirectoryUnavailable) as e:
             log.warning("token not checked", extra={"fields": {**fields, "error": str(e)}})
             return refuse(*TEMPORARY)
@@ -61,19 +61,20 @@ class TokenAuth:
         if bearer.authzid and not same_login(bearer.authzid, identity.login) and bearer.authzid not in user.act_as:
             return await self._refuse(state, mechanism, started, "invalid_token",
                                       {**fields, "reason": "authzid is not the token's login"})
-        state.user = user
+        state.user, state.user_in_directory = user, in_directory
         log.info("authenticated", extra={"fields": {"peer": state.peer, "user": user.login, "session": state.session_id,
                                                     "mechanism": fields["mechanism"]}})
         return policy_pb2.Verdict(accept=True, authenticated_user=user.login,
                                   reply=reply(235, "2.7.0", "Authentication successful"))
 
-    async def user(self, login: str) -> User | None:
+    async def user(self, login: str) -> tuple[User | None, bool]:
+        """The login's rights, and whether a directory holds them."""
         account = await self.lookup(login)
         if account is not None:
-            return account.user
+            return account.user, True
         if self.settings.oauth_unknown_users == "token":
-            return User(login=login, password_hash="")  # may send as its login when that is an address
-        return None
+            return User(login=login, password_hash=""), False  # may send as its login when that is an address
+        return None, False
 
     async def _refuse(self, state, mechanism, started: float, status: str, fields: dict) -> policy_pb2.Verdict:
         await self.lockouts.token_failed(state.peer)
