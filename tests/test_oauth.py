@@ -1,0 +1,338 @@
+"""OAuth 2.0 bearer tokens through the whole stack, from a real OpenID Connect provider (oidc-provider-mock,
+started by the dev kit): its signed ID tokens checked with its published keys (jwt mode) and its opaque
+access tokens checked at its userinfo endpoint (userinfo mode), sent by Python's smtplib and by curl
+with OAUTHBEARER (RFC 7628) and XOAUTH2. A refused token gets RFC 7628's exchange: a 334 with the JSON
+error, the client's dummy response, then 535 5.7.8."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import smtplib
+import subprocess
+import time
+
+import pytest
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import RSAKey
+
+from submitd_devkit.oidc import OidcProvider
+from submitd_devkit.stack import User
+from submitd_devkit.testing.plugin import module_stack
+from submitd_devkit.testing.smtp import insecure_context
+from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.waiting import eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+SHARED = "shared@example.test"  # alice may act as it
+USERS = {
+    ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"], extra={"act_as": [SHARED]}),
+    "carol@example.test": User("carol's password", ["carol@example.test"], extra={"suspended": True}),
+}
+MESSAGE = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: token\r\n\r\nsent with a token\r\n"
+# Short waits: the failure delay is measured below; failures counted per client (5 here), so each test
+# that is refused comes from a loopback address of its own.
+POLICY = {"AUTH_FAILURE_DELAY": "0.3", "AUTH_FAILURES_PER_CLIENT": "5", "OAUTH_JWKS_MIN_REFRESH_SECONDS": "0",
+          "OAUTH_LEEWAY_SECONDS": "1", "OAUTH_CACHE_SECONDS": "2"}
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    oidc = OidcProvider(tmp_path_factory.mktemp("oidc")).start()
+    yield oidc
+    oidc.stop()
+
+
+@pytest.fixture(scope="module")
+def jwt_stack(tmp_path_factory, provider):
+    yield from module_stack(tmp_path_factory.mktemp("stack"), users=USERS,
+                            env={"policy": POLICY | provider.policy_settings("jwt")})
+
+
+@pytest.fixture(scope="module")
+def userinfo_stack(tmp_path_factory, provider):
+    yield from module_stack(tmp_path_factory.mktemp("stack"), users=USERS,
+                            env={"policy": POLICY | provider.policy_settings("userinfo", oauth_unknown_users="token")})
+
+
+@pytest.fixture(autouse=True)
+def provider_up(request):
+    """Whatever a test did to the provider, the next one finds it running."""
+    yield
+    if "provider" in request.fixturenames:
+        oidc = request.getfixturevalue("provider")
+        if oidc.proc is None:
+            oidc.start()
+
+
+def initial(mechanism: str, token: str, authzid: str = "", padding: str = "") -> str:
+    """The client's first message; ``padding``: a host key as long as wanted (RFC 7628 allows it)."""
+    if mechanism == "XOAUTH2":
+        return f"user={authzid}\x01auth=Bearer {token}\x01\x01"
+    host = f"host={padding}\x01" if padding else ""
+    return f"n,{'a=' + authzid if authzid else ''},\x01{host}auth=Bearer {token}\x01\x01"
+
+
+class Seen:
+    """An smtplib authobject that records the server's error challenge and answers it as RFC 7628
+    (OAUTHBEARER: %x01) or Google (XOAUTH2: an empty line) say."""
+
+    def __init__(self, mechanism: str, message: str) -> None:
+        self.mechanism, self.message, self.challenge = mechanism, message, None
+
+    def __call__(self, challenge: bytes | None = None) -> str:
+        if challenge is None:
+            return self.message
+        self.challenge = json.loads(challenge)
+        return "\x01" if self.mechanism == "OAUTHBEARER" else ""
+
+
+def smtp(stack, source: str | None = None) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30,
+                          source_address=(source, 0) if source else None)
+    client.ehlo("client.example.test")
+    client.starttls(context=insecure_context())
+    client.ehlo("client.example.test")
+    return client
+
+
+def refused(stack, mechanism: str, message: str, source: str) -> dict:
+    """AUTH with a token that must fail: the error challenge policy sent, after the 535."""
+    seen = Seen(mechanism, message)
+    with smtp(stack, source) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as error:
+            client.auth(mechanism, seen)
+        assert (error.value.smtp_code, error.value.smtp_error[:5]) == (535, b"5.7.8"), error.value
+        assert client.noop()[0] == 250, "the session goes on"
+    assert seen.challenge is not None, "a 334 with the JSON error came before the 535"
+    return seen.challenge
+
+
+def reasons(stack) -> dict[str, str]:
+    """Why policy refused each client's last token, from its log (which names no token)."""
+    found = {}
+    for line in (stack.root / "log" / "policy.log").read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("msg") == "token refused":
+            found[entry["peer"]] = entry["reason"]
+    return found
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
+def test_a_signed_id_token_from_the_provider_sends_mail_as_the_users_rights_allow(jwt_stack, provider, mechanism):
+    jwt_stack.sink.handler.reset()
+    token = provider.tokens(ALICE).id_token
+    with smtp(jwt_stack) as client:
+        assert f"AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2" in client.ehlo_resp.decode()
+        code, text = client.auth(mechanism, Seen(mechanism, initial(mechanism, token, ALICE)))
+        assert (code, text[:5]) == (235, b"2.7.0")
+        client.sendmail("someone@alias.example.test", ["bob@example.net"], MESSAGE)
+        with pytest.raises(smtplib.SMTPSenderRefused) as foreign:
+            client.sendmail("boss@example.org", ["bob@example.net"], MESSAGE)
+        assert (foreign.value.smtp_code, foreign.value.smtp_error[:5]) == (550, b"5.7.1"), \
+            "the rights are the login's in the directory (the users file): not any address"
+    [msg] = jwt_stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == "someone@alias.example.test"
+
+
+def test_refused_tokens_get_the_rfc_7628_exchange_then_535(jwt_stack, provider):
+    issuer = provider.issuer
+    expected = {"status": "invalid_token", "openid-configuration": f"{issuer}/.well-known/openid-configuration"}
+    real = provider.tokens(ALICE).id_token
+    head, payload, signature = real.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    stranger = RSAKey.generate_key(2048, auto_kid=True)  # a key the provider never published
+    bad = {
+        "another audience": provider.tokens(ALICE, client_id="another-client").id_token,
+        "an unknown key": jose_jwt.encode({"alg": "RS256", "kid": stranger.kid}, claims, stranger),
+        "tampered": ".".join([head, b64(claims | {"email": "dave@example.test"}), signature]),
+        "unsigned": ".".join([b64({"alg": "none"}), payload, ""]),
+        "no directory knows its login": provider.tokens("zed@example.test").id_token,
+        "a suspended account": provider.tokens("carol@example.test").id_token,
+        "an opaque token in jwt mode": provider.tokens(ALICE).access_token,
+    }
+    for n, (what, token) in enumerate(bad.items()):
+        assert refused(jwt_stack, "OAUTHBEARER", initial("OAUTHBEARER", token), f"127.0.1.{n + 1}") == expected, what
+    assert [reasons(jwt_stack)[f"127.0.1.{n + 1}"] for n in range(len(bad))] == [
+        "issued for another audience", "signed by no key of the provider's", "signed by no key of the provider's",
+        "signature algorithm not allowed", "no such account", "suspended", "not a signed JWT"]
+    log = (jwt_stack.root / "log" / "policy.log").read_text()
+    assert not any(token in log or token[-40:] in log for token in bad.values()), "no token logged, nor its end"
+    assert refused(jwt_stack, "XOAUTH2", initial("XOAUTH2", bad["tampered"], ALICE), "127.0.1.99") == {
+        "status": "401", "schemes": "Bearer"}, "XOAUTH2: Google's form"
+
+
+def test_the_authzid_must_be_the_tokens_login_or_one_it_may_act_as(jwt_stack, provider):
+    token = provider.tokens(ALICE).id_token
+    for n, (mechanism, authzid) in enumerate([("OAUTHBEARER", "bob@example.test"), ("XOAUTH2", "bob@example.test")]):
+        refused(jwt_stack, mechanism, initial(mechanism, token, authzid), f"127.0.2.{n + 1}")
+    with smtp(jwt_stack) as client:
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", token, SHARED)))[0] == 235
+    with smtp(jwt_stack) as client:
+        assert client.auth("XOAUTH2", Seen("XOAUTH2", initial("XOAUTH2", token, "ALICE@example.test")))[0] == 235
+
+
+def test_a_refusal_waits_auth_failure_delay_and_counts_against_the_client(jwt_stack, provider, raw):
+    token = provider.tokens(ALICE).id_token
+    forged = token[:-8] + ("AAAAAAAA" if not token.endswith("AAAAAAAA") else "BBBBBBBB")
+    client = raw(jwt_stack.ports.submissions, tls=True, source="127.0.3.1")
+    client.reply()
+    client.send(b"EHLO client.example.test\r\n")
+    client.reply()
+    for _ in range(5):  # AUTH_FAILURES_PER_CLIENT
+        started = time.monotonic()
+        client.send(b"AUTH OAUTHBEARER " + base64.b64encode(initial("OAUTHBEARER", forged).encode()) + b"\r\n")
+        challenge = client.reply()
+        assert time.monotonic() - started >= 0.3, "answered AUTH_FAILURE_DELAY after the token came, not sooner"
+        assert challenge.startswith("334 ") and json.loads(base64.b64decode(challenge[4:]))["status"] == "invalid_token"
+        client.send(b"AQ==\r\n")
+        assert client.reply() == "535 5.7.8 Authentication credentials invalid"
+    client.send(b"AUTH OAUTHBEARER " + base64.b64encode(initial("OAUTHBEARER", token).encode()) + b"\r\n")
+    assert client.reply().startswith("421 4.7.0"), "even a good token, from a client past its limit"
+
+
+def test_a_12_kb_initial_response_is_read_and_a_13_kb_one_is_500_556(jwt_stack, provider, raw):
+    token = provider.tokens(ALICE).id_token
+    def line(size: int) -> bytes:
+        pad = "h" * ((size - 20 - 4 * len(initial("OAUTHBEARER", token, padding="x")) // 3) * 3 // 4)
+        return b"AUTH OAUTHBEARER " + base64.b64encode(initial("OAUTHBEARER", token, padding="x" + pad).encode()) + b"\r\n"
+    small, big = line(12 * 1024), line(13 * 1024)
+    assert 12_000 < len(small) <= 12288 < 13_000 < len(big)
+    client = raw(jwt_stack.ports.submissions, tls=True)
+    client.reply()
+    client.send(b"EHLO client.example.test\r\n")
+    client.reply()
+    client.send(big)
+    assert client.reply() == "500 5.5.6 Authentication Exchange line is too long"
+    client.send(b"NOOP\r\n")
+    assert client.reply().startswith("250"), "the session goes on"
+    client.send(small)
+    assert client.reply() == "235 2.7.0 Authentication successful", "read whole: the token at its end was checked"
+
+
+def test_tokens_of_a_provider_restarted_with_a_new_key_are_accepted_and_the_old_keys_go(jwt_stack, provider):
+    before = provider.tokens(ALICE).id_token
+    with smtp(jwt_stack) as client:
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", before)))[0] == 235
+    provider.restart()  # a new signing key; policy holds the old one
+    after, unused = provider.tokens(ALICE).id_token, provider.tokens(ALICE).id_token
+    assert after.split(".")[2] != before.split(".")[2]
+    with smtp(jwt_stack) as client:
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", after)))[0] == 235, \
+            "a token no held key verifies makes policy read the keys again"
+    provider.restart()
+    with smtp(jwt_stack) as client:
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", provider.tokens(ALICE).id_token)))[0] == 235
+    # A token of the key the provider no longer publishes, never seen before: refused.
+    refused(jwt_stack, "OAUTHBEARER", initial("OAUTHBEARER", unused), "127.0.4.1")
+    assert reasons(jwt_stack)["127.0.4.1"] == "signed by no key of the provider's"
+
+
+def test_an_expired_token_is_refused(jwt_stack, provider):
+    provider.restart(token_lifetime=3)
+    try:
+        token = provider.tokens(ALICE).id_token
+        with smtp(jwt_stack) as client:  # accepted while it holds (and cached until its exp)
+            assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", token)))[0] == 235
+        exp = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==="))["exp"]
+        eventually(lambda: time.time() > exp + 1.2, timeout=10)  # past exp and the leeway (1 s here)
+        assert refused(jwt_stack, "OAUTHBEARER", initial("OAUTHBEARER", token), "127.0.5.1")["status"] == "invalid_token"
+    finally:
+        provider.restart(token_lifetime=3600)
+    assert reasons(jwt_stack)["127.0.5.1"] == "expired"
+
+
+def test_jwt_mode_keeps_working_while_the_provider_is_down_once_it_has_the_keys(jwt_stack, provider):
+    first, token = provider.tokens(ALICE).id_token, provider.tokens(ALICE).id_token
+    with smtp(jwt_stack) as client:  # policy holds the provider's current key
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", first)))[0] == 235
+    provider.stop()
+    with smtp(jwt_stack) as client:  # a token never seen: checked with the key in hand
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", token)))[0] == 235
+    stranger = RSAKey.generate_key(2048, auto_kid=True)
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==="))
+    with smtp(jwt_stack, "127.0.8.1") as client:  # a key policy does not hold, and no provider to ask
+        with pytest.raises(smtplib.SMTPAuthenticationError) as error:
+            client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial(
+                "OAUTHBEARER", jose_jwt.encode({"alg": "RS256", "kid": stranger.kid}, payload, stranger))))
+        assert error.value.smtp_code == 454, "the provider may have rotated its keys: a temporary failure"
+
+
+@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
+def test_an_opaque_access_token_is_checked_at_userinfo(userinfo_stack, provider, mechanism):
+    token = provider.tokens(ALICE).access_token
+    with smtp(userinfo_stack) as client:
+        assert client.auth(mechanism, Seen(mechanism, initial(mechanism, token, ALICE)))[0] == 235
+    refused(userinfo_stack, mechanism, initial(mechanism, token + "x", ALICE), f"127.0.6.{len(mechanism)}")
+
+
+def test_a_revoked_access_token_is_refused_and_one_in_use_stops_within_the_cache_time(userinfo_stack, provider):
+    revoked, in_use = provider.tokens("dave@example.test").access_token, provider.tokens(ALICE).access_token
+    with smtp(userinfo_stack) as client:
+        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", in_use)))[0] == 235
+    provider.revoke("dave@example.test")
+    refused(userinfo_stack, "OAUTHBEARER", initial("OAUTHBEARER", revoked), "127.0.7.1")
+    provider.revoke(ALICE)
+    revoked_at = time.monotonic()
+
+    def refused_now() -> bool:
+        seen = Seen("OAUTHBEARER", initial("OAUTHBEARER", in_use))
+        with smtp(userinfo_stack, "127.0.7.2") as client:
+            try:
+                client.auth("OAUTHBEARER", seen)
+            except smtplib.SMTPAuthenticationError as error:
+                return error.smtp_code == 535 and seen.challenge is not None
+            return False
+
+    eventually(refused_now, timeout=15, interval=0.5)
+    assert time.monotonic() - revoked_at < 2 + 1.5, "within OAUTH_CACHE_SECONDS (2 s here) and a retry"
+
+
+def test_a_login_no_directory_knows_may_send_as_itself_only_with_unknown_users_token(userinfo_stack, provider):
+    userinfo_stack.sink.handler.reset()
+    token = provider.tokens("erin@example.org").access_token
+    with smtp(userinfo_stack) as client:
+        assert client.auth("XOAUTH2", Seen("XOAUTH2", initial("XOAUTH2", token, "erin@example.org")))[0] == 235
+        client.sendmail("erin@example.org", ["bob@example.net"], MESSAGE)
+        with pytest.raises(smtplib.SMTPSenderRefused) as foreign:
+            client.sendmail(ALICE, ["bob@example.net"], MESSAGE)
+        assert foreign.value.smtp_code == 550
+    [msg] = userinfo_stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == "erin@example.org"
+
+
+def test_the_provider_down_is_454_never_535(userinfo_stack, provider):
+    token = provider.tokens(ALICE).access_token
+    provider.stop()
+    with smtp(userinfo_stack) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as error:
+            client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", token)))
+        assert (error.value.smtp_code, error.value.smtp_error[:5]) == (454, b"4.7.0")
+    log = (userinfo_stack.root / "log" / "policy.log").read_text()
+    assert "token not checked" in log and token not in log, "logged, without the token"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by .ci/run")
+def test_curl_sends_with_a_bearer_token(jwt_stack, provider, tmp_path):
+    """A third party's client: curl's SMTP with --oauth2-bearer, which takes OAUTHBEARER when it is
+    offered (curl 7.88 does so even when asked for XOAUTH2) and sends its message after an empty 334
+    (a token does not fit the 512 octets curl allows itself on the AUTH line)."""
+    jwt_stack.sink.handler.reset()
+    message = tmp_path / "message.eml"
+    message.write_bytes(MESSAGE)
+    token = provider.tokens(ALICE).id_token
+    result = subprocess.run(
+        ["curl", "--verbose", "--insecure", f"smtps://127.0.0.1:{jwt_stack.ports.submissions}",
+         "--user", f"{ALICE}:", "--oauth2-bearer", token,
+         "--mail-from", ALICE, "--mail-rcpt", "bob@example.net", "--upload-file", str(message)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "> AUTH OAUTHBEARER" in result.stderr.splitlines()
+    [msg] = jwt_stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == ALICE and b"sent with a token" in msg.data
