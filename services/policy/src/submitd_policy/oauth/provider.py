@@ -78,13 +78,13 @@ class Provider:
         return url
 
     async def request(self, what: str, method: str, url: str, *, headers: dict | None = None,
-                      data: dict | None = None, auth: aiohttp.BasicAuth | None = None) -> tuple[int, object]:
+                      data: dict | None = None) -> tuple[int, object]:
         """(HTTP status, the JSON body or None). Raises ProviderUnavailable when no answer came."""
         started = time.perf_counter()
         outcome = "error"
         try:
             async with asyncio.timeout(self.timeout):
-                async with self.session().request(method, url, headers=headers, data=data, auth=auth,
+                async with self.session().request(method, url, headers=headers, data=data,
                                                   allow_redirects=False) as response:
                     body = await response.content.read(MAX_BODY + 1)
                     status = response.status

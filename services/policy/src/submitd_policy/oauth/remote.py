@@ -11,11 +11,11 @@ Any other answer means the provider could not say: ProviderUnavailable (454 4.7.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from pathlib import Path
-
-import aiohttp
+from urllib.parse import quote_plus
 
 from .claims import Identity, check_scope, login_of
 from .provider import Provider, ProviderUnavailable, TokenRefused
@@ -49,13 +49,15 @@ class IntrospectionChecker:
         self.provider = provider
         self.clock = clock
         secret = Path(settings.oauth_client_secret_file).read_text().strip()
-        self.credentials = aiohttp.BasicAuth(settings.oauth_client_id, secret)
+        # RFC 6749 §2.3.1: each part form-encoded, then HTTP Basic.
+        pair = f"{quote_plus(settings.oauth_client_id)}:{quote_plus(secret)}"
+        self.authorization = f"Basic {base64.b64encode(pair.encode()).decode()}"
 
     async def check(self, token: str) -> Identity:
         url = await self.provider.endpoint("introspection_endpoint", self.settings.oauth_introspection_url)
         status, answer = await self.provider.request(
             "introspection", "POST", url, data={"token": token, "token_type_hint": "access_token"},
-            auth=self.credentials)
+            headers={"Authorization": self.authorization, "Accept": "application/json"})
         if status in (401, 403):
             log.error("the provider refused policy's introspection client", extra={"fields": {"status": status}})
         if status != 200 or not isinstance(answer, dict):
