@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shlex
 import shutil
 import smtplib
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from joserfc import jwt as jose_jwt
@@ -23,12 +27,15 @@ from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import insecure_context
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.waiting import eventually
+from submitd_policy.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
 SHARED = "shared@example.test"  # alice may act as it
+DEMO = "demo@example.test"  # the README's example user
 USERS = {
     ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"], extra={"act_as": [SHARED]}),
+    DEMO: User("demo passphrase", [DEMO]),
     "carol@example.test": User("carol's password", ["carol@example.test"], extra={"suspended": True}),
 }
 MESSAGE = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: token\r\n\r\nsent with a token\r\n"
@@ -336,3 +343,24 @@ def test_curl_sends_with_a_bearer_token(jwt_stack, provider, tmp_path):
     assert "> AUTH OAUTHBEARER" in result.stderr.splitlines()
     [msg] = jwt_stack.sink.handler.wait_for(1, 20)
     assert msg.mail_from == ALICE and b"sent with a token" in msg.data
+
+
+def readme_block(containing: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [found] = [b for b in re.findall(r"```\w*\n(.*?)```", readme, re.S) if containing in b]
+    return found
+
+
+def test_the_readme_examples_configure_policy_and_send_mail(jwt_stack, provider, tmp_path, monkeypatch):
+    for line in readme_block("SUBMITD_POLICY_OAUTH_ISSUER").splitlines():
+        name, _, value = line.partition("=")
+        monkeypatch.setenv(name, " ".join(shlex.split(value)))
+    settings = Settings(users_file="users.yaml")
+    assert (settings.oauth_mode, settings.oauth_audience) == ("jwt", ["submitd"]), "the Keycloak example is valid"
+    jwt_stack.sink.handler.reset()
+    python = readme_block("submitd_devkit.oidc").replace('"9400"', f'"{provider.port}"')
+    python = python.replace("2587", str(jwt_stack.ports.submission))
+    result = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-1500:]
+    [msg] = jwt_stack.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == DEMO and b"sent with a token" in msg.data

@@ -8,7 +8,8 @@ whose ``aud`` is the client id) and revocation of a user's tokens. It has no int
 endpoint: ``/introspect`` here is a small RFC 7662 one in front of it, answering from its
 userinfo, for a client that authenticates with the id and secret it was started with.
 
-    python -m submitd_devkit.oidc --port 9400   # then: ``OidcProvider.tokens`` or a browser
+    python -m submitd_devkit.oidc serve --port 9400
+    python -m submitd_devkit.oidc token alice@example.test --port 9400   # prints a signed ID token
 """
 
 from __future__ import annotations
@@ -36,47 +37,15 @@ class Tokens:
     expires_in: int = 0
 
 
-class OidcProvider:
-    def __init__(self, root: Path, port: int = 0, *, token_lifetime: int = 3600) -> None:
-        """``root``: where its log and the introspection client's secret go."""
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.token_lifetime = token_lifetime
-        self.client_id = "submitd-policy"  # the introspection client
-        self.secret_file = self.root / "introspection-secret"
-        if not self.secret_file.exists():
-            self.secret_file.write_text(secrets.token_urlsafe(18) + "\n")
-            self.secret_file.chmod(0o600)
-        self.proc: subprocess.Popen | None = None
+class ProviderClient:
+    """What a user and a test do with a running provider: get tokens, set claims, revoke."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
 
     @property
     def issuer(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self, token_lifetime: int | None = None) -> OidcProvider:
-        """A new provider on the same port: new signing key, no token of an earlier one."""
-        if token_lifetime is not None:
-            self.token_lifetime = token_lifetime
-        with open(self.root / "oidc.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "submitd_devkit.oidc", "--port", str(self.port), "--token-lifetime",
-                 str(self.token_lifetime), "--client-id", self.client_id, "--secret-file", str(self.secret_file)],
-                stdout=log, stderr=log, start_new_session=True)
-        if not wait_port("127.0.0.1", self.port, 30):
-            self.stop()
-            raise RuntimeError(f"the OIDC provider did not start; see {self.root / 'oidc.log'}")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc)
-            self.proc.wait()
-            self.proc = None
-
-    def restart(self, token_lifetime: int | None = None) -> OidcProvider:
-        self.stop()
-        return self.start(token_lifetime)
 
     def _request(self, method: str, path: str, form: dict | None = None, body: bytes | None = None,
                  headers: dict | None = None) -> http.client.HTTPResponse:
@@ -118,6 +87,47 @@ class OidcProvider:
         """The provider's revocation: every access token of ``sub`` stops working at /userinfo."""
         answer = self._request("POST", f"/users/{urllib.parse.quote(sub)}/revoke-tokens")
         assert answer.status == 204, answer.status
+
+
+class OidcProvider(ProviderClient):
+    """The provider's process (``start``, ``stop``, ``restart``) and policy's settings for it."""
+
+    def __init__(self, root: Path, port: int = 0, *, token_lifetime: int = 3600) -> None:
+        """``root``: where its log and the introspection client's secret go."""
+        super().__init__(port or free_port())
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.token_lifetime = token_lifetime
+        self.client_id = "submitd-policy"  # the introspection client
+        self.secret_file = self.root / "introspection-secret"
+        if not self.secret_file.exists():
+            self.secret_file.write_text(secrets.token_urlsafe(18) + "\n")
+            self.secret_file.chmod(0o600)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, token_lifetime: int | None = None) -> OidcProvider:
+        """A new provider on the same port: new signing key, no token of an earlier one."""
+        if token_lifetime is not None:
+            self.token_lifetime = token_lifetime
+        with open(self.root / "oidc.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "submitd_devkit.oidc", "serve", "--port", str(self.port), "--token-lifetime",
+                 str(self.token_lifetime), "--client-id", self.client_id, "--secret-file", str(self.secret_file)],
+                stdout=log, stderr=log, start_new_session=True)
+        if not wait_port("127.0.0.1", self.port, 30):
+            self.stop()
+            raise RuntimeError(f"the OIDC provider did not start; see {self.root / 'oidc.log'}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self, token_lifetime: int | None = None) -> OidcProvider:
+        self.stop()
+        return self.start(token_lifetime)
 
     def policy_settings(self, mode: str, **more) -> dict:
         """Policy's settings for this provider (``Stack(env={"policy": ...})``)."""
@@ -164,12 +174,23 @@ def serve(port: int, token_lifetime: int, client_id: str, secret: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="oidc-provider-mock on 127.0.0.1, with RFC 7662 introspection")
-    parser.add_argument("--port", type=int, default=9400)
-    parser.add_argument("--token-lifetime", type=int, default=3600)
-    parser.add_argument("--client-id", default="submitd-policy")
-    parser.add_argument("--secret-file", help="the introspection client's secret (default: a new one, printed)")
+    parser = argparse.ArgumentParser(prog="python -m submitd_devkit.oidc",
+                                     description="oidc-provider-mock on 127.0.0.1, with RFC 7662 introspection")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the provider until killed")
+    run.add_argument("--port", type=int, default=9400)
+    run.add_argument("--token-lifetime", type=int, default=3600)
+    run.add_argument("--client-id", default="submitd-policy")
+    run.add_argument("--secret-file", help="the introspection client's secret (default: a new one, printed)")
+    token = commands.add_parser("token", help="print a user's token from a running provider")
+    token.add_argument("sub", help="the user (the provider gives it an email claim of the same value)")
+    token.add_argument("--port", type=int, default=9400)
+    token.add_argument("--access", action="store_true", help="the opaque access token (default: the signed ID token)")
     args = parser.parse_args()
+    if args.command == "token":
+        tokens = ProviderClient(args.port).tokens(args.sub)
+        print(tokens.access_token if args.access else tokens.id_token)
+        return
     secret = Path(args.secret_file).read_text().strip() if args.secret_file else secrets.token_urlsafe(18)
     if not args.secret_file:
         print(f"introspection client secret: {secret}", flush=True)

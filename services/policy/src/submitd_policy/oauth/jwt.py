@@ -23,7 +23,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import import_key
 
-from . import metrics
+from .metrics import KEY_REFRESHES
 from .claims import Identity, check_scope, login_of
 from .provider import Provider, ProviderUnavailable, TokenRefused
 
@@ -179,7 +179,7 @@ class JwtChecker:
             if not keys:
                 raise ProviderUnavailable("jwks: no signing key")
         except ProviderUnavailable:
-            metrics.KEY_REFRESHES.labels(reason, "failed").inc()
+            KEY_REFRESHES.labels(reason, "failed").inc()
             raise
-        metrics.KEY_REFRESHES.labels(reason, "ok").inc()
+        KEY_REFRESHES.labels(reason, "ok").inc()
         self.keys, self.issuer, self.read_at = keys, str(document["issuer"]), time.monotonic()

@@ -16,7 +16,7 @@ import time
 import aiohttp
 
 from ..settings_parts.oauth import secure_enough
-from . import metrics
+from .metrics import PROVIDER_REQUESTS, PROVIDER_SECONDS
 
 MAX_BODY = 1 << 20  # a JWKS or userinfo answer is a few KB
 
@@ -93,8 +93,8 @@ class Provider:
             # The type only: some texts repeat what was sent.
             raise ProviderUnavailable(f"{what}: {type(e).__name__}") from None
         finally:
-            metrics.PROVIDER_REQUESTS.labels(what, outcome).inc()
-            metrics.PROVIDER_SECONDS.labels(what).observe(time.perf_counter() - started)
+            PROVIDER_REQUESTS.labels(what, outcome).inc()
+            PROVIDER_SECONDS.labels(what).observe(time.perf_counter() - started)
         if len(body) > MAX_BODY:
             raise ProviderUnavailable(f"{what}: answer over {MAX_BODY} octets")
         try:

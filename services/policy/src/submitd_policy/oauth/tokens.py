@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from opentelemetry import trace
 
-from . import metrics
+from .metrics import VALIDATIONS
 from .claims import Identity
 from .provider import ProviderUnavailable, TokenRefused
 
@@ -46,7 +46,7 @@ class TokenValidator:
             identity, until = entry
             if self.clock() < until:
                 self._cache.move_to_end(digest)
-                metrics.VALIDATIONS.labels(self.mode, "cached").inc()
+                VALIDATIONS.labels(self.mode, "cached").inc()
                 return identity
             del self._cache[digest]
         running = self._running.get(digest)
@@ -69,7 +69,7 @@ class TokenValidator:
                 raise
             finally:
                 span.set_attribute("submitd.oauth.outcome", outcome)
-                metrics.VALIDATIONS.labels(self.mode, outcome).inc()
+                VALIDATIONS.labels(self.mode, outcome).inc()
         self._remember(digest, identity)
         return identity
 
