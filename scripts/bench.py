@@ -13,7 +13,9 @@ client is not the bottleneck). For each mode, the median of ROUNDS rotated round
 - the rewriter alone over gRPC, with and without DKIM, beside dkimpy, and its CPU for one
   message whose header is 1 MiB of continuation lines (``--only rewriter``);
 - the frontend's CPU per TLS handshake on port 465: full with ECDSA P-256, full with RSA-2048,
-  and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``).
+  and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``);
+- an AUTH with each directory (users file, LDAP, SQL, JWT), cold and cached: policy CPU and
+  AUTH latency (``--only auth``, scripts/bench_auth.py).
 
     make bench BENCH_ARGS="--messages 3000 --rounds 1"
 """
@@ -270,12 +272,18 @@ def main() -> None:
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls"], help="run one part only")
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth"], help="run one part only")
     parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     args = parser.parse_args()
+    if args.only in (None, "auth"):
+        from bench_auth import bench_auth
+
+        bench_auth(Path(tempfile.mkdtemp(prefix="submitd-bench-auth-")))
+        if args.only == "auth":
+            return
     if args.only in (None, "tls"):
         bench_tls(Path(tempfile.mkdtemp(prefix="submitd-bench-tls-")))
         if args.only == "tls":

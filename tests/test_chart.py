@@ -309,3 +309,50 @@ def test_the_chart_deploys_the_nats_server_the_tests_run():
     tested = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, check=True).stdout
     tag = by_kind(render(), "StatefulSet")["mail-submitd-nats"]["spec"]["template"]["spec"]["containers"][0]["image"]
     assert tag.split(":")[1].split("-")[0] == tested.strip().rsplit("v", 1)[1], (tag, tested)
+
+
+IDENTITY = {
+    "directories": ["ldap", "sql", "file"],
+    "ldap": {"url": "ldaps://ldap.example.net", "bindDN": "cn=submitd,ou=services,dc=example,dc=net",
+             "bindPasswordSecret": {"name": "ldap-bind", "key": "password"}, "caSecret": {"name": "site-ca", "key": "ca.crt"},
+             "baseDN": "ou=people,dc=example,dc=net", "settings": {"address_attributes": '["mail", "proxyAddresses"]'}},
+    "sql": {"dsn": "postgresql://submitd@db.example.net/mail", "passwordSecret": {"name": "sql", "key": "pw"}},
+    "oauth": {"mode": "jwt", "issuer": "https://sso.example.net/realms/mail", "audience": "submitd"},
+    "egress": [{"cidr": "10.20.0.0/16", "ports": [636, 5432]}, {"cidr": "192.0.2.10/32", "ports": [443]}],
+}
+
+
+def test_identity_values_reach_policy_as_settings_with_their_secrets_as_files_and_egress_to_them():
+    docs = render({"identity": IDENTITY})
+    policy = by_kind(docs, "Deployment")["mail-submitd-policy"]["spec"]["template"]["spec"]
+    env = {e["name"].removeprefix("SUBMITD_POLICY_"): e.get("value") for e in policy["containers"][0]["env"]}
+    assert env["DIRECTORIES"] == '["ldap","sql","file"]'
+    assert env["LDAP_URL"] == "ldaps://ldap.example.net" and env["LDAP_MODE"] == "bind"
+    assert env["LDAP_BIND_PASSWORD_FILE"] == "/etc/submitd/identity/ldap-bind-password"
+    assert env["LDAP_CA_FILE"] == "/etc/submitd/identity/ldap-ca.crt"
+    assert env["LDAP_ADDRESS_ATTRIBUTES"] == '["mail", "proxyAddresses"]'
+    assert env["SQL_DSN"] == "postgresql://submitd@db.example.net/mail" and env["SQL_SSLMODE"] == "verify-full"
+    assert env["SQL_PASSWORD_FILE"] == "/etc/submitd/identity/sql-password"
+    assert env["OAUTH_ISSUER"] == "https://sso.example.net/realms/mail" and env["OAUTH_LOGIN_CLAIM"] == "email"
+    assert not any("password" in (v or "").lower() and "/" not in (v or "") for v in env.values()), "no secret inline"
+    [identity] = [v for v in policy["volumes"] if v["name"] == "identity"]
+    assert sorted((s["secret"]["name"], s["secret"]["items"][0]["path"]) for s in identity["projected"]["sources"]) == [
+        ("ldap-bind", "ldap-bind-password"), ("site-ca", "ldap-ca.crt"), ("sql", "sql-password")]
+    egress = by_kind(docs, "NetworkPolicy")["mail-submitd-policy-directories"]["spec"]["egress"]
+    assert egress == [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                       "ports": [{"port": 636, "protocol": "TCP"}, {"port": 5432, "protocol": "TCP"}]},
+                      {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]
+    # Nothing else of the release may reach them: only policy's pods are selected.
+    assert by_kind(docs, "NetworkPolicy")["mail-submitd-policy-directories"]["spec"]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "policy"
+
+
+def test_identity_values_that_cannot_work_are_refused_at_render():
+    with pytest.raises(helm.HelmError, match="identity.egress is required"):
+        render({"identity": {**IDENTITY, "egress": []}})
+    with pytest.raises(helm.HelmError, match="identity.ldap.url is required"):
+        render({"identity": {"directories": ["ldap"], "egress": IDENTITY["egress"]}})
+    with pytest.raises(helm.HelmError, match="values don't meet the specifications of the schema|issuer"):
+        render({"identity": {"oauth": {"mode": "jwt", "issuer": "http://sso.example.net"}}})
+    with pytest.raises(helm.HelmError):
+        render({"identity": {"directories": ["ldap", "nis"]}})

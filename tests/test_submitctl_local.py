@@ -102,6 +102,12 @@ def test_a_user_added_with_submitctl_submits_at_once_and_suspend_and_rm_take_eff
     rows = {r["login"]: r for r in json.loads(listing.stdout)}
     assert set(rows) == {DEMO, new} and rows[new]["suspended"] is False
     assert "argon2" not in listing.stdout.replace('"scheme": "argon2id"', "")  # no hash printed
+    assert rows[new]["source"] == "file", "policy says which directory each login comes from"
+    shown = submitctl(site, "user", "show", DEMO)
+    assert shown.returncode == 0, shown.stderr
+    assert "source:     file" in shown.stdout and "send_as:    @example.test, demo@example.test" in shown.stdout
+    missing = submitctl(site, "user", "show", "nobody@example.test")
+    assert missing.returncode != 0 and "no directory knows nobody@example.test" in missing.stderr
 
     # Suspended while logged in: the next MAIL is refused; AUTH is refused from then on.
     client = login(site, new, "carol's long passphrase")
@@ -302,3 +308,20 @@ def test_the_helm_test_pods_check_submits_verifies_the_certificate_by_name_and_a
     password.write_text("wrong\n")
     out = check("--insecure")
     assert out.returncode == 1 and "check failed: 535" in out.stderr, out.stderr
+
+
+def test_policy_users_api_refuses_without_the_admin_token(site):
+    """Who may send as what is the operator's to read: no token, or a wrong one, is refused."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{site.ports.policy_http}/api/v1/users/{DEMO}"
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"X-Submitd-Admin-Token": "local-token-x"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        refused.value.close()
+        assert refused.value.code == 401
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer local-token"}),
+                                timeout=10) as answer:
+        shown = json.loads(answer.read())
+    assert shown["login"] == DEMO and shown["source"] == "file" and "password" not in json.dumps(shown)

@@ -124,6 +124,7 @@ users: {path: /etc/submitd/users, volume: {secret: {secretName: {{ .root.Values.
 dkim: {path: /etc/submitd/dkim, volume: {secret: {secretName: {{ .root.Values.dkim.existingSecret | default (printf "%s-dkim" $n) }}}}, env: {DKIM_KEYS_FILE: /etc/submitd/dkim/keys.yaml}}
 rewriteRules: {path: /etc/submitd/rewrite, volume: {configMap: {name: {{ $n }}-rewrite-rules}}}
 adminToken: {path: /etc/submitd/admin, volume: {secret: {secretName: {{ .root.Values.admin.existingSecret | default (printf "%s-admin" $n) }}}}}
+identity: {path: /etc/submitd/identity, volume: {{ include "submitd.identityVolume" .root }}}
 config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}, env: {CONFIG_FILE: /etc/submitd/config/{{ .name }}.yaml}}
 {{- end -}}
 
@@ -148,4 +149,62 @@ config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}
 {{- else -}}
 {{ include "submitd.fullname" . }}-frontend:587
 {{- end -}}
+{{- end -}}
+
+
+{{- /* The Secrets identity names (bind password, SQL password, client secret, CAs), as one
+     projected volume under /etc/submitd/identity: name -> (secret, file). */ -}}
+{{- define "submitd.identitySecrets" -}}
+{{- $i := .Values.identity -}}
+{{- $out := dict -}}
+{{- range $file, $ref := dict "ldap-bind-password" $i.ldap.bindPasswordSecret "ldap-ca.crt" $i.ldap.caSecret "sql-password" $i.sql.passwordSecret "sql-ca.crt" $i.sql.caSecret "oauth-client-secret" $i.oauth.clientSecret "oauth-ca.crt" $i.oauth.caSecret -}}
+{{- if $ref.name -}}{{- $_ := set $out $file $ref -}}{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "submitd.identityVolume" -}}
+{{- $secrets := include "submitd.identitySecrets" . | fromJson -}}
+{{- if $secrets -}}
+{projected: {sources: [{{- range $i, $file := keys $secrets | sortAlpha }}{{ if $i }}, {{ end }}{secret: {name: {{ (get $secrets $file).name }}, items: [{key: {{ (get $secrets $file).key }}, path: {{ $file }}}]}}{{ end }}]}}
+{{- else -}}
+{emptyDir: {}}
+{{- end -}}
+{{- end -}}
+
+{{- /* Policy's identity settings (SUBMITD_POLICY_*) from .Values.identity: only those set. */ -}}
+{{- define "submitd.identityEnv" -}}
+{{- $i := .Values.identity -}}
+{{- $secrets := include "submitd.identitySecrets" . | fromJson -}}
+{{- $env := dict "DIRECTORIES" (toJson $i.directories) "DIRECTORY_CACHE_SECONDS" $i.cacheSeconds "DIRECTORY_GRACE_SECONDS" $i.graceSeconds "DIRECTORY_TIMEOUT" $i.timeoutSeconds "AUTH_MECHANISMS" (toJson $i.mechanisms) -}}
+{{- if has "ldap" $i.directories -}}
+{{- if not $i.ldap.url }}{{ fail "identity.ldap.url is required when identity.directories names ldap" }}{{ end -}}
+{{- range $key, $value := dict "URL" $i.ldap.url "STARTTLS" $i.ldap.startTLS "MODE" $i.ldap.mode "BIND_DN" $i.ldap.bindDN "BASE_DN" $i.ldap.baseDN "USER_FILTER" $i.ldap.userFilter "GROUP_BASE_DN" $i.ldap.groupBaseDN "GROUP_FILTER" $i.ldap.groupFilter -}}
+{{- if or $value (kindIs "bool" $value) }}{{ $_ := set $env (printf "LDAP_%s" $key) $value }}{{ end -}}
+{{- end -}}
+{{- range $key, $value := $i.ldap.settings }}{{ $_ := set $env (printf "LDAP_%s" (upper $key)) $value }}{{ end -}}
+{{- if hasKey $secrets "ldap-bind-password" }}{{ $_ := set $env "LDAP_BIND_PASSWORD_FILE" "/etc/submitd/identity/ldap-bind-password" }}{{ end -}}
+{{- if hasKey $secrets "ldap-ca.crt" }}{{ $_ := set $env "LDAP_CA_FILE" "/etc/submitd/identity/ldap-ca.crt" }}{{ end -}}
+{{- end -}}
+{{- if has "sql" $i.directories -}}
+{{- if not $i.sql.dsn }}{{ fail "identity.sql.dsn is required when identity.directories names sql" }}{{ end -}}
+{{- range $key, $value := dict "DSN" $i.sql.dsn "SSLMODE" $i.sql.sslmode "USER_QUERY" $i.sql.userQuery "SEND_AS_QUERY" $i.sql.sendAsQuery "LIST_QUERY" $i.sql.listQuery -}}
+{{- if $value }}{{ $_ := set $env (printf "SQL_%s" $key) $value }}{{ end -}}
+{{- end -}}
+{{- if hasKey $secrets "sql-password" }}{{ $_ := set $env "SQL_PASSWORD_FILE" "/etc/submitd/identity/sql-password" }}{{ end -}}
+{{- if hasKey $secrets "sql-ca.crt" }}{{ $_ := set $env "SQL_CA_FILE" "/etc/submitd/identity/sql-ca.crt" }}{{ end -}}
+{{- end -}}
+{{- if $i.oauth.mode -}}
+{{- if not $i.oauth.issuer }}{{ fail "identity.oauth.issuer is required with identity.oauth.mode" }}{{ end -}}
+{{- range $key, $value := dict "MODE" $i.oauth.mode "ISSUER" $i.oauth.issuer "AUDIENCE" $i.oauth.audience "LOGIN_CLAIM" $i.oauth.loginClaim "REQUIRED_SCOPE" $i.oauth.requiredScope "CLIENT_ID" $i.oauth.clientId "UNKNOWN_USERS" $i.oauth.unknownUsers -}}
+{{- if $value }}{{ $_ := set $env (printf "OAUTH_%s" $key) $value }}{{ end -}}
+{{- end -}}
+{{- range $key, $value := $i.oauth.settings }}{{ $_ := set $env (printf "OAUTH_%s" (upper $key)) $value }}{{ end -}}
+{{- if hasKey $secrets "oauth-client-secret" }}{{ $_ := set $env "OAUTH_CLIENT_SECRET_FILE" "/etc/submitd/identity/oauth-client-secret" }}{{ end -}}
+{{- if hasKey $secrets "oauth-ca.crt" }}{{ $_ := set $env "OAUTH_CA_FILE" "/etc/submitd/identity/oauth-ca.crt" }}{{ end -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (not $i.egress) (or (has "ldap" $i.directories) (has "sql" $i.directories) $i.oauth.mode) -}}
+{{- fail "identity.egress is required with networkPolicy.enabled and an LDAP, SQL or OAuth provider: the CIDRs and ports policy connects to (e.g. [{cidr: 10.20.0.0/16, ports: [636]}])" -}}
+{{- end -}}
+{{- toJson $env -}}
 {{- end -}}

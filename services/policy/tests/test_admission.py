@@ -76,6 +76,8 @@ def lockouts(**settings) -> tuple[Lockouts, MemoryCounters, MemoryCounters, Memo
 
 async def guess(lo: Lockouts, login: str, peer: str, right: bool = False, check: float = 0.02) -> str:
     """One AUTH as auth.py runs it, with a check that takes ``check`` seconds."""
+    if await lo.client_locked(peer):  # auth.py's first question, at AUTH's start
+        return "421"
     attempt = lo.attempt(login, peer)
     try:
         if await attempt.locked():
@@ -119,6 +121,13 @@ async def test_right_passwords_at_once_are_never_refused_for_the_company_they_ar
     lo, failures, *_ = lockouts()
     results = await asyncio.gather(*(guess(lo, f"user{n}", "192.0.2.1", right=True) for n in range(5)))
     assert results == ["235"] * 5
+    # Staggered: AUTHs that start while the others' checks hold all the room are not taken for
+    # a client locked out (its checks in flight are not failures yet).
+    async def later(n: int) -> str:
+        await asyncio.sleep(0.005 * n)
+        return await guess(lo, f"user{n}", "192.0.2.1", right=True, check=0.05)
+
+    assert await asyncio.gather(*(later(n) for n in range(8))) == ["235"] * 8
     assert not any(failures.values.values()), "nothing left counted"
     # A right password holding the last room: the wrong guess beside it waits for that
     # outcome, and is then checked (not refused while the room was only lent).

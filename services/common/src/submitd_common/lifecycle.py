@@ -49,7 +49,7 @@ def run(amain) -> None:
 
 async def serve_grpc(
     name: str, settings, health: Health, register: Callable[[grpc.aio.Server], None], methods: Iterable[str],
-    **fields,
+    routers: Iterable = (), **fields,
 ) -> None:
     """Serve one gRPC service until SIGTERM or SIGINT: its health (grpc.health.v1 and HTTP
     /healthz, /readyz, /metrics on ``settings.http_listen``) and the service on
@@ -69,7 +69,10 @@ async def serve_grpc(
         fields["allowed_callers"] = sorted(settings.grpc_allowed_callers)
     stop_health = await health.start()
     _, port, stop_grpc = await start_server(settings.listen, register, health, tls, interceptors)
-    _, stop_http = await serve_http(health_app(health, f"submitd {name}"), *split_hostport(settings.http_listen))
+    app = health_app(health, f"submitd {name}")
+    for router in routers:  # an admin API beside /healthz, /readyz and /metrics
+        app.include_router(router)
+    _, stop_http = await serve_http(app, *split_hostport(settings.http_listen))
     service_log.info(f"{name} listening", extra={"fields": {"port": port, **fields}})
     await wait_for_signal()
     service_log.info(f"{name} draining")

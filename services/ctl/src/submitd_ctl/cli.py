@@ -15,7 +15,7 @@ import sys
 from .commands import (
     REFUSED, UNREACHABLE,
     cmd_check, cmd_dkim_check, cmd_dkim_ls, cmd_dkim_retire, cmd_dkim_rotate, cmd_queue_ls, cmd_queue_show,
-    cmd_queue_totals, cmd_status, cmd_user_add, cmd_user_ls, cmd_user_passwd, cmd_user_resume, cmd_user_rm,
+    cmd_queue_totals, cmd_status, cmd_user_add, cmd_user_ls, cmd_user_show, cmd_user_passwd, cmd_user_resume, cmd_user_rm,
     cmd_user_suspend, queue_action,
 )
 from .documents import ChangeError
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("resume", cmd_user_resume, "let a suspended user send again"),
                                 ("rm", cmd_user_rm, "remove a user")):
         command(user, name, handler, text, True).add_argument("login")
-    command(user, "ls", cmd_user_ls, "list users (never their hashes)")
+    p = command(user, "ls", cmd_user_ls, "list the users of every directory, with where each comes from (never a hash)")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many from each directory (1000)")
+    command(user, "show", cmd_user_show, "one login: which directory answers for it and what it may do").add_argument("login")
 
     dkim = groups.add_parser("dkim", help="DKIM keys (the DKIM Secret)").add_subparsers(metavar="ACTION")
     p = command(dkim, "rotate", cmd_dkim_rotate, "add a new key for DOMAIN beside its others; prints the DNS record", True)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
 
 from . import documents, output
 from .documents import ChangeError
@@ -104,10 +105,44 @@ def cmd_user_rm(args) -> int:
 
 
 def cmd_user_ls(args) -> int:
-    files, _ = site_of(args).read("users")
-    rows = documents.user_rows(files)
-    output.emit(args.output, rows, ["login", "send_as", "suspended", "limits"])
+    """Every directory's logins as policy sees them; the users file alone when policy cannot be asked."""
+    try:
+        _, body = admin_call(args, "GET", f"/api/v1/users?limit={args.limit}", "policy", "users")
+    except SiteError as e:
+        files, _ = site_of(args).read("users")
+        rows = documents.user_rows(files)
+        output.emit(args.output, rows, ["login", "send_as", "suspended", "limits"])
+        print(f"(the users file only: policy could not be asked: {e})", file=sys.stderr)
+        return OK
+    rows = [user_row(u) for u in body["users"]] if args.output == "table" else body["users"]
+    output.emit(args.output, rows, ["login", "source", "send_as", "suspended", "limits"])
+    for name in body.get("unavailable") or []:
+        print(f"(directory {name} could not be asked: its users are missing above)", file=sys.stderr)
     return OK
+
+
+def cmd_user_show(args) -> int:
+    status, body = admin_call(args, "GET", f"/api/v1/users/{quote(args.login, safe='@')}", "policy", "users")
+    if status == 404:
+        raise ChangeError(body.get("detail", f"no directory knows {args.login}"))
+    if status == 503:
+        raise SiteError(body.get("detail", "a directory is unavailable"))
+    if args.output != "table":
+        output.emit(args.output, body, [])
+        return OK
+    row = user_row(body)
+    for key in ("login", "source", "detail", "scheme", "send_as", "act_as", "limits", "recipients", "suspended"):
+        print(f"{key + ':':<11} {row.get(key) if row.get(key) not in (None, '') else '-'}")
+    return OK
+
+
+def user_row(u: dict) -> dict:
+    limits = ", ".join(f"{k.replace('_per_hour', '')}/h {v}" for k, v in (u.get("limits") or {}).items())
+    recipients = "any" if u.get("allow_recipients") is None else "only " + ", ".join(u["allow_recipients"])
+    if u.get("deny_recipients"):
+        recipients += "; never " + ", ".join(u["deny_recipients"])
+    return {**u, "send_as": ", ".join(u["send_as"]), "act_as": ", ".join(u["act_as"]), "limits": limits or "-",
+            "recipients": recipients, "suspended": "yes" if u["suspended"] else "no"}
 
 
 # -- DKIM ------------------------------------------------------------------------------------
@@ -190,15 +225,19 @@ def parse_duration(text: str) -> timedelta:
 
 
 def queue_call(args, method: str, path: str) -> tuple[int, dict]:
-    status, data = site_of(args).admin(method, "/api/v1/queue" + path)
+    return admin_call(args, method, "/api/v1/queue" + path, "relay", "queue")
+
+
+def admin_call(args, method: str, path: str, service: str, what: str) -> tuple[int, dict]:
+    status, data = site_of(args).admin(method, path, service=service)
     try:
         body = json.loads(data) if data else {}
     except ValueError:
         body = {"detail": data[:200].decode(errors="replace")}
     if status in (401, 403):
-        raise SiteError(f"the queue admin API refused the token: {body.get('detail', status)}")
-    if status >= 500:
-        raise SiteError(f"the queue admin API failed: {status} {body.get('detail', '')}")
+        raise SiteError(f"the {what} admin API refused the token: {body.get('detail', status)}")
+    if status >= 500 and status != 503:
+        raise SiteError(f"the {what} admin API failed: {status} {body.get('detail', '')}")
     return status, body
 
 

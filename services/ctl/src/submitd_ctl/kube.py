@@ -196,10 +196,10 @@ class KubeSite:
             raise SiteError(f"Secret {name} has no key 'token'")
         return files["token"].decode().strip()
 
-    def admin(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        pods = [p for p in self.pods("relay") if ready(p)]
+    def admin(self, method: str, path: str, body: bytes | None = None, service: str = "relay") -> tuple[int, bytes]:
+        pods = [p for p in self.pods(service) if ready(p)]
         if not pods:
-            raise SiteError("no relay pod is ready")
+            raise SiteError(f"no {service} pod is ready")
         headers = {TOKEN_HEADER: self.admin_token()}
         return self.pod_http(pods[0]["metadata"]["name"], method, path, headers=headers, body=body)
 

@@ -85,12 +85,12 @@ class LocalSite:
             return {service: None}
         return {service: parse_loaded(text).get(file)}
 
-    def admin(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def admin(self, method: str, path: str, body: bytes | None = None, service: str = "relay") -> tuple[int, bytes]:
         token_file = self.run.get("admin_token_file")
         if not token_file or not Path(token_file).exists():
-            raise SiteError("the relay's admin API has no token in this directory (ADMIN_TOKEN_FILE)")
+            raise SiteError(f"the {service}'s admin API has no token in this directory (ADMIN_TOKEN_FILE)")
         token = Path(token_file).read_text().strip()
-        url = f"http://127.0.0.1:{self.ports['relay_http']}{path}"
+        url = f"http://127.0.0.1:{self.ports[f'{service}_http']}{path}"
         return _request(method, url, {"Authorization": f"Bearer {token}"}, body)
 
     def status(self) -> dict:

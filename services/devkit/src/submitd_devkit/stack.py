@@ -348,6 +348,8 @@ class Stack:
                 "reload_interval": self.reload_interval,
             }
             values |= {f"argon2_{k}": v for k, v in (self.argon2 or {}).items()}
+            relay = self.extra_env.get("relay", {})  # one admin token for the queue and users APIs
+            values |= {k.lower(): relay[k] for k in ("ADMIN_TOKEN", "ADMIN_TOKEN_FILE") if k in relay}
         elif name == "rewriter":
             values |= {
                 "listen": f"127.0.0.1:{p.rewriter}",

@@ -12,6 +12,7 @@ from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
+from . import admin
 from .counters import Counters
 from .service import PolicyService
 from .settings import Settings
@@ -52,7 +53,8 @@ async def amain() -> None:
             health.add_report(f"directory_{name}", lambda name=name: service.directories.ready()[name])
     await lifecycle.serve_grpc(
         "policy", settings, health, lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(service, s),
-        [m.name for m in SERVICE.methods], users=len(users.value.users),
+        [m.name for m in SERVICE.methods], routers=[admin.router(settings, service.directories)],
+        users=len(users.value.users), directories=service.directories.names,
     )
     await stop_watch()
     await jetstream.close(nc)

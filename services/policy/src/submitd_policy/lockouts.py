@@ -71,7 +71,16 @@ class Lockouts:
         return f"client.{key_part(client_of(peer, self.ipv6_prefix))}"
 
     async def client_locked(self, peer: str) -> bool:
-        return self.failures is not None and await self.failures.get(self.client_key(peer)) >= self.per_client
+        """The client's failures are at its limit. Its checks in flight on this replica are
+        reservations, not failures yet: an office whose logins are being checked is not locked out."""
+        if self.failures is None:
+            return False
+        key = self.client_key(peer)
+        return self.failed_count(await self.failures.get(key), key) >= self.per_client
+
+    def failed_count(self, count: int, key: str) -> int:
+        """A counter's value without this replica's reservations in flight on it."""
+        return count - self._in_flight.get(key, 0)
 
     async def token_failed(self, peer: str) -> None:
         """A bearer token refused: counted against the client only (a token is not a password
@@ -149,7 +158,7 @@ class Attempt:
             return False
         here, spent = await asyncio.gather(
             lo.failures.get(self.login_key), lo.budget.count(self.login) if lo.budget else _zero())
-        if here >= lo.per_login:
+        if lo.failed_count(here, self.login_key) >= lo.per_login:
             return True
         return spent >= lo.budget_limit and not await self.is_known()
 

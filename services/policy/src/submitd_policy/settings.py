@@ -25,6 +25,8 @@ class Settings(ServiceSettings, LdapSettings, SqlSettings, OAuthSettings, AppPas
     users_file: str = Field(description="YAML users file: password hashes, grants, permissions, limits")
     dovecot_passwd_file: str | None = Field(None, description="Dovecot passwd-file with more users (migration)")
     reload_interval: float = Field(2.0, description="Seconds between checks of the users files")
+    admin_token: str | None = Field(None, description="Bearer token of the users admin API (or ADMIN_TOKEN_FILE)")
+    admin_token_file: str | None = Field(None, description="File holding that token (the relay's admin Secret)")
     directories: list[str] = Field(
         ["file"], description="Where logins come from, in order (file, ldap, sql): the first that knows a login answers"
     )

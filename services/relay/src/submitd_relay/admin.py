@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import hmac
 import logging
 import time
-from pathlib import Path
 from typing import Protocol
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Depends, HTTPException, Query
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
 from submitd.v1 import queue_pb2
 from submitd_common import jetstream
+from submitd_common.adminauth import authorizer
 
 from . import dsn
 from .queue import MAX_SCAN, QueuedBody, scan_queue
@@ -32,7 +30,6 @@ log = logging.getLogger("submitd.relay.admin")
 # The token may come in this header instead of Authorization: through the Kubernetes API
 # server's proxy (submitctl), Authorization carries the operator's own credentials and the API
 # server removes it before forwarding.
-TOKEN_HEADER = "X-Submitd-Admin-Token"
 
 
 class Summary(BaseModel):
@@ -239,26 +236,7 @@ class QueueAdmin:
 
 
 def router(relay: QueueOwner) -> APIRouter:
-    settings = relay.s
-    bearer = HTTPBearer(auto_error=False)
-
-    def expected_token() -> str | None:
-        if settings.admin_token_file:
-            # Read on every request: a rotated Secret applies without a restart.
-            return Path(settings.admin_token_file).read_text().strip() or None
-        return settings.admin_token
-
-    async def authorize(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-        token_header: str | None = Header(None, alias=TOKEN_HEADER),
-    ) -> None:
-        expected = expected_token()
-        if not expected:
-            raise HTTPException(403, "the queue admin API is off: set ADMIN_TOKEN or ADMIN_TOKEN_FILE")
-        given = credentials.credentials if credentials is not None else token_header
-        if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
+    authorize = authorizer(relay.s, "queue")
     admin = QueueAdmin(relay)
     api = APIRouter(prefix="/api/v1/queue", dependencies=[Depends(authorize)], tags=["queue"])
 
