@@ -105,3 +105,12 @@ def test_settings_refuse_what_would_not_be_checked(bad, says):
         Settings(users_file="u", **bad)
     assert Settings(users_file="u", oauth_mode="userinfo", oauth_issuer="http://127.0.0.1:1",
                     oauth_allow_insecure_http=True).oauth_issuer.startswith("http://")
+
+
+def test_the_audience_and_algorithms_are_a_json_list_or_comma_separated(monkeypatch):
+    monkeypatch.setenv("SUBMITD_POLICY_OAUTH_AUDIENCE", "submitd")  # as the chart writes one
+    monkeypatch.setenv("SUBMITD_POLICY_OAUTH_ALGORITHMS", "RS256, ES256")
+    settings = Settings(users_file="u", oauth_mode="jwt", oauth_issuer="https://s")
+    assert (settings.oauth_audience, settings.oauth_algorithms) == (["submitd"], ["RS256", "ES256"])
+    monkeypatch.setenv("SUBMITD_POLICY_OAUTH_AUDIENCE", '["a", "b"]')
+    assert Settings(users_file="u", oauth_mode="jwt", oauth_issuer="https://s").oauth_audience == ["a", "b"]

@@ -3,10 +3,12 @@ accepted only when ``oauth_mode`` is set."""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 # Asymmetric signatures only: the keys come from the provider's public JWKS. "none" and the HMAC
 # family (HS256 ...) are refused: with a public key as the "secret", anyone could sign.
@@ -23,9 +25,9 @@ class OAuthSettings(BaseModel):
         "", description="The provider's issuer URL (e.g. https://sso.example.net/realms/mail): its "
         "/.well-known/openid-configuration names the JWKS, userinfo and introspection endpoints",
     )
-    oauth_audience: list[str] = Field(
+    oauth_audience: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="jwt: a token's aud must name one of these (the client id the "
-        "provider issues mail tokens to); introspection: checked when the answer has an aud",
+        "provider issues mail tokens to), a JSON list or comma-separated; introspection: checked when the answer has an aud",
     )
     oauth_login_claim: str = Field(
         "email", description="The claim that holds the login (email, preferred_username, sub ...); a token whose "
@@ -35,8 +37,9 @@ class OAuthSettings(BaseModel):
         "", description="Scopes a token must carry (space-separated), checked in jwt and introspection modes "
         "(a userinfo answer does not tell the scope: refused there)",
     )
-    oauth_algorithms: list[str] = Field(
-        list(ASYMMETRIC), description="Signature algorithms accepted in jwt mode (never none nor HS*)"
+    oauth_algorithms: Annotated[list[str], NoDecode] = Field(
+        list(ASYMMETRIC), description="Signature algorithms accepted in jwt mode (never none nor HS*), a JSON list "
+        "or comma-separated"
     )
     oauth_leeway_seconds: float = Field(30, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat")
     oauth_jwks_refresh_seconds: float = Field(
@@ -67,6 +70,17 @@ class OAuthSettings(BaseModel):
         "refuse", description="A valid token whose login no directory knows: refuse (535), or token (an account "
         "that may send as the login only, when it is an address)",
     )
+
+    @field_validator("oauth_audience", "oauth_algorithms", mode="before")
+    @classmethod
+    def _list(cls, value):
+        """A JSON list, or names separated by commas (as the chart writes one audience)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_oauth(self):
