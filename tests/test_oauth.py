@@ -1,8 +1,8 @@
 """OAuth 2.0 bearer tokens through the whole stack, from a real OpenID Connect provider (oidc-provider-mock,
-started by the dev kit): its signed ID tokens checked with its published keys (jwt mode) and its opaque
-access tokens checked at its userinfo endpoint (userinfo mode), sent by Python's smtplib and by curl
-with OAUTHBEARER (RFC 7628) and XOAUTH2. A refused token gets RFC 7628's exchange: a 334 with the JSON
-error, the client's dummy response, then 535 5.7.8."""
+started by the dev kit): its signed ID tokens checked in policy with its published keys (jwt mode), sent
+by Python's smtplib and by curl with OAUTHBEARER (RFC 7628) and XOAUTH2. A refused token gets RFC 7628's
+exchange: a 334 with the JSON error, the client's dummy response, then 535 5.7.8. (The opaque tokens of
+userinfo mode: test_oauth_userinfo.py.)"""
 
 from __future__ import annotations
 
@@ -21,28 +21,13 @@ import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import RSAKey
 
+from oauth_clients import DEMO, MESSAGE, SHARED, Seen, b64, initial, reasons, refused, smtp, token_stack
 from submitd_devkit.oidc import OidcProvider
-from submitd_devkit.stack import User
-from submitd_devkit.testing.plugin import module_stack
-from submitd_devkit.testing.smtp import insecure_context
-from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
+from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.waiting import eventually
 from submitd_policy.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
-
-SHARED = "shared@example.test"  # alice may act as it
-DEMO = "demo@example.test"  # the README's example user
-USERS = {
-    ALICE: User(ALICE_PASSWORD, [ALICE, "@alias.example.test"], extra={"act_as": [SHARED]}),
-    DEMO: User("demo passphrase", [DEMO]),
-    "carol@example.test": User("carol's password", ["carol@example.test"], extra={"suspended": True}),
-}
-MESSAGE = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: token\r\n\r\nsent with a token\r\n"
-# Short waits: the failure delay is measured below; failures counted per client (5 here), so each test
-# that is refused comes from a loopback address of its own.
-POLICY = {"AUTH_FAILURE_DELAY": "0.3", "AUTH_FAILURES_PER_CLIENT": "5", "OAUTH_JWKS_MIN_REFRESH_SECONDS": "0",
-          "OAUTH_LEEWAY_SECONDS": "1", "OAUTH_CACHE_SECONDS": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -52,83 +37,17 @@ def provider(tmp_path_factory):
     oidc.stop()
 
 
-@pytest.fixture(scope="module")
-def jwt_stack(tmp_path_factory, provider):
-    yield from module_stack(tmp_path_factory.mktemp("stack"), users=USERS,
-                            env={"policy": POLICY | provider.policy_settings("jwt")})
-
-
-@pytest.fixture(scope="module")
-def userinfo_stack(tmp_path_factory, provider):
-    yield from module_stack(tmp_path_factory.mktemp("stack"), users=USERS,
-                            env={"policy": POLICY | provider.policy_settings("userinfo", oauth_unknown_users="token")})
-
-
 @pytest.fixture(autouse=True)
-def provider_up(request):
+def provider_up(provider):
     """Whatever a test did to the provider, the next one finds it running."""
     yield
-    if "provider" in request.fixturenames:
-        oidc = request.getfixturevalue("provider")
-        if oidc.proc is None:
-            oidc.start()
+    if provider.proc is None:
+        provider.start()
 
 
-def initial(mechanism: str, token: str, authzid: str = "", padding: str = "") -> str:
-    """The client's first message; ``padding``: a host key as long as wanted (RFC 7628 allows it)."""
-    if mechanism == "XOAUTH2":
-        return f"user={authzid}\x01auth=Bearer {token}\x01\x01"
-    host = f"host={padding}\x01" if padding else ""
-    return f"n,{'a=' + authzid if authzid else ''},\x01{host}auth=Bearer {token}\x01\x01"
-
-
-class Seen:
-    """An smtplib authobject that records the server's error challenge and answers it as RFC 7628
-    (OAUTHBEARER: %x01) or Google (XOAUTH2: an empty line) say."""
-
-    def __init__(self, mechanism: str, message: str) -> None:
-        self.mechanism, self.message, self.challenge = mechanism, message, None
-
-    def __call__(self, challenge: bytes | None = None) -> str:
-        if challenge is None:
-            return self.message
-        self.challenge = json.loads(challenge)
-        return "\x01" if self.mechanism == "OAUTHBEARER" else ""
-
-
-def smtp(stack, source: str | None = None) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30,
-                          source_address=(source, 0) if source else None)
-    client.ehlo("client.example.test")
-    client.starttls(context=insecure_context())
-    client.ehlo("client.example.test")
-    return client
-
-
-def refused(stack, mechanism: str, message: str, source: str) -> dict:
-    """AUTH with a token that must fail: the error challenge policy sent, after the 535."""
-    seen = Seen(mechanism, message)
-    with smtp(stack, source) as client:
-        with pytest.raises(smtplib.SMTPAuthenticationError) as error:
-            client.auth(mechanism, seen)
-        assert (error.value.smtp_code, error.value.smtp_error[:5]) == (535, b"5.7.8"), error.value
-        assert client.noop()[0] == 250, "the session goes on"
-    assert seen.challenge is not None, "a 334 with the JSON error came before the 535"
-    return seen.challenge
-
-
-def reasons(stack) -> dict[str, str]:
-    """Why policy refused each client's last token, from its log (which names no token)."""
-    found = {}
-    for line in (stack.root / "log" / "policy.log").read_text().splitlines():
-        entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("msg") == "token refused":
-            found[entry["peer"]] = entry["reason"]
-    return found
-
-
-def b64(data: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+@pytest.fixture(scope="module")
+def jwt_stack(tmp_path_factory, provider):
+    yield from token_stack(tmp_path_factory, provider, "jwt")
 
 
 @pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
@@ -136,7 +55,7 @@ def test_a_signed_id_token_from_the_provider_sends_mail_as_the_users_rights_allo
     jwt_stack.sink.handler.reset()
     token = provider.tokens(ALICE).id_token
     with smtp(jwt_stack) as client:
-        assert f"AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2" in client.ehlo_resp.decode()
+        assert "AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2" in client.ehlo_resp.decode()
         code, text = client.auth(mechanism, Seen(mechanism, initial(mechanism, token, ALICE)))
         assert (code, text[:5]) == (235, b"2.7.0")
         client.sendmail("someone@alias.example.test", ["bob@example.net"], MESSAGE)
@@ -269,60 +188,6 @@ def test_jwt_mode_keeps_working_while_the_provider_is_down_once_it_has_the_keys(
             client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial(
                 "OAUTHBEARER", jose_jwt.encode({"alg": "RS256", "kid": stranger.kid}, payload, stranger))))
         assert error.value.smtp_code == 454, "the provider may have rotated its keys: a temporary failure"
-
-
-@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
-def test_an_opaque_access_token_is_checked_at_userinfo(userinfo_stack, provider, mechanism):
-    token = provider.tokens(ALICE).access_token
-    with smtp(userinfo_stack) as client:
-        assert client.auth(mechanism, Seen(mechanism, initial(mechanism, token, ALICE)))[0] == 235
-    refused(userinfo_stack, mechanism, initial(mechanism, token + "x", ALICE), f"127.0.6.{len(mechanism)}")
-
-
-def test_a_revoked_access_token_is_refused_and_one_in_use_stops_within_the_cache_time(userinfo_stack, provider):
-    revoked, in_use = provider.tokens("dave@example.test").access_token, provider.tokens(ALICE).access_token
-    with smtp(userinfo_stack) as client:
-        assert client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", in_use)))[0] == 235
-    provider.revoke("dave@example.test")
-    refused(userinfo_stack, "OAUTHBEARER", initial("OAUTHBEARER", revoked), "127.0.7.1")
-    provider.revoke(ALICE)
-    revoked_at = time.monotonic()
-
-    def refused_now() -> bool:
-        seen = Seen("OAUTHBEARER", initial("OAUTHBEARER", in_use))
-        with smtp(userinfo_stack, "127.0.7.2") as client:
-            try:
-                client.auth("OAUTHBEARER", seen)
-            except smtplib.SMTPAuthenticationError as error:
-                return error.smtp_code == 535 and seen.challenge is not None
-            return False
-
-    eventually(refused_now, timeout=15, interval=0.5)
-    assert time.monotonic() - revoked_at < 2 + 1.5, "within OAUTH_CACHE_SECONDS (2 s here) and a retry"
-
-
-def test_a_login_no_directory_knows_may_send_as_itself_only_with_unknown_users_token(userinfo_stack, provider):
-    userinfo_stack.sink.handler.reset()
-    token = provider.tokens("erin@example.org").access_token
-    with smtp(userinfo_stack) as client:
-        assert client.auth("XOAUTH2", Seen("XOAUTH2", initial("XOAUTH2", token, "erin@example.org")))[0] == 235
-        client.sendmail("erin@example.org", ["bob@example.net"], MESSAGE)
-        with pytest.raises(smtplib.SMTPSenderRefused) as foreign:
-            client.sendmail(ALICE, ["bob@example.net"], MESSAGE)
-        assert foreign.value.smtp_code == 550
-    [msg] = userinfo_stack.sink.handler.wait_for(1, 20)
-    assert msg.mail_from == "erin@example.org"
-
-
-def test_the_provider_down_is_454_never_535(userinfo_stack, provider):
-    token = provider.tokens(ALICE).access_token
-    provider.stop()
-    with smtp(userinfo_stack) as client:
-        with pytest.raises(smtplib.SMTPAuthenticationError) as error:
-            client.auth("OAUTHBEARER", Seen("OAUTHBEARER", initial("OAUTHBEARER", token)))
-        assert (error.value.smtp_code, error.value.smtp_error[:5]) == (454, b"4.7.0")
-    log = (userinfo_stack.root / "log" / "policy.log").read_text()
-    assert "token not checked" in log and token not in log, "logged, without the token"
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by .ci/run")
