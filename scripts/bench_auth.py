@@ -159,7 +159,35 @@ def token_case(mode: str) -> Case:
     return case
 
 
-CASES: list[Callable[[], Case]] = [file_case, lambda: token_case("jwt"), lambda: token_case("userinfo")]
+def sql_case() -> Case:
+    """The same logins and hashes in PostgreSQL (the dev kit's cluster, the README's schema and
+    default queries): a cold AUTH adds the directory's two queries to the hash."""
+    from argon2 import PasswordHasher
+
+    from submitd_devkit.postgres import Postgres
+
+    pg = Postgres()
+    case = Case("sql (PostgreSQL, argon2id)", None, plain, [pg.close])
+
+    def start(work: Path, sink: Sink):
+        from submitd_devkit.stack import Stack
+
+        pg.start()
+        hasher = PasswordHasher(time_cost=ARGON2["time_cost"], memory_cost=ARGON2["memory_kib"],
+                                parallelism=ARGON2["parallelism"])
+        # argon2 hashes hold only [A-Za-z0-9$=,+/]: written as literals in one statement
+        rows = ", ".join(f"('{login(i)}', '{hasher.hash(PASSWORD.format(i=i))}')" for i in range(USERS))
+        pg.sql(f"INSERT INTO users (login, password) VALUES {rows}")
+        env = {s: {"LOG_LEVEL": "WARNING"} for s in ("frontend", "relay", "policy", "rewriter")}
+        env["policy"] |= pg.policy_env(DIRECTORIES='["sql"]')
+        stack = Stack(work, next_hop=("127.0.0.1", sink.port), users={}, argon2=ARGON2, env=env)
+        return stack.start()
+
+    case.start = start
+    return case
+
+
+CASES: list[Callable[[], Case]] = [file_case, sql_case, lambda: token_case("jwt"), lambda: token_case("userinfo")]
 
 
 def bench_auth(work: Path, concurrency: int = 20, cached_rounds: int = 3) -> None:

@@ -191,6 +191,7 @@ config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}
 {{- range $key, $value := dict "DSN" $i.sql.dsn "SSLMODE" $i.sql.sslmode "USER_QUERY" $i.sql.userQuery "SEND_AS_QUERY" $i.sql.sendAsQuery "LIST_QUERY" $i.sql.listQuery -}}
 {{- if $value }}{{ $_ := set $env (printf "SQL_%s" $key) $value }}{{ end -}}
 {{- end -}}
+{{- range $key, $value := $i.sql.settings }}{{ $_ := set $env (printf "SQL_%s" (upper $key)) $value }}{{ end -}}
 {{- if hasKey $secrets "sql-password" }}{{ $_ := set $env "SQL_PASSWORD_FILE" "/etc/submitd/identity/sql-password" }}{{ end -}}
 {{- if hasKey $secrets "sql-ca.crt" }}{{ $_ := set $env "SQL_CA_FILE" "/etc/submitd/identity/sql-ca.crt" }}{{ end -}}
 {{- end -}}

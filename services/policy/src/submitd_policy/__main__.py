@@ -48,6 +48,8 @@ async def amain() -> None:
     health.add_check("nats", lambda: nc.is_connected)
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
     service = PolicyService(settings, users, rates, authfail, known)
+    for directory in service.directories.directories:
+        await directory.start()  # a configuration the directory refuses (a wrong SQL query) stops policy here
     for name in service.directories.names:  # reported by /readyz; a directory that is down never takes policy out
         if name != "file":
             health.add_report(f"directory_{name}", lambda name=name: service.directories.ready()[name])

@@ -59,6 +59,11 @@ class Directory(ABC):
     name: str = "directory"
     remote: bool = True  # answers are cached by the chain for its TTL (the file: in memory already)
 
+    async def start(self) -> None:
+        """Connect and check the configuration before policy serves: a configuration the
+        directory refuses (a wrong query, filter or attribute map) raises and stops the start;
+        the directory being unreachable does not (it answers DirectoryUnavailable until it is back)."""
+
     @abstractmethod
     async def lookup(self, login: str) -> Account | None:
         """The login's account, or None when this directory does not know it.
