@@ -131,6 +131,7 @@ def file_case() -> Case:
     return Case("file (argon2id t=2 m=19 MiB)", start, plain)
 
 
+<<<<<<< HEAD
 def token_case(mode: str) -> Case:
     """A token per login from the dev kit's OpenID Connect provider, got before the rounds: jwt
     (its signed ID token, checked in policy with its keys) or userinfo (its opaque access token,
@@ -157,6 +158,40 @@ def token_case(mode: str) -> Case:
 
     case.start = start
     return case
+=======
+def ldap_case(mode: str) -> Callable[[], Case]:
+    """The dev kit's slapd with USERS more entries (found by mail, argon2id hashes at ARGON2), over
+    StartTLS: bind mode (slapd checks the hash) or compare mode (policy's hashing pool does)."""
+
+    def make() -> Case:
+        from submitd_devkit.ldap import (BASE, HASHES_DN, HASHES_PASSWORD, PEOPLE_DN, SEARCH_DN, SEARCH_PASSWORD,
+                                         Slapd, hash_password)
+
+        servers: list[Slapd] = []
+
+        def start(work: Path, sink: Sink):
+            from submitd_devkit.stack import Stack
+
+            slapd = Slapd(work / "slapd").start()
+            servers.append(slapd)
+            slapd.add(*({"dn": [f"uid=user{i},{PEOPLE_DN}"], "objectClass": ["inetOrgPerson"], "uid": [f"user{i}"],
+                         "cn": [f"user {i}"], "sn": ["user"], "mail": [login(i)],
+                         "userPassword": [hash_password(PASSWORD.format(i=i), "argon2")]} for i in range(USERS)))
+            account, secret = (SEARCH_DN, SEARCH_PASSWORD) if mode == "bind" else (HASHES_DN, HASHES_PASSWORD)
+            (work / "bind-password").write_text(secret)
+            policy = {"DIRECTORIES": '["ldap"]', "LDAP_MODE": mode, "LDAP_URL": slapd.url, "LDAP_STARTTLS": "true",
+                      "LDAP_CA_FILE": str(slapd.ca_file), "LDAP_BASE_DN": BASE, "LDAP_BIND_DN": account,
+                      "LDAP_BIND_PASSWORD_FILE": str(work / "bind-password"), "LDAP_LOGIN_ATTRIBUTE": "mail",
+                      "LDAP_USER_FILTER": "(&(objectClass=inetOrgPerson)(mail={login}))"}
+            env = {s: {"LOG_LEVEL": "WARNING"} for s in ("frontend", "relay", "policy", "rewriter")}
+            env["policy"] |= policy
+            stack = Stack(work, next_hop=("127.0.0.1", sink.port), users={}, argon2=ARGON2, env=env)
+            return stack.start()
+
+        return Case(f"ldap-{mode} (slapd, StartTLS)", start, plain, stop=[lambda: [s.stop() for s in servers]])
+
+    return make
+>>>>>>> main
 
 
 def sql_case() -> Case:
@@ -187,7 +222,11 @@ def sql_case() -> Case:
     return case
 
 
+<<<<<<< HEAD
 CASES: list[Callable[[], Case]] = [file_case, sql_case, lambda: token_case("jwt"), lambda: token_case("userinfo")]
+=======
+CASES: list[Callable[[], Case]] = [file_case, ldap_case("bind"), ldap_case("compare"), sql_case]
+>>>>>>> main
 
 
 def bench_auth(work: Path, concurrency: int = 20, cached_rounds: int = 3) -> None:

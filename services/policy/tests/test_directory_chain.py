@@ -181,6 +181,7 @@ async def test_while_down_cached_logins_keep_working_and_others_are_temporary_fa
     assert (await auth.authenticate("alice@example.net", "pw")).login == "alice@example.net"
     with pytest.raises(DirectoryUnavailable):  # not 535: the directory might know it
         await auth.authenticate("alice@example.net", "another password")
+
     with pytest.raises(DirectoryUnavailable):
         await auth.authenticate("bob@example.net", "pw")
 
@@ -195,3 +196,15 @@ async def test_a_suspended_account_is_refused_although_its_password_is_cached():
     sql.users["bob@example.net"] = replace(sql.users["bob@example.net"], suspended=True)
     clock.now += 300
     assert await auth.authenticate("bob@example.net", "pw") is None
+
+
+async def test_the_grace_follows_the_login_as_it_was_asked_not_as_the_directory_spells_it():
+    clock = Clock()
+    alice = user("alice@example.net")  # the directory's spelling, whatever the client typed
+    ldap = Held("ldap", {"Alice@example.net": alice}, passwords={"alice@example.net": "pw"})
+    auth = authenticator(chain(ldap, clock=clock, ttl=300, grace=3600))
+    auth.cache.clock = clock
+    assert (await auth.authenticate("Alice@example.net", "pw")).login == "alice@example.net"
+    ldap.down = True
+    clock.now += 1000
+    assert (await auth.authenticate("Alice@example.net", "pw")).login == "alice@example.net"

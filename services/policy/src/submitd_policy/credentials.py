@@ -154,7 +154,7 @@ class Authenticator:
                     del self._running[key]
             except DirectoryUnavailable:
                 # A login whose directory checks passwords, verified before: within the grace.
-                if bound and self.cache.hit(account, password) and self.directories.within_grace(account):
+                if bound and self.cache.hit(account, password) and self.directories.within_grace(login, account):
                     metrics.AUTH_CACHE.labels("grace").inc()
                     return account.user
                 raise

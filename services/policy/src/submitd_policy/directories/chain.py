@@ -113,9 +113,10 @@ class Directories:
             return None
         return entry[0]
 
-    def within_grace(self, account: Account) -> bool:
-        """Whether a cached login may still be served while its directory is down."""
-        return self._stale(account.login) is not None or not self.by_name[account.source].remote
+    def within_grace(self, login: str, account: Account) -> bool:
+        """Whether a cached login (as it was asked: a directory may spell it otherwise, "Alice"
+        for "alice") may still be served while its directory is down."""
+        return self._stale(login) is not None or not self.by_name[account.source].remote
 
     def _remember(self, login: str, account: Account | None) -> None:
         self._cache[login] = (account, self.clock())
