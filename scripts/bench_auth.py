@@ -131,6 +131,34 @@ def file_case() -> Case:
     return Case("file (argon2id t=2 m=19 MiB)", start, plain)
 
 
+<<<<<<< HEAD
+def token_case(mode: str) -> Case:
+    """A token per login from the dev kit's OpenID Connect provider, got before the rounds: jwt
+    (its signed ID token, checked in policy with its keys) or userinfo (its opaque access token,
+    one request to the provider when not cached)."""
+    from submitd_devkit.oidc import OidcProvider
+
+    tokens: dict[int, str] = {}
+    case = Case(f"{mode} (OAUTHBEARER)", None, lambda i: b"OAUTHBEARER " + base64.b64encode(
+        f"n,,\x01auth=Bearer {tokens[i]}\x01\x01".encode()))
+
+    def start(work: Path, sink: Sink):
+        from submitd_devkit.stack import Stack, User
+
+        provider = OidcProvider(work / "oidc").start()
+        case.stop.append(provider.stop)
+        for i in range(USERS):
+            got = provider.tokens(login(i))
+            tokens[i] = got.id_token if mode == "jwt" else got.access_token
+        users = {login(i): User(PASSWORD.format(i=i), [login(i)]) for i in range(USERS)}
+        env = {s: {"LOG_LEVEL": "WARNING"} for s in ("frontend", "relay", "policy", "rewriter")}
+        env["policy"] |= provider.policy_settings(mode)
+        stack = Stack(work, next_hop=("127.0.0.1", sink.port), users=users, argon2=ARGON2, env=env)
+        return stack.start()
+
+    case.start = start
+    return case
+=======
 def ldap_case(mode: str) -> Callable[[], Case]:
     """The dev kit's slapd with USERS more entries (found by mail, argon2id hashes at ARGON2), over
     StartTLS: bind mode (slapd checks the hash) or compare mode (policy's hashing pool does)."""
@@ -163,6 +191,7 @@ def ldap_case(mode: str) -> Callable[[], Case]:
         return Case(f"ldap-{mode} (slapd, StartTLS)", start, plain, stop=[lambda: [s.stop() for s in servers]])
 
     return make
+>>>>>>> main
 
 
 def sql_case() -> Case:
@@ -193,7 +222,11 @@ def sql_case() -> Case:
     return case
 
 
+<<<<<<< HEAD
+CASES: list[Callable[[], Case]] = [file_case, sql_case, lambda: token_case("jwt"), lambda: token_case("userinfo")]
+=======
 CASES: list[Callable[[], Case]] = [file_case, ldap_case("bind"), ldap_case("compare"), sql_case]
+>>>>>>> main
 
 
 def bench_auth(work: Path, concurrency: int = 20, cached_rounds: int = 3) -> None:

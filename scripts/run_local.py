@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from submitd_devkit.oidc import OidcProvider
 from submitd_devkit.ports import wait_port
 from submitd_devkit.stack import Ports, Stack, StartAbandoned, User
 
@@ -52,7 +53,10 @@ def main() -> int:
         rewriter_http=port("rewriter_http", 8084),
     )
     sink_port = port("sink", 2525)
-    busy = [f"{n}={p}" for n, p in {**vars(ports), "sink": sink_port}.items() if wait_port("127.0.0.1", p, 0.05)]
+    # The optional profile SUBMITD_RUN_OIDC=1: an OpenID Connect provider beside the stack, policy in jwt mode.
+    oidc = OidcProvider(VAR / "oidc", port("oidc", 9400)) if os.environ.get("SUBMITD_RUN_OIDC") else None
+    extra = {"oidc": oidc.port} if oidc else {}
+    busy = [f"{n}={p}" for n, p in {**vars(ports), "sink": sink_port, **extra}.items() if wait_port("127.0.0.1", p, 0.05)]
     if busy:
         print(f"ports already in use: {', '.join(busy)}; set SUBMITD_RUN_<NAME>_PORT to move them", file=sys.stderr)
         return 1
@@ -66,7 +70,8 @@ def main() -> int:
         ports=ports,
         users={DEMO_USER: User(password, [DEMO_USER, "@example.test"])},
         # Bounces come from the signed domain: they are DKIM-signed by the rewriter like any message.
-        env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file), "BOUNCE_FROM": "postmaster@example.test"}},
+        env={"relay": {"ADMIN_TOKEN_FILE": str(admin_token_file), "BOUNCE_FROM": "postmaster@example.test"},
+             **({"policy": oidc.policy_settings("jwt")} if oidc else {})},
         keep_users=True,  # users added with submitctl --local var stay across runs
         grpc_tls=True,  # as the chart runs them: a certificate per service, callers checked
     )
@@ -81,6 +86,8 @@ def main() -> int:
                 stderr=log,
                 start_new_session=True,
             )
+        if oidc:
+            stack.procs["oidc"] = oidc.start().proc  # watched and stopped with the services
         say("starting nats-server, policy, rewriter, relay and frontend ...")
         stack.start(abandon=stop_asked)
         say(
@@ -114,6 +121,12 @@ Messages from @example.test are DKIM-signed (RSA and Ed25519); the DNS records w
 Ctrl-C stops everything; a second Ctrl-C kills everything at once.
 """
         )
+        if oidc:
+            say(f"""An OpenID Connect provider (oidc-provider-mock) runs at {oidc.issuer}; policy checks its
+signed tokens (OAUTH_MODE=jwt). A token for the demo user, for OAUTHBEARER or XOAUTH2:
+
+  .venv/bin/python -m submitd_devkit.oidc token {DEMO_USER} --port {oidc.port}
+""")
         while not stop_asked():
             crashed = [n for n, p in stack.procs.items() if p.poll() is not None]
             if crashed:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import insecure_context
 from submitd_frontend import replies
+from submitd_frontend.wire import AUTH_LINE_LIMIT
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))
 SESSIONS = int(os.environ.get("FUZZ_SESSIONS", "60"))
@@ -265,8 +266,8 @@ def auth_login_exchange(rng: random.Random, s: Session) -> bool:
             expected = None
             if part == b"*\r\n":
                 expected = exact(b"501 5.0.0 Authentication cancelled")
-            elif len(part) > 2048:
-                expected = exact(replies.LINE_TOO_LONG)
+            elif len(part) > AUTH_LINE_LIMIT:
+                expected = exact(replies.AUTH_LINE_TOO_LONG)
             r = s.reply(expected)
             if r is None:
                 return False

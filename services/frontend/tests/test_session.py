@@ -84,6 +84,9 @@ async def test_starttls_forgets_what_came_before_and_what_was_pipelined_in_the_c
 @pytest.mark.parametrize("line, reply", [
     (b"NOOP " + b"x" * 600, replies.LINE_TOO_LONG),
     (b"NOOP " + b"x" * 5000, replies.LINE_TOO_LONG),
+    (b"NOOP " + b"x" * 20000, replies.LINE_TOO_LONG),
+    (b"AUTH PLAIN " + b"x" * 12280, replies.AUTH_LINE_TOO_LONG),
+    (b"auth XOAUTH2 " + b"x" * 20000, replies.AUTH_LINE_TOO_LONG),
     (b"MAIL FROM:<alice@example.test>\n", replies.BARE_LINE_END),
     (b"MAIL FROM:<alice@example.test>\rRCPT TO:<x@example.net>", replies.BARE_LINE_END),
     (b"NOOP\x00", replies.BARE_LINE_END),
@@ -177,9 +180,33 @@ async def test_auth_order_syntax_and_a_continuation_line_gets_the_line_checks():
     assert got[1] == replies.AUTH_NEEDS_TLS
     memory = Memory([])
     memory.challenge = True
-    got, memory, _ = await dialog(b"EHLO c.example\r\nAUTH LOGIN\r\n" + b"x" * 3000 + b"\r\nNOOP\r\n", memory=memory)
-    assert got[1:] == ["334 ", replies.LINE_TOO_LONG, replies.OK], "one line, one reply"
+    got, memory, _ = await dialog(b"EHLO c.example\r\nAUTH LOGIN\r\n" + b"x" * 13000 + b"\r\nNOOP\r\n", memory=memory)
+    assert got[1:] == ["334 ", replies.AUTH_LINE_TOO_LONG, replies.OK], "one line, one reply"
     assert memory.events[-1] == "auth_response"
+
+
+@pytest.mark.parametrize("split", [None, 1000])
+async def test_an_auth_line_may_hold_12288_octets_and_no_more(split):
+    """RFC 4954 §4: an AUTH command and each line of its exchange up to 12,288 octets with CRLF
+    (room for a bearer token); one octet more is 500 5.5.6 and the session goes on; every other
+    command keeps its own limit."""
+    at_limit, over = (b"AUTH XOAUTH2 " + b"A" * (size - 15) + b"\r\n" for size in (12288, 12289))
+    assert (len(at_limit), len(over)) == (12288, 12289)
+    token = base64.b64encode(b"x" * 9000)  # 12,000 octets of base64
+    got, memory, _ = await dialog(b"EHLO c.example\r\n" + over + at_limit + b"AUTH XOAUTH2 " + token + b"\r\n",
+                                  split=split)
+    assert got[1:] == [replies.AUTH_LINE_TOO_LONG, replies.BAD_BASE64, replies.AUTH_OK], \
+        "over the limit: refused as too long; at it: read and decoded (12,273 octets are no base64)"
+    assert memory.events.count("auth_start") == 1, "only the valid line reached policy"
+    memory = Memory([])
+    memory.challenge = True
+    got, memory, _ = await dialog(b"EHLO c.example\r\nAUTH XOAUTH2\r\n" + token + b"\r\n", split=split, memory=memory)
+    assert got[1:] == ["334 ", replies.AUTH_OK], "a continuation line of 12,000 octets is read"
+    memory = Memory([])
+    memory.challenge = True
+    got, memory, _ = await dialog(b"EHLO c.example\r\nAUTH XOAUTH2\r\n" + b"A" * 12287 + b"\r\nNOOP " + b"x" * 600
+                                  + b"\r\nNOOP\r\n", split=split, memory=memory)
+    assert got[1:] == ["334 ", replies.AUTH_LINE_TOO_LONG, replies.LINE_TOO_LONG, replies.OK]
 
 
 async def test_too_many_errors_close_with_421_and_junk_commands_are_limited():

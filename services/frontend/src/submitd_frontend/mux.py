@@ -36,6 +36,23 @@ async def ready(channel: grpc.aio.Channel, timeout: float, error: Callable[[], E
         raise error() from e
 
 
+# What one stream message carries at most (then the next one goes on): well under gRPC's 8 MiB
+# message limit (grpcutil), which a burst of AUTH lines of 12,288 octets from a thousand sessions,
+# or of message blocks, would pass and break the stream for every session on it.
+BATCH_BYTES = 1 << 20
+
+
+def take_batch(outbox: list) -> tuple[list, list]:
+    """The requests for one stream message (at least one, at most ``BATCH_BYTES`` of them but for
+    a single larger one), and those left for the next."""
+    size = 0
+    for cut, request in enumerate(outbox):
+        size += request.ByteSize()
+        if cut and size > BATCH_BYTES:
+            return outbox[:cut], outbox[cut:]
+    return outbox, []
+
+
 class Multiplexer:
     def __init__(
         self,
@@ -110,7 +127,9 @@ class Multiplexer:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                batch, self.outbox = self.outbox, []
+                batch, self.outbox = take_batch(self.outbox)
+                if self.outbox:
+                    self._wake.set()  # the rest in the next message
                 if batch:
                     await self.call.write(self._batch(batch))
                 if self._closing and not self.outbox:

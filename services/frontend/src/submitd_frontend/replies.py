@@ -45,6 +45,7 @@ ALREADY_AUTHENTICATED = "503 5.5.1 Already authenticated"
 AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction"
 AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
 BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"  # RFC 4954 §6
 
 # -- the transaction ---------------------------------------------------------------------------
 SENDER_OK = "250 2.1.0 Sender OK"

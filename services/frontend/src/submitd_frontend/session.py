@@ -256,7 +256,11 @@ class Session(TransactionCommands):
                 mechanism=mechanism, has_initial_response=len(args) == 2, initial_response=initial))
             while verdict.has_challenge:
                 await self.send(replies.challenge(base64.b64encode(verdict.challenge).decode()))
-                line = await self.next_line()  # the command checks: one line, one reply
+                self.input.in_auth = True  # up to AUTH_LINE_LIMIT, refused 500 5.5.6 past it
+                try:
+                    line = await self.next_line()  # the command checks: one line, one reply
+                finally:
+                    self.input.in_auth = False
                 if line is None:
                     raise EOFError("connection closed during AUTH")
                 cancelled = policy_pb2.AuthResponse(cancelled=True)

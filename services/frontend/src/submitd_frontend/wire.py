@@ -26,6 +26,10 @@ from . import replies
 from .replies import BARE_CR_LF, NO_CRLF_AT_END, NUL, TOO_BIG
 
 LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
+COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
+# An AUTH command and each line of its exchange: 12,288 octets including CRLF (RFC 4954 §4), room
+# for a bearer token (OAUTHBEARER, XOAUTH2) in base64.
+AUTH_LINE_LIMIT = 12288
 _LONGEST = LINE_LIMIT - 2  # a line's octets before its CRLF (after dot-unstuffing)
 _WINDOW = (_LONGEST + 1) // 2  # a longer line holds at least one aligned window with no LF
 
@@ -160,15 +164,19 @@ class CommandInput:
     """What the client sent that nothing has taken yet: ``feed`` it what the socket gives, take
     command lines with ``line`` and message content with ``take``.
 
-    A line is checked before anything interprets it: over ``limit`` octets (the longest
-    extended MAIL line and then some) it is dropped up to its LF and answered 500 5.5.2; a
-    bare CR or LF, or a NUL, makes it a syntax error (only CRLF ends a line: other servers read
-    such lines differently)."""
+    A line is checked before anything interprets it: over ``limit`` octets with its CRLF (the
+    longest line there may be: an AUTH line, RFC 4954 §4) it is dropped up to its LF and answered
+    500 5.5.6 when it was an AUTH command or a response inside an AUTH exchange (``in_auth``),
+    500 5.5.2 otherwise; each command's own limit is ``parse_command``'s. A bare CR or LF, or a
+    NUL, makes it a syntax error (only CRLF ends a line: other servers read such lines
+    differently)."""
 
-    def __init__(self, limit: int = 2048) -> None:
+    def __init__(self, limit: int = AUTH_LINE_LIMIT) -> None:
         self.limit = limit
         self.buffer = bytearray()
         self.discarding = False  # inside a line already over the limit
+        self.discarded_auth = False  # ... and that line is an AUTH command
+        self.in_auth = False  # the next line is a response inside an AUTH exchange
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -179,14 +187,17 @@ class CommandInput:
         end = buffer.find(b"\n")
         if end < 0:
             if len(buffer) > self.limit:
+                if not self.discarding:
+                    self.discarded_auth = _is_auth(buffer)
                 self.discarding = True
                 del buffer[:-1]  # keep a CR that the next LF may complete
             return None
         line = bytes(buffer[: end + 1])
         del buffer[: end + 1]
-        if self.discarding or end > self.limit:
+        if self.discarding or end + 1 > self.limit:
+            auth = self.in_auth or (self.discarded_auth if self.discarding else _is_auth(line))
             self.discarding = False
-            return replies.LINE_TOO_LONG
+            return replies.AUTH_LINE_TOO_LONG if auth else replies.LINE_TOO_LONG
         if line[-2:-1] != b"\r" or b"\r" in line[:-2] or b"\x00" in line:
             return replies.BARE_LINE_END
         return line[:-2]
@@ -207,6 +218,10 @@ class CommandInput:
         self.discarding = False
 
 
+def _is_auth(line) -> bool:
+    return bytes(line[:5]).upper() == b"AUTH "
+
+
 @dataclass(frozen=True)
 class Command:
     verb: str
@@ -222,8 +237,10 @@ def parse_command(line: bytes, *, extended: bool, smtputf8: bool) -> Command | s
         arg = arg_bytes.decode("utf-8").strip() or None
     except UnicodeDecodeError:
         return replies.NOT_UTF8
-    limit = EXTENDED_LIMITS.get(verb, COMMAND_LIMIT) if extended else COMMAND_LIMIT
-    if len(line) + 2 > limit:
+    if verb == "AUTH":
+        if len(line) + 2 > AUTH_LINE_LIMIT:
+            return replies.AUTH_LINE_TOO_LONG
+    elif len(line) + 2 > (EXTENDED_LIMITS.get(verb, COMMAND_LIMIT) if extended else COMMAND_LIMIT):
         return replies.LINE_TOO_LONG
     if arg and not arg.isascii():
         if verb == "MAIL":
@@ -292,7 +309,6 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> bool:
     return value.isascii() and value.upper() in allowed
 
 
-COMMAND_LIMIT = 512  # octets including CRLF (RFC 5321 §4.5.3.1.4)
 # Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
 # (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
 EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}

@@ -69,6 +69,8 @@ async def amain() -> None:
         await app_passwords.close()
     await jetstream.close(nc)
     await service.directories.close()
+    if service.tokens is not None:
+        await service.tokens.close()
     service.authenticator.close()
     provider.shutdown()
 

@@ -21,6 +21,7 @@ from submitd_common.replies import reply
 from .credentials import Authenticator, HashingBusy, Locked
 from .directories import DirectoryUnavailable
 from .lockouts import CLIENT, Lockouts
+from .oauth import MECHANISMS as TOKEN_MECHANISMS, token_mechanisms
 from .rules import SessionState, refuse
 from .sasl import MECHANISMS, SaslMalformed
 from .settings import Settings
@@ -28,21 +29,23 @@ from .settings import Settings
 log = logging.getLogger("submitd.policy")
 
 TEMPORARY = (454, "4.7.0", "Temporary authentication failure, try again later")
+FACTORIES = MECHANISMS | TOKEN_MECHANISMS
 TOO_MANY_FAILURES = (421, "4.7.0", "Too many authentication failures, try again later")
 
 
 def mechanisms(settings: Settings) -> list[str]:
     """The SASL mechanisms AUTH accepts, in the order EHLO lists them: the frontend advertises
     exactly these (``Capabilities``), and ``start`` refuses any other."""
-    available = {"PLAIN", "LOGIN"}
+    available = {*MECHANISMS, *token_mechanisms(settings)}
     return [m for m in (m.upper() for m in settings.auth_mechanisms) if m in available]
 
 
 class Auth:
-    def __init__(self, settings: Settings, authenticator: Authenticator, lockouts: Lockouts) -> None:
+    def __init__(self, settings: Settings, authenticator: Authenticator, lockouts: Lockouts, tokens=None) -> None:
         self.settings = settings
         self.authenticator = authenticator
         self.lockouts = lockouts
+        self.tokens = tokens  # oauth.auth.TokenAuth when oauth_mode is set
         self.mechanisms = mechanisms(settings)
 
     async def start(self, state: SessionState, ev: policy_pb2.AuthStart) -> policy_pb2.Verdict:
@@ -55,7 +58,7 @@ class Auth:
             await self._delay(started)
             return refuse(*TOO_MANY_FAILURES, disconnect=True)
         name = ev.mechanism.upper()
-        factory = MECHANISMS.get(name) if name in self.mechanisms else None
+        factory = FACTORIES.get(name) if name in self.mechanisms else None
         if factory is None:
             return refuse(504, "5.5.4", "Unrecognized authentication type")
         state.sasl = factory()
@@ -77,7 +80,11 @@ class Auth:
             return refuse(501, "5.5.2", f"Cannot decode response: {e}")
         if step.challenge is not None:
             return policy_pb2.Verdict(accept=False, has_challenge=True, challenge=step.challenge)
-        state.sasl = None
+        mechanism, state.sasl = state.sasl, None
+        if step.failed:  # the client's answer to a refused token's error challenge (RFC 7628 §3.2.2)
+            return refuse(535, "5.7.8", "Authentication credentials invalid")
+        if step.token is not None:
+            return await self.tokens.check(state, mechanism, step.token)
         return await self._check(state, step.credentials)
 
     async def _check(self, state: SessionState, creds) -> policy_pb2.Verdict:

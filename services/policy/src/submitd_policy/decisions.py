@@ -96,7 +96,7 @@ class Decisions:
 
     async def read(self, ctx: Context, state: SessionState, kind: str, ev, parsed) -> Ask:
         user = state.user
-        if kind == "mail_from" and user is not None:
+        if kind == "mail_from" and user is not None and state.user_in_directory:
             # The directory may have changed since AUTH (within its cache TTL for a remote one).
             account = await self.directories.lookup(user.login)
             user = account.user if account is not None else None

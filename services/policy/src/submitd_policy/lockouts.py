@@ -82,6 +82,12 @@ class Lockouts:
         """A counter's value without this replica's reservations in flight on it."""
         return count - self._in_flight.get(key, 0)
 
+    async def token_failed(self, peer: str) -> None:
+        """A bearer token refused: counted against the client only (a token is not a password
+        that could be guessed for one login)."""
+        if self.failures is not None:
+            await self.failures.incr(self.client_key(peer))
+
     def attempt(self, login: str, peer: str) -> Attempt:
         return Attempt(self, login, peer)
 

@@ -38,6 +38,9 @@ class SessionState:
     trusted: bool = False
     helo: str = ""
     user: User | None = None
+    # False for an account made from a bearer token that no directory knows (oauth_unknown_users:
+    # token): its rights are its login's address, with nothing in a directory to read again.
+    user_in_directory: bool = True
     sasl: object | None = None
     mail_from: str | None = None
     recipients: int = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SaslMalformed(ValueError):
@@ -17,9 +17,20 @@ class Credentials:
 
 
 @dataclass
+class BearerToken:
+    """An OAuth 2.0 bearer token (OAUTHBEARER, XOAUTH2) and the authorization identity asked for
+    with it ("" when none). Never logged: it is a password that anyone holding it may use."""
+
+    authzid: str
+    token: str = field(repr=False)
+
+
+@dataclass
 class Step:
     challenge: bytes | None = None
     credentials: Credentials | None = None
+    token: BearerToken | None = None
+    failed: bool = False  # the exchange ends here in 535 (after a token's error challenge)
 
 
 class Plain:

@@ -26,6 +26,8 @@ from .decisions import Decisions
 from .directories import build as build_directory
 from .directories.chain import Directories
 from .lockouts import Lockouts
+from . import oauth
+from .oauth.auth import TokenAuth
 from .settings import Settings
 
 log = logging.getLogger("submitd.policy")
@@ -93,7 +95,11 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             cache_entries=settings.auth_cache_entries,
             app_passwords=app_passwords,
         )
-        self.auth = Auth(settings, self.authenticator, Lockouts(authfail, settings, windows=rates, known=known))
+        lockouts = Lockouts(authfail, settings, windows=rates, known=known)
+        self.auth = Auth(settings, self.authenticator, lockouts)
+        self.tokens = oauth.build_validator(settings) if settings.oauth_mode else None
+        if self.tokens is not None:
+            self.auth.tokens = TokenAuth(settings, self.tokens, self.directories.lookup, lockouts, self.auth._delay)
 
     async def Sessions(self, request_iterator, context: grpc.aio.ServicerContext):
         """Many SMTP sessions over one stream. Each request runs as its own task, so a slow
