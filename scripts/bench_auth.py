@@ -6,7 +6,9 @@ what a mail client does (connect, STARTTLS, EHLO, AUTH, one message, QUIT):
 
 - cold: each login's first AUTH (the directory is asked; a hash is checked where the directory
   hands one out), one round over all the logins;
-- cached: the same logins again and again (the credential cache and the chain's TTL cache).
+- cached: the same logins again and again (the credential cache and the chain's TTL cache);
+- no msg: cached again, each connection AUTH and QUIT only (policy's cost of the AUTH itself
+  and its session, without MAIL, RCPT and DATA).
 
 Printed per directory and round: policy CPU per AUTH (ms, from /proc), AUTH latency p50/p99 (from
 the AUTH line sent to its 235), msg/s. Issue 27's goals: a cached AUTH costs the same for every
@@ -61,7 +63,7 @@ def plain(i: int) -> bytes:
     return b"PLAIN " + base64.b64encode(f"\0{login(i)}\0{PASSWORD.format(i=i)}".encode())
 
 
-async def _one(port: int, i: int, line: bytes, ctx, result: AuthRound) -> None:
+async def _one(port: int, i: int, line: bytes, ctx, result: AuthRound, message: bool = True) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await _reply(reader)
@@ -82,6 +84,11 @@ async def _one(port: int, i: int, line: bytes, ctx, result: AuthRound) -> None:
                 reply[:40].decode(errors="replace").strip(), 0) + 1
             return
         sender = login(i)
+        if not message:
+            writer.write(b"QUIT\r\n")
+            await _reply(reader)
+            result.auths += 1
+            return
         writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n".encode())
         replies = [await _reply(reader) for _ in range(3)]
         if replies[2].startswith(b"354"):
@@ -96,7 +103,8 @@ async def _one(port: int, i: int, line: bytes, ctx, result: AuthRound) -> None:
             await writer.wait_closed()
 
 
-def run_round(port: int, policy_pid: int, order: list[int], auth: Callable[[int], bytes], concurrency: int) -> AuthRound:
+def run_round(port: int, policy_pid: int, order: list[int], auth: Callable[[int], bytes], concurrency: int,
+              message: bool = True) -> AuthRound:
     result = AuthRound()
 
     async def go() -> None:
@@ -106,7 +114,7 @@ def run_round(port: int, policy_pid: int, order: list[int], auth: Callable[[int]
         async def worker() -> None:
             for i in work:
                 try:
-                    await _one(port, i, auth(i), ctx, result)
+                    await _one(port, i, auth(i), ctx, result, message)
                 except (OSError, asyncio.IncompleteReadError):
                     result.failed += 1
 
@@ -131,7 +139,6 @@ def file_case() -> Case:
     return Case("file (argon2id t=2 m=19 MiB)", start, plain)
 
 
-<<<<<<< HEAD
 def token_case(mode: str) -> Case:
     """A token per login from the dev kit's OpenID Connect provider, got before the rounds: jwt
     (its signed ID token, checked in policy with its keys) or userinfo (its opaque access token,
@@ -158,7 +165,8 @@ def token_case(mode: str) -> Case:
 
     case.start = start
     return case
-=======
+
+
 def ldap_case(mode: str) -> Callable[[], Case]:
     """The dev kit's slapd with USERS more entries (found by mail, argon2id hashes at ARGON2), over
     StartTLS: bind mode (slapd checks the hash) or compare mode (policy's hashing pool does)."""
@@ -191,7 +199,6 @@ def ldap_case(mode: str) -> Callable[[], Case]:
         return Case(f"ldap-{mode} (slapd, StartTLS)", start, plain, stop=[lambda: [s.stop() for s in servers]])
 
     return make
->>>>>>> main
 
 
 def sql_case() -> Case:
@@ -222,11 +229,8 @@ def sql_case() -> Case:
     return case
 
 
-<<<<<<< HEAD
-CASES: list[Callable[[], Case]] = [file_case, sql_case, lambda: token_case("jwt"), lambda: token_case("userinfo")]
-=======
-CASES: list[Callable[[], Case]] = [file_case, ldap_case("bind"), ldap_case("compare"), sql_case]
->>>>>>> main
+CASES: list[Callable[[], Case]] = [file_case, ldap_case("bind"), ldap_case("compare"), sql_case,
+                                   lambda: token_case("jwt"), lambda: token_case("userinfo")]
 
 
 def bench_auth(work: Path, concurrency: int = 20, cached_rounds: int = 3) -> None:
@@ -247,7 +251,8 @@ def bench_auth(work: Path, concurrency: int = 20, cached_rounds: int = 3) -> Non
                 rounds.append(("cached", run_round(port, policy_pid, order, case.auth, concurrency)))
             cached = [r for name, r in rounds if name == "cached"]
             best = sorted(cached, key=lambda r: r.cpu)[len(cached) // 2]  # the median round
-            for name, r in (rounds[0], ("cached", best)):
+            alone = run_round(port, policy_pid, order, case.auth, concurrency, message=False)
+            for name, r in (rounds[0], ("cached", best), ("no msg", alone)):
                 per = r.cpu / max(r.auths, 1) * 1000
                 print(f"{case.name:34s} {name:7s} {r.auths:6d} {per:13.2f} ms {p50(r.latencies) * 1000:6.1f} ms "
                       f"{percentile(r.latencies, 0.99) * 1000:6.1f} ms {r.auths / r.seconds:7.0f}"
