@@ -5,6 +5,9 @@ schema made to refuse bad input."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -23,8 +26,15 @@ CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Certificate"}
 
 
 def render(values: dict | None = None) -> list[dict]:
+    """The chart rendered with ``values`` (each set of values rendered once per process: a
+    render is the Helm engine's work, and most scenarios are read by several tests)."""
+    return copy.deepcopy(_rendered(json.dumps(values or {}, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _rendered(values: str) -> list[dict]:
     with helm.Chart.load(str(CHART)) as chart:
-        out = chart.render(values or {}, name="mail", namespace="mail", is_install=True)
+        out = chart.render(json.loads(values), name="mail", namespace="mail", is_install=True)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):

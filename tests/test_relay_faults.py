@@ -128,10 +128,10 @@ def test_next_hop_dropping_the_connection_is_retried(make_stack, sink):
     assert metric(stack, "submitd_delivery_attempts_total", f'next_hop="127.0.0.1:{sink.port}",result="deferred"') == 2
 
 
-def test_two_relays_share_the_queue_and_deliver_2000_messages_once_each(make_stack, sink):
+def test_two_relays_share_the_queue_and_deliver_600_messages_once_each(make_stack, sink):
     stack = relay_only(make_stack)
     stack.stop_service("relay")
-    n = 2000
+    n = 600  # (2,000 until the identity tests joined make test; the count changes nothing it checks)
     queue_many(stack, [(envelope(), body(f"m{i}")) for i in range(n)])
     # Two replicas of the same relay on one durable consumer.
     stack.start_service("relay")
@@ -152,12 +152,12 @@ def test_two_relays_share_the_queue_and_deliver_2000_messages_once_each(make_sta
             second.kill()
 
 
-def test_nats_restarted_while_1000_messages_flow_loses_none_answered_250(make_stack, sink):
+def test_nats_restarted_while_600_messages_flow_loses_none_answered_250(make_stack, sink):
     # ACK_WAIT 10 s: an ack lost while NATS restarts is redelivered after it, within the wait.
     # Entries the consumer passed while NATS restarted are looked for every 2 s (stranded.py).
     stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"frontend": {"PUBLISH_TIMEOUT": "3"},
                                                                "relay": {"ACK_WAIT": "10", "STRANDED_CHECK_INTERVAL": "2"}})
-    n_threads, per_thread = 4, 250
+    n_threads, per_thread = 4, 150  # make fault-queue runs the long version of this
     accepted: list[str] = []
     refused = collections.Counter()
     lock = threading.Lock()
@@ -192,7 +192,7 @@ def test_nats_restarted_while_1000_messages_flow_loses_none_answered_250(make_st
     threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
     for t in threads:
         t.start()
-    eventually(lambda: len(accepted) >= 200, 60, 0.01)
+    eventually(lambda: len(accepted) >= 150, 60, 0.01)
     stack.nats.stop()
     time.sleep(1)
     stack.nats.start()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PORTS = ("nats", "policy", "rewriter", "submission", "submissions", "internal_submission", "frontend_http", "relay_http",
          "policy_http", "rewriter_http", "sink")
 DEMO = "demo@example.test"
-ROUNDS = int(os.environ.get("RUN_SIGNAL_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("RUN_SIGNAL_ROUNDS", "3"))
 SEED = int(os.environ.get("RUN_SIGNAL_SEED") or random.randrange(2**32))
 UP_WITHIN = 90.0  # a start on two busy cores
 STOPPED_WITHIN = 30.0  # one signal: the relay's pull ends within 5 s, a session in DATA within 10 s
