@@ -91,3 +91,20 @@ def token_stack(tmp_path_factory, provider: OidcProvider, mode: str, **more):
     """A whole stack whose policy trusts ``provider`` (``mode``), for a module-scoped fixture."""
     yield from module_stack(tmp_path_factory.mktemp("stack"), users=USERS,
                             env={"policy": POLICY | provider.policy_settings(mode, **more)})
+
+
+# The provider every OAuth test module shares the shape of: one per module, and running again
+# after a test that stopped it.
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    oidc = OidcProvider(tmp_path_factory.mktemp("oidc")).start()
+    yield oidc
+    oidc.stop()
+
+
+@pytest.fixture(autouse=True)
+def provider_up(provider):
+    """Whatever a test did to the provider, the next one finds it running."""
+    yield
+    if provider.proc is None:
+        provider.start()

@@ -9,27 +9,12 @@ import time
 
 import pytest
 
+from oauth_clients import provider, provider_up  # noqa: F401 (the module's fixtures)
 from oauth_clients import MESSAGE, Seen, initial, refused, smtp, token_stack
-from submitd_devkit.oidc import OidcProvider
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def provider(tmp_path_factory):
-    oidc = OidcProvider(tmp_path_factory.mktemp("oidc")).start()
-    yield oidc
-    oidc.stop()
-
-
-@pytest.fixture(autouse=True)
-def provider_up(provider):
-    """Whatever a test did to the provider, the next one finds it running."""
-    yield
-    if provider.proc is None:
-        provider.start()
 
 
 @pytest.fixture(scope="module")
