@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchkit import _reply, client_tls, p50, percentile, proc_cpu
+from benchkit import _reply, client_tls, p50, percentile, proc_cpu, starttls_session
 from submitd_devkit.sink import Sink
 
 USERS = 200  # logins per directory
@@ -66,14 +66,7 @@ def plain(i: int) -> bytes:
 async def _one(port: int, i: int, line: bytes, ctx, result: AuthRound, message: bool = True) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await _reply(reader)
-        writer.write(b"EHLO client.bench.localhost\r\n")
-        await _reply(reader)
-        writer.write(b"STARTTLS\r\n")
-        await _reply(reader)
-        await writer.start_tls(ctx, server_hostname="localhost")
-        writer.write(b"EHLO client.bench.localhost\r\n")
-        await _reply(reader)
+        await starttls_session(port, ctx, reader, writer)
         t0 = time.perf_counter()
         writer.write(b"AUTH " + line + b"\r\n")
         reply = await _reply(reader)

@@ -472,18 +472,23 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
+async def starttls_session(port: int, ctx: ssl.SSLContext, reader, writer) -> None:
+    """The greeting, EHLO, STARTTLS and EHLO again, as a mail client begins."""
+    await _reply(reader)
+    writer.write(b"EHLO client.bench.localhost\r\n")
+    await _reply(reader)
+    writer.write(b"STARTTLS\r\n")
+    await _reply(reader)
+    await writer.start_tls(ctx, server_hostname="localhost")
+    writer.write(b"EHLO client.bench.localhost\r\n")
+    await _reply(reader)
+
+
 async def _submission(port: int, i: int, ctx: ssl.SSLContext, result: Round) -> None:
     """What a mail client does to send one message: connect, STARTTLS, EHLO, AUTH, send, QUIT."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await _reply(reader)
-        writer.write(b"EHLO client.bench.localhost\r\n")
-        await _reply(reader)
-        writer.write(b"STARTTLS\r\n")
-        await _reply(reader)
-        await writer.start_tls(ctx, server_hostname="localhost")
-        writer.write(b"EHLO client.bench.localhost\r\n")
-        await _reply(reader)
+        await starttls_session(port, ctx, reader, writer)
         writer.write(b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n")
         if not (await _reply(reader)).startswith(b"235"):
             result.failed += 1
