@@ -78,6 +78,12 @@ def build_images() -> None:
     subprocess.run([str(ROOT / "scripts" / "images.sh")], check=True, env=env)
 
 
+# MB beyond the Debian base each image may add (150 MB each, issue 14's goal). Policy carries the
+# directory drivers besides (issue 27: asyncpg 12 MB, aiohttp with its helpers 14 MB, ldap3 and
+# pyasn1 7 MB, joserfc): 171 MB measured when they came in.
+SIZE_BUDGET = {"policy": 185e6}
+
+
 def check_images() -> dict[str, dict]:
     step("the images")
     base_size = int(json.loads(podman("image", "inspect", BASE))[0]["Size"])
@@ -97,7 +103,9 @@ def check_images() -> dict[str, dict]:
                               "import importlib.metadata as m, json; print(json.dumps(sorted("
                               "[d.metadata['Name'], d.version] for d in m.distributions())))").stdout)
         size = int(info["Size"])
-        assert size - base_size < 150e6, f"{image}: {(size - base_size) / 1e6:.0f} MB beyond the base (goal < 150 MB)"
+        budget = SIZE_BUDGET.get(name, 150e6)
+        assert size - base_size < budget, \
+            f"{image}: {(size - base_size) / 1e6:.0f} MB beyond the base (goal < {budget / 1e6:.0f} MB)"
         report[name] = {"size_mb": size / 1e6, "beyond_base_mb": (size - base_size) / 1e6, "sbom": sbom}
         print(f"  {image}: {size / 1e6:.0f} MB ({(size - base_size) / 1e6:.0f} MB beyond the base), "
               f"user 65532, no shell or package manager, {len(sbom)} Python distributions")
