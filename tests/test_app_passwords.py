@@ -21,7 +21,7 @@ from submitd_devkit.ports import free_port
 from submitd_devkit.stack import Stack, User
 from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import insecure_context
-from submitd_devkit.testing.waiting import eventually
+from submitd_devkit.testing.waiting import eventually, eventually_async
 from submitd_ctl import apppasswords as ctl
 from submitd_ctl.local import LocalSite
 
@@ -255,26 +255,20 @@ async def _missed_revocation(server) -> None:
                 "inbox_prefix": natsauth.inbox_prefix("submitctl")}
     record, password = await ctl.add(operator, ALICE, "tablet")
 
-    async def until(predicate, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, "not within the time"
-            await asyncio.sleep(0.02)
-
     def answer():
         try:
             return "accepted" if mirror.check(ALICE, password) else "refused"
         except AppPasswordsUnavailable:
             return "unavailable"
 
-    await until(lambda: answer() == "accepted")
+    await eventually_async(lambda: answer() == "accepted")
     await proxy.cut()
-    await until(lambda: not nc.is_connected)
+    await eventually_async(lambda: not nc.is_connected)
     await ctl.revoke(operator, ALICE, record.ident)  # policy cannot hear it
     assert answer() == "unavailable", "a password that may have been revoked is not accepted (AUTH: 454)"
     assert mirror.check(ALICE, "any main password") is None, "main passwords go on to the directory"
     await proxy.start()  # NATS reachable again: the revocation was missed, the mirror is read again
-    await until(lambda: answer() == "refused")
+    await eventually_async(lambda: answer() == "refused")
     assert len(mirror) == 0
     await mirror.close()
     await nc.close()

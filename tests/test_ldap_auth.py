@@ -11,7 +11,6 @@ import json
 import smtplib
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from submitd_devkit.ldap import BASE, HASHES_DN, HASHES_PASSWORD, SEARCH_DN, SEA
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import connect, reply_of
+from submitd_devkit.testing.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 TTL = 2.0  # DIRECTORY_CACHE_SECONDS: what a change in slapd may take to be seen
@@ -73,15 +73,6 @@ def mail_from(stack, login: str, address: str) -> tuple[int, str]:
         client.quit()
 
 
-def within(seconds: float, predicate, interval: float = 0.1) -> float:
-    """How long until ``predicate()`` held (asserted to be within ``seconds``)."""
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < seconds, f"not within {seconds}s: {predicate}"
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
 def test_an_ldap_user_logs_in_with_the_directorys_password_and_sends(ldap_stack):
     client = connect(ldap_stack)
     client.login("alice", password_of("alice"))  # smtplib: AUTH PLAIN
@@ -127,7 +118,7 @@ def test_slapd_down_is_454_while_a_login_in_the_cache_goes_on(ldap_stack, slapd)
             assert auth_code(ldap_stack, "carol", password_of("carol"))[0] == 235
             return sample(policy_http, "submitd_policy_auth_cache_total", result="grace") > graced
 
-        within(TTL + 10, carol_through_the_grace, interval=0.3)
+        eventually(carol_through_the_grace, TTL + 10, 0.3)
         assert mail_from(ldap_stack, "carol", "carol@example.test")[0] == 250
     finally:
         slapd.start()
@@ -139,17 +130,17 @@ def test_an_attribute_changed_in_slapd_is_seen_within_the_ttl(ldap_stack, slapd)
     assert mail_from(ldap_stack, "bob", "robert@example.test")[0] == 550
     slapd.replace("bob", "mailAlternateAddress", ["robert@example.test"])
     try:
-        within(TTL + 3, lambda: mail_from(ldap_stack, "bob", "robert@example.test")[0] == 250)
+        eventually(lambda: mail_from(ldap_stack, "bob", "robert@example.test")[0] == 250, TTL + 3)
     finally:
         slapd.replace("bob", "mailAlternateAddress", [])
-    within(TTL + 3, lambda: mail_from(ldap_stack, "bob", "robert@example.test")[0] == 550)
+    eventually(lambda: mail_from(ldap_stack, "bob", "robert@example.test")[0] == 550, TTL + 3)
 
 
 def test_a_disabled_account_is_refused_within_the_ttl_though_its_password_is_cached(ldap_stack, slapd):
     assert auth_code(ldap_stack, "erin", password_of("erin"))[0] == 235
     slapd.replace("erin", "userAccountControl", ["514"])
     try:
-        within(TTL + 3, lambda: auth_code(ldap_stack, "erin", password_of("erin"))[0] == 535)
+        eventually(lambda: auth_code(ldap_stack, "erin", password_of("erin"))[0] == 535, TTL + 3)
     finally:
         slapd.replace("erin", "userAccountControl", ["512"])
 
@@ -160,7 +151,7 @@ def test_a_password_changed_in_slapd_replaces_the_cached_one_within_the_ttl(ldap
     slapd.set_password("bob", new)
     try:
         # The old one goes on from the cache until the TTL, then is refused; the new one works at once then.
-        within(TTL + 3, lambda: auth_code(ldap_stack, "bob", password_of("bob"))[0] == 535)
+        eventually(lambda: auth_code(ldap_stack, "bob", password_of("bob"))[0] == 535, TTL + 3)
         assert auth_code(ldap_stack, "bob", new)[0] == 235
         assert auth_code(ldap_stack, "bob", password_of("bob"))[0] == 535
     finally:

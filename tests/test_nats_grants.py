@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig
 
 from submitd_common import jetstream, natsauth
 from submitd_common.bodies import BodyWriter, purge_abandoned, read_chunks
+from submitd_devkit.testing.waiting import eventually_async
 from submitd_devkit.ports import free_port, wait_port
 from submitd_devkit.stack import nats_server_binary
 
@@ -206,14 +207,6 @@ def test_policy_reads_app_passwords_and_only_submitctl_makes_or_revokes_them(cha
     asyncio.run(_app_password_grants(chart_nats))
 
 
-async def _until(predicate, timeout: float = 5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := await predicate()):
-        assert asyncio.get_running_loop().time() < deadline, f"not true within {timeout}s"
-        await asyncio.sleep(0.05)
-    return value
-
-
 async def _app_password_grants(url: str) -> None:
     import time
 
@@ -243,14 +236,14 @@ async def _app_password_grants(url: str) -> None:
     async def last_used():
         return [r for r in await ctl.listing(options, alice) if r["last_used"] != "never"]
 
-    await _until(accepted)
-    await _until(last_used)
+    await eventually_async(accepted)
+    await eventually_async(last_used)
     await ctl.revoke(options, alice, record.ident)
 
     async def refused():
         return mirror.check(alice, password) is None
 
-    await _until(refused)
+    await eventually_async(refused)
     assert not policy.errors + operator.errors + relay.errors
     for c in (policy, operator, relay):
         c.js = c.nc.jetstream(timeout=0.5)

@@ -4,8 +4,6 @@ provider), the claims a login comes from, and when the provider's keys are read 
 
 from __future__ import annotations
 
-import asyncio
-import time
 
 import pytest
 from joserfc import jwt
@@ -14,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from submitd_devkit.oidc import OidcProvider
 from submitd_devkit.testing.users import ALICE
+from submitd_devkit.testing.waiting import eventually_async
 from submitd_policy.oauth import ProviderUnavailable, TokenRefused, build_validator
 from submitd_policy.settings import Settings
 
@@ -101,14 +100,14 @@ async def test_the_keys_are_read_again_on_schedule_without_an_unknown_key_forcin
         forced, scheduled = refreshes("unknown_key"), refreshes("schedule")
         provider.restart()
         token = provider.tokens(ALICE).id_token
-        deadline = time.monotonic() + 15
-        while True:
+
+        async def accepted() -> bool:
             try:
-                assert (await tokens.validate(token)).login == ALICE
-                break
+                return (await tokens.validate(token)).login == ALICE
             except TokenRefused:
-                assert time.monotonic() < deadline, "the scheduled read never brought the new key"
-                await asyncio.sleep(0.2)
+                return False
+
+        await eventually_async(accepted, 15, 0.2)  # the scheduled read brings the new key
         assert refreshes("unknown_key") == forced and refreshes("schedule") > scheduled
     finally:
         await tokens.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 
 
@@ -13,4 +15,18 @@ def eventually(predicate, timeout: float = 15, interval: float = 0.1):
         if value:
             return value
         time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s: {predicate}")
+
+
+async def eventually_async(predicate, timeout: float = 15, interval: float = 0.05):
+    """``eventually`` inside an event loop: ``predicate`` may be a coroutine function, and the
+    loop goes on running while it waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval)
     raise AssertionError(f"not true within {timeout}s: {predicate}")
