@@ -10,8 +10,6 @@ import concurrent.futures
 import json
 import re
 import smtplib
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,6 +17,7 @@ import pytest
 from submitd_devkit import postgres
 from submitd_devkit.ports import free_port
 from submitd_devkit.stack import Stack, User
+from submitd_devkit.testing.ctl import submitctl
 from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.smtp import insecure_context
 from submitd_devkit.testing.waiting import eventually, eventually_async
@@ -40,11 +39,6 @@ def stack(tmp_path_factory):
         tmp_path_factory.mktemp("stack"), users={u: User(p, [u]) for u, p in PASSWORDS.items()},
         env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_CLIENT": "1000",
                          "AUTH_FAILURES_PER_LOGIN": "1000"}})
-
-
-def submitctl(stack: Stack, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(stack.root), *args],
-                          input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def add(stack: Stack, login: str, name: str) -> dict:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
-import subprocess
-import sys
 
 import pytest
 
 from submitd_devkit.ldap import BASE, HASHES_DN, HASHES_PASSWORD, SEARCH_DN, SEARCH_PASSWORD, Slapd, password_of
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.plugin import module_stack
+from submitd_devkit.testing.ctl import submitctl
 from submitd_devkit.testing.smtp import connect, reply_of
 from submitd_devkit.testing.waiting import eventually
 
@@ -173,11 +172,7 @@ def test_compare_mode_over_ldaps_checks_the_hash_in_policy(make_stack, slapd, tm
 
 
 def test_submitctl_lists_the_directorys_users_with_their_rights(ldap_stack):
-    def submitctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(ldap_stack.root), *args],
-                              capture_output=True, text=True, timeout=60)
-
-    listing = submitctl("user", "ls", "-o", "json")
+    listing = submitctl(ldap_stack, "user", "ls", "-o", "json")
     assert listing.returncode == 0, listing.stderr
     rows = {r["login"]: r for r in json.loads(listing.stdout)}
     assert {"alice", "bob", "carol", "dave", "erin", "frank"} <= set(rows)
@@ -185,7 +180,7 @@ def test_submitctl_lists_the_directorys_users_with_their_rights(ldap_stack):
     assert "sales@example.test" in rows["alice"]["send_as"] and rows["alice"]["scheme"] == "directory"
     assert rows["dave"]["suspended"] and rows["frank"]["suspended"] and not rows["erin"]["suspended"]
     assert rows["bob"]["limits"] == {"messages_per_hour": 7} and rows["bob"]["deny_recipients"] == ["ceo@example.test"]
-    shown = submitctl("user", "show", "erin")
+    shown = submitctl(ldap_stack, "user", "show", "erin")
     assert shown.returncode == 0, shown.stderr
     assert "source:     ldap" in shown.stdout and "uid=erin,ou=people,dc=example,dc=test" in shown.stdout
     assert "e.jones@example.test" in shown.stdout and "X500" not in shown.stdout

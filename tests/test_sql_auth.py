@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -22,6 +20,7 @@ from submitd_devkit import postgres
 from submitd_devkit.stack import Stack
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.plugin import TEST_ARGON2, module_stack
+from submitd_devkit.testing.ctl import submitctl
 from submitd_devkit.testing.smtp import connect
 from submitd_devkit.testing.waiting import eventually
 
@@ -172,16 +171,12 @@ def test_a_wrong_query_stops_policy_at_start_saying_why(pg, make_stack):
 
 
 def test_submitctl_user_ls_and_show_read_the_sql_logins(sql_stack, pg):
-    def submitctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "submitd_ctl", "--local", str(sql_stack.root), *args],
-                              capture_output=True, text=True, timeout=60)
-
-    listing = submitctl("user", "ls", "-o", "json")
+    listing = submitctl(sql_stack, "user", "ls", "-o", "json")
     assert listing.returncode == 0, listing.stderr
     rows = {r["login"]: r for r in json.loads(listing.stdout)}
     assert {*USERS, "dora@example.test"} <= set(rows) and {r["source"] for r in rows.values()} == {"sql"}
     assert rows["dora@example.test"]["suspended"] is True and rows["bob@example.test"]["scheme"] == "2y"
     assert "team@example.test" in rows[ALICE]["send_as"] and "$argon2" not in listing.stdout
-    shown = submitctl("user", "show", "carol@example.test")
+    shown = submitctl(sql_stack, "user", "show", "carol@example.test")
     assert shown.returncode == 0, shown.stderr
     assert "source:     sql" in shown.stdout and f"postgresql 127.0.0.1:{pg.port}/mail" in shown.stdout

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack, User
+from submitd_devkit.testing.ctl import submitctl
 from submitd_devkit.testing.plugin import assert_within_grants, stack_options
 from submitd_devkit.testing.smtp import connect
 from submitd_devkit.testing.waiting import eventually
@@ -25,13 +26,6 @@ from submitd_rewriter import dkim as ours
 
 pytestmark = pytest.mark.timeout(240)
 DEMO = "demo@example.test"
-
-
-def submitctl(stack, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "submitd_ctl", "--local", str(stack.root), *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -49,17 +49,9 @@ class Directories:
     def ready(self) -> dict[str, bool]:
         return {d.name: d.ready() for d in self.directories}
 
-    def cached_age(self, login: str) -> float | None:
-        """Seconds since the login's cached answer was read, or None."""
-        entry = self._cache.get(login)
-        return None if entry is None else self.clock() - entry[1]
-
-    def forget(self, login: str | None = None) -> None:
-        """Drop one login's cached answer (or all)."""
-        if login is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(login, None)
+    def forget(self, login: str) -> None:
+        """Drop a login's cached answer (the users API shows the directory's answer now)."""
+        self._cache.pop(login, None)
 
     async def lookup(self, login: str) -> Account | None:
         entry = self._cache.get(login)
