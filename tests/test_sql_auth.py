@@ -10,6 +10,7 @@ import base64
 import json
 import smtplib
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -119,6 +120,9 @@ def test_postgresql_down_is_454_while_a_cached_login_keeps_working(sql_stack, pg
     try:
         assert auth(sql_stack, "gina@example.test", "gina pw") == (
             454, "4.7.0 Temporary authentication failure, try again later")
+        # /readyz says so, and keeps policy in service: cached logins still work
+        status, ready = readyz(sql_stack)
+        assert status == 200 and ready["ready"] and ready["reports"] == {"directory_sql": False}, ready
         # past the TTL, bob's last answer stands in (the grace): the directory was asked and is down
         eventually(lambda: auth(sql_stack, "bob@example.test", "bob pw")[0] == 235 and sample(
             sql_stack.ports.policy_http, "submitd_policy_directory_cache_total", result="stale") > stale,
@@ -128,6 +132,12 @@ def test_postgresql_down_is_454_while_a_cached_login_keeps_working(sql_stack, pg
     finally:
         pg.start()
     assert auth(sql_stack, "gina@example.test", "gina pw")[0] == 235
+    assert readyz(sql_stack)[1]["reports"] == {"directory_sql": True}
+
+
+def readyz(stack) -> tuple[int, dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.policy_http}/readyz", timeout=10) as answer:
+        return answer.status, json.loads(answer.read())
 
 
 def test_a_changed_row_is_seen_within_the_ttl(sql_stack, pg):
