@@ -18,6 +18,8 @@ from opentelemetry import trace
 from submitd.v1 import common_pb2
 
 from .model import Body, NextHopError, Outcome
+from .outbound.connect import open_mx
+from .outbound.plan import MAY, VERIFY, HostTls, TlsPlanner, TlsPolicyError
 from .routes import Host, MxResolver, RouteError
 from .settings import Settings
 from .transaction import transaction
@@ -28,28 +30,33 @@ IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
 
 
 class NextHopPool:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sts=None, reporting=None) -> None:
         self.s = settings
-        self.idle: dict[Host, list[tuple[aiosmtplib.SMTP, float]]] = defaultdict(list)
+        self.idle: dict[tuple, list[tuple[aiosmtplib.SMTP, float]]] = defaultdict(list)
         self.slots: dict[str, asyncio.Semaphore] = {}
         self.smarthost = (
             Host(settings.next_hop_host, settings.next_hop_host, settings.next_hop_port)
             if settings.next_hop_host else None
         )
         self.resolver = None if self.smarthost else MxResolver(settings)
+        self.planner = None if self.smarthost else TlsPlanner(settings, self.resolver, sts)
+        self.reporting = reporting  # outbound.tlsrpt.TlsReporting: counts every TLS session's result
         self.name = f"{self.smarthost.name}:{self.smarthost.port}" if self.smarthost else "mx"
+        # The smarthost's TLS, for REQUIRETLS: verified only if STARTTLS is required and checked.
+        self.smarthost_tls = HostTls(
+            VERIFY if settings.next_hop_tls == "required" and settings.next_hop_verify_tls else MAY, "smarthost")
 
-    def _tls_context(self, mx: bool) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=None if mx else self.s.next_hop_ca_file)
-        if mx or not self.s.next_hop_verify_tls:
+    def _tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.s.next_hop_ca_file)
+        if not self.s.next_hop_verify_tls:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
     async def _connect(self, host: Host) -> aiosmtplib.SMTP:
-        mx = self.smarthost is None
-        mode = self.s.mx_tls if mx else self.s.next_hop_tls
-        start_tls = {"none": False, "opportunistic": None, "required": True}[mode]
+        """The smarthost (MX hosts: outbound.connect.open_mx)."""
+        start_tls = {"none": False, "opportunistic": None, "required": True}[self.s.next_hop_tls]
+        login = bool(self.s.next_hop_username)
 
         def make(start_tls: bool | None) -> aiosmtplib.SMTP:
             return aiosmtplib.SMTP(
@@ -58,13 +65,13 @@ class NextHopPool:
                 local_hostname=self.s.helo_name,
                 timeout=self.s.command_timeout,
                 start_tls=start_tls,
-                tls_context=self._tls_context(mx) if start_tls is not False else None,
+                tls_context=self._tls_context() if start_tls is not False else None,
             )
 
         async def open(client: aiosmtplib.SMTP) -> aiosmtplib.SMTP:
             try:
                 await asyncio.wait_for(client.connect(), self.s.connect_timeout)
-                if not mx and self.s.next_hop_username:
+                if login:
                     if client.get_transport_info("ssl_object") is None:
                         # A next hop that offers no STARTTLS (or one that is stripped on the
                         # way) never gets the password in clear: the message waits.
@@ -88,7 +95,7 @@ class NextHopPool:
         except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected) as e:
             # Opportunistic TLS (RFC 7435) that fails falls back to a clear connection, as
             # other MTAs do, but never where a password would then cross in clear.
-            if start_tls is not None or (not mx and self.s.next_hop_username):
+            if start_tls is not None or login:
                 raise
             log.info("STARTTLS with %s:%s failed (%r): delivering without TLS", host.name, host.port, e)
             return await open(make(False))
@@ -131,25 +138,48 @@ class NextHopPool:
         addresses = [r.address for r in recipients]
         outcome = Outcome(next_hop=destination)
         try:
-            hosts = [self.smarthost] if self.smarthost else await self.resolver.hosts(destination)
+            if self.smarthost:
+                if envelope.require_tls and not self.smarthost_tls.verified:
+                    raise TlsPolicyError(550, "5.7.10 REQUIRETLS: the smarthost's certificate is not verified "
+                                         "(NEXT_HOP_TLS=required and NEXT_HOP_VERIFY_TLS are needed)")
+                hosts = [(self.smarthost, self.smarthost_tls)]
+            else:
+                plan = await self.planner.plan(
+                    destination, await self.resolver.hosts(destination),
+                    require_tls=envelope.require_tls, tls_optional=envelope.tls_optional)
+                self._report(plan.failures)
+                hosts = plan.hosts
         except RouteError as e:
+            outcome.fail_all(addresses, e.code, e.text)
+            return outcome
+        except TlsPolicyError as e:
+            self._report([e.result] if e.result else [])
             outcome.fail_all(addresses, e.code, e.text)
             return outcome
         async with self._slot(destination):
             last: Exception | None = None
-            for host in hosts:
+            for host, tls in hosts:
                 try:
-                    result = await self._on_host(host, part, body)
+                    result = await self._on_host(host, tls, part, body)
                     result.next_hop = f"{host.name}:{host.port}"
                     return result
                 except NextHopError as e:  # the next MX host, if there is one
                     last = e
                     log.info("next hop %s:%s failed: %s", host.name, host.port, e)
-        outcome.fail_all(addresses, 451, f"4.4.1 next hop {hosts[-1].name}: {last}", hosts[-1].name)
+        where = hosts[-1][0].name
+        if isinstance(last, TlsPolicyError):
+            outcome.fail_all(addresses, last.code, last.text, where)
+        else:
+            outcome.fail_all(addresses, 451, f"4.4.1 next hop {where}: {last}", where)
         return outcome
 
-    def _take_idle(self, host: Host) -> aiosmtplib.SMTP | None:
-        idle = self.idle[host]
+    def _report(self, results) -> None:
+        if self.reporting is not None:
+            for r in results:
+                self.reporting.record(r)
+
+    def _take_idle(self, key: tuple) -> aiosmtplib.SMTP | None:
+        idle = self.idle[key]
         while idle:
             client, since = idle.pop()
             if client.is_connected and time.monotonic() - since < IDLE_SECONDS:
@@ -157,19 +187,23 @@ class NextHopPool:
             client.close()
         return None
 
-    def _give_back(self, host: Host, client: aiosmtplib.SMTP) -> None:
-        idle = self.idle[host]
+    def _give_back(self, key: tuple, client: aiosmtplib.SMTP) -> None:
+        idle = self.idle[key]
         if len(idle) >= self.s.destination_concurrency:
             client.close()
         else:
             idle.append((client, time.monotonic()))
 
-    async def _on_host(self, host: Host, envelope: common_pb2.Envelope, body: Body) -> Outcome:
-        client = self._take_idle(host)
+    async def _on_host(self, host: Host, tls: HostTls, envelope: common_pb2.Envelope, body: Body) -> Outcome:
+        # A connection is reused only under the TLS it was opened with: one verified for DANE
+        # is not handed to a message whose destination asked for less, nor the other way round.
+        key = (host, tls.pool_key)
+        client = self._take_idle(key)
         reused = client is not None
         try:
             if client is None:
-                client = await self._traced_connect(host)
+                client = await self._traced_connect(host, tls)
+            self._check_requiretls(client, host, envelope)
             try:
                 outcome = await self._traced_transaction(client, envelope, body, host)
             except aiosmtplib.SMTPServerDisconnected:
@@ -177,8 +211,15 @@ class NextHopPool:
                     raise
                 # An idle connection the next hop had closed: once more on a new one.
                 client.close()
-                client = await self._traced_connect(host)
+                client = await self._traced_connect(host, tls)
+                self._check_requiretls(client, host, envelope)
                 outcome = await self._traced_transaction(client, envelope, body, host)
+        except TlsPolicyError:
+            if client is not None and client.is_connected and client.get_transport_info("ssl_object") is not None:
+                self._give_back(key, client)  # a sound connection to a host without REQUIRETLS
+            elif client is not None:
+                client.close()
+            raise
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
             if client is not None:
                 client.close()
@@ -191,19 +232,37 @@ class NextHopPool:
                 client.close()
             raise
         if client.is_connected:
-            self._give_back(host, client)
+            self._give_back(key, client)
         return outcome
 
-    async def _traced_connect(self, host: Host) -> aiosmtplib.SMTP:
+    @staticmethod
+    def _check_requiretls(client: aiosmtplib.SMTP, host: Host, envelope: common_pb2.Envelope) -> None:
+        """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a next hop that offers REQUIRETLS
+        (after TLS); none of the hosts does: 550 5.7.30."""
+        if envelope.require_tls and not client.supports_extension("requiretls"):
+            raise TlsPolicyError(550, f"5.7.30 REQUIRETLS support required: {host.name} does not offer REQUIRETLS")
+
+    async def _traced_connect(self, host: Host, tls: HostTls) -> aiosmtplib.SMTP:
         """A new connection (TCP, STARTTLS, AUTH, EHLO): a span of its own, where a slow TLS
-        handshake or a slow greeting shows."""
+        handshake or a slow greeting shows, and which TLS policy applied and what it verified."""
         with tracer.start_as_current_span(
             "smtp.connect", kind=trace.SpanKind.CLIENT,
-            attributes={"server.address": host.name, "server.port": host.port},
+            attributes={"server.address": host.name, "server.port": host.port, "submitd.tls.policy": tls.label},
         ) as span:
-            client = await self._connect(host)
-            tls = client.get_transport_info("ssl_object") if client.transport else None
-            span.set_attribute("tls.protocol.version", tls.version() if tls else "")
+            if self.smarthost:
+                client, verified = await self._connect(host), ""
+            else:
+                try:
+                    connected = await open_mx(host, tls, self.s)
+                except TlsPolicyError as e:
+                    self._report([e.result] if e.result else [])
+                    span.set_attribute("submitd.tls.failure", e.text)
+                    raise
+                self._report([connected.result] if connected.result else [])
+                client, verified = connected.client, connected.verified
+            ssl_object = client.get_transport_info("ssl_object") if client.transport else None
+            span.set_attribute("tls.protocol.version", ssl_object.version() if ssl_object else "")
+            span.set_attribute("submitd.tls.verified", verified)
             return client
 
     async def _traced_transaction(

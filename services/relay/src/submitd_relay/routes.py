@@ -8,10 +8,16 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.resolver
 
+from .outbound.dane import Tlsa
 from .settings import Settings
+
+
+class TlsaUnavailable(Exception):
+    """A TLSA lookup failed (SERVFAIL, as a validating resolver answers for bogus data, or a timeout)."""
 
 
 class RouteError(Exception):
@@ -26,6 +32,7 @@ class Host:
     name: str  # for TLS and reports
     address: str  # what to connect to
     port: int
+    secure: bool = False  # the MX and this address came DNSSEC-validated (the AD bit): DANE may apply
 
 
 class MxResolver:
@@ -38,11 +45,22 @@ class MxResolver:
             self.r.nameservers = list(settings.dns_nameservers)
             self.r.port = settings.dns_port
         self.r.lifetime = settings.dns_timeout
+        self.dnssec = settings.dns_dnssec
+        if self.dnssec:
+            # Ask for DNSSEC records and for the AD bit (RFC 6840 §5.7); only a validating
+            # resolver the operator named (DNS_DNSSEC) is believed about it.
+            self.r.use_edns(0, dns.flags.DO, 1232)
+            self.r.flags = dns.flags.RD | dns.flags.AD
         self.internal = [ipaddress.ip_network(n, strict=False) for n in settings.mx_internal_networks]
 
+    def _secure(self, answer: dns.resolver.Answer) -> bool:
+        return self.dnssec and bool(answer.response.flags & dns.flags.AD)
+
     async def hosts(self, domain: str) -> list[Host]:
+        mx_secure = False
         try:
             answer = await self.r.resolve(domain, "MX")
+            mx_secure = self._secure(answer)
             records = list(answer)
             if any(rr.exchange == dns.name.root for rr in records):
                 raise RouteError(556, f"5.1.10 Domain {domain} does not accept mail (null MX, RFC 7505)")
@@ -51,8 +69,11 @@ class MxResolver:
             names = [rr.exchange.to_text(omit_final_dot=True) for rr in records]
         except dns.resolver.NXDOMAIN:
             raise RouteError(550, f"5.1.2 Domain {domain} does not exist") from None
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as e:
             names = [domain]  # no MX: the domain itself is the implicit MX
+            # ... and DANE applies to it if the denial of the MX came validated (RFC 7672 §2.2.1).
+            response = e.kwargs.get("response")
+            mx_secure = self.dnssec and response is not None and bool(response.flags & dns.flags.AD)
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             raise RouteError(451, f"4.4.3 DNS lookup of {domain} failed: {type(e).__name__}") from None
         except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.IDNAException) as e:
@@ -64,11 +85,13 @@ class MxResolver:
         for name in names:
             for rdtype in ("A", "AAAA"):
                 try:
-                    for rr in await self.r.resolve(name, rdtype):
+                    answer = await self.r.resolve(name, rdtype)
+                    secure = mx_secure and self._secure(answer)
+                    for rr in answer:
                         if not self.reachable(rr.address):
                             internal = True  # DNS must not aim the relay at the site's own network
                             continue
-                        hosts.append(Host(name, rr.address, self.s.mx_port))
+                        hosts.append(Host(name, rr.address, self.s.mx_port, secure))
                 except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                     pass
                 except dns.exception.DNSException:
@@ -80,6 +103,23 @@ class MxResolver:
                 raise RouteError(550, f"5.4.4 The mail hosts of {domain} have no public address")
             raise RouteError(550, f"5.4.4 No address for the mail hosts of {domain}")
         return hosts
+
+    async def tlsa(self, host: Host) -> list[Tlsa] | None:
+        """The DNSSEC-validated TLSA records of ``host`` (RFC 7672 §2.2): None where DANE does not
+        apply (insecure, or none published); TlsaUnavailable where the lookup failed or was bogus
+        (the host must not be used then, and never in clear)."""
+        if not (self.dnssec and host.secure):
+            return None
+        name = f"_{host.port}._tcp.{host.name}"
+        try:
+            answer = await self.r.resolve(name, "TLSA")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None  # a validated denial or an insecure one: either way, no DANE here
+        except dns.exception.DNSException as e:
+            raise TlsaUnavailable(f"TLSA lookup of {name} failed ({type(e).__name__}): DNSSEC-bogus or unreachable") from None
+        if not self._secure(answer):
+            return None
+        return [Tlsa(rr.usage, rr.selector, rr.mtype, rr.cert) for rr in answer]
 
     def reachable(self, address: str) -> bool:
         """A public address, or one in MX_INTERNAL_NETWORKS: loopback, private, link-local and

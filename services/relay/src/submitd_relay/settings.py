@@ -8,6 +8,8 @@ from pydantic_settings import SettingsConfigDict
 
 from submitd_common.config import ServiceSettings
 
+from .outbound.table import TableEntry
+
 
 class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_RELAY_", extra="forbid")
@@ -31,7 +33,22 @@ class Settings(ServiceSettings):
         "MX hosts resolve only to loopback, private or other special-purpose addresses is refused 550 5.4.4"
     )
     mx_tls: Literal["none", "opportunistic", "required"] = Field(
-        "opportunistic", description="STARTTLS to MX hosts (unverified, RFC 7435 opportunistic security)"
+        "opportunistic", description="STARTTLS to MX hosts that have no DANE, MTA-STS or TLS_POLICY entry "
+        "(unverified, RFC 7435 opportunistic security)"
+    )
+    mx_ca_file: str | None = Field(
+        None, description="CA bundle for MX certificates verified under MTA-STS or a TLS_POLICY 'verify' entry "
+        "(default: the system's trust store)"
+    )
+    dns_dnssec: bool = Field(
+        False, description="DNS_NAMESERVERS is a DNSSEC-validating resolver (its AD bit is believed): TLSA records "
+        "are looked up and DANE (RFC 7672) applies where they validate. Never point this at a resolver that does "
+        "not validate, or across a network you do not trust"
+    )
+    tls_policy: dict[str, TableEntry | str] = Field(
+        default_factory=dict, description="Per-destination TLS policy, as Postfix's smtp_tls_policy_maps: "
+        "{\"domain\": \"none|may|encrypt|dane|dane-only|verify\" or {\"mode\": \"verify\", \"ca_file\": ..., "
+        "\"match\": [names]}}; \".domain\" matches its subdomains"
     )
     dns_nameservers: list[str] = Field(
         default_factory=list, description="Resolvers for MX lookups (default: /etc/resolv.conf)"

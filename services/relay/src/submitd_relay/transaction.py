@@ -42,6 +42,8 @@ async def transaction(client: aiosmtplib.SMTP, envelope: common_pb2.Envelope, bo
             )
             return outcome
         mail_options.append("BODY=8BITMIME")
+    if envelope.require_tls:
+        mail_options.append("REQUIRETLS")  # the next hop offers it: delivery checked that
     dsn = client.supports_extension("dsn")
     if dsn and envelope.dsn_ret:
         mail_options.append(f"RET={envelope.dsn_ret}")
