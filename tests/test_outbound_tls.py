@@ -1,0 +1,163 @@
+"""Outbound TLS for direct delivery, end to end: a relay whose resolver is a real validating
+unbound in front of a real knotd serving a DNSSEC-signed zone (and an unsigned one), MX hosts
+on loopback addresses with certificates that match their TLSA records or do not, and the
+site's TLS_POLICY table. What an operator sees: where the mail went, what never left in clear,
+and why a message waits (`submitctl queue show` reads the same API)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay_helpers import admin, body, envelope, queue
+from submitd_devkit.dnssec import DnssecLab, Zone
+from submitd_devkit.ports import free_port
+from submitd_devkit.sink import Sink
+from submitd_devkit.stack import Stack
+from submitd_devkit.testing.plugin import stack_options
+from submitd_devkit.testing.users import default_users
+from submitd_devkit.testing.waiting import eventually
+from tls_peers import MxCA
+
+GOOD, CLEAR, WRONG = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outbound")
+    ca = MxCA(root / "ca")
+    port = free_port()
+    good = ca.issue("mx.dane.signed.test", "mx.ta.signed.test", "mx.verify.plain.test", "mx.tlsabogus.signed.test",
+                    "mx.norequire.signed.test", "mx.plain.plain.test", label="good")
+    stranger = MxCA(root / "other", "an unrelated CA").issue("mx.elsewhere.test")
+    sinks = {
+        GOOD: Sink(port, host=GOOD, tls_context=good.server_context()).start(),
+        CLEAR: Sink(port, host=CLEAR).start(),  # no STARTTLS at all (or one stripped on the way)
+        WRONG: Sink(port, host=WRONG, tls_context=stranger.server_context()).start(),
+    }
+    tlsa = f"_{port}._tcp"
+    signed = {
+        "dane.signed.test": {"MX": ["10 mx.dane.signed.test."]},
+        "mx.dane.signed.test": {"A": [GOOD]},
+        f"{tlsa}.mx.dane.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
+        "ta.signed.test": {"MX": ["10 mx.ta.signed.test."]},
+        "mx.ta.signed.test": {"A": [GOOD]},
+        f"{tlsa}.mx.ta.signed.test": {"TLSA": [good.tlsa(2, 0, 1, of=ca.cert)]},
+        "mismatch.signed.test": {"MX": ["10 mx.mismatch.signed.test."]},
+        "mx.mismatch.signed.test": {"A": [WRONG]},
+        f"{tlsa}.mx.mismatch.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
+        "strip.signed.test": {"MX": ["10 mx.strip.signed.test."]},
+        "mx.strip.signed.test": {"A": [CLEAR]},
+        f"{tlsa}.mx.strip.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
+        "bogus.signed.test": {"MX": ["10 mx.bogus.signed.test."]},
+        "mx.bogus.signed.test": {"A": [GOOD]},
+        "tlsabogus.signed.test": {"MX": ["10 mx.tlsabogus.signed.test."]},
+        "mx.tlsabogus.signed.test": {"A": [GOOD]},
+        f"{tlsa}.mx.tlsabogus.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
+        "unsigned-mx.signed.test": {"MX": ["10 mx.plain.plain.test."]},
+    }
+    plain = {
+        "plain.plain.test": {"MX": ["10 mx.plain.plain.test."]},
+        "mx.plain.plain.test": {"A": [GOOD]},
+        f"{tlsa}.mx.plain.plain.test": {"TLSA": ["3 1 1 " + "00" * 32]},  # insecure: never believed
+        "verify.plain.test": {"MX": ["10 mx.verify.plain.test."]},
+        "mx.verify.plain.test": {"A": [GOOD]},
+        "wrongname.plain.test": {"MX": ["10 mx.wrongname.plain.test."]},
+        "mx.wrongname.plain.test": {"A": [GOOD]},
+        "cleartext.plain.test": {"MX": ["10 mx.cleartext.plain.test."]},
+        "mx.cleartext.plain.test": {"A": [CLEAR]},
+        "lab.plain.test": {"MX": ["10 mx.lab.plain.test."]},
+        "mx.lab.plain.test": {"A": [CLEAR]},
+    }
+    lab = DnssecLab(root / "dns", zones={"signed.test": Zone(signed=True, records=signed),
+                                         "plain.test": Zone(signed=False, records=plain)},
+                    bogus={("mx.bogus.signed.test", "A"), (f"{tlsa}.mx.tlsabogus.signed.test", "TLSA")}).start()
+    policy = {"verify.plain.test": "verify", "wrongname.plain.test": "verify", "cleartext.plain.test": "encrypt",
+              "lab.plain.test": "none", ".dane-only.test": "dane-only"}
+    env = {"relay": {
+        "NEXT_HOP_HOST": "", "MX_PORT": str(port), "DNS_NAMESERVERS": json.dumps([lab.resolver[0]]),
+        "DNS_PORT": str(lab.resolver[1]), "DNS_DNSSEC": "true", "MX_INTERNAL_NETWORKS": json.dumps(["127.0.0.0/8"]),
+        "MX_CA_FILE": str(ca.path), "TLS_POLICY": json.dumps(policy), "CONNECT_TIMEOUT": "5",
+        "RETRY_SCHEDULE": "[3600]", "ADMIN_TOKEN": "s3cret", "REWRITER_TARGET": "",
+    }}
+    stack = Stack(root / "stack", **stack_options(env=env, users=default_users(), next_hop=("127.0.0.1", port)))
+    stack.sink = sinks[GOOD]
+    try:
+        stack.start(services=("relay",))
+        yield stack, sinks
+    finally:
+        stack.stop(at_once=True)
+        for s in sinks.values():
+            s.stop()
+        lab.stop()
+
+
+def delivered_to(sink: Sink, recipient: str) -> list:
+    return [m for m in sink.handler.messages if recipient in m.rcpt_tos]
+
+
+def waiting_reply(stack, queue_id: str) -> str:
+    """The reply the message waits on, as `submitctl queue show` prints it ("" until the first try)."""
+    status, detail = admin(stack, "GET", f"/api/v1/queue/messages/{queue_id}")
+    return (detail.get("last_reply") or "") if status == 200 else ""
+
+
+def send(stack, recipient: str, subject: str, **kwargs) -> str:
+    return queue(stack, envelope([recipient], **kwargs), body(subject))
+
+
+@pytest.mark.parametrize("domain", ["dane.signed.test", "ta.signed.test"])
+def test_dane_match_delivers_over_tls(world, domain):
+    stack, sinks = world
+    send(stack, f"bob@{domain}", f"dane {domain}")
+    eventually(lambda: delivered_to(sinks[GOOD], f"bob@{domain}"), timeout=20)
+
+
+def test_dane_mismatch_defers_and_nothing_is_sent(world):
+    stack, sinks = world
+    qid = send(stack, "bob@mismatch.signed.test", "dane mismatch")
+    reply = eventually(lambda: waiting_reply(stack, qid), timeout=20)
+    assert reply.startswith("451 4.7.5 DANE: certificate of mx.mismatch.signed.test does not match its TLSA"), reply
+    assert not sinks[WRONG].handler.messages, "a host that fails DANE never gets the message"
+
+
+def test_dane_host_without_starttls_never_gets_it_in_clear(world):
+    stack, sinks = world
+    qid = send(stack, "bob@strip.signed.test", "stripped")
+    reply = eventually(lambda: waiting_reply(stack, qid), timeout=20)
+    assert reply.startswith("451 4.7.4 DANE: mx.strip.signed.test does not offer STARTTLS"), reply
+    assert not delivered_to(sinks[CLEAR], "bob@strip.signed.test")
+
+
+def test_bogus_dnssec_defers(world):
+    stack, sinks = world
+    mx = send(stack, "bob@bogus.signed.test", "bogus address")
+    tlsa = send(stack, "bob@tlsabogus.signed.test", "bogus tlsa")
+    assert eventually(lambda: waiting_reply(stack, mx), timeout=30).startswith("451 4.4.3")
+    reply = eventually(lambda: waiting_reply(stack, tlsa), timeout=30)
+    assert reply.startswith("451 4.7.5 DANE: the TLSA records of the mail hosts of tlsabogus.signed.test"), reply
+    assert not delivered_to(sinks[GOOD], "bob@bogus.signed.test")
+    assert not delivered_to(sinks[GOOD], "bob@tlsabogus.signed.test")
+
+
+def test_unsigned_tlsa_is_not_believed_and_opportunistic_tls_delivers(world):
+    stack, sinks = world
+    for domain in ("plain.plain.test", "unsigned-mx.signed.test"):
+        send(stack, f"bob@{domain}", f"insecure {domain}")
+        eventually(lambda: delivered_to(sinks[GOOD], f"bob@{domain}"), timeout=20)
+
+
+def test_tls_policy_table(world):
+    stack, sinks = world
+    send(stack, "bob@verify.plain.test", "verify")
+    wrong = send(stack, "bob@wrongname.plain.test", "wrong name")
+    clear = send(stack, "bob@cleartext.plain.test", "needs tls")
+    send(stack, "bob@lab.plain.test", "none")
+    eventually(lambda: delivered_to(sinks[GOOD], "bob@verify.plain.test"), timeout=20)
+    eventually(lambda: delivered_to(sinks[CLEAR], "bob@lab.plain.test"), timeout=20)
+    reply = eventually(lambda: waiting_reply(stack, wrong), timeout=20)
+    assert reply.startswith("451 4.7.5 TLS_POLICY verify: certificate for mx.wrongname.plain.test does not match"), reply
+    reply = eventually(lambda: waiting_reply(stack, clear), timeout=20)
+    assert reply.startswith("451 4.7.4 TLS_POLICY encrypt: mx.cleartext.plain.test does not offer STARTTLS"), reply
+    assert not delivered_to(sinks[CLEAR], "bob@cleartext.plain.test")
