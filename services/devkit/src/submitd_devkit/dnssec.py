@@ -101,15 +101,23 @@ def _rdata(rdtype: str, value: str) -> str:
     return dns.rdata.from_text("IN", rdtype, value, origin=dns.name.root, relativize=False).to_text()
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """To the process and whatever it started (each has a session, so a process group, of its own)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
+
+
 def _stop(procs: list[subprocess.Popen], rundir: str) -> None:
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
+        _signal_group(proc, signal.SIGTERM)
     for proc in procs:
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
     shutil.rmtree(rundir, ignore_errors=True)
 
@@ -235,10 +243,7 @@ class DnssecLab:
         """unbound-control's protocol, spoken directly (no certificates: control-use-cert: no)."""
         with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as sock:
             sock.sendall(f"UBCT1 {' '.join(command)}\n".encode())
-            reply = b""
-            while chunk := sock.recv(4096):
-                reply += chunk
-        text = reply.decode(errors="replace")
+            text = sock.makefile("rb").read().decode(errors="replace")  # until unbound closes
         if not text.startswith("ok"):
             raise RuntimeError(f"unbound-control {' '.join(command)}: {text.strip()}")
         return text
@@ -374,9 +379,8 @@ EXAMPLE = {
 def main() -> None:
     parser = argparse.ArgumentParser(description="A DNSSEC lab (knotd + unbound) on 127.0.0.1, until Ctrl-C")
     parser.add_argument("directory", type=Path, help="its configs, keys, zone files and logs (kept)")
-    args = parser.parse_args()
     started = time.monotonic()
-    lab = DnssecLab(args.directory, EXAMPLE, bogus={("bogus.signed.test", "A")}).start()
+    lab = DnssecLab(parser.parse_args().directory, EXAMPLE, bogus={("bogus.signed.test", "A")}).start()
     print(f"started in {time.monotonic() - started:.2f} s; resolver 127.0.0.1 port {lab.port},"
           f" knot port {lab.knot_port}")
     print(f"  try: drill -D -p {lab.port} @127.0.0.1 mx.signed.test A   (zones: {', '.join(EXAMPLE)};"
