@@ -17,7 +17,7 @@ records), each lab zone a stub zone at knot. What a client of the resolver sees:
             "_mta-sts.signed.test": {"TXT": ["v=STSv1; id=1"]}}),
         "plain.test": Zone(signed=False, records={"mx.plain.test": {"A": ["127.0.0.1"]}}),
     }, bogus={("mx.signed.test", "A")}).start()
-    lab.resolver        # ("127.0.0.1", port): unbound, the relay's DNS_NAMESERVERS and DNS_PORT
+    lab.resolver        # ("127.0.0.1", port): unbound, the relay's DNS_NAMESERVERS, DNS_PORT (DNS_DNSSEC)
     lab.set_records("mx.signed.test", "A", ["127.0.0.2"])            # re-signed, reloaded, flushed
     lab.set_records("_25._tcp.mx.signed.test", "TLSA", [...], bogus=True)
     lab.authoritative   # ("127.0.0.1", port): knotd, which answers without validating anything
@@ -385,7 +385,8 @@ def main() -> None:
           f" knot port {lab.knot_port}")
     print(f"  try: drill -D -p {lab.port} @127.0.0.1 mx.signed.test A   (zones: {', '.join(EXAMPLE)};"
           " bogus: bogus.signed.test A)")
-    print(f"  relay: SUBMITD_RELAY_DNS_NAMESERVERS='[\"127.0.0.1\"]' SUBMITD_RELAY_DNS_PORT={lab.port}")
+    print(f"  relay: SUBMITD_RELAY_DNS_NAMESERVERS='[\"127.0.0.1\"]' SUBMITD_RELAY_DNS_PORT={lab.port}"
+          " SUBMITD_RELAY_DNS_DNSSEC=true")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         lab.procs[0].wait()
