@@ -63,6 +63,27 @@ async def test_ehlo_offers_the_rfc_6409_extensions_and_auth_only_under_tls():
                      "SMTPUTF8", "CHUNKING", "STARTTLS"]
     got, _, _ = await dialog(b"EHLO c.example\r\n")
     assert got[0].endswith("250 AUTH PLAIN LOGIN") and "STARTTLS" not in got[0] and "ETRN" not in got[0]
+    assert "250-REQUIRETLS\r\n" in got[0], "RFC 8689: offered once the session is encrypted"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+async def test_requiretls_is_refused_in_the_clear_and_after_starttls_reaches_the_envelope(split):
+    """RFC 8689 §2: the REQUIRETLS MAIL parameter only on a TLS session. In the clear it is
+    refused before policy hears of it (530 5.7.10); over TLS the message is queued with
+    require_tls, and the next message of the session without the parameter is not."""
+    message = b"RCPT TO:<bob@example.net>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+    memory = Memory([], after_tls=[LOGIN + b"MAIL FROM:<alice@example.test> REQUIRETLS\r\n" + message
+                                   + b"MAIL FROM:<alice@example.test>\r\n" + message])
+    got, memory, _ = await dialog(b"EHLO c.example\r\nMAIL FROM:<alice@example.test> requiretls\r\nSTARTTLS\r\n",
+                                  split=split, tls=False, starttls=True, memory=memory)
+    assert "REQUIRETLS" not in got[0], "not offered in the clear"
+    assert got[1:3] == [replies.REQUIRETLS_NEEDS_TLS, replies.TLS_READY]
+    assert got[1].startswith("530 5.7.10 ")
+    assert "250-REQUIRETLS\r\n" in got[3]
+    assert got[4:8] == [replies.AUTH_OK, replies.SENDER_OK, replies.RECIPIENT_OK, replies.START_DATA]
+    assert got[8].startswith("250 2.0.0 Ok: queued") and got[12].startswith("250 2.0.0 Ok: queued")
+    assert [e.require_tls for e in memory.envelopes] == [True, False]
+    assert memory.senders == ["alice@example.test"] * 2, "policy never heard of the MAIL in the clear"
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -111,6 +132,10 @@ async def test_a_bad_line_is_refused_once_and_the_session_goes_on(line, reply, s
     (b"MAIL FROM:<alice@example.test> SMTPUTF8=yes", replies.SMTPUTF8_VALUE),
     (b"MAIL FROM:<alice@example.test> RET=ALL", replies.BAD_RET),
     (b"MAIL FROM:<alice@example.test> ENVID=a\x7fb", replies.BAD_ENVID),
+    (b"MAIL FROM:<alice@example.test> REQUIRETLS=yes", replies.REQUIRETLS_VALUE),
+    (b"MAIL FROM:<alice@example.test> REQUIRETLS=", replies.MAIL_SYNTAX),
+    (b"MAIL FROM:<alice@example.test> REQUIRETLS SIZE=10 RequireTLS", replies.repeated_parameter("MAIL", "REQUIRETLS")),
+    (b"MAIL FROM:<alice@example.test> SIZE=10 size=20", replies.repeated_parameter("MAIL", "SIZE")),
     (b"MAIL FROM:<alice@example.test", replies.BAD_SENDER),
     (b"RCPT TO:<bob@example.net>", replies.NEED_MAIL),
     (b"DATA", replies.NEED_MAIL),
@@ -127,10 +152,12 @@ async def test_rcpt_checks_and_the_recipient_limit_keeps_earlier_recipients():
     data = LOGIN + b"MAIL FROM:<alice@example.test>\r\n" + b"".join(
         f"RCPT TO:<r{n}@example.net>\r\n".encode() for n in range(4)) + (
         b"RCPT TO:<>\r\nRCPT TO:<x@example.net> NOTIFY=SOMETIMES\r\nRCPT TO:<x@example.net> ORCPT=rfc822\r\n"
-        + "RCPT TO:<jösé@example.net>\r\n".encode() + b"DATA\r\nhi\r\n.\r\n")
+        + "RCPT TO:<jösé@example.net>\r\n".encode() + b"RCPT TO:<x@example.net> NOTIFY=NEVER NOTIFY=NEVER\r\n"
+        + b"DATA\r\nhi\r\n.\r\n")
     got, memory, _ = await dialog(data)
     assert got[3:7] == [replies.RECIPIENT_OK] * 3 + [replies.TOO_MANY_RECIPIENTS]
-    assert got[7:11] == [replies.RCPT_SYNTAX, replies.BAD_NOTIFY, replies.BAD_ORCPT, replies.NEEDS_SMTPUTF8]
+    assert got[7:12] == [replies.RCPT_SYNTAX, replies.BAD_NOTIFY, replies.BAD_ORCPT, replies.NEEDS_SMTPUTF8,
+                         replies.repeated_parameter("RCPT", "NOTIFY")]
     assert got[-1].startswith("250 2.0.0 Ok: queued")
 
 

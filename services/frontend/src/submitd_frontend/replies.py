@@ -59,6 +59,11 @@ BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 BAD_BODY = "501 5.5.4 BODY must be 7BIT or 8BITMIME"
 SMTPUTF8_VALUE = "501 5.5.4 SMTPUTF8 takes no value"
+REQUIRETLS_VALUE = "501 5.5.4 REQUIRETLS takes no value"
+# RFC 8689 §2: REQUIRETLS is offered, and may be asked for, only on a TLS session. X.7.10
+# "Encryption Needed" (RFC 5248's registry), 530 as for any command that needs STARTTLS first
+# (RFC 3207 §4); not X.7.30, which is the relay's (no next hop offers REQUIRETLS).
+REQUIRETLS_NEEDS_TLS = "530 5.7.10 REQUIRETLS needs an encrypted session: send STARTTLS first"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 NO_RECIPIENTS = "554 5.5.1 No valid recipients"
 BAD_RET = "501 5.5.4 RET must be FULL or HDRS"
@@ -100,6 +105,10 @@ def helo_syntax(verb: str) -> str:
 
 def unsupported_parameter(command: str, name: str) -> str:
     return f"555 5.5.4 Unsupported {command} parameter {name}"
+
+
+def repeated_parameter(command: str, name: str) -> str:
+    return f"501 5.5.4 {command} parameter {name} given more than once"
 
 
 def chunk_received(size: int) -> str:

@@ -183,6 +183,8 @@ class Session(TransactionCommands):
                  "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]
         if self.starttls and not state.tls:
             lines.append("STARTTLS")
+        if state.tls:
+            lines.append("REQUIRETLS")  # RFC 8689 §2: only once the session is encrypted
         if state.tls and self.backends.auth_mechanisms:
             lines.append(" ".join(["AUTH", *self.backends.auth_mechanisms]))
         await self.send(replies.ehlo(lines))

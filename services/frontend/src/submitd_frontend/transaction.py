@@ -57,7 +57,7 @@ class TransactionCommands:
             await self.send(replies.SENDER_GIVEN)
             return
         parsed = parse_path(arg, mail=True, extended=state.extended)
-        problem = parsed if isinstance(parsed, str) else mail_problem(*parsed, self.settings.max_message_size)
+        problem = parsed if isinstance(parsed, str) else mail_problem(*parsed, self.settings.max_message_size, tls=state.tls)
         if problem:
             await self.send(problem)
             return
@@ -133,7 +133,7 @@ class TransactionCommands:
             authenticated_user=user or "", client_address=self.client_address, helo=helo or "",
             smtputf8="SMTPUTF8" in params, body_type=params.get("BODY", "7BIT").upper(),
             dsn_ret=params.get("RET", "").upper(), dsn_envid=params.get("ENVID", ""),
-            esmtp=self.state.extended, received_by=self.settings.hostname,
+            esmtp=self.state.extended, received_by=self.settings.hostname, require_tls="REQUIRETLS" in params,
         )
         if self.state.tls_info is not None:
             envelope.tls_version, envelope.tls_cipher = self.state.tls_info.version, self.state.tls_info.cipher

@@ -266,15 +266,17 @@ def parse_path(arg: str | None, *, mail: bool, extended: bool) -> tuple[str, dic
         return replies.BAD_SENDER if mail else replies.BAD_RECIPIENT
     params = parse_params(param_text)
     if params is None or (param_text and not extended) or (not mail and not address):
-        return syntax
+        repeated = params is None and repeated_keyword(param_text)
+        return replies.repeated_parameter("MAIL" if mail else "RCPT", repeated) if repeated else syntax
     unknown = set(params) - (MAIL_PARAMS if mail else RCPT_PARAMS)
     if unknown:
         return replies.unsupported_parameter("MAIL" if mail else "RCPT", sorted(unknown)[0])
     return address, params
 
 
-def mail_problem(address: str, params: dict[str, str], size_limit: int | None) -> str | None:
-    """What only MAIL checks: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), DSN."""
+def mail_problem(address: str, params: dict[str, str], size_limit: int | None, *, tls: bool) -> str | None:
+    """What only MAIL checks: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), DSN,
+    REQUIRETLS (RFC 8689: no value, and only on a TLS session)."""
     if "SIZE" in params:
         if not SIZE_VALUE.match(params["SIZE"]):
             return replies.MAIL_SYNTAX
@@ -286,6 +288,11 @@ def mail_problem(address: str, params: dict[str, str], size_limit: int | None) -
         return replies.SMTPUTF8_VALUE
     if not address.isascii() and "SMTPUTF8" not in params:
         return replies.ADDRESS_NEEDS_SMTPUTF8
+    if "REQUIRETLS" in params:
+        if params["REQUIRETLS"]:
+            return replies.REQUIRETLS_VALUE
+        if not tls:
+            return replies.REQUIRETLS_NEEDS_TLS
     return dsn_problem(params)
 
 
@@ -309,10 +316,10 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> bool:
     return value.isascii() and value.upper() in allowed
 
 
-# Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9
-# (RFC 1870, 6152, 6531, 4954, 3461); ORCPT 500 and NOTIFY 30 (RFC 3461).
-EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 659, "RCPT": COMMAND_LIMIT + 530}
-MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
+# Extensions lengthen MAIL and RCPT: SIZE 26, BODY 14, SMTPUTF8 10, AUTH= 500, ENVID 100, RET 9,
+# REQUIRETLS 11 (RFC 1870, 6152, 6531, 4954, 3461, 8689); ORCPT 500 and NOTIFY 30 (RFC 3461).
+EXTENDED_LIMITS = {"MAIL": COMMAND_LIMIT + 670, "RCPT": COMMAND_LIMIT + 530}
+MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH", "REQUIRETLS"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
 
@@ -343,13 +350,27 @@ def dsn_problem(params: dict[str, str]) -> str | None:
 
 
 def parse_params(text: str) -> dict[str, str] | None:
-    """``KEY[=value]`` separated by spaces (only SP: RFC 5321 §4.1.2), the keys ASCII."""
+    """``KEY[=value]`` separated by spaces (only SP: RFC 5321 §4.1.2), the keys ASCII, each
+    once (which of two would count is not for a server to guess)."""
     params: dict[str, str] = {}
     for token in text.split(" "):
         if not token:
             continue
         key, eq, value = token.partition("=")
-        if not ESMTP_KEYWORD.match(key) or (eq and not value):
+        if not ESMTP_KEYWORD.match(key) or (eq and not value) or key.upper() in params:
             return None
         params[key.upper()] = value
     return params
+
+
+def repeated_keyword(text: str) -> str | None:
+    """The first parameter keyword ``text`` gives twice (upper case), or None."""
+    seen: set[str] = set()
+    for token in text.split(" "):
+        key = token.partition("=")[0]
+        if not ESMTP_KEYWORD.match(key):
+            continue
+        if key.upper() in seen:
+            return key.upper()
+        seen.add(key.upper())
+    return None

@@ -20,6 +20,7 @@ class Memory:
         self.events: list[str] = []
         self.senders: list[str] = []  # MAIL FROM addresses policy was asked about
         self.queued: list[bytes] = []
+        self.envelopes: list = []  # the envelope of each message queued
         self.queue_available = True
         self.auth_mechanisms = ["PLAIN", "LOGIN"]  # what policy would say it accepts
         self.challenge = False  # AUTH answers with a 334 first
@@ -82,4 +83,5 @@ class Kept:
 
     async def finish(self) -> str:
         self.memory.queued.append(bytes(self.content))
+        self.memory.envelopes.append(self.envelope)
         return replies.queued(self.envelope.queue_id)
