@@ -140,6 +140,9 @@ def rewrite_header(
     count = sum(len(by_key.get(name, ())) for name in received.TRACE_FIELDS) + from_client
     if count > opts.max_hops:
         raise Refused(reply(554, "5.4.6", f"Too many hops ({count} Received/Delivered-To fields): a mail loop?"))
+    # RFC 8689 §4.1: with MAIL FROM ... REQUIRETLS the header field is ignored (and kept, as
+    # every field the rewriter does not own).
+    envelope.tls_optional = not envelope.require_tls and tls_required_no(by_key.get("tls-required", []))
 
     parsed: dict[int, list[Address]] = {}  # a field's addresses (by position), each field parsed once
     if opts.check_addresses:
@@ -194,6 +197,14 @@ def rewrite_header(
     result.fields = [*parse_fields(stamp), *fields, *added]
     result.header = b"".join(f.raw for f in result.fields)
     return result
+
+
+def tls_required_no(fields: list[HeaderField]) -> bool:
+    """RFC 8689 §3: the sender asks that TLS be optional with "TLS-Required: No" ("No" in any
+    case, as an ABNF string). Only a plain No relaxes anything: any other value, or a field
+    that says otherwise beside it, does not."""
+    values = [field_text(f, True).strip(" \t") for f in fields]
+    return bool(values) and all(v.isascii() and v.lower() == "no" for v in values)
 
 
 def _qualified(f: HeaderField, addrs: list[Address], opts: Options, result: Result) -> list[Address]:
