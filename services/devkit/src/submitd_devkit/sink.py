@@ -1,7 +1,7 @@
 """A next-hop SMTP server for local runs and tests: it stores what it receives (in memory
 and, optionally, in a Maildir) and can be told to answer with failures, to drop the
-connection, or to stall at the end of data. Its extensions can be chosen (DSN on, 8BITMIME or
-SMTPUTF8 off) to act as the kinds of next hop a relay meets.
+connection, or to stall at the end of data. Its extensions can be chosen (DSN on, REQUIRETLS on,
+8BITMIME or SMTPUTF8 off) to act as the kinds of next hop a relay meets.
 
     python -m submitd_devkit.sink --port 2525 --maildir var/maildir
 """
@@ -48,8 +48,10 @@ class SinkHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(default=None)  # type: ignore[assignment]
-    # Extensions: DSN advertised (and its MAIL parameters accepted), 8BITMIME withdrawn.
+    # Extensions: DSN advertised (and its MAIL parameters accepted), 8BITMIME withdrawn,
+    # REQUIRETLS (RFC 8689) advertised after STARTTLS and its MAIL parameter then accepted.
     dsn: bool = False
+    requiretls: bool = False
     eightbitmime: bool = True
     stalled: int = 0  # transactions now stalled at the end of data
     data_delay: float = 0.0  # seconds to take before answering at the end of data
@@ -66,12 +68,15 @@ class SinkHandler:
         out = [r for r in responses if self.eightbitmime or r != "250-8BITMIME"]
         if self.dsn:
             out.insert(-1, "250-DSN")
+        if self.requiretls and session.ssl is not None:
+            out.insert(-1, "250-REQUIRETLS")
         return out
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.mail_options.extend(getattr(server, "dsn_params", []))
+        envelope.mail_options.extend(getattr(server, "requiretls_params", []))
         return "250 OK"
 
     def __post_init__(self) -> None:
@@ -166,8 +171,17 @@ class _DsnSMTP(SMTP):
         taken = [w for w in words if w.upper().startswith(names)]
         return " ".join(w for w in words if w not in taken), taken
 
+    def _take_requiretls(self, arg: str | None) -> tuple[str | None, list[str]]:
+        """REQUIRETLS (no value) off a MAIL argument, when the sink offers it: after STARTTLS."""
+        if not arg or not getattr(self.event_handler, "requiretls", False) or self.session.ssl is None:
+            return arg, []
+        words = arg.split()
+        taken = [w for w in words if w.upper() == "REQUIRETLS"]
+        return " ".join(w for w in words if w not in taken), taken
+
     async def smtp_MAIL(self, arg):
         arg, self.dsn_params = self._take_dsn(arg, ("RET=", "ENVID="))
+        arg, self.requiretls_params = self._take_requiretls(arg)
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg):
@@ -186,10 +200,12 @@ class Sink:
     def __init__(
         self, port: int = 0, maildir: Path | None = None, *, dsn: bool = False, eightbitmime: bool = True,
         smtputf8: bool = True, tls_context=None, login: tuple[str, str] | None = None, host: str = "127.0.0.1",
+        requiretls: bool = False,
     ) -> None:
         """``tls_context`` offers STARTTLS; ``login`` (user, password) requires AUTH; ``host``
-        another local address (a container bridge's, for the image test)."""
-        self.handler = SinkHandler(maildir=maildir, dsn=dsn, eightbitmime=eightbitmime)
+        another local address (a container bridge's, for the image test); ``requiretls`` offers
+        REQUIRETLS once STARTTLS is done (without it the MAIL parameter is refused 555)."""
+        self.handler = SinkHandler(maildir=maildir, dsn=dsn, eightbitmime=eightbitmime, requiretls=requiretls)
         self.port = port or free_port()
         auth = {}
         if login:
