@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from relay_helpers import admin, body, envelope, queue
+from relay_helpers import admin, body, envelope, parse_report, queue
 from submitd_devkit.dnssec import DnssecLab, Zone
 from submitd_devkit.ports import free_port
 from submitd_devkit.sink import Sink
@@ -20,7 +20,8 @@ from submitd_devkit.testing.users import default_users
 from submitd_devkit.testing.waiting import eventually
 from tls_peers import MxCA
 
-GOOD, CLEAR, WRONG = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+GOOD, CLEAR, WRONG, STRICT = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+SENDER = "alice@plain.plain.test"  # its reports come back to the GOOD host
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,13 @@ def world(tmp_path_factory):
     ca = MxCA(root / "ca")
     port = free_port()
     good = ca.issue("mx.dane.signed.test", "mx.ta.signed.test", "mx.verify.plain.test", "mx.tlsabogus.signed.test",
-                    "mx.norequire.signed.test", "mx.plain.plain.test", label="good")
+                    "mx.plain.plain.test", "mx.strict.signed.test", label="good")
     stranger = MxCA(root / "other", "an unrelated CA").issue("mx.elsewhere.test")
     sinks = {
         GOOD: Sink(port, host=GOOD, tls_context=good.server_context()).start(),
         CLEAR: Sink(port, host=CLEAR).start(),  # no STARTTLS at all (or one stripped on the way)
         WRONG: Sink(port, host=WRONG, tls_context=stranger.server_context()).start(),
+        STRICT: Sink(port, host=STRICT, tls_context=good.server_context(), requiretls=True).start(),
     }
     tlsa = f"_{port}._tcp"
     signed = {
@@ -56,6 +58,9 @@ def world(tmp_path_factory):
         "mx.tlsabogus.signed.test": {"A": [GOOD]},
         f"{tlsa}.mx.tlsabogus.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
         "unsigned-mx.signed.test": {"MX": ["10 mx.plain.plain.test."]},
+        "strict.signed.test": {"MX": ["10 mx.strict.signed.test."]},
+        "mx.strict.signed.test": {"A": [STRICT]},
+        f"{tlsa}.mx.strict.signed.test": {"TLSA": [good.tlsa(3, 1, 1)]},
     }
     plain = {
         "plain.plain.test": {"MX": ["10 mx.plain.plain.test."]},
@@ -103,8 +108,17 @@ def waiting_reply(stack, queue_id: str) -> str:
     return (detail.get("last_reply") or "") if status == 200 else ""
 
 
-def send(stack, recipient: str, subject: str, **kwargs) -> str:
-    return queue(stack, envelope([recipient], **kwargs), body(subject))
+def send(stack, recipient: str, subject: str, *, require_tls: bool = False, tls_optional: bool = False) -> str:
+    env = envelope([recipient], sender=SENDER)
+    env.require_tls, env.tls_optional = require_tls, tls_optional
+    return queue(stack, env, body(subject))
+
+
+def report_for(sink: Sink, recipient: str):
+    for m in sink.handler.messages:
+        if m.mail_from == "" and recipient.encode() in m.data:
+            return parse_report(m)[1]
+    return None
 
 
 @pytest.mark.parametrize("domain", ["dane.signed.test", "ta.signed.test"])
@@ -161,3 +175,29 @@ def test_tls_policy_table(world):
     reply = eventually(lambda: waiting_reply(stack, clear), timeout=20)
     assert reply.startswith("451 4.7.4 TLS_POLICY encrypt: mx.cleartext.plain.test does not offer STARTTLS"), reply
     assert not delivered_to(sinks[CLEAR], "bob@cleartext.plain.test")
+
+
+def test_requiretls_goes_only_verified_to_a_next_hop_that_offers_it(world):
+    stack, sinks = world
+    send(stack, "bob@strict.signed.test", "requiretls ok", require_tls=True)
+    (got,) = eventually(lambda: delivered_to(sinks[STRICT], "bob@strict.signed.test"), timeout=20)
+    assert "REQUIRETLS" in got.mail_options, "passed on to the next hop (RFC 8689 §4.2.1)"
+    # DANE-verified, but the host does not offer REQUIRETLS: returned to the sender, 5.7.30.
+    send(stack, "carol@dane.signed.test", "requiretls no support", require_tls=True)
+    # No DANE or MTA-STS to verify the host with: returned, 5.7.10.
+    send(stack, "dave@plain.plain.test", "requiretls no policy", require_tls=True)
+    blocks = eventually(lambda: report_for(sinks[GOOD], "carol@dane.signed.test"), timeout=20)
+    assert blocks[1]["Status"] == "5.7.30", blocks
+    blocks = eventually(lambda: report_for(sinks[GOOD], "dave@plain.plain.test"), timeout=20)
+    assert blocks[1]["Status"] == "5.7.10", blocks
+    assert not delivered_to(sinks[GOOD], "carol@dane.signed.test")
+    assert not [m for m in delivered_to(sinks[GOOD], "dave@plain.plain.test") if m.mail_from]
+
+
+def test_tls_required_no_skips_dane_for_that_message_only(world):
+    stack, sinks = world
+    send(stack, "erin@mismatch.signed.test", "tls optional", tls_optional=True)
+    eventually(lambda: delivered_to(sinks[WRONG], "erin@mismatch.signed.test"), timeout=20)
+    qid = send(stack, "frank@mismatch.signed.test", "tls not optional")
+    assert eventually(lambda: waiting_reply(stack, qid), timeout=20).startswith("451 4.7.5 DANE")
+    assert not delivered_to(sinks[WRONG], "frank@mismatch.signed.test")
