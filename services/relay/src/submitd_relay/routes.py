@@ -45,6 +45,9 @@ class MxResolver:
             self.r.nameservers = list(settings.dns_nameservers)
             self.r.port = settings.dns_port
         self.r.lifetime = settings.dns_timeout
+        # Answers kept for their TTL: a destination's MX, addresses, TLSA and MTA-STS records are
+        # asked once per TTL, not once per message.
+        self.r.cache = dns.resolver.LRUCache(10_000)
         self.dnssec = settings.dns_dnssec
         if self.dnssec:
             # Ask for DNSSEC records and for the AD bit (RFC 6840 §5.7); only a validating
