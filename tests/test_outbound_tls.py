@@ -74,12 +74,13 @@ def world(tmp_path_factory):
         "mx.cleartext.plain.test": {"A": [CLEAR]},
         "lab.plain.test": {"MX": ["10 mx.lab.plain.test."]},
         "mx.lab.plain.test": {"A": [CLEAR]},
+        "dane.only.plain.test": {"MX": ["10 mx.plain.plain.test."]},
     }
     lab = DnssecLab(root / "dns", zones={"signed.test": Zone(signed=True, records=signed),
                                          "plain.test": Zone(signed=False, records=plain)},
                     bogus={("mx.bogus.signed.test", "A"), (f"{tlsa}.mx.tlsabogus.signed.test", "TLSA")}).start()
     policy = {"verify.plain.test": "verify", "wrongname.plain.test": "verify", "cleartext.plain.test": "encrypt",
-              "lab.plain.test": "none", ".dane-only.test": "dane-only"}
+              "lab.plain.test": "none", ".only.plain.test": "dane-only"}
     env = {"relay": {
         "NEXT_HOP_HOST": "", "MX_PORT": str(port), "DNS_NAMESERVERS": json.dumps([lab.resolver[0]]),
         "DNS_PORT": str(lab.resolver[1]), "DNS_DNSSEC": "true", "MX_INTERNAL_NETWORKS": json.dumps(["127.0.0.0/8"]),
@@ -168,6 +169,7 @@ def test_tls_policy_table(world):
     wrong = send(stack, "bob@wrongname.plain.test", "wrong name")
     clear = send(stack, "bob@cleartext.plain.test", "needs tls")
     send(stack, "bob@lab.plain.test", "none")
+    only = send(stack, "bob@dane.only.plain.test", "dane-only")
     eventually(lambda: delivered_to(sinks[GOOD], "bob@verify.plain.test"), timeout=20)
     eventually(lambda: delivered_to(sinks[CLEAR], "bob@lab.plain.test"), timeout=20)
     reply = eventually(lambda: waiting_reply(stack, wrong), timeout=20)
@@ -175,6 +177,9 @@ def test_tls_policy_table(world):
     reply = eventually(lambda: waiting_reply(stack, clear), timeout=20)
     assert reply.startswith("451 4.7.4 TLS_POLICY encrypt: mx.cleartext.plain.test does not offer STARTTLS"), reply
     assert not delivered_to(sinks[CLEAR], "bob@cleartext.plain.test")
+    reply = eventually(lambda: waiting_reply(stack, only), timeout=20)
+    assert reply.startswith("451 4.7.5 DANE required (TLS_POLICY dane-only)"), reply
+    assert not delivered_to(sinks[GOOD], "bob@dane.only.plain.test")
 
 
 def test_requiretls_goes_only_verified_to_a_next_hop_that_offers_it(world):
