@@ -28,7 +28,7 @@ from submitd_devkit.testing.waiting import eventually, eventually_async
 from submitd_relay.outbound import results as R
 from submitd_relay.outbound.tlsrpt import Period, TlsReporting, TlsReportingSettings
 from submitd_relay.outbound.tlsrpt_report import key_domain
-from submitd_relay.reports import Signer
+from submitd_relay.reports import Reports, Signer
 from submitd_relay.routes import MxResolver
 from submitd_relay.settings import Settings
 from submitd_rewriter import dkim
@@ -101,8 +101,9 @@ class Replica:
     async def __aenter__(self) -> TlsReporting:
         self.nc = await nats.connect(self.server.service_url, user="relay", password=self.server.passwords["relay"],
                                      inbox_prefix=natsauth.inbox_prefix("relay"))
-        await jetstream.ensure_queue(self.nc.jetstream(), jetstream.QueueConfig())
-        self.reporting = TlsReporting(self.nc.jetstream(), self.settings, self.signer, clock=self.clock)
+        js = self.nc.jetstream()
+        await jetstream.ensure_queue(js, jetstream.QueueConfig())
+        self.reporting = TlsReporting(js, self.settings, Reports(js, self.settings, self.signer), clock=self.clock)
         await self.reporting.start(MxResolver(self.settings))
         return self.reporting
 

@@ -168,7 +168,7 @@ class _Settings(Settings, TlsReportingSettings):
 
 
 def test_every_tls_attempt_is_in_the_metric_even_without_reports():
-    reporting = TlsReporting(None, _Settings(helo_name="relay.example.test", tlsrpt=False))
+    reporting = TlsReporting(None, _Settings(helo_name="relay.example.test", tlsrpt=False), None)
 
     def count(result):
         return REGISTRY.get_sample_value("submitd_relay_tls_policy_total", {"policy": "sts", "result": result}) or 0

@@ -106,13 +106,13 @@ class TlsReporting:
     ``await start(resolver)`` opens the bucket and starts the flush and report loops;
     ``await close()`` stops them and writes what is still counted."""
 
-    def __init__(self, js: JetStreamContext, settings, signer=None, *, clock=time.time) -> None:
-        from ..reports import Reports  # (here: the relay's settings module imports this one for its mixin)
-
+    def __init__(self, js: JetStreamContext, settings, reports, *, clock=time.time) -> None:
+        """``reports``: the relay's reports.Reports, which queues (and has signed) what the relay
+        writes. (Not imported here: the relay's settings module imports this one for its mixin.)"""
         self.js = js
         self.s = settings
         self.clock = clock
-        self.reports = Reports(js, settings, signer)
+        self.reports = reports
         self.resolver = None  # routes.MxResolver: its dnspython resolver and its idea of a reachable address
         self.kv = None
         self.pending: dict[tuple[Period, str], DomainCounts] = {}
