@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from relay_helpers import admin, body, envelope, parse_report, queue
+from relay_helpers import admin, body, envelope, metric, parse_report, queue
 from submitd_devkit.dnssec import DnssecLab, Zone
 from submitd_devkit.ports import free_port
 from submitd_devkit.sink import Sink
@@ -127,6 +127,7 @@ def test_dane_match_delivers_over_tls(world, domain):
     stack, sinks = world
     send(stack, f"bob@{domain}", f"dane {domain}")
     eventually(lambda: delivered_to(sinks[GOOD], f"bob@{domain}"), timeout=20)
+    assert metric(stack, "submitd_relay_tls_policy_total", 'policy="tlsa",result="success"') >= 1
 
 
 def test_dane_mismatch_defers_and_nothing_is_sent(world):
@@ -135,6 +136,8 @@ def test_dane_mismatch_defers_and_nothing_is_sent(world):
     reply = eventually(lambda: waiting_reply(stack, qid), timeout=20)
     assert reply.startswith("451 4.7.5 DANE: certificate of mx.mismatch.signed.test does not match its TLSA"), reply
     assert not sinks[WRONG].handler.messages, "a host that fails DANE never gets the message"
+    # Counted for TLS reporting (RFC 8460 "tlsa-invalid") and on the metrics page.
+    assert metric(stack, "submitd_relay_tls_policy_total", 'policy="tlsa",result="tlsa-invalid"') >= 1
 
 
 def test_dane_host_without_starttls_never_gets_it_in_clear(world):
