@@ -86,6 +86,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             *_BODY_STORE,
             *_kv(q.DELIVERY_BUCKET),
             *_kv(q.TLSRPT_BUCKET),  # TLS-RPT counts, shared by the replicas
+            *_kv(q.MTA_STS_BUCKET),  # MTA-STS policies, shared by the replicas
         ],
         "subscribe": ["_INBOX_relay.>", q.ABANDONED_SUBJECT],
     },
