@@ -34,6 +34,7 @@ class Served:
     status: int = 200
     location: str | None = None  # with a 3xx status: a redirect
     certificate: str = GOOD  # GOOD, WRONG_NAME (the test CA's, for another name) or UNTRUSTED (another CA's)
+    chunked: bool = False  # no Content-Length: the body in chunks
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,16 @@ class PolicyServer:
             return web.Response(status=404, text="no policy here\n")
         headers = {"Location": served.location} if served.location else {}
         headers["Content-Type"] = served.content_type
-        return web.Response(status=served.status, body=(served.text or "").encode(), headers=headers)
+        body = (served.text or "").encode()
+        if not served.chunked:
+            return web.Response(status=served.status, body=body, headers=headers)
+        response = web.StreamResponse(status=served.status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start:start + 4096])
+        await response.write_eof()
+        return response
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.read()
