@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 from collections.abc import Callable
 
 import aiohttp
-import aiohttp.abc
 import dns.asyncresolver
-import dns.exception
-import dns.resolver
 
 from . import results
+from .resolving import RelayResolver
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +31,13 @@ class FetchFailed(Exception):
         self.detail = detail
 
 
-class _Resolver(aiohttp.abc.AbstractResolver):
-    """aiohttp's name lookups through dnspython (the relay's DNS servers), keeping only the
-    addresses ``reachable`` allows."""
-
-    def __init__(self, resolver: dns.asyncresolver.Resolver, reachable: Callable[[str], bool]) -> None:
-        self.r = resolver
-        self.reachable = reachable
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
-        kinds = {socket.AF_INET: [("A", socket.AF_INET)], socket.AF_INET6: [("AAAA", socket.AF_INET6)]}.get(
-            family, [("A", socket.AF_INET), ("AAAA", socket.AF_INET6)])
-        found, refused = [], []
-        for rdtype, fam in kinds:
-            try:
-                answer = await self.r.resolve(host, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                continue
-            except dns.exception.DNSException as e:
-                raise OSError(f"DNS lookup of {host} failed: {type(e).__name__}") from None
-            for rr in answer:
-                (found if self.reachable(rr.address) else refused).append((rr.address, fam))
-        if not found:
-            raise OSError(f"{host} has no public address" if refused else f"{host} has no address")
-        return [{"hostname": host, "host": address, "port": port, "family": fam, "proto": 0,
-                 "flags": socket.AI_NUMERICHOST} for address, fam in found]
-
-    async def close(self) -> None:
-        pass
-
-
 class PolicyFetcher:
     """Fetches policy texts; ``fetch`` raises FetchFailed for anything but a 200 text/plain answer
     from a host whose certificate chains to ``ca_file`` (or the system store) and names it."""
 
     def __init__(self, resolver: dns.asyncresolver.Resolver, reachable: Callable[[str], bool], *,
                  port: int = 443, ca_file: str | None = None, timeout: float = 10.0) -> None:
-        self.resolver = _Resolver(resolver, reachable)
+        self.resolver = RelayResolver(resolver, reachable)
         self.port = port
         self.timeout = timeout
         # Certificate and host name checked (RFC 8461 §3.3); loaded once, at start.

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import re
 import secrets
-import socket
 import ssl
 import time
 import urllib.parse
@@ -20,16 +19,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import dns.asyncresolver
-import dns.exception
 import dns.resolver
 import yarl
-from aiohttp.abc import AbstractResolver
 
 from submitd.v1 import common_pb2
 from submitd_common import received
 from submitd_common.addresses import parse_mailbox
 
 from . import results as R
+from .resolving import RelayResolver
 
 MAX_RUA = 5  # report addresses used per domain: a record cannot make the relay a mailing list
 MAX_FAILURE_KINDS = 200  # distinct (result type, MX, address) per policy and day; more are summed without MX and address
@@ -262,37 +260,6 @@ def report_envelope(queue_id: str, to: str) -> common_pb2.Envelope:
                                recipients=[common_pb2.Recipient(address=to, notify="NEVER")])
 
 
-class _RelayResolver(AbstractResolver):
-    """aiohttp's name lookups through the relay's resolver, keeping only the addresses it would
-    deliver mail to (MX_INTERNAL_NETWORKS): a TXT record must not aim the relay at the site's
-    own network."""
-
-    def __init__(self, mx) -> None:
-        self.mx = mx
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
-        found, refused = [], []
-        for rdtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
-            if family not in (socket.AF_UNSPEC, fam):
-                continue
-            try:
-                answer = await self.mx.r.resolve(host, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                continue
-            except dns.exception.DNSException as e:
-                raise OSError(f"DNS lookup of {host} failed: {type(e).__name__}") from None
-            for rr in answer:
-                (found if self.mx.reachable(rr.address) else refused).append(
-                    {"hostname": host, "host": rr.address, "port": port, "family": fam, "proto": 0,
-                     "flags": socket.AI_NUMERICHOST})
-        if not found:
-            raise OSError(f"{host} has no public address" if refused else f"{host} has no address")
-        return found
-
-    async def close(self) -> None:
-        pass
-
-
 async def post_report(uri: str, data: bytes, mx, *, port: int, ca_file: str | None, timeout: float) -> None:
     """POST the gzipped report to an https: address (RFC 8460 §5.4), its certificate verified."""
     url = yarl.URL(uri)
@@ -306,7 +273,7 @@ async def post_report(uri: str, data: bytes, mx, *, port: int, ca_file: str | No
         literal = None
     if literal is not None and not mx.reachable(str(literal)):  # (aiohttp asks no resolver for an address)
         raise ReportNotDelivered(f"{url.host} is not a public address")
-    connector = aiohttp.TCPConnector(resolver=_RelayResolver(mx), ssl=ssl.create_default_context(cafile=ca_file),
+    connector = aiohttp.TCPConnector(resolver=RelayResolver(mx.r, mx.reachable), ssl=ssl.create_default_context(cafile=ca_file),
                                      use_dns_cache=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         try:
