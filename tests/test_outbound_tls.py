@@ -11,7 +11,9 @@ import json
 import pytest
 
 from relay_helpers import admin, body, envelope, metric, parse_report, queue
+from submitd_devkit.certs import CertificateAuthority
 from submitd_devkit.dnssec import DnssecLab, Zone
+from submitd_devkit.mtasts import PolicyServer
 from submitd_devkit.ports import free_port
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
@@ -30,7 +32,7 @@ def world(tmp_path_factory):
     ca = MxCA(root / "ca")
     port = free_port()
     good = ca.issue("mx.dane.signed.test", "mx.ta.signed.test", "mx.verify.plain.test", "mx.tlsabogus.signed.test",
-                    "mx.plain.plain.test", "mx.strict.signed.test", label="good")
+                    "mx.plain.plain.test", "mx.strict.signed.test", "mx.sts.plain.test", label="good")
     stranger = MxCA(root / "other", "an unrelated CA").issue("mx.elsewhere.test")
     sinks = {
         GOOD: Sink(port, host=GOOD, tls_context=good.server_context()).start(),
@@ -76,6 +78,17 @@ def world(tmp_path_factory):
         "mx.lab.plain.test": {"A": [CLEAR]},
         "dane.only.plain.test": {"MX": ["10 mx.plain.plain.test."]},
     }
+    # MTA-STS: each domain's policy host is the dev kit's HTTPS server on 127.0.0.1.
+    policies = PolicyServer(CertificateAuthority(root / "web-ca", name="submitd test web CA")).start()
+    for name, mode, mx in [("sts", "enforce", "mx.sts.plain.test"), ("stsname", "enforce", "mx.stsname.plain.test"),
+                           ("stsother", "enforce", "*.elsewhere.test"), ("ststesting", "testing", "mx.ststesting.plain.test"),
+                           ("stsdown", "enforce", "mx.stsdown.plain.test")]:
+        domain = f"{name}.plain.test"
+        plain[domain] = {"MX": [f"10 mx.{domain}."]}
+        plain[f"mx.{domain}"] = {"A": [GOOD]}
+        plain[f"_mta-sts.{domain}"] = {"TXT": ["v=STSv1; id=1;"]}
+        plain[f"mta-sts.{domain}"] = {"A": ["127.0.0.1"]}
+        policies.serve(domain, f"version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
     lab = DnssecLab(root / "dns", zones={"signed.test": Zone(signed=True, records=signed),
                                          "plain.test": Zone(signed=False, records=plain)},
                     bogus={("mx.bogus.signed.test", "A"), (f"{tlsa}.mx.tlsabogus.signed.test", "TLSA")}).start()
@@ -85,15 +98,18 @@ def world(tmp_path_factory):
         "NEXT_HOP_HOST": "", "MX_PORT": str(port), "DNS_NAMESERVERS": json.dumps([lab.resolver[0]]),
         "DNS_PORT": str(lab.resolver[1]), "DNS_DNSSEC": "true", "MX_INTERNAL_NETWORKS": json.dumps(["127.0.0.0/8"]),
         "MX_CA_FILE": str(ca.path), "TLS_POLICY": json.dumps(policy), "CONNECT_TIMEOUT": "5",
+        "MTA_STS_CA_FILE": str(policies.ca.path), "MTA_STS_PORT": str(policies.port),
         "RETRY_SCHEDULE": "[3600]", "ADMIN_TOKEN": "s3cret", "REWRITER_TARGET": "",
     }}
     stack = Stack(root / "stack", **stack_options(env=env, users=default_users(), next_hop=("127.0.0.1", port)))
     stack.sink = sinks[GOOD]
     try:
         stack.start(services=("relay",))
+        stack.policies = policies
         yield stack, sinks
     finally:
         stack.stop(at_once=True)
+        policies.stop()
         for s in sinks.values():
             s.stop()
         lab.stop()
@@ -209,3 +225,42 @@ def test_tls_required_no_skips_dane_for_that_message_only(world):
     qid = send(stack, "frank@mismatch.signed.test", "tls not optional")
     assert eventually(lambda: waiting_reply(stack, qid), timeout=20).startswith("451 4.7.5 DANE")
     assert not delivered_to(sinks[WRONG], "frank@mismatch.signed.test")
+
+
+def test_mta_sts_enforce(world):
+    stack, sinks = world
+    send(stack, "bob@sts.plain.test", "sts ok")
+    name = send(stack, "bob@stsname.plain.test", "sts wrong name")
+    other = send(stack, "bob@stsother.plain.test", "sts mx not in policy")
+    eventually(lambda: delivered_to(sinks[GOOD], "bob@sts.plain.test"), timeout=20)
+    assert metric(stack, "submitd_relay_tls_policy_total", 'policy="sts",result="success"') >= 1
+    reply = eventually(lambda: waiting_reply(stack, name), timeout=20)
+    assert reply.startswith("451 4.7.5 MTA-STS enforce: certificate for mx.stsname.plain.test does not match"), reply
+    reply = eventually(lambda: waiting_reply(stack, other), timeout=20)
+    assert reply.startswith("451 4.7.5 MTA-STS enforce: no mail host of stsother.plain.test is named by the policy "
+                            "(mx: *.elsewhere.test)"), reply
+    assert not delivered_to(sinks[GOOD], "bob@stsname.plain.test") and not delivered_to(sinks[GOOD], "bob@stsother.plain.test")
+    assert stack.policies.fetches["sts.plain.test"] == 1, "fetched once, then cached"
+
+
+def test_mta_sts_testing_delivers_and_counts_the_failure(world):
+    stack, sinks = world
+    before = metric(stack, "submitd_relay_tls_policy_total", 'policy="sts",result="certificate-host-mismatch"')
+    send(stack, "bob@ststesting.plain.test", "sts testing")
+    eventually(lambda: delivered_to(sinks[GOOD], "bob@ststesting.plain.test"), timeout=20)
+    after = metric(stack, "submitd_relay_tls_policy_total", 'policy="sts",result="certificate-host-mismatch"')
+    assert after == before + 1
+
+
+def test_a_cached_mta_sts_policy_keeps_applying_while_its_server_is_down(world):
+    stack, sinks = world
+    first = send(stack, "bob@stsdown.plain.test", "sts cached 1")
+    assert "MTA-STS enforce" in eventually(lambda: waiting_reply(stack, first), timeout=20)
+    stack.policies.stop()
+    try:
+        second = send(stack, "carol@stsdown.plain.test", "sts cached 2")
+        reply = eventually(lambda: waiting_reply(stack, second), timeout=20)
+        assert reply.startswith("451 4.7.5 MTA-STS enforce: certificate for mx.stsdown.plain.test"), reply
+        assert not delivered_to(sinks[GOOD], "carol@stsdown.plain.test")
+    finally:
+        stack.policies.start()

@@ -16,6 +16,7 @@ from . import admin
 from .consumer import Relay
 from .delivery import NextHopPool
 from .queue import remove_abandoned_bodies
+from .outbound.mtasts import StsPolicies, open_bucket
 from .outbound.tlsrpt import TlsReporting
 from .reports import Reports, Signer
 from .routes import MxResolver
@@ -45,6 +46,12 @@ async def amain() -> None:
     # TLS reports (RFC 8460) are queued like DSNs: signed by the rewriter, delivered by a relay.
     reporting = TlsReporting(nc.jetstream(), settings, Reports(nc.jetstream(), settings, signer))
     pool = NextHopPool(settings, reporting=reporting)
+    sts = None
+    if pool.planner is not None and settings.mta_sts:
+        # MTA-STS policies (RFC 8461), cached for every replica in NATS KV.
+        sts = StsPolicies(settings, await open_bucket(nc.jetstream(), settings.replicas), pool.resolver.r,
+                          reachable=pool.resolver.reachable)
+        pool.planner.sts = sts
     relay = Relay(nc, pool, settings, signer)
     await relay.start()
     await reporting.start(pool.resolver or MxResolver(settings))
@@ -72,6 +79,8 @@ async def amain() -> None:
     await stranded
     await abandoned.unsubscribe()
     await reporting.close()
+    if sts is not None:
+        await sts.close()
     await relay.close()
     await pool.close()
     if channel is not None:
