@@ -17,6 +17,7 @@ from submitd_devkit.mtasts import PolicyServer
 from submitd_devkit.ports import free_port
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import Stack
+from submitd_devkit.testing.ctl import submitctl
 from submitd_devkit.testing.plugin import stack_options
 from submitd_devkit.testing.users import default_users
 from submitd_devkit.testing.waiting import eventually
@@ -92,6 +93,8 @@ def world(tmp_path_factory):
     lab = DnssecLab(root / "dns", zones={"signed.test": Zone(signed=True, records=signed),
                                          "plain.test": Zone(signed=False, records=plain)},
                     bogus={("mx.bogus.signed.test", "A"), (f"{tlsa}.mx.tlsabogus.signed.test", "TLSA")}).start()
+    token = root / "admin-token"
+    token.write_text("s3cret")  # relay_helpers.admin's, and submitctl's through run.json
     policy = {"verify.plain.test": "verify", "wrongname.plain.test": "verify", "cleartext.plain.test": "encrypt",
               "lab.plain.test": "none", ".only.plain.test": "dane-only"}
     env = {"relay": {
@@ -99,7 +102,7 @@ def world(tmp_path_factory):
         "DNS_PORT": str(lab.resolver[1]), "DNS_DNSSEC": "true", "MX_INTERNAL_NETWORKS": json.dumps(["127.0.0.0/8"]),
         "MX_CA_FILE": str(ca.path), "TLS_POLICY": json.dumps(policy), "CONNECT_TIMEOUT": "5",
         "MTA_STS_CA_FILE": str(policies.ca.path), "MTA_STS_PORT": str(policies.port),
-        "RETRY_SCHEDULE": "[3600]", "ADMIN_TOKEN": "s3cret", "REWRITER_TARGET": "",
+        "RETRY_SCHEDULE": "[3600]", "ADMIN_TOKEN_FILE": str(token), "REWRITER_TARGET": "",
     }}
     stack = Stack(root / "stack", **stack_options(env=env, users=default_users(), next_hop=("127.0.0.1", port)))
     stack.sink = sinks[GOOD]
@@ -236,6 +239,9 @@ def test_mta_sts_enforce(world):
     assert metric(stack, "submitd_relay_tls_policy_total", 'policy="sts",result="success"') >= 1
     reply = eventually(lambda: waiting_reply(stack, name), timeout=20)
     assert reply.startswith("451 4.7.5 MTA-STS enforce: certificate for mx.stsname.plain.test does not match"), reply
+    shown = submitctl(stack, "queue", "show", name)  # what the operator reads
+    assert shown.returncode == 0, shown.stderr
+    assert "MTA-STS enforce: certificate for mx.stsname.plain.test does not match" in shown.stdout
     reply = eventually(lambda: waiting_reply(stack, other), timeout=20)
     assert reply.startswith("451 4.7.5 MTA-STS enforce: no mail host of stsother.plain.test is named by the policy "
                             "(mx: *.elsewhere.test)"), reply
