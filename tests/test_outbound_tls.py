@@ -26,6 +26,7 @@ from tls_peers import MxCA
 
 GOOD, CLEAR, WRONG, STRICT = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 SENDER = "alice@plain.plain.test"  # its reports come back to the GOOD host
+STRICT_SENDER = "alice@strict.signed.test"  # the reports of its REQUIRETLS mail come back with REQUIRETLS
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,9 @@ def waiting_reply(stack, queue_id: str) -> str:
     return (detail.get("last_reply") or "") if status == 200 else ""
 
 
-def send(stack, recipient: str, subject: str, *, require_tls: bool = False, tls_optional: bool = False) -> str:
-    env = envelope([recipient], sender=SENDER)
+def send(stack, recipient: str, subject: str, *, require_tls: bool = False, tls_optional: bool = False,
+         sender: str = SENDER, ret: str = "") -> str:
+    env = envelope([recipient], sender=sender, ret=ret)
     env.require_tls, env.tls_optional = require_tls, tls_optional
     return queue(stack, env, body(subject))
 
@@ -211,13 +213,17 @@ def test_requiretls_goes_only_verified_to_a_next_hop_that_offers_it(world):
     (got,) = eventually(lambda: delivered_to(sinks[STRICT], "bob@strict.signed.test"), timeout=20)
     assert "REQUIRETLS" in got.mail_options, "passed on to the next hop (RFC 8689 §4.2.1)"
     # DANE-verified, but the host does not offer REQUIRETLS: returned to the sender, 5.7.30.
-    send(stack, "carol@dane.signed.test", "requiretls no support", require_tls=True)
+    send(stack, "carol@dane.signed.test", "requiretls no support", require_tls=True, sender=STRICT_SENDER, ret="FULL")
     # No DANE or MTA-STS to verify the host with: returned, 5.7.10.
-    send(stack, "dave@plain.plain.test", "requiretls no policy", require_tls=True)
-    blocks = eventually(lambda: report_for(sinks[GOOD], "carol@dane.signed.test"), timeout=20)
+    send(stack, "dave@plain.plain.test", "requiretls no policy", require_tls=True, sender=STRICT_SENDER)
+    blocks = eventually(lambda: report_for(sinks[STRICT], "carol@dane.signed.test"), timeout=20)
     assert blocks[1]["Status"] == "5.7.30", blocks
-    blocks = eventually(lambda: report_for(sinks[GOOD], "dave@plain.plain.test"), timeout=20)
+    blocks = eventually(lambda: report_for(sinks[STRICT], "dave@plain.plain.test"), timeout=20)
     assert blocks[1]["Status"] == "5.7.10", blocks
+    # The reports went with REQUIRETLS themselves, and quote the header only, RET=FULL or not (RFC 8689 §5).
+    reports = [m for m in sinks[STRICT].handler.messages if m.mail_from == ""]
+    assert reports and all("REQUIRETLS" in m.mail_options for m in reports)
+    assert all(b"Subject: requiretls no" in m.data and b"\r\n\r\nhello" not in m.data for m in reports)
     assert not delivered_to(sinks[GOOD], "carol@dane.signed.test")
     assert not [m for m in delivered_to(sinks[GOOD], "dave@plain.plain.test") if m.mail_from]
 
