@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl devkit
 
-.PHONY: all install proto run test bench fuzz fault-queue constraints clean images image-test scale-test
+.PHONY: all install proto run test bench bench-deps fuzz fault-queue constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -61,8 +61,27 @@ fuzz: install
 fault-queue: install
 	$(PY) scripts/queue_faults.py $(FAULT_ARGS)
 
-bench: install
+bench: install bench-deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# What only the bench needs (make test needs neither): Postfix (smtp-source, smtp-sink and the
+# peer itself) from Debian, and Haraka from npm into build/haraka (git-ignored; --no-package-lock:
+# no lock file, nothing written outside that directory but npm's cache). An npm that fails is no
+# error: the bench says why (build/haraka/install.log) and runs without Haraka.
+HARAKA_VERSION ?= 3.3.4
+HARAKA := build/haraka/node_modules/.bin/haraka
+bench-deps: $(HARAKA)
+	@command -v smtp-source >/dev/null 2>&1 || test -x /usr/sbin/smtp-source || { \
+	  echo "postfix missing: installing it (no configuration; the bench runs private instances)"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; }
+$(HARAKA):
+	mkdir -p build/haraka
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found" > build/haraka/install.log; \
+	elif cd build/haraka && npm install --no-save --no-package-lock --no-audit --no-fund \
+	    Haraka@$(HARAKA_VERSION) > install.log 2>&1; then echo "Haraka $(HARAKA_VERSION) in build/haraka"; \
+	else echo "npm install Haraka failed (build/haraka/install.log); the bench runs without it"; fi
 
 # Scale-out and quorum with processes on loopback (scripts/scale_test.py): a 3-node JetStream
 # under load with nodes killed, frontends behind HAProxy, scaling; prints what clients saw.

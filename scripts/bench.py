@@ -1,11 +1,13 @@
-"""`make bench`: submitd side by side with Postfix and a bare aiosmtpd, in one run.
+"""`make bench`: submitd side by side with Postfix, Haraka and a bare aiosmtpd, in one run.
 
 Every server delivers to its own smtp-sink; Postfix's smtp-source is the load (C code, so the
 client is not the bottleneck). For each mode, the median of ROUNDS rotated rounds:
 
 - new connection per message, and 20 reused sessions (`smtp-source -d`), 2 KB messages, plain
   SMTP from a trusted loopback network: accepted msg/s (load finished), delivered msg/s (queue
-  empty again) and server CPU ms per message (all processes of the server, from a cgroup);
+  empty again) and server CPU ms per message (all processes of the server, from a cgroup),
+  each as a ratio to Postfix's and to Haraka's (scripts/bench_haraka.py; installed with npm
+  by `make bench`, left out with the reason printed where that failed);
 - STARTTLS + AUTH PLAIN with a new connection per message, as mail clients submit: submitd
   beside a bare aiosmtpd doing the same TLS and AUTH;
 - idle CPU (ms per second with no traffic) and end of data -> 250 latency at half of submitd's
@@ -187,13 +189,24 @@ def rate(r: Round) -> float:
     return r.accepted / r.accept_seconds if r.accept_seconds else 0.0
 
 
-def table(title: str, rows: list[tuple[str, Round]], per_service: bool = True) -> None:
+def table(title: str, rows: list[tuple[str, Round]], per_service: bool = True,
+          refs: tuple[str, ...] = ("postfix", "haraka")) -> None:
+    """One row per server; against each reference server in the table, its accepted rate and
+    CPU per message as ratios (``x postfix``: this server's msg/s over Postfix's)."""
+    refs = tuple(ref for ref in refs if any(name == ref for name, _ in rows))
+    by_name = dict(rows)
     print(f"\n{title}")
-    print(f"{'server':34s} {'acc/s':>7s} {'dlv/s':>7s} {'CPU ms/msg':>10s} {'fail':>5s}")
+    print(f"{'server':34s} {'acc/s':>7s} {'dlv/s':>7s} {'CPU ms/msg':>10s} {'fail':>5s}"
+          + "".join(f" {'msg/s x ' + ref:>16s} {'CPU x ' + ref:>14s}" for ref in refs))
     for name, r in rows:
         dlv = r.accepted / r.deliver_seconds if r.deliver_seconds else 0
         cpu = r.cpu / max(r.accepted, 1) * 1000
-        print(f"{name:34s} {rate(r):7.0f} {dlv:7.0f} {cpu:10.2f} {r.failed:5d}")
+        line = f"{name:34s} {rate(r):7.0f} {dlv:7.0f} {cpu:10.2f} {r.failed:5d}"
+        for ref in refs:
+            ref_r = by_name[ref]
+            ref_cpu = ref_r.cpu / max(ref_r.accepted, 1) * 1000
+            line += f" {rate(r) / max(rate(ref_r), 1e-9):15.2f}x {cpu / max(ref_cpu, 1e-9):13.2f}x"
+        print(line)
         if per_service and r.split:
             parts = "  ".join(f"{k} {v / max(r.accepted, 1) * 1000:.2f}" for k, v in sorted(r.split.items(), key=lambda kv: -kv[1]))
             print(f"{'':34s}   per service, CPU ms/msg: {parts}")
@@ -266,6 +279,22 @@ def bench_tls(work: Path, handshakes: int = 400) -> None:
         stop_all([server], [sink])
 
 
+def peers(args, work: Path, sink, stack) -> list:
+    """Haraka, or the reason it is left out (printed)."""
+    from bench_haraka import Haraka, haraka_missing
+
+    if args.no_haraka:
+        return []
+    reason = haraka_missing()
+    if reason is None:
+        try:
+            return [Haraka(work / "haraka", sink(), stack.cert, stack.key, nodes=args.haraka_nodes)]
+        except (RuntimeError, OSError) as e:
+            reason = str(e)
+    print(f"\nHaraka left out: {reason}")
+    return []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10_000, help="messages per smtp-source round")
@@ -277,6 +306,8 @@ def main() -> None:
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
+    parser.add_argument("--no-haraka", action="store_true", help="leave Haraka out")
+    parser.add_argument("--haraka-nodes", default="cpus", help="Haraka's worker processes (smtp.ini nodes)")
     args = parser.parse_args()
     if args.only in (None, "auth"):
         from bench_auth import bench_auth
@@ -317,6 +348,8 @@ def main() -> None:
                 key.write_bytes(dkim.private_pem(dkim.generate_key("rsa")))
                 postfixes.append(Postfix("postfix + OpenDKIM RSA-2048", work / "postfix-dkim", sink(), dkim_key=key))
         servers = postfixes + servers
+        if args.only != "large":
+            servers += peers(args, work, sink, submitd.stack)
         cpu_kind = {s.group.kind for s in servers}
         print(f"\nCPU counted by {', '.join(sorted(cpu_kind))}; {os.cpu_count()} CPUs; loopback; "
               f"{args.rounds} round(s), median shown")
@@ -365,11 +398,12 @@ def main() -> None:
         for mode, _ in modes:
             s_r = medians[(mode, "submitd")]
             line = f"  {mode:28s} submitd CPU {s_r.cpu / s_r.accepted * 1000:.2f} ms/msg"
-            if postfixes:
-                p_r = medians[(mode, "postfix")]
+            for peer in [n for n in ("postfix", "haraka") if (mode, n) in medians]:
+                p_r = medians[(mode, peer)]
                 acc = rate(s_r) / rate(p_r)
                 dlv = (s_r.accepted / s_r.deliver_seconds) / (p_r.accepted / p_r.deliver_seconds)
-                line += f"; vs Postfix: accepted {acc:.2f}x, delivered {dlv:.2f}x"
+                cpu = (s_r.cpu / s_r.accepted) / (p_r.cpu / p_r.accepted)
+                line += f"; vs {peer}: accepted {acc:.2f}x, delivered {dlv:.2f}x, CPU/msg {cpu:.2f}x"
             d_r = medians[(mode, signed.name)]
             line += f"; DKIM Ed25519 adds {(d_r.cpu / d_r.accepted - s_r.cpu / s_r.accepted) * 1000:+.2f} ms/msg"
             print(line)
