@@ -121,6 +121,8 @@ Messages from @example.test are DKIM-signed (RSA and Ed25519); the DNS records w
 Ctrl-C stops everything; a second Ctrl-C kills everything at once.
 """
         )
+        if stack.nats.gomemlimit:
+            say(f"nats-server runs with GOMEMLIMIT={stack.nats.gomemlimit} (90% of the memory limit it runs under).\n")
         if oidc:
             say(f"""An OpenID Connect provider (oidc-provider-mock) runs at {oidc.issuer}; policy checks its
 signed tokens (OAUTH_MODE=jwt). A token for the demo user, for OAUTHBEARER or XOAUTH2:

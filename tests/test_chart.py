@@ -327,6 +327,38 @@ def test_the_chart_deploys_the_nats_server_the_tests_run():
     assert tag.split(":")[1].split("-")[0] == tested.strip().rsplit("v", 1)[1], (tag, tested)
 
 
+def nats_container(values: dict | None = None) -> dict:
+    return by_kind(render(values), "StatefulSet")["mail-submitd-nats"]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("limit, octets", [
+    (None, 2 << 30),  # the default: 2Gi
+    ("1.5Gi", 3 << 29),
+    ("1536Mi", 3 << 29),
+    ("1G", 10**9),
+    (1073741824, 1 << 30),
+])
+def test_nats_collects_its_garbage_before_the_memory_limit_kills_it(limit, octets):
+    """nats-server is told (GOMEMLIMIT) to keep its heap below 90% of its container's memory
+    limit: under a burst of large messages its collector works harder instead of its heap
+    doubling past the limit, where the kernel would kill the node (issue 29)."""
+    values = {"nats": {"resources": {"limits": {"memory": limit}}}} if limit is not None else None
+    container = nats_container(values)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GOMEMLIMIT"].endswith("MiB"), env["GOMEMLIMIT"]
+    mib = int(env["GOMEMLIMIT"].removesuffix("MiB"))
+    assert mib << 20 < octets, "the soft limit must be below the hard one"
+    assert mib == octets * 9 // 10 >> 20  # 90% of the limit, rounded down
+
+
+def test_nats_without_a_memory_limit_gets_no_gomemlimit_and_unreadable_limits_are_refused():
+    container = nats_container({"nats": {"resources": {"limits": {"memory": None}}}})
+    assert "memory" not in container["resources"].get("limits", {})
+    assert "GOMEMLIMIT" not in {e["name"] for e in container["env"]}
+    with pytest.raises(helm.HelmError, match="cannot read the quantity"):
+        render({"nats": {"resources": {"limits": {"memory": "two gigs"}}}})
+
+
 IDENTITY = {
     "directories": ["ldap", "sql", "file"],
     "ldap": {"url": "ldaps://ldap.example.net", "bindDN": "cn=submitd,ou=services,dc=example,dc=net",

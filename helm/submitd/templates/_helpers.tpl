@@ -58,14 +58,35 @@ app.kubernetes.io/component: {{ .name }}
 {{- toJson $users -}}
 {{- end -}}
 
-{{- /* A Kubernetes quantity ("20Gi", "500M", "1073741824") in bytes. */ -}}
+{{- /* A Kubernetes quantity ("20Gi", "1.5Gi", "500M", "1073741824", or a number) in bytes. */ -}}
 {{- define "submitd.bytes" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- int64 . -}}
+{{- else -}}
 {{- $q := toString . -}}
-{{- $n := regexFind "^[0-9]+" $q | int64 -}}
+{{- if not (regexMatch "^[0-9]+([.][0-9]+)?[A-Za-z]*$" $q) -}}{{- fail (printf "cannot read the quantity %q" $q) -}}{{- end -}}
+{{- $n := regexFind "^[0-9.]+" $q -}}
 {{- $unit := regexFind "[A-Za-z]+$" $q -}}
 {{- $scale := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
 {{- if not (hasKey $scale $unit) -}}{{- fail (printf "cannot read the quantity %q" $q) -}}{{- end -}}
-{{- mul $n (index $scale $unit) -}}
+{{- if contains "." $n -}}
+{{- mulf (float64 $n) (index $scale $unit) | floor | int64 -}}
+{{- else -}}
+{{- mul (int64 $n) (index $scale $unit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* GOMEMLIMIT for a container's resources: 90% of limits.memory, in whole MiB; nothing
+without a limit. The Go runtime collects harder as its heap nears it instead of growing past
+the limit; the other 10% is for what the runtime does not count or has not yet returned to the
+kernel, and for the page cache of the container's files that the cgroup charges to the same
+limit (reclaimed before an OOM kill, but not instantly). */ -}}
+{{- define "submitd.goMemLimit" -}}
+{{- $limit := dig "limits" "memory" "" . -}}
+{{- if $limit -}}
+{{- div (mul (include "submitd.bytes" $limit | int64) 9) 10485760 -}}MiB
+{{- end -}}
 {{- end -}}
 
 {{- define "submitd.queueReplicas" -}}

@@ -23,6 +23,7 @@ from submitd_common import natsauth
 
 from .certs import CertificateAuthority, make_self_signed
 from .env import settings_env
+from .memlimit import cgroup_memory_limit, gomemlimit
 from .ports import free_port, wait_port
 
 SERVICES = ("policy", "rewriter", "relay", "frontend")
@@ -102,10 +103,16 @@ class NatsServer:
     """A real nats-server with JetStream, fsync on every write, its store under ``root``."""
 
     def __init__(self, root: Path, port: int = 0, *, name: str = "submitd-local",
-                 cluster: tuple[int, list[int]] | None = None, passwords: Path | None = None) -> None:
+                 cluster: tuple[int, list[int]] | None = None, passwords: Path | None = None,
+                 memory_limit: int | None = None) -> None:
         """``cluster``: this node's route port and every node's, for a JetStream cluster on
-        loopback (NatsCluster); a single node fsyncs every write, a cluster has replicas instead."""
+        loopback (NatsCluster); a single node fsyncs every write, a cluster has replicas instead.
+        ``memory_limit``: the hard limit it will run under (octets); unset, its cgroup's. With a
+        limit, GOMEMLIMIT is 90% of it, as the chart sets it (memlimit.py), unless the
+        environment sets GOMEMLIMIT itself."""
         self.root = root
+        self.memory_limit = memory_limit
+        self.gomemlimit: str | None = None  # what the running server was given
         self.port = port or free_port()
         self.name = name
         self.proc: subprocess.Popen | None = None
@@ -164,12 +171,17 @@ class NatsServer:
                 "NATS_INBOX_PREFIX": natsauth.inbox_prefix(service)}
 
     def start(self) -> "NatsServer":
+        env = dict(os.environ)
+        limit = self.memory_limit or cgroup_memory_limit()
+        if limit and (self.memory_limit or "GOMEMLIMIT" not in env):
+            env["GOMEMLIMIT"] = gomemlimit(limit)
+        self.gomemlimit = env.get("GOMEMLIMIT")
         with open(self.root / "nats-server.log", "ab") as log:
             # A session of its own: Ctrl-C in `make run` reaches the supervisor, which
             # stops the services first and NATS last.
             self.proc = subprocess.Popen(
-                [nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
-            )
+                [nats_server_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True,
+                env=env)
         if not wait_port("127.0.0.1", self.port, 15):
             raise RuntimeError(f"nats-server did not start; see {self.root / 'nats-server.log'}")
         return self
