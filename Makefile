@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl devkit
 
-.PHONY: all install proto run test bench bench-deps fuzz fault-queue constraints clean images image-test scale-test
+.PHONY: all install proto run test bench bench-deps bench-nats-memory fuzz fault-queue constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -63,6 +63,10 @@ fault-queue: install
 
 bench: install bench-deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# NATS memory bounded alone (issue 29): 60 x 24 MB at once, nats-server under a 1 GiB cgroup.
+bench-nats-memory: install bench-deps
+	$(PY) scripts/bench.py --only large-bounded $(BENCH_ARGS)
 
 # What only the bench needs (make test needs neither): Postfix (smtp-source, smtp-sink and the
 # peer itself) from Debian, and Haraka from npm into build/haraka (git-ignored; --no-package-lock:

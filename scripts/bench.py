@@ -17,7 +17,10 @@ client is not the bottleneck). For each mode, the median of ROUNDS rotated round
 - the frontend's CPU per TLS handshake on port 465: full with ECDSA P-256, full with RSA-2048,
   and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``);
 - an AUTH with each directory (users file, LDAP, SQL, JWT), cold and cached: policy CPU and
-  AUTH latency (``--only auth``, scripts/bench_auth.py).
+  AUTH latency (``--only auth``, scripts/bench_auth.py);
+- 60 x 24 MB at once with STARTTLS + AUTH, nats-server under a 1 GiB memory limit: killed or
+  not, each message accepted and delivered or refused 452 4.3.1, its peak RSS, MB/s (``--only
+  large-bounded``, scripts/bench_nats_memory.py).
 
     make bench BENCH_ARGS="--messages 3000 --rounds 1"
 """
@@ -295,20 +298,40 @@ def peers(args, work: Path, sink, stack) -> list:
     return []
 
 
+def large_bounded(args) -> None:
+    """Issue 29: 60 x 24 MB in flight with nats-server under a 1 GiB memory limit (bench_nats_memory.py)."""
+    from bench_nats_memory import bench_large_bounded
+
+    work = Path(tempfile.mkdtemp(prefix="submitd-bench-bounded-"))
+    try:
+        bench_large_bounded(work, args.bounded_messages, args.large_size, args.nats_memory, args.bounded_seconds,
+                            go_limit=not args.no_gomemlimit)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10_000, help="messages per smtp-source round")
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth"], help="run one part only")
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth", "large-bounded"],
+                        help="run one part only")
     parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
+    parser.add_argument("--bounded-messages", type=int, default=60, help="messages at once, NATS memory bounded")
+    parser.add_argument("--bounded-seconds", type=float, default=150, help="time bound of that load and its deliveries")
+    parser.add_argument("--nats-memory", type=int, default=1 << 30, help="nats-server's memory limit there, octets")
+    parser.add_argument("--no-gomemlimit", action="store_true", help="there, GOMEMLIMIT off (to see what it does)")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     parser.add_argument("--no-haraka", action="store_true", help="leave Haraka out")
     parser.add_argument("--haraka-nodes", default="cpus", help="Haraka's worker processes (smtp.ini nodes)")
     args = parser.parse_args()
+    if args.only == "large-bounded":
+        large_bounded(args)
+        return
     if args.only in (None, "auth"):
         from bench_auth import bench_auth
 
@@ -415,6 +438,8 @@ def main() -> None:
     finally:
         stop_all(servers, sinks)
         shutil.rmtree(work, ignore_errors=True)
+    if args.only is None:
+        large_bounded(args)
 
 
 if __name__ == "__main__":
