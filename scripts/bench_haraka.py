@@ -44,8 +44,9 @@ def haraka_missing() -> str | None:
         reason = "not installed (make bench installs it with npm into build/haraka)"
         with contextlib.suppress(OSError):
             lines = [line for line in INSTALL_LOG.read_text(errors="replace").splitlines() if line.strip()]
+            errors = [line for line in lines if "error" in line.lower() and "complete log" not in line]
             if lines:
-                reason = "npm install failed: " + " | ".join(lines[-3:])
+                reason = "npm install failed: " + " | ".join((errors or lines)[:2])
         return reason
     return None
 
