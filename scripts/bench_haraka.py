@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from benchkit import LARGE_LIMIT, CpuGroup, Server, SmtpSink
@@ -95,11 +96,19 @@ class Haraka(Server):
             return not any(e.is_file() for e in entries)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+        """SIGTERM to the master and its workers (a process group), SIGKILL to whatever is left
+        after 30 s; returns once every one has gone (then its cgroup can be removed)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.proc.poll()
             try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.proc.wait()
