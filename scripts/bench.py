@@ -15,7 +15,9 @@ client is not the bottleneck). For each mode, the median of ROUNDS rotated round
 - the frontend's CPU per TLS handshake on port 465: full with ECDSA P-256, full with RSA-2048,
   and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``);
 - an AUTH with each directory (users file, LDAP, SQL, JWT), cold and cached: policy CPU and
-  AUTH latency (``--only auth``, scripts/bench_auth.py).
+  AUTH latency (``--only auth``, scripts/bench_auth.py);
+- direct delivery to MX hosts with DANE and with MTA-STS against opportunistic TLS, relays side by
+  side at the same time: msg/s and relay CPU per message (``--only outbound``, scripts/bench_outbound.py).
 
     make bench BENCH_ARGS="--messages 3000 --rounds 1"
 """
@@ -272,7 +274,10 @@ def main() -> None:
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth"], help="run one part only")
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth", "outbound"],
+                        help="run one part only")
+    parser.add_argument("--outbound-messages", type=int, default=2000, help="messages per relay and outbound round")
+    parser.add_argument("--outbound-rounds", type=int, help="outbound rounds (default: two per destination)")
     parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
@@ -283,6 +288,13 @@ def main() -> None:
 
         bench_auth(Path(tempfile.mkdtemp(prefix="submitd-bench-auth-")))
         if args.only == "auth":
+            return
+    if args.only in (None, "outbound"):
+        from bench_outbound import bench_outbound
+
+        bench_outbound(Path(tempfile.mkdtemp(prefix="submitd-bench-outbound-")), args.outbound_messages,
+                       args.outbound_rounds)
+        if args.only == "outbound":
             return
     if args.only in (None, "tls"):
         bench_tls(Path(tempfile.mkdtemp(prefix="submitd-bench-tls-")))
