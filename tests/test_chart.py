@@ -250,7 +250,13 @@ def test_network_policies_follow_the_next_hop_and_nats():
     docs = render({"relay": {"smarthost": {"host": "out.example.org", "port": 2525}}})
     egress = by_kind(docs, "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"]
     ports = {p["port"] for rule in egress if "to" not in rule for p in rule["ports"]}
-    assert ports == {25, 465, 587, 2525}, "the smarthost's own port is let out"
+    assert ports == {25, 465, 587, 2525}, "the smarthost's own port is let out (no HTTPS: MTA-STS is for MX delivery)"
+    direct = by_kind(render(), "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"]
+    assert {p["port"] for rule in direct if "to" not in rule for p in rule["ports"]} == {25, 465, 587, 443}, \
+        "direct delivery: HTTPS out for MTA-STS policies and TLS reports"
+    quiet = render({"relay": {"outboundTls": {"mtaSts": False, "tlsrpt": {"enabled": False}}}})
+    egress = by_kind(quiet, "NetworkPolicy")["mail-submitd-relay"]["spec"]["egress"]
+    assert 443 not in {p["port"] for rule in egress if "to" not in rule for p in rule["ports"]}
     (signing,) = [rule for rule in egress if "to" in rule]
     assert signing["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "rewriter"
     rewriter_in = by_kind(docs, "NetworkPolicy")["mail-submitd-rewriter"]["spec"]["ingress"][0]["from"]
@@ -355,6 +361,23 @@ def test_identity_values_reach_policy_as_settings_with_their_secrets_as_files_an
     # Nothing else of the release may reach them: only policy's pods are selected.
     assert by_kind(docs, "NetworkPolicy")["mail-submitd-policy-directories"]["spec"]["podSelector"]["matchLabels"][
         "app.kubernetes.io/component"] == "policy"
+
+
+def test_outbound_tls_values_reach_the_relay():
+    docs = render({"hostname": "mail.example.com", "relay": {"outboundTls": {
+        "dnssecResolvers": ["10.0.0.53"], "policy": {"partner.example": "verify", ".bank.example": "dane-only"},
+        "tlsrpt": {"organization": "Example Inc."}}}})
+    relay = by_kind(docs, "Deployment")["mail-submitd-relay"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"].removeprefix("SUBMITD_RELAY_"): e.get("value") for e in relay["env"]}
+    assert env["DNS_NAMESERVERS"] == '["10.0.0.53"]' and env["DNS_DNSSEC"] == "true"
+    assert json.loads(env["TLS_POLICY"]) == {"partner.example": "verify", ".bank.example": "dane-only"}
+    assert env["MTA_STS"] == "true" and env["TLSRPT"] == "true"
+    assert env["TLSRPT_ORGANIZATION"] == "Example Inc." and env["TLSRPT_CONTACT"] == "postmaster@mail.example.com"
+    default = by_kind(render(), "Deployment")["mail-submitd-relay"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"].removeprefix("SUBMITD_RELAY_"): e.get("value") for e in default["env"]}
+    assert env["DNS_DNSSEC"] == "false" and env["DNS_NAMESERVERS"] == "[]", "no DANE without a validating resolver"
+    with pytest.raises(helm.HelmError, match="outboundTls"):
+        render({"relay": {"outboundTls": {"policy": {"x.example": "sometimes"}}}})
 
 
 def test_identity_values_that_cannot_work_are_refused_at_render():

@@ -141,6 +141,13 @@ async def _grants(url: str) -> None:
     assert (await known.put("known.x", b"1")) and (await known.get("known.x")).value == b"1"
     records = await jetstream.ensure_kv(relay.js, jetstream.DELIVERY_BUCKET, 60)
     await records.put("q1", b"{}")
+    # TLS reporting: counts merged by compare-and-set, the day's domains listed, one lock per report.
+    tlsrpt = await jetstream.ensure_kv(relay.js, jetstream.TLSRPT_BUCKET, 60)
+    revision = await tlsrpt.create("counts.20260101T000000Z.example.net", b"{}")
+    await tlsrpt.update("counts.20260101T000000Z.example.net", b"{}", last=revision)
+    await tlsrpt.create("sent.20260101T000000Z.example.net", b"{}")
+    listed = await relay.js.stream_info(f"KV_{jetstream.TLSRPT_BUCKET}", subjects_filter=f"$KV.{jetstream.TLSRPT_BUCKET}.counts.>")
+    assert list(listed.state.subjects) == [f"$KV.{jetstream.TLSRPT_BUCKET}.counts.20260101T000000Z.example.net"]
     await relay.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(durable_name="relay", ack_wait=30))
     sub = await relay.js.pull_subscribe_bind(durable="relay", stream=jetstream.STREAM)
     (msg,) = await sub.fetch(1, timeout=2)
@@ -175,6 +182,8 @@ async def _grants(url: str) -> None:
     # The policy has its three buckets only.
     await policy.refused("queue a message", lambda: policy.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
     await policy.refused("read delivery records", lambda: policy.js.key_value(jetstream.DELIVERY_BUCKET))
+    await policy.refused("forge TLS report counts", lambda: policy.js.publish(
+        f"$KV.{jetstream.TLSRPT_BUCKET}.counts.20260101T000000Z.example.net", b"{}", timeout=1))
     await policy.refused("read bodies", lambda: _read(policy))
     # The relay may not touch the policy's buckets nor remove the queue.
     await relay.refused("read lockouts", lambda: relay.js.key_value(jetstream.AUTHFAIL_BUCKET))

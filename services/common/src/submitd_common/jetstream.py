@@ -27,6 +27,11 @@ AUTHKNOWN_BUCKET = "SUBMITD_AUTHKNOWN"
 APPPASSWORDS_BUCKET = "SUBMITD_APPPASSWORDS"
 # Per-queue-id delivery record: recipients done, attempts and their replies (relay).
 DELIVERY_BUCKET = "SUBMITD_DELIVERY"
+# TLS reporting (RFC 8460, relay): each replica's counts per day and policy domain, merged
+# (counts.<day>.<domain>), and which replica sends each day's report (sent.<day>.<domain>).
+TLSRPT_BUCKET = "SUBMITD_TLSRPT"
+# MTA-STS policies (RFC 8461) the relay fetched, by domain: shared by every relay replica.
+MTA_STS_BUCKET = "SUBMITD_MTA_STS"
 # On a queue entry: a delivery record may exist for its queue id (an admin retry's copy).
 RECORD_HEADER = "Submitd-Record"
 # The one durable pull consumer every relay replica shares.

@@ -85,6 +85,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.ACK.{q.STREAM}.{_DURABLE}.>",
             *_BODY_STORE,
             *_kv(q.DELIVERY_BUCKET),
+            *_kv(q.TLSRPT_BUCKET),  # TLS-RPT counts, shared by the replicas
+            *_kv(q.MTA_STS_BUCKET),  # MTA-STS policies, shared by the replicas
         ],
         "subscribe": ["_INBOX_relay.>", q.ABANDONED_SUBJECT],
     },

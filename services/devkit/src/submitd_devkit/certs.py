@@ -80,8 +80,9 @@ class CertificateAuthority:
         _write_key(key_path, self.key)
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str) -> tuple[Path, Path]:
-        """``<name>.pem`` and ``<name>-key.pem`` (made once): commonName ``name``."""
+    def issue(self, name: str, dns_names: list[str] | None = None) -> tuple[Path, Path]:
+        """``<name>.pem`` and ``<name>-key.pem`` (made once): commonName ``name``, valid for
+        ``dns_names`` (default: localhost and 127.0.0.1)."""
         cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
         if cert_path.exists() and key_path.exists():
             return cert_path, key_path
@@ -92,7 +93,8 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [x509.DNSName(n) for n in dns_names] if dns_names
+                else [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .add_extension(x509.ExtendedKeyUsage(
                 [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -28,6 +28,7 @@ class DnsServer:
         self.zone = {_key(name): records for name, records in zone.items()}
         self.port = free_port()
         self.queries: list[tuple[str, str]] = []
+        self._stopping = False
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._thread = threading.Thread(target=self._serve, daemon=True, name="dns")
 
@@ -37,8 +38,15 @@ class DnsServer:
         return self
 
     def stop(self) -> None:
-        self._sock.close()
+        # Closing the socket does not wake a thread blocked in recvfrom: a datagram does.
+        self._stopping = True
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", ("127.0.0.1", self.port))
+        except OSError:
+            pass
         self._thread.join(2)
+        self._sock.close()
 
     def answer(self, query: dns.message.Message) -> dns.message.Message:
         response = dns.message.make_response(query)
@@ -59,6 +67,8 @@ class DnsServer:
             try:
                 data, peer = self._sock.recvfrom(4096)
             except OSError:
+                return
+            if self._stopping:
                 return
             try:
                 reply = self.answer(dns.message.from_wire(data)).to_wire()

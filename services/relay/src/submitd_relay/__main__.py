@@ -16,7 +16,10 @@ from . import admin
 from .consumer import Relay
 from .delivery import NextHopPool
 from .queue import remove_abandoned_bodies
-from .reports import Signer
+from .outbound.mtasts import StsPolicies, open_bucket
+from .outbound.tlsrpt import TlsReporting
+from .reports import Reports, Signer
+from .routes import MxResolver
 from .settings import Settings
 
 log = logging.getLogger("submitd.relay")
@@ -38,10 +41,20 @@ async def amain() -> None:
     # create or change them): created, or brought to these settings.
     await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(
         max_bytes=settings.queue_max_bytes, replicas=settings.replicas))
-    pool = NextHopPool(settings)
     channel = grpcutil.channel(settings.rewriter_target, MutualTLS.from_settings(settings)) if settings.rewriter_target else None
-    relay = Relay(nc, pool, settings, Signer(channel, settings.rewriter_timeout) if channel else None)
+    signer = Signer(channel, settings.rewriter_timeout) if channel else None
+    # TLS reports (RFC 8460) are queued like DSNs: signed by the rewriter, delivered by a relay.
+    reporting = TlsReporting(nc.jetstream(), settings, Reports(nc.jetstream(), settings, signer))
+    pool = NextHopPool(settings, reporting=reporting)
+    sts = None
+    if pool.planner is not None and settings.mta_sts:
+        # MTA-STS policies (RFC 8461), cached for every replica in NATS KV.
+        sts = StsPolicies(settings, await open_bucket(nc.jetstream(), settings.replicas), pool.resolver.r,
+                          reachable=pool.resolver.reachable)
+        pool.planner.sts = sts
+    relay = Relay(nc, pool, settings, signer)
     await relay.start()
+    await reporting.start(pool.resolver or MxResolver(settings))
 
     health = Health()
     health.add_check("nats", lambda: nc.is_connected)
@@ -65,6 +78,9 @@ async def amain() -> None:
     await sweeper
     await stranded
     await abandoned.unsubscribe()
+    await reporting.close()
+    if sts is not None:
+        await sts.close()
     await relay.close()
     await pool.close()
     if channel is not None:

@@ -95,8 +95,9 @@ def _ascii(text: str) -> str:
 
 
 def returns_full(kind: str, envelope: common_pb2.Envelope) -> bool:
-    """Whether the report carries the whole original (RET=FULL on a failure), not its header."""
-    return kind == "failed" and envelope.dsn_ret.upper() == "FULL"
+    """Whether the report carries the whole original (RET=FULL on a failure), not its header.
+    Never for a REQUIRETLS message: its report returns the header section only (RFC 8689 §5)."""
+    return kind == "failed" and envelope.dsn_ret.upper() == "FULL" and not envelope.require_tls
 
 
 def build_parts(
@@ -190,8 +191,10 @@ def build_parts(
 
 def report_envelope(original: common_pb2.Envelope, queue_id: str, eight_bit: bool) -> common_pb2.Envelope:
     """The envelope of a report: from the null path (so it can never bounce back), to the
-    original's return path, with NOTIFY=NEVER."""
+    original's return path, with NOTIFY=NEVER; the report of a REQUIRETLS message goes with
+    REQUIRETLS too (RFC 8689 §5): what it quotes needs the same protection."""
     return common_pb2.Envelope(
+        require_tls=original.require_tls,
         queue_id=queue_id,
         return_path="",
         recipients=[common_pb2.Recipient(address=original.return_path, notify="NEVER")],

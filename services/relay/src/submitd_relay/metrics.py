@@ -42,6 +42,18 @@ UNSENDABLE = Counter(
     "submitd_delivery_unsendable_total",
     "Messages (or reports) never sent because they break SMTP's line rules: bare CR or LF, NUL, a line over 998 octets",
 )
+TLS_POLICY = Counter(
+    "submitd_relay_tls_policy_total",
+    "TLS sessions to MX hosts by the policy that applied (tlsa, sts, no-policy-found) and their result "
+    "(success, or the RFC 8460 result type of the failure)",
+    ["policy", "result"],
+)
+TLS_REPORTS = Counter(
+    "submitd_relay_tls_reports_total",
+    "TLS reports (RFC 8460) by what became of each rua: https (POSTed and accepted), mailto (queued), failed "
+    "(not reached or refused); no-record: a domain with counts that publishes no TLSRPT record",
+    ["result"],
+)
 
 
 _ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:]+)")

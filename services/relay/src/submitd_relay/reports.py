@@ -154,11 +154,25 @@ class Reports:
         digest = hashlib.sha256("\n".join(sorted(s.recipient.address for s in statuses)).encode()).hexdigest()[:16]
         msg_id = f"{env.queue_id}.dsn-{kind}.{digest}"
         large = full and body.size > self.s.inline_body_limit
+        envelope = dsn.report_envelope(env, report_id, eight_bit=False)
+        signed = await self.queue_written(envelope, parts, msg_id=msg_id, large=large,
+                                          trace_context=dict(qmsg.trace_context))
+        metrics.REPORTS.labels(kind).inc()
+        log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
+                                                 "recipients": len(statuses), "signed": signed}})
+        return report_id
+
+    async def queue_written(self, envelope: common_pb2.Envelope, parts: Callable[[], AsyncIterator[bytes]], *,
+                            msg_id: str, large: bool = False, trace_context: dict[str, str] | None = None) -> bool:
+        """Queue a message the relay wrote itself (a DSN, a TLS report) as any other: completed
+        and DKIM-signed by the rewriter where there is one, else as it is; in the Object Store if
+        ``large``, else inline. ``parts()`` gives its content (called again if the rewriter
+        refuses it); ``envelope.queue_id`` is its queue id; ``msg_id`` keeps a retry from
+        queueing it twice. Returns whether it was signed."""
         # Its own object for each attempt: a retry after the entry was queued (deduplicated by
         # msg_id) must not rewrite the body the queued entry and its signatures describe.
-        object_name = f"{msg_id}.{report_id}"
-        envelope = dsn.report_envelope(env, report_id, eight_bit=False)
-        out = queue_pb2.QueuedMessage(received_at_ms=int(time.time() * 1000), trace_context=dict(qmsg.trace_context))
+        object_name = f"{msg_id}.{envelope.queue_id}"
+        out = queue_pb2.QueuedMessage(received_at_ms=int(time.time() * 1000), trace_context=trace_context or {})
         signed = None
         if self.signer is not None:
             signed = await self._store(object_name, large, out, lambda sink: self.signer.sign(envelope, parts(), sink))
@@ -172,17 +186,14 @@ class Reports:
 
             signed = await self._store(object_name, large, out, plain)
         final_envelope, prefix, ascii_only = signed
-        final_envelope.queue_id = report_id
+        final_envelope.queue_id = envelope.queue_id
         final_envelope.body_type = "7BIT" if ascii_only else "8BITMIME"
         out.envelope.CopyFrom(final_envelope)
         out.prefix = prefix
         out.size += len(prefix)
         await jetstream.publish_entry(self.js, out, msg_id=msg_id, timeout=self.s.publish_timeout,
-                                      headers=dict(qmsg.trace_context))
-        metrics.REPORTS.labels(kind).inc()
-        log.info("DSN queued", extra={"fields": {"queue_id": env.queue_id, "action": kind, "report_queue_id": report_id,
-                                                 "recipients": len(statuses), "signed": bool(prefix)}})
-        return report_id
+                                      headers=trace_context or {})
+        return bool(prefix)
 
     async def _store(self, name: str, large: bool, out: queue_pb2.QueuedMessage, produce):
         """Run ``produce(sink)`` with the report's content going to the Object Store (``large``)

@@ -8,10 +8,12 @@ from pydantic_settings import SettingsConfigDict
 
 from submitd_common.config import ServiceSettings
 
+from .outbound.mtasts import MtaStsSettings
 from .outbound.table import TableEntry
+from .outbound.tlsrpt import TlsReportingSettings
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, TlsReportingSettings, MtaStsSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_RELAY_", extra="forbid")
 
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz, /metrics and the queue admin API")

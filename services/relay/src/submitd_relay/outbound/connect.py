@@ -19,7 +19,7 @@ from cryptography import x509
 from ..routes import Host
 from . import results as R
 from .dane import DaneMismatch, cert_names_match, peer_chain, verify
-from .plan import DANE, ENCRYPT, MAY, NONE, VERIFY, HostTls, TlsPolicyError
+from .plan import DANE, MAY, NONE, VERIFY, HostTls, TlsPolicyError
 
 log = logging.getLogger("submitd.relay")
 
@@ -143,7 +143,5 @@ async def _secure(client: aiosmtplib.SMTP, host: Host, tls: HostTls, settings) -
                         f"4.7.5 {tls.label}: certificate for {host.name} does not match "
                         f"(it names none of {', '.join(tls.names)})")
         what = "certificate verified"
-    elif tls.level == ENCRYPT:
-        what = ""
     await _ehlo(client)
     return Connected(client, tls, what, _result(tls, host, None))

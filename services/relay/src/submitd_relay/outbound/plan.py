@@ -128,7 +128,7 @@ class TlsPlanner:
         policy = None
         if consider_sts and self.sts is not None:
             policy, failure = await self.sts.policy(domain)
-            if failure is not None:
+            if failure is not None and policy is None:  # (a cached policy that still applies: no failure)
                 plan.failures.append(R.TlsResult(domain, R.STS, result_type=failure,
                                                  detail="the MTA-STS policy could not be fetched or read"))
         if policy is None or policy.mode == "none":
