@@ -296,7 +296,8 @@ def main() -> None:
 
         alone = args.only == "outbound"  # the whole bench takes a shorter run (about 45 s)
         bench_outbound(Path(tempfile.mkdtemp(prefix="submitd-bench-outbound-")),
-                       args.outbound_messages or (2000 if alone else 1000), args.outbound_rounds or (8 if alone else 4))
+                       args.outbound_messages or (2000 if alone else 1000),
+                       args.outbound_rounds or (8 if alone else 4))
         if args.only == "outbound":
             return
     if args.only in (None, "tls"):
