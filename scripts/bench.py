@@ -18,6 +18,8 @@ client is not the bottleneck). For each mode, the median of ROUNDS rotated round
   and resumed (a session ticket) in TLS 1.3 and 1.2 (``--only tls``);
 - an AUTH with each directory (users file, LDAP, SQL, JWT), cold and cached: policy CPU and
   AUTH latency (``--only auth``, scripts/bench_auth.py);
+- direct delivery to MX hosts with DANE and with MTA-STS against opportunistic TLS, relays side by
+  side at the same time: msg/s and relay CPU per message (``--only outbound``, scripts/bench_outbound.py);
 - 60 x 24 MB at once with STARTTLS + AUTH, nats-server under a 1 GiB memory limit: killed or
   not, each message accepted and delivered or refused 452 4.3.1, its peak RSS, MB/s (``--only
   large-bounded``, scripts/bench_nats_memory.py).
@@ -316,8 +318,12 @@ def main() -> None:
     parser.add_argument("--auth-messages", type=int, default=2_000, help="messages per STARTTLS + AUTH round")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth", "large-bounded"],
+    parser.add_argument("--only", choices=["smtp", "rewriter", "large", "tls", "auth", "outbound", "large-bounded"],
                         help="run one part only")
+    parser.add_argument("--outbound-messages", type=int,
+                        help="messages per relay and outbound round (default 2000 with --only outbound, else 1000)")
+    parser.add_argument("--outbound-rounds", type=int,
+                        help="outbound rounds (default two per destination with --only outbound, else one)")
     parser.add_argument("--large-sessions", type=int, default=20, help="clients at once in the large-message round")
     parser.add_argument("--large-size", type=int, default=24_000_000, help="octets per large message")
     parser.add_argument("--huge-size", type=int, default=100_000_000, help="octets of the one huge message")
@@ -337,6 +343,15 @@ def main() -> None:
 
         bench_auth(Path(tempfile.mkdtemp(prefix="submitd-bench-auth-")))
         if args.only == "auth":
+            return
+    if args.only in (None, "outbound"):
+        from bench_outbound import bench_outbound
+
+        alone = args.only == "outbound"  # the whole bench takes a shorter run (about 45 s)
+        bench_outbound(Path(tempfile.mkdtemp(prefix="submitd-bench-outbound-")),
+                       args.outbound_messages or (2000 if alone else 1000),
+                       args.outbound_rounds or (8 if alone else 4))
+        if args.only == "outbound":
             return
     if args.only in (None, "tls"):
         bench_tls(Path(tempfile.mkdtemp(prefix="submitd-bench-tls-")))

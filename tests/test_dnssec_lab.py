@@ -98,3 +98,15 @@ def test_set_records_changes_the_answer_at_once_and_it_stays_secure(lab):
 def test_names_outside_the_lab_are_refused_not_looked_up(lab):
     for name in ("example.com", "com", "."):
         assert ask(lab.resolver, name, "NS").rcode() == dns.rcode.REFUSED
+
+
+def test_ttl_gives_answers_and_denials_a_production_lifetime(tmp_path):
+    """make bench's lab: a relay caching for the answers' TTL asks once an hour, not every 5 s
+    (the tests' default) nor on every message in a 1 s denial's last fraction of a second."""
+    with DnssecLab(tmp_path, zones={"signed.test": Zone(records={"mx.signed.test": {"A": ["127.0.0.1"]}})},
+                   ttl=3600) as lab:
+        answer = resolve(lab, "mx.signed.test", "A")
+        assert answer.rrset.ttl > 3500 and answer.response.flags & dns.flags.AD
+        denial = ask(lab.resolver, "mx.signed.test", "AAAA")
+        assert denial.rcode() == dns.rcode.NOERROR and not denial.answer
+        assert min(rrset.ttl for rrset in denial.authority) > 3500

@@ -31,7 +31,9 @@ Record tables are DnsServer's (dns.py): name -> {rdtype: [rdata as zone-file tex
 absolute (the final dot optional), names inside rdata absolute too. A TXT value is the text itself
 (quoted here, and split into strings of 255 bytes); one that starts with ``"`` is taken as quoted
 zone-file text. Each zone gets an SOA and ``NS localhost.`` of its own; TTLs are 30 s, and unbound
-keeps nothing longer than 5 s (set_records flushes the zone from its cache anyway).
+keeps nothing longer than 5 s, a denial 1 s (set_records flushes the zone from its cache anyway).
+``DnssecLab(..., ttl=3600)`` gives every record, denial and cache that TTL instead, as a real zone
+would (make bench: a relay's DNS cache then holds, as in production).
 
 A client sees the AD bit only if it asks for DNSSEC: the DO bit (dnspython:
 ``resolver.use_edns(0, dns.flags.DO, 1232)``) or the AD bit (``resolver.flags = RD | AD``).
@@ -124,7 +126,7 @@ def _stop(procs: list[subprocess.Popen], rundir: str) -> None:
 
 class DnssecLab:
     def __init__(self, workdir: Path | str, zones: dict[str, Zone],
-                 bogus: set[tuple[str, str]] | frozenset = frozenset()) -> None:
+                 bogus: set[tuple[str, str]] | frozenset = frozenset(), ttl: int | None = None) -> None:
         for tool in (KNOTD, UNBOUND, KEYGEN, SIGNZONE):
             if not Path(tool).exists():
                 raise RuntimeError(f"{tool} is missing: apt-get install knot unbound ldnsutils")
@@ -136,6 +138,7 @@ class DnssecLab:
                     raise ValueError(f"{name} is not in zone {z}")
                 self.zones[_name(z)].records[_name(name)] = {t.upper(): list(v) for t, v in table.items()}
         self.bogus = {(_name(n), t.upper()) for n, t in bogus}
+        self.ttl = ttl  # None: TTL in the zones, unbound's cache 5 s and 1 s for a denial
         for name, _ in self.bogus:
             if not self.zones[self._zone_of(name)].signed:
                 raise ValueError(f"{name}: only data in a signed zone can be bogus")
@@ -252,7 +255,8 @@ class DnssecLab:
 
     def _zone_text(self, zone: str) -> str:
         self.serials[zone] += 1
-        lines = [f"$TTL {TTL}", f"{zone} SOA localhost. hostmaster.localhost. {self.serials[zone]} 60 10 3600 1",
+        lines = [f"$TTL {self.ttl or TTL}",
+                 f"{zone} SOA localhost. hostmaster.localhost. {self.serials[zone]} 60 10 3600 {self.ttl or 1}",
                  f"{zone} NS localhost."]
         for name, table in sorted(self.zones[zone].records.items()):
             lines += [f"{name} {rdtype} {_rdata(rdtype, value)}"
@@ -315,7 +319,7 @@ class DnssecLab:
             "    verbosity: 1\n    val-log-level: 2\n    access-control: 127.0.0.0/8 allow\n"
             '    module-config: "validator iterator"\n    trust-anchor-signaling: no\n'
             f'    trust-anchor-file: "{anchors}"\n'
-            "    cache-max-ttl: 5\n    cache-max-negative-ttl: 1\n    val-bogus-ttl: 1\n"
+            f"    cache-max-ttl: {self.ttl or 5}\n    cache-max-negative-ttl: {self.ttl or 1}\n    val-bogus-ttl: 1\n"
             '    local-zone: "." refuse\n' + local + insecure + stubs +
             f"remote-control:\n    control-enable: yes\n    control-interface: 127.0.0.1\n"
             f"    control-port: {self.control_port}\n    control-use-cert: no\n")

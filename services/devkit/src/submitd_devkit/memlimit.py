@@ -23,7 +23,8 @@ def gomemlimit(limit: int) -> str:
     return f"{limit * SHARE_PERCENT // 100 // MIB}MiB"
 
 
-def cgroup_memory_limit(cgroup_file: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+def cgroup_memory_limit(cgroup_file: Path = Path("/proc/self/cgroup"),
+                        root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The smallest memory limit on the way from the process's cgroup up to the hierarchy's root
     (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), or None where there is none."""
     try:

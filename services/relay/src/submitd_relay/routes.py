@@ -4,16 +4,66 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rdatatype
 import dns.resolver
 
 from .outbound.dane import Tlsa
 from .settings import Settings
+
+
+class CachedLookups:
+    """``resolve(name, rdtype)`` as dnspython's, with answers kept, parsed, until they expire:
+    a destination's MX, addresses, TLSA and MTA-STS records (found or not) are asked once per
+    TTL, not once per message; dnspython's own cache still builds a query and, for a name that
+    has no such record, a new exception each time. Failures (SERVFAIL, timeouts) are not kept."""
+
+    LIMIT = 20_000
+    NEGATIVE_TTL = 60.0  # without an SOA in the denial
+    MAX_NEGATIVE_TTL = 3600.0
+
+    def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
+        self.resolver = resolver
+        self.kept: dict[tuple[str, str], tuple[float, object]] = {}
+
+    async def resolve(self, name: str, rdtype: str):
+        key = (name.lower(), rdtype)
+        hit = self.kept.get(key)
+        now = time.time()
+        if hit is not None and hit[0] > now:
+            if isinstance(hit[1], dns.exception.DNSException):
+                raise hit[1].with_traceback(None)
+            return hit[1]
+        try:
+            answer = await self.resolver.resolve(name, rdtype)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as e:
+            self._keep(key, now + self._negative_ttl(e), e)
+            raise
+        self._keep(key, answer.expiration, answer)
+        return answer
+
+    def peek(self, name: str, rdtype: str):
+        """What ``resolve`` would give at once, without asking: an answer, the kept NXDOMAIN or
+        NoAnswer, or None (nothing kept, or expired)."""
+        hit = self.kept.get((name.lower(), rdtype))
+        return hit[1] if hit is not None and hit[0] > time.time() else None
+
+    def _keep(self, key: tuple[str, str], until: float, value: object) -> None:
+        if len(self.kept) >= self.LIMIT:
+            self.kept.clear()  # rare, and all that costs is one lookup each again
+        self.kept[key] = (until, value)
+
+    def _negative_ttl(self, e: dns.exception.DNSException) -> float:
+        responses = list((e.kwargs.get("responses") or {}).values()) or [e.kwargs.get("response")]
+        ttls = [min(rrset.ttl, rrset[0].minimum) for r in responses if r is not None
+                for rrset in r.authority if rrset.rdtype == dns.rdatatype.SOA]
+        return min(min(ttls, default=self.NEGATIVE_TTL), self.MAX_NEGATIVE_TTL)
 
 
 class TlsaUnavailable(Exception):
@@ -40,20 +90,18 @@ class MxResolver:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.r = dns.asyncresolver.Resolver(configure=not settings.dns_nameservers)
+        resolver = dns.asyncresolver.Resolver(configure=not settings.dns_nameservers)
         if settings.dns_nameservers:
-            self.r.nameservers = list(settings.dns_nameservers)
-            self.r.port = settings.dns_port
-        self.r.lifetime = settings.dns_timeout
-        # Answers kept for their TTL: a destination's MX, addresses, TLSA and MTA-STS records are
-        # asked once per TTL, not once per message.
-        self.r.cache = dns.resolver.LRUCache(10_000)
+            resolver.nameservers = list(settings.dns_nameservers)
+            resolver.port = settings.dns_port
+        resolver.lifetime = settings.dns_timeout
         self.dnssec = settings.dns_dnssec
         if self.dnssec:
             # Ask for DNSSEC records and for the AD bit (RFC 6840 §5.7); only a validating
             # resolver the operator named (DNS_DNSSEC) is believed about it.
-            self.r.use_edns(0, dns.flags.DO, 1232)
-            self.r.flags = dns.flags.RD | dns.flags.AD
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            resolver.flags = dns.flags.RD | dns.flags.AD
+        self.r = CachedLookups(resolver)
         self.internal = [ipaddress.ip_network(n, strict=False) for n in settings.mx_internal_networks]
 
     def _secure(self, answer: dns.resolver.Answer) -> bool:

@@ -225,11 +225,35 @@ class StsPolicies:
         name = policy_domain(domain) if self.enabled else None
         if name is None:
             return None, None
+        known = self._settled_answer(name)
+        if known is not None:
+            return known
         task = self._inflight.get(name)
         if task is None:  # one lookup per domain at a time; the others wait for its answer
             task = self._inflight[name] = asyncio.ensure_future(self._policy(name))
             task.add_done_callback(lambda t: self._settled(name, t))
         return await asyncio.shield(task)
+
+    def _settled_answer(self, domain: str) -> tuple[StsPolicy | None, None] | None:
+        """The answer without a task or a lookup, when the TXT record's answer is still in the
+        resolver's keeping and says what the last lookup said (the steady state: every message
+        to a domain asks this); None: ask properly."""
+        peek = getattr(self.resolver, "peek", None)
+        known = self._known.get(domain)
+        if peek is None or known is None:
+            return None
+        kept = peek(f"_mta-sts.{domain}", "TXT")
+        now = self.clock()
+        if kept is None or (known.policy is not None and known.policy.expired(now)):
+            return None
+        if isinstance(kept, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
+            if known.policy is None and now - known.kv_checked_at >= KV_RECHECK_AFTER:
+                return None
+            return known.policy, None
+        if isinstance(kept, Exception) or not self._current(
+                known.policy, parse_txt(b"".join(rr.strings) for rr in kept), now):
+            return None
+        return known.policy, None
 
     def _settled(self, name: str, task: asyncio.Task) -> None:
         if self._inflight.get(name) is task:
