@@ -133,12 +133,17 @@ async def _grants(url: str) -> None:
     await dropped.abort()
     notice = await abandoned.next_msg(timeout=2)
     assert await purge_abandoned(relay.js, jetstream.BODY_BUCKET, json.loads(notice.data)["nuid"])
-    rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60)
-    authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60)
+    rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60, mirror_keys=jetstream.BUDGET_KEYS)
+    authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60, mirror_keys=">")
     known = await jetstream.ensure_kv(policy.js, jetstream.AUTHKNOWN_BUCKET, 60)
+    # Each policy replica follows the lockout counters' writes as the server republishes them.
+    mirrored = await policy.nc.subscribe(jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET))
+    budgets = await policy.nc.subscribe(jetstream.mirror_subject(jetstream.COUNTERS_BUCKET, jetstream.BUDGET_KEYS))
     await rates.put("k", b"1")
     assert (await authfail.put("login", b"1")) and (await rates.get("k")).value == b"1"
     assert (await known.put("known.x", b"1")) and (await known.get("known.x")).value == b"1"
+    await rates.put(f"{jetstream.BUDGET_KIND}.x.1", b"2")
+    assert ((await mirrored.next_msg(2)).data, (await budgets.next_msg(2)).data) == (b"1", b"2")
     records = await jetstream.ensure_kv(relay.js, jetstream.DELIVERY_BUCKET, 60)
     await records.put("q1", b"{}")
     # TLS reporting: counts merged by compare-and-set, the day's domains listed, one lock per report.
@@ -185,10 +190,20 @@ async def _grants(url: str) -> None:
     await policy.refused("forge TLS report counts", lambda: policy.js.publish(
         f"$KV.{jetstream.TLSRPT_BUCKET}.counts.20260101T000000Z.example.net", b"{}", timeout=1))
     await policy.refused("read bodies", lambda: _read(policy))
+    await policy.refused("follow the rates (only the lockout counters are mirrored)", lambda: policy.nc.subscribe(
+        jetstream.mirror_subject(jetstream.COUNTERS_BUCKET)))
+    await policy.refused("follow every mirrored bucket", lambda: policy.nc.subscribe(f"{jetstream.MIRROR_PREFIX}.>"))
+    await policy.refused("forge a write into every replica's mirror", lambda: policy.nc.publish(
+        jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET, "login"), b"0"))
+    await policy.refused("follow the bucket's own subjects", lambda: policy.nc.subscribe(
+        f"$KV.{jetstream.AUTHFAIL_BUCKET}.>"))
     # The relay may not touch the policy's buckets nor remove the queue.
     await relay.refused("read lockouts", lambda: relay.js.key_value(jetstream.AUTHFAIL_BUCKET))
     await relay.refused("read where users log in from", lambda: relay.js.key_value(jetstream.AUTHKNOWN_BUCKET))
     await relay.refused("clear a lockout", lambda: relay.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.login", b"0"))
+    await relay.refused("follow the lockouts", lambda: relay.nc.subscribe(jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET)))
+    await frontend.refused("follow the lockouts", lambda: frontend.nc.subscribe(
+        jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET)))
     await relay.refused("purge the queue", lambda: relay.js.purge_stream(jetstream.STREAM))
     await relay.refused("delete the queue", lambda: relay.js.delete_stream(jetstream.STREAM))
     # Nobody hears another's replies.

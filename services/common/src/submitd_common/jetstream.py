@@ -41,6 +41,14 @@ EVENTS_PREFIX = "submitd.events"
 # A frontend's body write that was abandoned (core NATS, JSON {"nuid": ...}): the relay removes its
 # chunks, since the internet-facing frontend may not purge anything itself.
 ABANDONED_SUBJECT = "submitd.bodies.abandoned"
+# A KV bucket's writes, as stored (each with its revision and time), republished by the server
+# for the replicas that mirror it: <MIRROR_PREFIX>.<bucket>.<key>. Only accepted writes come
+# here (a compare-and-set that lost is not stored), and only the server publishes here.
+MIRROR_PREFIX = "submitd.mirror"
+# Mirrored by every policy replica: the whole AUTHFAIL bucket, and of COUNTERS the logins' AUTH
+# failure budgets (their windows' keys start with "authbudget."), not the rates.
+BUDGET_KIND = "authbudget"
+BUDGET_KEYS = f"{BUDGET_KIND}.>"
 
 # JetStream's answer when a stream of that name exists with another configuration.
 STREAM_NAME_IN_USE = 10058
@@ -104,12 +112,25 @@ async def close(nc: NATS, timeout: float = 5.0) -> None:
             await nc.close()
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int = 1):
-    """The KV bucket, created or brought to this TTL (a changed setting must not stop a restart)."""
+def mirror_subject(bucket: str, keys: str = ">") -> str:
+    """Where the server republishes the writes of ``bucket``'s keys matching ``keys``."""
+    return f"{MIRROR_PREFIX}.{bucket}.{keys}"
+
+
+def republish(bucket: str, keys: str):
+    from nats.js.api import RePublish
+
+    return RePublish(src=f"$KV.{bucket}.{keys}", dest=mirror_subject(bucket, keys))
+
+
+async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int = 1, mirror_keys: str | None = None):
+    """The KV bucket, created or brought to this TTL (a changed setting must not stop a restart);
+    with ``mirror_keys``, its writes of those keys republished for mirrors (``mirror_subject``)."""
     from nats.js.api import KeyValueConfig
 
+    again = republish(bucket, mirror_keys) if mirror_keys else None
     try:
-        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas))
+        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl, replicas=replicas, republish=again))
     except BadRequestError as e:
         if e.err_code != STREAM_NAME_IN_USE:
             raise
@@ -117,6 +138,8 @@ async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int
         config.max_age = ttl
         config.num_replicas = replicas
         config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
+        if again is not None:
+            config.republish = again
         await js.update_stream(config)
     return await js.key_value(bucket)
 

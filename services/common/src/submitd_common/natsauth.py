@@ -3,10 +3,11 @@
 The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
 purges and reads nothing); the relay owns the stream and the body store, consumes the queue,
 reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
-touch the policy's buckets; the policy has its three KV buckets, and reads the app passwords
-(writing only their last-used times); the rewriter has no NATS access at all. ``submitctl`` (the
-operator's side) writes and revokes app passwords and does nothing else. Each service answers on its own inbox prefix (``_INBOX_<service>``), so
-no service can listen to another's replies.
+touch the policy's buckets; the policy has its three KV buckets (and follows the lockout
+counters' writes as the server republishes them), and reads the app passwords (writing only
+their last-used times); the rewriter has no NATS access at all. ``submitctl`` (the operator's
+side) writes and revokes app passwords and does nothing else. Each service answers on its own
+inbox prefix (``_INBOX_<service>``), so no service can listen to another's replies.
 
 The chart carries the same grants (``services.<name>.nats`` in values.yaml; a test keeps the two
 equal) and the local stack (``submitd_devkit``) writes them into its nats.conf.
@@ -70,7 +71,10 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             # create the (empty) bucket on a first start. Never write or purge one.
             *_APP_READ, *_stream(f"KV_{_APP}", "CREATE"), f"$KV.{_APP}.{USED}.>",
         ],
-        "subscribe": ["_INBOX_policy.>", f"$KV.{_APP}.>"],
+        # Lockout counters: their writes as stored, republished by the server (the buckets'
+        # own subjects also carry compare-and-sets that lost); the budgets of COUNTERS only.
+        "subscribe": ["_INBOX_policy.>", f"$KV.{_APP}.>", q.mirror_subject(q.AUTHFAIL_BUCKET),
+                      q.mirror_subject(q.COUNTERS_BUCKET, q.BUDGET_KEYS)],
     },
     "relay": {
         "publish": [

@@ -15,6 +15,7 @@ from submitd_common.telemetry import setup_telemetry
 from . import admin
 from .apppasswords import AppPasswords
 from .counters import Counters
+from .mirror import KvMirror
 from .service import PolicyService
 from .settings import Settings
 from submitd_common.users import ARGON2_DEFAULTS, UserDB, configure_hashing, hash_password
@@ -35,13 +36,28 @@ async def amain() -> None:
     )
     stop_watch = users.start()
 
-    # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them.
-    nc = await jetstream.connect("submitd-policy", settings.nats_options())
+    # Shared counters (rates, lockouts) live in NATS KV so that every replica sees them; the
+    # lockout counters an AUTH reads are mirrored here (mirror.py), their writes republished.
+    mirrors: list[KvMirror] = []
+
+    async def nats_error(e: Exception) -> None:
+        log.warning("nats error: %s", e)
+        for mirror in mirrors:
+            mirror.dropped(e)
+
+    nc = await jetstream.connect("submitd-policy", settings.nats_options(), error_cb=nats_error)
     js = nc.jetstream()
     # Windowed counters (rates, the logins' AUTH failure budgets) live two windows.
     windows = max(2 * settings.rate_window, 2 * settings.auth_login_budget_seconds, 60)
-    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, windows, settings.replicas))
-    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds, settings.replicas))
+    resync = settings.lockout_mirror_resync_seconds
+    mirrors += [KvMirror(nc, jetstream.COUNTERS_BUCKET, jetstream.BUDGET_KEYS, resync_seconds=resync),
+                KvMirror(nc, jetstream.AUTHFAIL_BUCKET, resync_seconds=resync)]
+    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, windows, settings.replicas,
+                                               mirror_keys=jetstream.BUDGET_KEYS), mirrors[0])
+    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds,
+                                                  settings.replicas, mirror_keys=">"), mirrors[1])
+    for mirror in mirrors:
+        await mirror.start()
     known = Counters(await jetstream.ensure_kv(
         js, jetstream.AUTHKNOWN_BUCKET, settings.auth_known_address_seconds, settings.replicas))
 
@@ -67,6 +83,8 @@ async def amain() -> None:
     await stop_watch()
     if app_passwords is not None:
         await app_passwords.close()
+    for mirror in mirrors:
+        await mirror.close()
     await jetstream.close(nc)
     await service.directories.close()
     if service.tokens is not None:

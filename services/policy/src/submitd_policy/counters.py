@@ -3,6 +3,10 @@
 Rates count per fixed window (the key names the window); authentication failures count in a
 bucket whose entries expire a lockout period after the last failure. Keys carry hashes of
 logins and addresses, never the values themselves.
+
+With a ``mirror`` (``mirror.py``), the keys it covers are read from this replica's copy while it
+is current (an AUTH's lockout checks read nothing remote), and a compare-and-set starts from
+it; every write is still a compare-and-set in KV, so counting stays exact across replicas.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ from collections.abc import Callable
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
+
+from .mirror import KvMirror
 
 log = logging.getLogger("submitd.policy")
+READS = Counter("submitd_policy_counter_reads_total", "Counter reads, from this replica's mirror or from NATS KV",
+                ["source"])
+FROM_MIRROR, FROM_KV = READS.labels("mirror"), READS.labels("nats")
 
 
 def key_part(value: str) -> str:
@@ -26,10 +36,22 @@ def key_part(value: str) -> str:
 
 
 class Counters:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, mirror: KvMirror | None = None) -> None:
         self.kv = kv
+        self.mirror = mirror
+
+    def _mirrored(self, key: str) -> tuple[int, int | None] | None:
+        """(value, revision) from the mirror; None when it does not cover the key or cannot answer."""
+        if self.mirror is None or not self.mirror.covers(key):
+            return None
+        return self.mirror.lookup(key)
 
     async def get(self, key: str) -> int:
+        found = self._mirrored(key)
+        if found is not None:
+            FROM_MIRROR.inc()
+            return found[0]
+        FROM_KV.inc()
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -50,26 +72,33 @@ class Counters:
 
     async def _compare_and_set(self, key: str, change: Callable[[int], int | None]) -> int | None:
         """Write ``change(value)`` on the revision it was read at, again while another replica
-        wrote in between; None, writing nothing, when ``change`` refuses."""
+        wrote in between; None, writing nothing, when ``change`` refuses. The first try starts
+        from the mirror's value and revision when it has them (a stale one only loses the race)."""
         for attempt in range(50):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-            try:
-                entry = await self.kv.get(key)
-                value, revision = int(entry.value or b"0"), entry.revision
-            except KeyNotFoundError:
-                value, revision = 0, None
+            found = None if attempt else self._mirrored(key)
+            if found is not None:
+                value, revision = found
+            else:
+                try:
+                    entry = await self.kv.get(key)
+                    value, revision = int(entry.value or b"0"), entry.revision
+                except KeyNotFoundError:
+                    value, revision = 0, None
             new = change(value)
-            if new is None or (revision is None and new == value):
-                return new  # refused, or nothing to create
+            if new is None or new == value:
+                return new  # refused, or nothing to change (a zero staying zero)
             try:
                 if revision is None:
-                    await self.kv.create(key, str(new).encode())
+                    revision = await self.kv.create(key, str(new).encode())
                 else:
-                    await self.kv.update(key, str(new).encode(), last=revision)
-                return new
+                    revision = await self.kv.update(key, str(new).encode(), last=revision)
             except KeyWrongLastSequenceError:
                 continue
+            if self.mirror is not None and self.mirror.covers(key):
+                self.mirror.note(key, new, revision)
+            return new
         raise RuntimeError(f"counter {key} too contended")
 
     async def has(self, key: str) -> bool:

@@ -27,6 +27,8 @@ import ipaddress
 import time
 from collections import OrderedDict
 
+from submitd_common.jetstream import BUDGET_KIND
+
 from .counters import Counters, SlidingWindow, key_part
 from .settings import Settings
 
@@ -55,7 +57,7 @@ class Lockouts:
     def __init__(self, failures: Counters | None, settings: Settings, windows: Counters | None = None,
                  known: Counters | None = None) -> None:
         self.failures = failures  # None: no lockouts (tests, a site that wants none)
-        self.budget = SlidingWindow(windows, "authbudget", settings.auth_login_budget_seconds) if windows else None
+        self.budget = SlidingWindow(windows, BUDGET_KIND, settings.auth_login_budget_seconds) if windows else None
         self.known = known
         self.per_client = settings.auth_failures_per_client
         self.per_login = settings.auth_failures_per_login

@@ -86,6 +86,10 @@ class Settings(ServiceSettings, LdapSettings, SqlSettings, OAuthSettings, AppPas
         description="Seconds after the credentials arrive that a failed AUTH is answered (a check that takes longer: "
         "the next multiple), whatever the login or its hash: the reply time does not tell which logins exist",
     )
+    lockout_mirror_resync_seconds: float = Field(
+        300, description="Each replica reads its mirror of the lockout counters whole this often (besides following "
+        "every write as it is stored, and after a reconnection to NATS)"
+    )
     auth_cache_seconds: float = Field(
         3600, description="How long a verified login/password stays cached (0: no cache); a changed users entry drops it"
     )
