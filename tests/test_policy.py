@@ -569,8 +569,18 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
         assert checks() == 5, "counted once for both replicas"
         for port in (stack.ports.policy_http, http2):
             assert metric_at(port, "submitd_policy_streams_opened_total") >= 1, "both replicas had sessions"
+        def remote_reads() -> float:
+            return sum(metric_at(port, "submitd_policy_counter_reads_total", source="nats")
+                       for port in (stack.ports.policy_http, http2))
+
+        remote = remote_reads()
         assert [auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.6") for _ in range(4)] == [454] * 4, \
             "locked on every replica"
+        # Each replica read the other's writes from its own mirror of the counters (issue 29),
+        # and so does a login whose password is cached there.
+        assert [auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.7") for _ in range(8)] == [235] * 8
+        assert [auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.7") for _ in range(4)] == [235] * 4
+        assert remote_reads() == remote, "no counter read from NATS"
 
         # A wrong password and an unknown login cost the same: the reply time does not tell
         # an attacker which logins exist.

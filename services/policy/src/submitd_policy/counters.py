@@ -79,8 +79,10 @@ class Counters:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             found = None if attempt else self._mirrored(key)
             if found is not None:
+                FROM_MIRROR.inc()
                 value, revision = found
             else:
+                FROM_KV.inc()
                 try:
                     entry = await self.kv.get(key)
                     value, revision = int(entry.value or b"0"), entry.revision
