@@ -14,7 +14,7 @@ import pytest
 from nats.js.errors import KeyWrongLastSequenceError
 
 from submitd_common import jetstream
-from submitd_devkit.testing.waiting import eventually_async
+from submitd_devkit.testing.waiting import eventually, eventually_async
 from submitd_policy.counters import Counters, key_part
 from submitd_policy.mirror import KvMirror
 
@@ -28,8 +28,10 @@ class Replica:
     """What one policy replica holds: its NATS connection (as policy, optionally through a
     proxy the test can cut), its mirror of AUTHFAIL and the counters on it."""
 
-    def __init__(self, server, port: int | None = None, clock=time.time, mirror_keys: str | None = ">") -> None:
+    def __init__(self, server, port: int | None = None, clock=time.time, mirror_keys: str | None = ">",
+                 **options) -> None:
         self.server, self.port, self.clock, self.mirror_keys = server, port or server.port, clock, mirror_keys
+        self.options = options
 
     async def start(self, follow: bool = True) -> "Replica":
         creds = self.server.credentials("policy")
@@ -37,7 +39,7 @@ class Replica:
             "servers": [f"nats://127.0.0.1:{self.port}"], "user": "policy", "password": creds["NATS_PASSWORD"],
             "inbox_prefix": creds["NATS_INBOX_PREFIX"]})
         kv = await jetstream.ensure_kv(self.nc.jetstream(timeout=2), BUCKET, TTL, mirror_keys=self.mirror_keys)
-        self.mirror = KvMirror(self.nc, BUCKET, clock=self.clock)
+        self.mirror = KvMirror(self.nc, BUCKET, clock=self.clock, **self.options)
         self.counters = Counters(kv, self.mirror)
         if follow:
             await self.mirror.start()
@@ -207,8 +209,40 @@ async def test_a_bucket_whose_writes_are_not_republished_is_read_from_kv(nats_se
         await r.counters.incr(key)
         assert r.sees(key) is None
         assert await r.counters.get(key) == 1
+        # The next start of policy on the same bucket republishes its writes: mirrored from then on.
+        await jetstream.ensure_kv(r.nc.jetstream(), BUCKET, TTL, mirror_keys=">")
+        await eventually_async(lambda: r.sees(key) == 1, timeout=15)
     finally:
         await r.stop()
+
+
+async def test_a_mirror_that_does_not_hear_its_own_writes_back_stops_answering(nats_server):
+    # (policy's NATS user without the grant to follow, say): no other replica's write would reach it.
+    r = await Replica(nats_server, unheard_seconds=0.5).start()
+    try:
+        await r.mirror._sub.unsubscribe()
+        key = f"client.{key_part('192.0.2.9')}"
+        await r.counters.incr(key)
+        assert r.sees(key) == 1
+        await eventually_async(lambda: r.sees(key) is None, timeout=5)
+        assert await r.counters.get(key) == 1, "read from KV"
+    finally:
+        await r.stop()
+
+
+def test_with_nats_away_a_cached_password_is_a_temporary_failure_as_before(make_stack):
+    # The mirror is not consulted while policy cannot hear the writes: the lockout reads go to
+    # NATS and fail (451 4.3.0), as they did before there was a mirror. Never a 235 on a stale copy.
+    from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
+
+    from test_policy import auth_plain
+
+    stack = make_stack(env={"policy": {"AUTH_FAILURE_DELAY": "0.05"}})
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.8") == 235  # (cached from now on)
+    stack.nats.stop()
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.8") == 451
+    stack.nats.start()
+    eventually(lambda: auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.8") == 235, timeout=30)
 
 
 def test_what_the_mirror_costs_in_memory_per_counter():

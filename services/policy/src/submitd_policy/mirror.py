@@ -15,7 +15,9 @@ lockout counters here, in memory, while every write stays a compare-and-set in K
   messages were dropped (a slow consumer) and every ``resync_seconds`` (a purge of the whole
   stream publishes nothing); what arrives during a read is applied on top. Until then, or while
   NATS is unreachable, ``lookup`` answers None and the counters read KV as before: a mirror that
-  may have missed a write never answers.
+  may have missed a write never answers. Nor does one that did not hear the server's copy of one
+  of this replica's writes within ``UNHEARD_SECONDS`` (a grant or a bucket set up otherwise),
+  until it hears anything again.
 
 Memory: per key, a dict slot, the key (~40 characters) and a tuple of value, revision and time,
 about 250 bytes (``test_lockout_mirror.py`` measures it); a key lives as long as in KV.
@@ -41,6 +43,7 @@ ENTRIES = Gauge("submitd_policy_mirror_entries", "Counters in this replica's mir
 RELOADS = Counter("submitd_policy_mirror_reloads_total", "Whole reads of a mirrored KV bucket", ["bucket", "result"])
 DELETED = ("DEL", "PURGE")
 READ_CONCURRENCY = 32
+UNHEARD_SECONDS = 5.0
 
 
 class NotRepublished(RuntimeError):
@@ -49,12 +52,13 @@ class NotRepublished(RuntimeError):
 
 class KvMirror:
     def __init__(self, nc, bucket: str, keys: str = ">", *, resync_seconds: float = 300.0,
-                 clock=time.time) -> None:
+                 unheard_seconds: float = UNHEARD_SECONDS, clock=time.time) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.bucket, self.keys = bucket, keys
         self.stream = f"KV_{bucket}"
         self.resync_seconds = resync_seconds
+        self.unheard_seconds = unheard_seconds
         self.clock = clock
         self.max_age = 0.0  # the bucket's, from its configuration at each whole read (0: none)
         self._prefix = f"$KV.{bucket}."
@@ -63,6 +67,8 @@ class KvMirror:
         self._buffer: list[tuple[str, int | None, int, float]] | None = None  # applied during a read
         self._loaded_at: float | None = None  # monotonic time of the last whole read
         self._loaded_reconnects = -1
+        self._unheard: tuple[int, float] | None = None  # an own write's revision, and when, not heard back yet
+        self._deaf = False  # an own write was never heard back: answer nothing until a message comes
         self._sub = None
         self._supervisor: asyncio.Task | None = None
         self._swept = time.monotonic()
@@ -98,7 +104,7 @@ class KvMirror:
     @property
     def current(self) -> bool:
         """Read whole since the last reconnection, and connected: no write can have been missed."""
-        return (self._loaded_at is not None and self.nc.is_connected
+        return (self._loaded_at is not None and not self._deaf and self.nc.is_connected
                 and self.nc.stats["reconnects"] == self._loaded_reconnects)
 
     def __len__(self) -> int:
@@ -132,6 +138,8 @@ class KvMirror:
         self._apply(self._entries, key, value, revision, now)
         if self._buffer is not None:
             self._buffer.append((key, value, revision, now))
+        if self._unheard is None:
+            self._unheard = (revision, time.monotonic())
 
     async def _on_message(self, msg) -> None:
         headers = msg.headers or {}
@@ -146,6 +154,9 @@ class KvMirror:
         self._apply(self._entries, key, value, revision, written)
         if self._buffer is not None:
             self._buffer.append((key, value, revision, written))
+        self._deaf = False
+        if self._unheard is not None and revision >= self._unheard[0]:
+            self._unheard = None  # (revisions are the stream's sequence: this one came after it)
 
     @staticmethod
     def _apply(entries: dict, key: str, value: int | None, revision: int, written: float) -> None:
@@ -160,8 +171,9 @@ class KvMirror:
         try:
             subjects, config = await self._subjects()
             republish = config.get("republish") or {}
-            if republish.get("dest") != mirror_subject(self.bucket, self.keys):
-                raise NotRepublished(f"{self.stream} republishes to {republish.get('dest')!r}")
+            if ((republish.get("src"), republish.get("dest"), republish.get("headers_only", False))
+                    != (f"{self._prefix}{self.keys}", mirror_subject(self.bucket, self.keys), False)):
+                raise NotRepublished(f"{self.stream} republishes {republish or 'nothing'}")
             entries: dict[str, tuple[int | None, int, float]] = {}
             limit = asyncio.Semaphore(READ_CONCURRENCY)
 
@@ -219,6 +231,10 @@ class KvMirror:
             if time.monotonic() - self._swept >= 30:
                 self._swept = time.monotonic()
                 self.sweep()
+            if self._unheard is not None and time.monotonic() - self._unheard[1] >= self.unheard_seconds:
+                log.error("mirror of %s did not hear this replica's own write: reading KV instead (may policy's "
+                          "NATS user subscribe to %s?)", self.bucket, mirror_subject(self.bucket, self.keys))
+                self._unheard, self._deaf = None, True
             if not self.nc.is_connected:
                 continue
             stale = self._loaded_at is None or self.nc.stats["reconnects"] != self._loaded_reconnects
