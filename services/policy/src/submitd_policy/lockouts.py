@@ -104,8 +104,14 @@ class Lockouts:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
             if await counters.reserve(key, limit, already):
                 return True
-            self.settle(key)
-            if not self._in_flight.get(key) or loop.time() >= deadline:
+            # Its own try, refused, frees nothing: the others waiting are not woken (a refusal the
+            # mirror answers takes no round trip: waking each other, they would spin), unless
+            # nothing is in flight any more, which ends their wait too.
+            self.settle(key, wake=False)
+            if not self._in_flight.get(key):
+                self._wake(key)
+                return False
+            if loop.time() >= deadline:
                 return False
             settled = self._settled.setdefault(key, asyncio.Event())
             try:
@@ -113,12 +119,16 @@ class Lockouts:
             except asyncio.TimeoutError:
                 return False
 
-    def settle(self, key: str) -> None:
+    def settle(self, key: str, wake: bool = True) -> None:
         left = self._in_flight.get(key, 0) - 1
         if left > 0:
             self._in_flight[key] = left
         else:
             self._in_flight.pop(key, None)
+        if wake:
+            self._wake(key)
+
+    def _wake(self, key: str) -> None:
         event = self._settled.pop(key, None)
         if event is not None:
             event.set()

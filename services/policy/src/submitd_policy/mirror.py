@@ -67,6 +67,7 @@ class KvMirror:
         self._buffer: list[tuple[str, int | None, int, float]] | None = None  # applied during a read
         self._loaded_at: float | None = None  # monotonic time of the last whole read
         self._loaded_reconnects = -1
+        self._heard = 0  # the newest revision heard from the server (its copy may come before KV's ack)
         self._unheard: tuple[int, float] | None = None  # an own write's revision, and when, not heard back yet
         self._deaf = False  # an own write was never heard back: answer nothing until a message comes
         self._sub = None
@@ -138,7 +139,7 @@ class KvMirror:
         self._apply(self._entries, key, value, revision, now)
         if self._buffer is not None:
             self._buffer.append((key, value, revision, now))
-        if self._unheard is None:
+        if self._unheard is None and revision > self._heard:
             self._unheard = (revision, time.monotonic())
 
     async def _on_message(self, msg) -> None:
@@ -155,6 +156,7 @@ class KvMirror:
         if self._buffer is not None:
             self._buffer.append((key, value, revision, written))
         self._deaf = False
+        self._heard = max(self._heard, revision)
         if self._unheard is not None and revision >= self._unheard[0]:
             self._unheard = None  # (revisions are the stream's sequence: this one came after it)
 
@@ -224,6 +226,15 @@ class KvMirror:
                 del self._entries[key]
         ENTRIES.labels(self.bucket).set(len(self._entries))
 
+    def check_heard(self, now: float | None = None) -> None:
+        """Deaf (answering nothing until a message comes) when the server's copy of an own write
+        did not come within ``unheard_seconds``."""
+        now = time.monotonic() if now is None else now
+        if self._unheard is not None and now - self._unheard[1] >= self.unheard_seconds:
+            log.error("mirror of %s did not hear this replica's own write: reading KV instead (may policy's "
+                      "NATS user subscribe to %s?)", self.bucket, mirror_subject(self.bucket, self.keys))
+            self._unheard, self._deaf = None, True
+
     async def _keep_current(self, every: float = 0.5) -> None:
         failures = 0
         while True:
@@ -231,10 +242,7 @@ class KvMirror:
             if time.monotonic() - self._swept >= 30:
                 self._swept = time.monotonic()
                 self.sweep()
-            if self._unheard is not None and time.monotonic() - self._unheard[1] >= self.unheard_seconds:
-                log.error("mirror of %s did not hear this replica's own write: reading KV instead (may policy's "
-                          "NATS user subscribe to %s?)", self.bucket, mirror_subject(self.bucket, self.keys))
-                self._unheard, self._deaf = None, True
+            self.check_heard()
             if not self.nc.is_connected:
                 continue
             stale = self._loaded_at is None or self.nc.stats["reconnects"] != self._loaded_reconnects
