@@ -20,7 +20,7 @@ lockout counters here, in memory, while every write stays a compare-and-set in K
   until it hears anything again.
 
 Memory: per key, a dict slot, the key (~40 characters) and a tuple of value, revision and time,
-about 250 bytes (``test_lockout_mirror.py`` measures it); a key lives as long as in KV.
+about 230 bytes (``test_lockout_mirror.py`` measures it); a key lives as long as in KV.
 """
 
 from __future__ import annotations
