@@ -75,12 +75,21 @@ def _child(service: str, module, request: dict, private: list[int]) -> None:
         os._exit(code)
 
 
+# What every service imports only once it runs (measured: sys.modules before and after main()):
+# uvloop (lifecycle.run), pydantic.v1 (FastAPI looks for v1 models when it builds the routes of
+# /readyz and the admin APIs), uvicorn's HTTP protocol and lifespan, and IDNA for host names.
+# About 0.1 s of CPU per service start that the zygote now spends once.
+PRELOAD = ("uvloop", "pydantic.v1", "uvicorn.protocols.http.auto", "uvicorn.protocols.http.h11_impl",
+           "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on", "uvicorn.lifespan.off", "encodings.idna")
+
+
 def serve(service: str) -> None:
     module = importlib.import_module(f"submitd_{service}.__main__")
-    try:  # what lifecycle.run imports when the service starts
-        importlib.import_module("uvloop")
-    except ImportError:
-        pass
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything an import prints goes to the zygote's log, not into the protocol
     wake_r, wake_w = os.pipe()

@@ -62,7 +62,7 @@ TEST_ARGON2 = {"time_cost": 2, "memory_kib": 19456, "parallelism": 1}
 
 # A relay stops within one pull request, and policy and rewriter give the frontends' long-lived
 # streams DRAIN_SECONDS before they cut them: short ones keep the tests that stop a service short.
-TEST_ENV = {"relay": {"FETCH_WAIT": "0.5"}, "policy": {"DRAIN_SECONDS": "3"}, "rewriter": {"DRAIN_SECONDS": "3"}}
+TEST_ENV = {"relay": {"FETCH_WAIT": "0.2"}, "policy": {"DRAIN_SECONDS": "3"}, "rewriter": {"DRAIN_SECONDS": "3"}}
 
 
 def stack_options(**kwargs) -> dict:
