@@ -16,6 +16,7 @@ import yaml
 
 from kube_double import KubeApiDouble
 from submitd_devkit.stack import User
+from submitd_devkit.testing.ctl import run_submitctl
 from submitd_devkit.testing.smtp import connect
 from submitd_devkit.testing.waiting import eventually
 from submitd_ctl import documents, kube
@@ -53,8 +54,7 @@ def cluster(make_stack, tmp_path):
 
 def submitctl(double, tmp_path, *args, stdin=None) -> subprocess.CompletedProcess:
     config = double.kubeconfig(tmp_path / "kubeconfig")
-    return subprocess.run([sys.executable, "-m", "submitd_ctl", "--kubeconfig", str(config), "--release", RELEASE,
-                           *args], input=stdin, capture_output=True, text=True, timeout=90)
+    return run_submitctl("--kubeconfig", str(config), "--release", RELEASE, *args, stdin=stdin, timeout=90)
 
 
 def can_login(stack, user, password) -> bool:
