@@ -142,14 +142,11 @@ def metric(stack: Stack, name: str, labels: str = "") -> float:
 
 
 def second_relay(stack: Stack):
-    """Another replica of the stack's relay, on the same durable consumer (a Popen: stop it)."""
-    import subprocess
-    import sys
-
+    """Another replica of the stack's relay, on the same durable consumer (a process as Popen's:
+    stop it), started as the stack starts its own (zygote.spawn)."""
+    from submitd_devkit import zygote
     from submitd_devkit.ports import free_port
 
     env = stack.service_env("relay")
     env["SUBMITD_RELAY_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
-    with open(stack.root / "log" / "relay2.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "submitd_relay"], env=env, stdout=log, stderr=log,
-                                start_new_session=True)
+    return zygote.spawn("relay", env, str(stack.root / "log" / "relay2.log"))

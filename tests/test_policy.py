@@ -1,5 +1,11 @@
 """Submission policy end to end: grants, permissions, postmaster, domains, rates and lockouts,
-decided by the real policy service with its counters in a real NATS."""
+decided by the real policy service with its counters in a real NATS.
+
+Most tests share one of four stacks, started once for the module (about 1 s each, where every
+test used to start its own): each test logs in as a user of its own, or from addresses of its own,
+so that none sees another's counters, lockouts or mail. A stack's settings are those all its tests
+can live with; the tests that need settings no other test can (PROXY protocol, backend streams
+renewed every 0.3 s, two policy replicas) start their own."""
 
 from __future__ import annotations
 
@@ -8,12 +14,15 @@ import json
 import smtplib
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from passlib.hash import bcrypt, sha512_crypt
 
+from relay_helpers import queue_depth
 from submitd_devkit.stack import Stack, User
 from submitd_devkit.testing.metrics import sample
+from submitd_devkit.testing.plugin import module_stack
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import connect, insecure_context, reply_of
 from submitd_devkit.testing.waiting import eventually
@@ -21,6 +30,10 @@ from submitd_devkit.testing.waiting import eventually
 pytestmark = pytest.mark.timeout(120)
 MSG = b"From: alice@example.test\r\nSubject: policy\r\n\r\nbody\r\n"
 BOB = "bob@example.test"
+
+
+def message(sender: str) -> bytes:
+    return f"From: {sender}\r\nSubject: policy\r\n\r\nbody\r\n".encode()
 
 
 def users(**extra_alice) -> dict[str, User]:
@@ -59,10 +72,75 @@ def auth_plain(stack: Stack, user: str, password: str, source: str) -> int:
             return -1
 
 
-def test_ehlo_advertises_exactly_the_mechanisms_policy_accepts(make_stack):
+def policy_metric(stack: Stack, name: str, **labels: str) -> float:
+    return sample(stack.ports.policy_http, name, **labels)
+
+
+def hashes_verified(stack: Stack) -> float:
+    return sum(policy_metric(stack, "submitd_policy_password_verifications_total", result=r) for r in ("match", "mismatch"))
+
+
+def settled(stack: Stack) -> Stack:
+    """A module's stack for the next test: whatever the tests before it queued has reached the
+    next hop (the queue is empty), and the next hop has forgotten it; no password check is
+    still running for them (a client that gave up on a slow one leaves it to finish)."""
+    eventually(lambda: queue_depth(stack) == 0, timeout=30)
+    eventually(lambda: policy_metric(stack, "submitd_policy_password_hash_pending") == 0, timeout=30)
+    stack.sink.handler.reset()
+    return stack
+
+
+# -- the main stack: one user per test ------------------------------------------------------------
+
+AGENT = "agent@example.test"  # may act as shared-desk
+INTERNAL = "internal@example.test"  # may send to example.test only, and not to its CEO
+RATED = "rated@example.test"  # 2 messages and 3 recipients an hour
+RCPT_RATED = "rcpt-rated@example.test"  # 3 recipients an hour
+COUNTED = "counted@example.test"  # 5 messages an hour: counted at DATA
+SUSPENDED = "suspended@example.test"  # suspended by its test
+MIGRATED = {  # the hash forms a site brings from Dovecot, one user each
+    "bcrypt-2y": lambda: bcrypt.hash("legacy pw").replace("$2b$", "$2y$", 1),
+    "dovecot-blf-crypt": lambda: "{BLF-CRYPT}" + bcrypt.hash("legacy pw"),
+    "sha512-crypt": lambda: sha512_crypt.using(rounds=5000).hash("legacy pw"),
+    "dovecot-sha512-crypt": lambda: "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("legacy pw"),
+}
+MIGRATED_LOGINS = {form: f"old-{form}@example.test" for form in MIGRATED}
+
+
+@pytest.fixture(scope="module")
+def main_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """sales@example.test an alias of alice's; AUTH by PLAIN only; the postmaster of example.test reachable without AUTH; a Dovecot
+    passwd-file beside the users file; five refusal log lines per client a minute; failed AUTHs
+    answered at once and never locking anyone out (lockouts have stacks of their own)."""
+    root = tmp_path_factory.mktemp("policy")
+    passwd = root / "passwd"
+    passwd.write_text(
+        "# migrated\n"
+        f"carol@example.test:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('carol pw')}:1000:1000::/home/carol::\n"
+    )
+    people = users() | {
+        AGENT: User("agent password", [AGENT], extra={"act_as": ["shared-desk"]}),
+        INTERNAL: User("internal password", [INTERNAL],
+                       extra={"recipients": {"allow": ["@example.test"], "deny": ["ceo@example.test"]}}),
+        RATED: User("rated password", [RATED], extra={"limits": {"messages_per_hour": 2, "recipients_per_hour": 3}}),
+        RCPT_RATED: User("rcpt-rated password", [RCPT_RATED], extra={"limits": {"recipients_per_hour": 3}}),
+        COUNTED: User("counted password", [COUNTED], extra={"limits": {"messages_per_hour": 5}}),
+        SUSPENDED: User("suspended password", [SUSPENDED]),
+    } | {user: User("", [user], hashed=MIGRATED[form]()) for form, user in MIGRATED_LOGINS.items()}
+    yield from module_stack(root, users=people, aliases={"sales@example.test": [ALICE]}, env={"policy": {
+        "AUTH_MECHANISMS": '["PLAIN"]', "POSTMASTER_WITHOUT_AUTH": "true", "LOCAL_DOMAINS": '["example.test"]',
+        "DOVECOT_PASSWD_FILE": str(passwd), "ERROR_LOG_PER_MINUTE": "5",
+        "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_CLIENT": "1000", "AUTH_FAILURES_PER_LOGIN": "1000"}})
+
+
+@pytest.fixture
+def stack(main_stack: Stack) -> Stack:
+    return settled(main_stack)
+
+
+def test_ehlo_advertises_exactly_the_mechanisms_policy_accepts(stack):
     # One source: the frontend has no list of its own. Policy restricted to PLAIN: EHLO says so,
     # and LOGIN (which smtplib would fall back to) is refused as unrecognized.
-    stack = make_stack(users=users(), env={"policy": {"AUTH_MECHANISMS": '["PLAIN"]'}})
     with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
         client.ehlo("client.example.test")
         assert "auth" not in client.esmtp_features, "no AUTH before TLS"
@@ -74,11 +152,7 @@ def test_ehlo_advertises_exactly_the_mechanisms_policy_accepts(make_stack):
         assert client.mail(ALICE)[0] == 250
 
 
-def test_shared_address_aliases(make_stack):
-    stack = make_stack(start=False, users=users())
-    stack.aliases = {"sales@example.test": [ALICE]}
-    stack.write_users()
-    stack.start()
+def test_shared_address_aliases(stack):
     with login(stack) as c:
         assert c.mail("sales@example.test")[0] == 250
     with login(stack, BOB, "bob password") as c:
@@ -86,34 +160,31 @@ def test_shared_address_aliases(make_stack):
         assert (code, text[:5]) == (550, "5.7.1")
 
 
-def test_authzid_needs_an_act_as_grant(make_stack):
+def test_authzid_needs_an_act_as_grant(stack):
     import base64
 
-    stack = make_stack(users=users(act_as=["shared-desk"]))
     with connect(stack) as c:
-        token = base64.b64encode(f"shared-desk\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+        token = base64.b64encode(f"shared-desk\0{AGENT}\0agent password".encode()).decode()
         assert reply_of(c, f"AUTH PLAIN {token}")[0] == 235
     with connect(stack) as c:
-        token = base64.b64encode(f"someone-else\0{ALICE}\0{ALICE_PASSWORD}".encode()).decode()
+        token = base64.b64encode(f"someone-else\0{AGENT}\0agent password".encode()).decode()
         assert reply_of(c, f"AUTH PLAIN {token}")[0] == 535
 
 
-def test_internal_only_user(make_stack):
-    stack = make_stack(users=users(recipients={"allow": ["@example.test"], "deny": ["ceo@example.test"]}))
-    with login(stack) as c:
-        c.mail(ALICE)
+def test_internal_only_user(stack):
+    with login(stack, INTERNAL, "internal password") as c:
+        c.mail(INTERNAL)
         assert c.rcpt("carol@example.test")[0] == 250
         code, text = c.rcpt("friend@example.net")
         assert (code, text[:5]) == (550, b"5.7.1")
         code, text = c.rcpt("ceo@example.test")
         assert (code, text[:5]) == (550, b"5.7.1")
-        assert c.data(MSG)[0] == 250
+        assert c.data(message(INTERNAL))[0] == 250
     [msg] = stack.sink.handler.wait_for(1, 20)
     assert msg.rcpt_tos == ["carol@example.test"]
 
 
-def test_postmaster_reachable_without_auth_and_nothing_else(make_stack):
-    stack = make_stack(env={"policy": {"POSTMASTER_WITHOUT_AUTH": "true", "LOCAL_DOMAINS": '["example.test"]'}})
+def test_postmaster_reachable_without_auth_and_nothing_else(stack):
     with connect(stack, starttls=False) as c:
         assert c.mail("stranger@example.net")[0] == 250
         code, text = c.rcpt("bob@example.test")
@@ -123,33 +194,6 @@ def test_postmaster_reachable_without_auth_and_nothing_else(make_stack):
         assert c.data(MSG)[0] == 250
     [msg] = stack.sink.handler.wait_for(1, 20)
     assert msg.rcpt_tos == ["postmaster@example.test", "postmaster"]
-
-
-def test_postmaster_needs_auth_by_default(stack):
-    with connect(stack, starttls=False) as c:
-        assert reply_of(c, "MAIL FROM:<stranger@example.net>")[0] == 530
-
-
-def test_single_label_domains_are_completed_multi_label_never(make_stack):
-    stack = make_stack(users={ALICE: User(ALICE_PASSWORD, ["@sales.example.test", ALICE])},
-                       env={"policy": {"COMPLETE_DOMAIN": "example.test"}})
-    with login(stack) as c:
-        assert c.mail("alice@sales")[0] == 250
-        assert c.rcpt("bob@sales")[0] == 250
-        assert c.rcpt("carol@dept.corp")[0] == 250
-        assert c.data(MSG)[0] == 250
-    [msg] = stack.sink.handler.wait_for(1, 20)
-    assert msg.mail_from == "alice@sales.example.test"
-    assert msg.rcpt_tos == ["bob@sales.example.test", "carol@dept.corp"]
-
-
-def test_incomplete_multi_level_domains_are_refused_not_expanded(make_stack):
-    stack = make_stack(env={"policy": {"COMPLETE_DOMAIN": "example.test", "LOCAL_SUBDOMAINS": '["sales"]'}})
-    with login(stack) as c:
-        c.mail(ALICE)
-        assert c.rcpt("bob@sales")[0] == 250
-        code, text = c.rcpt("bob@squeaky.sales")
-        assert (code, text[:5]) == (554, b"5.1.2")
 
 
 def test_unqualified_domains_are_554_without_completion(stack):
@@ -176,42 +220,38 @@ def test_address_syntax_errors_are_501(stack):
         assert (code, text[:5]) == (501, "5.1.3")
 
 
-def test_message_and_recipient_rates(make_stack):
-    stack = make_stack(users=users(limits={"messages_per_hour": 2, "recipients_per_hour": 3}))
-    with login(stack) as c:
+def test_message_and_recipient_rates(stack):
+    with login(stack, RATED, "rated password") as c:
         for n in range(2):
-            c.sendmail(ALICE, [f"r{n}@example.net"], MSG)
-        code, text = reply_of(c, f"MAIL FROM:<{ALICE}>")
+            c.sendmail(RATED, [f"r{n}@example.net"], message(RATED))
+        code, text = reply_of(c, f"MAIL FROM:<{RATED}>")
         assert (code, text[:5]) == (450, "4.7.1")
     with login(stack, BOB, "bob password") as c:  # another user is not affected
         c.mail(BOB)
         for n in range(3):
             assert c.rcpt(f"x{n}@example.net")[0] == 250
         c.rset()
-    with login(stack) as c:  # the limit still holds in a new session
-        assert reply_of(c, f"MAIL FROM:<{ALICE}>")[0] == 450
+    with login(stack, RATED, "rated password") as c:  # the limit still holds in a new session
+        assert reply_of(c, f"MAIL FROM:<{RATED}>")[0] == 450
 
 
-def test_data_needs_no_question_unless_a_message_rate_counts_it(make_stack):
-    def data_questions(stack) -> float:
+def test_data_needs_no_question_unless_a_message_rate_counts_it(stack):
+    def data_questions() -> float:
         return sample(stack.ports.policy_http, "submitd_policy_decisions_total", event="data_start", outcome="accepted")
 
-    plain = make_stack(users=users())
-    with login(plain) as c:
+    before = data_questions()
+    with login(stack) as c:  # alice: no message rate
         c.sendmail(ALICE, [BOB], MSG)
         c.sendmail(ALICE, [BOB, "carol@example.test"], MSG)
-    assert data_questions(plain) == 0, "RCPT's verdict already said DATA is fine"
-    plain.stop()
-    counted = make_stack(users=users(limits={"messages_per_hour": 5}))
-    with login(counted) as c:
-        c.sendmail(ALICE, [BOB], MSG)
-    assert data_questions(counted) == 1, "a message rate is counted at DATA"
+    assert data_questions() == before, "RCPT's verdict already said DATA is fine"
+    with login(stack, COUNTED, "counted password") as c:
+        c.sendmail(COUNTED, [BOB], message(COUNTED))
+    assert data_questions() == before + 1, "a message rate is counted at DATA"
 
 
-def test_recipient_rate(make_stack):
-    stack = make_stack(users=users(limits={"recipients_per_hour": 3}))
-    with login(stack) as c:
-        c.mail(ALICE)
+def test_recipient_rate(stack):
+    with login(stack, RCPT_RATED, "rcpt-rated password") as c:
+        c.mail(RCPT_RATED)
         for n in range(3):  # refused recipients do not count against the rate
             assert c.rcpt(f"r{n}@localhost")[0] == 554
         for n in range(3):
@@ -220,36 +260,133 @@ def test_recipient_rate(make_stack):
         assert (code, text[:5]) == (451, b"4.7.1")
 
 
-async def test_counters_are_shared_between_replicas(nats_server):
-    """Two policy replicas are two NATS connections on one KV bucket: one count."""
-    import nats
-    from nats.js.api import KeyValueConfig
-
-    from submitd_policy.counters import Counters
-
-    a, b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
-    try:
-        await a.jetstream().create_key_value(KeyValueConfig(bucket="T", history=1, ttl=60))
-        ca, cb = Counters(await a.jetstream().key_value("T")), Counters(await b.jetstream().key_value("T"))
-        import asyncio
-
-        await asyncio.gather(*(c.incr("k") for _ in range(20) for c in (ca, cb)))
-        assert await ca.get("k") == 40 and await cb.get("k") == 40
-    finally:
-        await a.close()
-        await b.close()
+def test_sessions_cost_policy_nothing_until_they_ask_and_are_forgotten_when_they_end(stack, raw):
+    before = policy_metric(stack, "submitd_policy_sessions")
+    idle = [raw(stack.ports.submission) for _ in range(8)]
+    for client in idle:
+        assert client.reply().startswith("220")
+        client.send(b"EHLO idle.example.test\r\n")
+        assert client.reply().startswith("250")
+    assert policy_metric(stack, "submitd_policy_sessions") == before, "connect and EHLO ask policy nothing"
+    with login(stack) as c:
+        assert c.mail(ALICE)[0] == 250
+        assert policy_metric(stack, "submitd_policy_sessions") == before + 1
+    eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == before)
 
 
-def policy_metric(stack: Stack, name: str, **labels: str) -> float:
-    return sample(stack.ports.policy_http, name, **labels)
+def test_suspension_applies_without_restart(stack):
+    with login(stack, SUSPENDED, "suspended password") as c:
+        assert c.mail(SUSPENDED)[0] == 250
+        c.rset()
+        stack.users[SUSPENDED].extra["suspended"] = True
+        stack.write_users()
+        deadline = time.monotonic() + 10
+        while True:
+            code, text = reply_of(c, f"MAIL FROM:<{SUSPENDED}>")
+            if code != 250:
+                break
+            c.rset()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert (code, text) == (550, "5.7.1 Account suspended")
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        login(stack, SUSPENDED, "suspended password")
 
 
-def hashes_verified(stack: Stack) -> float:
-    return sum(policy_metric(stack, "submitd_policy_password_verifications_total", result=r) for r in ("match", "mismatch"))
+def test_migrated_password_hashes(stack):
+    for form, user in MIGRATED_LOGINS.items():
+        with login(stack, user, "legacy pw") as c:
+            assert c.noop()[0] == 250, form
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            login(stack, user, "wrong")
 
 
-def test_auth_failures_lock_the_login_from_that_address_only(make_stack):
-    stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "3"}})
+def test_dovecot_passwd_file(stack):
+    with login(stack, "carol@example.test", "carol pw") as c:
+        assert c.mail("carol@example.test")[0] == 250
+
+
+def test_refusals_are_logged_with_identity_and_rate_limited(stack):
+    # Five lines a minute for each client (ERROR_LOG_PER_MINUTE): this test's clients are
+    # 127.0.0.8 and 127.0.0.9, which no other test of the module uses.
+    with login(stack, source="127.0.0.8") as c:
+        for _ in range(12):
+            assert reply_of(c, "MAIL FROM:<bob@example.net>")[0] == 550
+    # A refusal from another address afterwards: its own line (the limit is per client), and
+    # once it is in the log, every line about the first client is there too.
+    with login(stack, source="127.0.0.9") as c:
+        assert reply_of(c, "MAIL FROM:<bob@example.net>")[0] == 550
+
+    def refusals() -> list[dict]:
+        # Whole lines only: the last one may be half written while policy works.
+        *lines, _ = stack.log_path("policy").read_text().split("\n")
+        return [e for e in map(json.loads, lines) if e.get("msg") == "refused"]
+
+    eventually(lambda: any(e["peer"] == "127.0.0.9" for e in refusals()))
+    refused = [e for e in refusals() if e["peer"] == "127.0.0.8"]
+    assert len(refused) == 5
+    assert refused[0]["peer"] == "127.0.0.8" and refused[0]["user"] == ALICE
+    assert refused[0]["reply"].startswith("550 5.7.1") and refused[0]["helo"] == "client.example.test"
+
+
+# -- domain completion -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def completing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Single-label domains completed with example.test; sales is one of the site's labels."""
+    yield from module_stack(tmp_path_factory.mktemp("completing"),
+                            users={ALICE: User(ALICE_PASSWORD, ["@sales.example.test", ALICE])},
+                            env={"policy": {"COMPLETE_DOMAIN": "example.test", "LOCAL_SUBDOMAINS": '["sales"]'}})
+
+
+@pytest.fixture
+def completing(completing_stack: Stack) -> Stack:
+    return settled(completing_stack)
+
+
+def test_single_label_domains_are_completed_multi_label_never(completing):
+    with login(completing) as c:
+        assert c.mail("alice@sales")[0] == 250
+        assert c.rcpt("bob@sales")[0] == 250
+        assert c.rcpt("carol@dept.corp")[0] == 250
+        assert c.data(MSG)[0] == 250
+    [msg] = completing.sink.handler.wait_for(1, 20)
+    assert msg.mail_from == "alice@sales.example.test"
+    assert msg.rcpt_tos == ["bob@sales.example.test", "carol@dept.corp"]
+
+
+def test_incomplete_multi_level_domains_are_refused_not_expanded(completing):
+    with login(completing) as c:
+        c.mail(ALICE)
+        assert c.rcpt("bob@sales")[0] == 250
+        code, text = c.rcpt("bob@squeaky.sales")
+        assert (code, text[:5]) == (554, b"5.1.2")
+
+
+def test_postmaster_needs_auth_by_default(completing):
+    # (POSTMASTER_WITHOUT_AUTH unset on this stack, as by default)
+    with connect(completing, starttls=False) as c:
+        assert reply_of(c, "MAIL FROM:<stranger@example.net>")[0] == 530
+
+
+# -- lockouts ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def locking_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Three failures lock a login out from an address, six lock the address out."""
+    yield from module_stack(tmp_path_factory.mktemp("locking"), users=users(), env={"policy": {
+        "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "3", "AUTH_FAILURES_PER_CLIENT": "6"}})
+
+
+@pytest.fixture
+def locking(locking_stack: Stack) -> Stack:
+    return settled(locking_stack)
+
+
+def test_auth_failures_lock_the_login_from_that_address_only(locking):
+    stack = locking
     assert [auth_plain(stack, ALICE, "guess", "127.0.0.2") for _ in range(3)] == [535] * 3
     verified = hashes_verified(stack)
     assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.2") == 454, "even the right password, from there"
@@ -259,12 +396,36 @@ def test_auth_failures_lock_the_login_from_that_address_only(make_stack):
     assert auth_plain(stack, BOB, "bob password", "127.0.0.2") == 235, "nor bob there"
 
 
-def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack):
+def test_auth_failures_per_client_get_421_and_a_disconnect(locking):
+    stack = locking
+    assert [auth_plain(stack, f"u{n}@example.test", "guess", "127.0.0.4") for n in range(6)] == [535] * 6
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.4") == 421
+    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.5") == 235, "other clients are not affected"
+
+
+# -- the policy's default hashing cost (64 MiB and ~250 ms of CPU a hash) -----------------------
+
+
+@pytest.fixture(scope="module")
+def hashing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The default hashing memory and cost; five failures lock a login out from an address, a
+    hundred the address. The probe in the cache test sends MAIL and RSET every 20 ms without
+    ever sending mail: past JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted."""
+    yield from module_stack(tmp_path_factory.mktemp("hashing"), users=users(), argon2=None, env={
+        "policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"},
+        "frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
+
+
+@pytest.fixture
+def hashing(hashing_stack: Stack) -> Stack:
+    return settled(hashing_stack)
+
+
+def test_parallel_guesses_get_no_more_password_checks_than_the_limit(hashing):
     # Ten sessions guessing one login's password at once from one address: the lockout counts
     # each guess before its check, atomically, so at most AUTH_FAILURES_PER_LOGIN hashes run.
     # Then 50 wrong AUTHs from 50 addresses at once: policy stays within its chart limit (512 Mi).
-    stack = make_stack(users=users(), argon2=None, env={"policy": {  # the default hashing memory
-        "AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"}})
+    stack = hashing
     verified = hashes_verified(stack)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         codes = list(pool.map(lambda n: auth_plain(stack, ALICE, f"guess {n}", "127.0.0.6"), range(10)))
@@ -285,18 +446,9 @@ def test_parallel_guesses_get_no_more_password_checks_than_the_limit(make_stack)
     assert peak_mb < 512 * 1.048576, "under the chart's memory limit (512 Mi)"
 
 
-def test_auth_failures_per_client_get_421_and_a_disconnect(make_stack):
-    stack = make_stack(users=users(), env={"policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_CLIENT": "4"}})
-    assert [auth_plain(stack, f"u{n}@example.test", "guess", "127.0.0.4") for n in range(4)] == [535] * 4
-    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.4") == 421
-    assert auth_plain(stack, ALICE, ALICE_PASSWORD, "127.0.0.5") == 235, "other clients are not affected"
-
-
-def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_bloats_policy(make_stack):
-    # The probe below sends MAIL and RSET every 20 ms without ever sending mail: past
-    # JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted here.
+def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_bloats_policy(hashing):
     # The policy's default hashing cost: the burst must take long enough to stall a session.
-    stack = make_stack(users=users(), argon2=None, env={"frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
+    stack = hashing
     with login(stack):
         pass
     verified = hashes_verified(stack)
@@ -331,18 +483,7 @@ def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_b
     assert peak - base < 200, f"policy grew {peak - base:.0f} MB during a burst of 16 logins"
 
 
-def test_sessions_cost_policy_nothing_until_they_ask_and_are_forgotten_when_they_end(stack, raw):
-    before = policy_metric(stack, "submitd_policy_sessions")
-    idle = [raw(stack.ports.submission) for _ in range(8)]
-    for client in idle:
-        assert client.reply().startswith("220")
-        client.send(b"EHLO idle.example.test\r\n")
-        assert client.reply().startswith("250")
-    assert policy_metric(stack, "submitd_policy_sessions") == before, "connect and EHLO ask policy nothing"
-    with login(stack) as c:
-        assert c.mail(ALICE)[0] == 250
-        assert policy_metric(stack, "submitd_policy_sessions") == before + 1
-    eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == before)
+# -- settings no other test can live with: a stack each -----------------------------------------
 
 
 def test_backend_streams_are_renewed_and_old_ones_end_when_idle(make_stack):
@@ -360,78 +501,6 @@ def test_backend_streams_are_renewed_and_old_ones_end_when_idle(make_stack):
     assert policy_metric(stack, "submitd_policy_streams_opened_total") >= 4, "streams were renewed"
     eventually(lambda: policy_metric(stack, "submitd_policy_streams") <= 2)
     eventually(lambda: policy_metric(stack, "submitd_policy_sessions") == 0)
-
-
-def test_suspension_applies_without_restart(make_stack):
-    stack = make_stack(users=users())
-    with login(stack) as c:
-        assert c.mail(ALICE)[0] == 250
-        c.rset()
-        stack.users[ALICE].extra["suspended"] = True
-        stack.write_users()
-        deadline = time.monotonic() + 10
-        while True:
-            code, text = reply_of(c, f"MAIL FROM:<{ALICE}>")
-            if code != 250:
-                break
-            c.rset()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert (code, text) == (550, "5.7.1 Account suspended")
-    with pytest.raises(smtplib.SMTPAuthenticationError):
-        login(stack)
-
-
-MIGRATED = {  # the hash forms a site brings from Dovecot, one user each (one stack for all four)
-    "bcrypt-2y": lambda: bcrypt.hash("legacy pw").replace("$2b$", "$2y$", 1),
-    "dovecot-blf-crypt": lambda: "{BLF-CRYPT}" + bcrypt.hash("legacy pw"),
-    "sha512-crypt": lambda: sha512_crypt.using(rounds=5000).hash("legacy pw"),
-    "dovecot-sha512-crypt": lambda: "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("legacy pw"),
-}
-
-
-def test_migrated_password_hashes(make_stack):
-    logins = {form: f"old-{form}@example.test" for form in MIGRATED}
-    stack = make_stack(users={login: User("", [login], hashed=MIGRATED[form]()) for form, login in logins.items()},
-                       env={"policy": {"AUTH_FAILURE_DELAY": "0.05"}})
-    for form, user in logins.items():
-        with login(stack, user, "legacy pw") as c:
-            assert c.noop()[0] == 250, form
-        with pytest.raises(smtplib.SMTPAuthenticationError):
-            login(stack, user, "wrong")
-
-
-def test_dovecot_passwd_file(make_stack, tmp_path):
-    passwd = tmp_path / "passwd"
-    passwd.write_text(
-        "# migrated\n"
-        f"carol@example.test:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('carol pw')}:1000:1000::/home/carol::\n"
-    )
-    stack = make_stack(env={"policy": {"DOVECOT_PASSWD_FILE": str(passwd)}})
-    with login(stack, "carol@example.test", "carol pw") as c:
-        assert c.mail("carol@example.test")[0] == 250
-
-
-def test_refusals_are_logged_with_identity_and_rate_limited(make_stack):
-    stack = make_stack(env={"policy": {"ERROR_LOG_PER_MINUTE": "5"}})
-    with login(stack) as c:
-        for _ in range(12):
-            assert reply_of(c, "MAIL FROM:<bob@example.net>")[0] == 550
-    # A refusal from another address afterwards: its own line (the limit is per client), and
-    # once it is in the log, every line about the first client is there too.
-    with login(stack, source="127.0.0.2") as c:
-        assert reply_of(c, "MAIL FROM:<bob@example.net>")[0] == 550
-
-    def refusals() -> list[dict]:
-        # Whole lines only: the last one may be half written while policy works.
-        *lines, _ = stack.log_path("policy").read_text().split("\n")
-        return [e for e in map(json.loads, lines) if e.get("msg") == "refused"]
-
-    eventually(lambda: any(e["peer"] == "127.0.0.2" for e in refusals()))
-    refused = [e for e in refusals() if e["peer"] == "127.0.0.1"]
-    assert len(refused) == 5
-    assert refused[0]["peer"] == "127.0.0.1" and refused[0]["user"] == ALICE
-    assert refused[0]["reply"].startswith("550 5.7.1") and refused[0]["helo"] == "client.example.test"
 
 
 def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
@@ -526,9 +595,8 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
     # Service gives it): ten parallel guesses at one login from one address get no more
     # password checks between them than the limit, and every later guess is refused by both.
     import statistics
-    import subprocess
-    import sys
 
+    from submitd_devkit import zygote
     from submitd_devkit.ports import free_port, wait_port
 
     # In the clear: a target listing two addresses has no name a server certificate could carry
@@ -543,9 +611,7 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
     stack.start(("policy", "rewriter", "relay"))
     env = stack.service_env("policy") | {"SUBMITD_POLICY_LISTEN": f"127.0.0.1:{grpc2}",
                                          "SUBMITD_POLICY_HTTP_LISTEN": f"127.0.0.1:{http2}"}
-    with open(stack.root / "log" / "policy2.log", "ab") as log:
-        second = subprocess.Popen([sys.executable, "-m", "submitd_policy"], env=env, stdout=log, stderr=log,
-                                  start_new_session=True)
+    second = zygote.spawn("policy", env, str(stack.root / "log" / "policy2.log"))
     try:
         assert wait_port("127.0.0.1", http2, 30)
         stack.start_service("frontend")
@@ -598,3 +664,23 @@ def test_two_policy_replicas_share_one_lockout_and_answer_unknown_and_wrong_alik
     finally:
         second.terminate()
         second.wait(20)
+
+
+async def test_counters_are_shared_between_replicas(nats_server):
+    """Two policy replicas are two NATS connections on one KV bucket: one count."""
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    from submitd_policy.counters import Counters
+
+    a, b = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    try:
+        await a.jetstream().create_key_value(KeyValueConfig(bucket="T", history=1, ttl=60))
+        ca, cb = Counters(await a.jetstream().key_value("T")), Counters(await b.jetstream().key_value("T"))
+        import asyncio
+
+        await asyncio.gather(*(c.incr("k") for _ in range(20) for c in (ca, cb)))
+        assert await ca.get("k") == 40 and await cb.get("k") == 40
+    finally:
+        await a.close()
+        await b.close()

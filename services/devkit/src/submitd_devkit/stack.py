@@ -277,6 +277,7 @@ class Stack:
         nats_nodes: int = 1,
         argon2: dict[str, int] | None = None,
         spawn: Callable[[str, dict[str, str], str], subprocess.Popen] | None = None,
+        aliases: dict[str, list[str]] | None = None,
     ) -> None:
         """``argon2``: the policy's ARGON2_* settings (time_cost, memory_kib, parallelism), also
         used for the users' hashes; unset, the policy's defaults. ``spawn(name, env, log)``:
@@ -288,7 +289,7 @@ class Stack:
         self.ports = (ports or Ports()).fill()
         self.next_hop = next_hop
         self.users = users or {}
-        self.aliases: dict[str, list[str]] = {}
+        self.aliases: dict[str, list[str]] = aliases or {}  # shared addresses: logins that may send as them
         self.extra_env = env or {}
         self.trusted_networks = trusted_networks or []
         self.hostname = hostname

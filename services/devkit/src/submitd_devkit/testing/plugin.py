@@ -12,6 +12,7 @@ from submitd_devkit import zygote
 from submitd_devkit.sink import Sink
 from submitd_devkit.stack import NatsServer, Stack
 
+from . import schedule
 from .users import default_users
 
 if TYPE_CHECKING:
@@ -21,21 +22,22 @@ if TYPE_CHECKING:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "starts_stacks: the test starts whole stacks of its own without "
                             "make_stack (scripts/run_local.py): it is handed out first, as the make_stack tests are")
+    schedule.configure(config)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that start stacks of their own (the long ones) first, then those on a module's
-    shared stack, then the rest: under ``-n`` the quick ones fill the workers' last minutes
-    instead of one long test running alone at the end. (A worker that gets tests of a module
-    with a shared stack starts that stack itself: pytest-xdist's ``loadgroup`` cannot keep them
-    together under pytest 9, whose node ids it can no longer rename.)"""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that start stacks of their own (the long ones) first, then those on a fixture
+    their module shares (a stack, a slapd ...), then the rest: under ``-n`` the quick ones fill
+    the workers' last minutes instead of one long test running alone at the end. The tests that
+    share a module's fixture go to one worker together (schedule.py), which starts it once."""
 
     def rank(item: pytest.Item) -> int:
         if "make_stack" in getattr(item, "fixturenames", ()) or item.get_closest_marker("starts_stacks"):
             return 0
-        return 1 if "shared_stack" in getattr(item, "fixturenames", ()) else 2
+        return 1 if schedule.group_of(item) else 2
 
     items.sort(key=rank)
+    schedule.write_groups(config, items)
 
 
 @pytest.fixture
