@@ -9,11 +9,14 @@ import contextlib
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 
 import aiosmtplib
 import pytest
 
+from submitd_devkit.stack import Stack
 from submitd_devkit.testing.metrics import sample
+from submitd_devkit.testing.plugin import module_stack, settled
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import RawClient, connect, insecure_context, logged_in, reply_of
 from submitd_devkit.testing.waiting import eventually
@@ -39,6 +42,22 @@ def assert_only_the_next_message_arrives(stack) -> None:
 @pytest.fixture
 def raw_factory(raw):
     return raw
+
+
+@pytest.fixture(scope="module")
+def limited_stack(tmp_path_factory) -> Iterator[Stack]:
+    """One stack for the tests of limits and of what trusted networks may do, instead of one
+    each: messages of at most 10,000 octets and 3 recipients, 127.0.0.0/8 a trusted network
+    (mail without AUTH), failed AUTHs answered at once (whose second would hide a missing hash)
+    and never locking anyone out."""
+    yield from module_stack(tmp_path_factory.mktemp("limited"), trusted_networks=["127.0.0.0/8"], env={
+        "frontend": {"MAX_MESSAGE_SIZE": "10000", "MAX_RECIPIENTS": "3"},
+        "policy": {"AUTH_FAILURE_DELAY": "0", "AUTH_FAILURES_PER_CLIENT": "1000", "AUTH_FAILURES_PER_LOGIN": "1000"}})
+
+
+@pytest.fixture
+def limited(limited_stack: Stack) -> Stack:
+    return settled(limited_stack)
 
 
 MSG = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: dialog\r\n\r\nbody\r\n".encode()
@@ -138,8 +157,8 @@ def test_long_text_line_in_data_is_refused_after_the_whole_message(stack):
         assert client.noop()[0] == 250
 
 
-def test_oversize_message_is_read_to_its_end_then_552(make_stack):
-    stack = make_stack(env={"frontend": {"MAX_MESSAGE_SIZE": "10000"}})
+def test_oversize_message_is_read_to_its_end_then_552(limited):
+    stack = limited  # MAX_MESSAGE_SIZE 10000
     with logged_in(stack) as client:
         assert client.has_extn("size") and client.esmtp_features["size"] == "10000"
         code, text = reply_of(client, f"MAIL FROM:<{ALICE}> SIZE=20000")
@@ -151,8 +170,8 @@ def test_oversize_message_is_read_to_its_end_then_552(make_stack):
         assert client.noop()[0] == 250, "the body was not read as commands"
 
 
-def test_recipient_limit_keeps_earlier_recipients(make_stack):
-    stack = make_stack(env={"frontend": {"MAX_RECIPIENTS": "3"}})
+def test_recipient_limit_keeps_earlier_recipients(limited):
+    stack = limited  # MAX_RECIPIENTS 3
     with logged_in(stack) as client:
         client.mail(ALICE)
         for n in range(3):
@@ -196,8 +215,8 @@ def test_auth_errors(stack):
         assert reply_of(client, f"AUTH PLAIN {PLAIN}") == (503, "5.5.1 Already authenticated")
 
 
-def test_auth_inside_transaction_is_503(make_stack):
-    stack = make_stack(trusted_networks=["127.0.0.0/8"])
+def test_auth_inside_transaction_is_503(limited):
+    stack = limited  # 127.0.0.0/8 trusted
     with connect(stack) as client:
         client.mail("x@example.net")
         assert reply_of(client, f"AUTH PLAIN {PLAIN}")[0] == 503
@@ -350,8 +369,8 @@ def test_dsn_parameters_are_checked_and_accepted(stack):
     assert stack.sink.handler.wait_for(1, 20)
 
 
-def test_smtputf8_submission_end_to_end(make_stack):
-    stack = make_stack(trusted_networks=["127.0.0.0/8"])
+def test_smtputf8_submission_end_to_end(limited):
+    stack = limited  # 127.0.0.0/8 trusted
     msg = "From: jösé@exämple.test\r\nTo: zoë@exämple.net\r\nSubject: ünïcode\r\n\r\nçà va\r\n".encode()
     with connect(stack) as client:
         assert "smtputf8" in client.esmtp_features
@@ -382,12 +401,11 @@ def test_slow_drip_data_is_cut_off(make_stack, raw_factory):
     assert_only_the_next_message_arrives(stack)
 
 
-def test_unknown_users_cost_what_wrong_passwords_cost(make_stack):
+def test_unknown_users_cost_what_wrong_passwords_cost(limited):
     """An unknown login is checked against a dummy hash, so that its refusal costs (and takes) what
     a wrong password costs: policy's own count and time of password hashing show it, with no
     failure delay (whose second would hide a missing hash) and no lockouts in the way."""
-    stack = make_stack(env={"policy": {"AUTH_FAILURE_DELAY": "0", "AUTH_FAILURES_PER_CLIENT": "1000",
-                                       "AUTH_FAILURES_PER_LOGIN": "1000"}})
+    stack = limited
     policy = stack.ports.policy_http
 
     def hashing() -> tuple[float, float]:

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 import pytest
 from passlib.hash import bcrypt, sha512_crypt
 
-from relay_helpers import queue_depth
 from submitd_devkit.stack import Stack, User
 from submitd_devkit.testing.metrics import sample
-from submitd_devkit.testing.plugin import module_stack
+from submitd_devkit.testing.plugin import module_stack, settled
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
 from submitd_devkit.testing.smtp import connect, insecure_context, reply_of
 from submitd_devkit.testing.waiting import eventually
@@ -78,16 +77,6 @@ def policy_metric(stack: Stack, name: str, **labels: str) -> float:
 
 def hashes_verified(stack: Stack) -> float:
     return sum(policy_metric(stack, "submitd_policy_password_verifications_total", result=r) for r in ("match", "mismatch"))
-
-
-def settled(stack: Stack) -> Stack:
-    """A module's stack for the next test: whatever the tests before it queued has reached the
-    next hop (the queue is empty), and the next hop has forgotten it; no password check is
-    still running for them (a client that gave up on a slow one leaves it to finish)."""
-    eventually(lambda: queue_depth(stack) == 0, timeout=30)
-    eventually(lambda: policy_metric(stack, "submitd_policy_password_hash_pending") == 0, timeout=30)
-    stack.sink.handler.reset()
-    return stack
 
 
 # -- the main stack: one user per test ------------------------------------------------------------

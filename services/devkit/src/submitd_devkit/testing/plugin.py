@@ -108,6 +108,38 @@ def assert_within_grants(stack: Stack) -> None:
     assert not violations, "NATS permission violations:\n" + "\n".join(violations[:10])
 
 
+def queued(stack: Stack) -> int:
+    """Messages in the stack's queue stream (the relay's to deliver)."""
+    import asyncio
+
+    import nats
+
+    from submitd_common import jetstream
+
+    async def count() -> int:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            return (await nc.jetstream().stream_info(jetstream.STREAM)).state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def settled(stack: Stack) -> Stack:
+    """A module's stack for its next test, when what the tests before it started has ended:
+    their mail has reached the next hop (the queue is empty) and no password check of theirs is
+    still running in policy (a client that gave up on a slow one leaves it to finish); then the
+    next hop forgets their mail. For module stacks whose tests count mail or hashes."""
+    from .metrics import sample
+    from .waiting import eventually
+
+    eventually(lambda: queued(stack) == 0, timeout=30)
+    eventually(lambda: sample(stack.ports.policy_http, "submitd_policy_password_hash_pending") == 0, timeout=30)
+    stack.sink.handler.reset()
+    return stack
+
+
 @pytest.fixture
 def stack(shared_stack: Stack) -> Stack:
     """The module's stack, its next hop emptied for this test."""
