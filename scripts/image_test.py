@@ -80,8 +80,9 @@ def build_images() -> None:
 
 # MB beyond the Debian base each image may add (150 MB each, issue 14's goal). Policy carries the
 # directory drivers besides (issue 27: asyncpg 12 MB, aiohttp with its helpers 14 MB, ldap3 and
-# pyasn1 7 MB, joserfc): 171 MB measured when they came in.
-SIZE_BUDGET = {"policy": 185e6}
+# pyasn1 7 MB, joserfc): 171 MB measured when they came in. The relay carries aiohttp (14 MB with
+# its helpers) since issue 28, for MTA-STS policies and TLS reports over HTTPS: 155 MB measured.
+SIZE_BUDGET = {"policy": 185e6, "relay": 165e6}
 
 
 def check_images() -> dict[str, dict]:
