@@ -66,9 +66,9 @@ class PolicyFetcher:
                 try:
                     return await self._read(url, resp)
                 except BaseException:
-                    # Not a polite TLS shutdown with a host still sending what we refuse to read.
-                    if resp.connection is not None and resp.connection.transport is not None:
-                        resp.connection.transport.abort()
+                    # Not a polite TLS shutdown with a host still sending what we refuse to read:
+                    # the connection is closed (its socket with it) and never reused.
+                    resp.close()
                     raise
         except aiohttp.ClientConnectorCertificateError as e:
             why = getattr(e.certificate_error, "verify_message", None) or e.certificate_error
