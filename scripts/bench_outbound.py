@@ -361,10 +361,11 @@ async def planning_cost(settings, nats_url: str, calls: int = 3000, repeats: int
 
     from submitd_relay.delivery import NextHopPool
     from submitd_relay.outbound.mtasts import StsPolicies, open_bucket
+    from submitd_relay.streams import sts_policies
 
     pool = NextHopPool(settings)
     nc = await nats.connect(nats_url)
-    sts = StsPolicies(settings, await open_bucket(nc.jetstream(), settings.replicas), pool.resolver.r,
+    sts = StsPolicies(settings, await open_bucket(nc.jetstream(), sts_policies(settings)), pool.resolver.r,
                       reachable=pool.resolver.reachable)
     pool.planner.sts = sts
 

@@ -562,7 +562,9 @@ def replicas(root: Path, env: dict, frontend_env: dict):
     lb = None
     try:
         stack.start(services=("policy", "rewriter"))
-        asyncio.run(make_queue(stack))  # the relays own it; frontends may start first here
+        # The relays' provisioning (the queue, its consumer, their buckets), as each relay pod's init
+        # container runs it: the frontends may start before any relay here.
+        assert stack.provision("relay") == {"relay": 0}, stack.log_tail("relay")
         lb = HAProxy(root, frontends.ports, per_client=1000)
         yield stack, sink, frontends, relays, lb
     finally:
@@ -572,14 +574,6 @@ def replicas(root: Path, env: dict, frontend_env: dict):
         relays.stop_all()
         stack.stop()
         sink.stop()
-
-
-async def make_queue(stack: Stack) -> None:
-    nc = await nats.connect(stack.nats.url)
-    try:
-        await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig())
-    finally:
-        await nc.close()
 
 
 def scaling(work: Path, clients: int) -> int:

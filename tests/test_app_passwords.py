@@ -243,6 +243,7 @@ async def _missed_revocation(server) -> None:
     creds = server.credentials("policy")
     nc = await jetstream.connect("policy", {"servers": [f"nats://127.0.0.1:{proxy.port}"], "user": "policy",
                                             "password": creds["NATS_PASSWORD"], "inbox_prefix": creds["NATS_INBOX_PREFIX"]})
+    await server.provision(buckets=[jetstream.KvSpec(jetstream.APPPASSWORDS_BUCKET, 0)])
     mirror = AppPasswords(nc)
     await mirror.start()
     operator = {"servers": [server.service_url], "user": "submitctl", "password": server.passwords["submitctl"],

@@ -38,7 +38,9 @@ class Replica:
         self.nc = await jetstream.connect("policy", {
             "servers": [f"nats://127.0.0.1:{self.port}"], "user": "policy", "password": creds["NATS_PASSWORD"],
             "inbox_prefix": creds["NATS_INBOX_PREFIX"]})
-        kv = await jetstream.ensure_kv(self.nc.jetstream(timeout=2), BUCKET, TTL, mirror_keys=self.mirror_keys)
+        spec = jetstream.KvSpec(BUCKET, TTL, mirror_keys=self.mirror_keys)
+        await self.server.provision(buckets=[spec])  # as the chart's init container does
+        kv = await jetstream.open_kv(self.nc.jetstream(timeout=2), spec)
         self.mirror = KvMirror(self.nc, BUCKET, clock=self.clock, **self.options)
         self.counters = Counters(kv, self.mirror)
         if follow:
@@ -209,8 +211,8 @@ async def test_a_bucket_whose_writes_are_not_republished_is_read_from_kv(nats_se
         await r.counters.incr(key)
         assert r.sees(key) is None
         assert await r.counters.get(key) == 1
-        # The next start of policy on the same bucket republishes its writes: mirrored from then on.
-        await jetstream.ensure_kv(r.nc.jetstream(), BUCKET, TTL, mirror_keys=">")
+        # The next provisioning of the same bucket republishes its writes: mirrored from then on.
+        await nats_server.provision(buckets=[jetstream.KvSpec(BUCKET, TTL, mirror_keys=">")])
         await eventually_async(lambda: r.sees(key) == 1, timeout=15)
     finally:
         await r.stop()

@@ -17,6 +17,7 @@ from relay_helpers import (
     reports,
 )
 
+from submitd_common import jetstream
 from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
 from submitd_devkit.testing.waiting import eventually
@@ -377,7 +378,9 @@ async def test_delivery_record_refuses_a_stale_write(nats_server):
 
     nc = await nats.connect(nats_server.url)
     try:
-        one, two = StateStore(nc.jetstream(), 3600), StateStore(nc.jetstream(), 3600)
+        spec = jetstream.KvSpec(jetstream.DELIVERY_BUCKET, 3600)
+        await nats_server.provision(buckets=[spec])
+        one, two = StateStore(nc.jetstream(), spec), StateStore(nc.jetstream(), spec)
         await one.open()
         await two.open()
         first, second = await one.get("Q1"), await two.get("Q1")

@@ -31,6 +31,7 @@ from submitd_relay.outbound.tlsrpt_report import key_domain
 from submitd_relay.reports import Reports, Signer
 from submitd_relay.routes import MxResolver
 from submitd_relay.settings import Settings
+from submitd_relay.streams import tls_reports
 from submitd_rewriter import dkim
 from tls_peers import MxCA
 from tlsrpt_schema import check_report
@@ -102,7 +103,7 @@ class Replica:
         self.nc = await nats.connect(self.server.service_url, user="relay", password=self.server.passwords["relay"],
                                      inbox_prefix=natsauth.inbox_prefix("relay"))
         js = self.nc.jetstream()
-        await jetstream.ensure_queue(js, jetstream.QueueConfig())
+        await self.server.provision(queue=jetstream.QueueConfig(), buckets=[tls_reports(self.settings)])
         self.reporting = TlsReporting(js, self.settings, Reports(js, self.settings, self.signer), clock=self.clock)
         await self.reporting.start(MxResolver(self.settings))
         return self.reporting

@@ -20,6 +20,7 @@ from submitd_relay.outbound import results
 from submitd_relay.outbound.mtasts import (
     MAX_AGE_LIMIT, MtaStsSettings, StsPolicies, StsPolicyInvalid, open_bucket, parse_policy, parse_txt,
 )
+from submitd_relay.streams import sts_policies
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mx.example.net\nmx: *.backup.example\nmax_age: 86400\n"
 
@@ -104,6 +105,7 @@ def test_policy_lines_are_tls_rpt_policy_strings():
 
 class Settings(MtaStsSettings):
     mx_internal_networks: list[str] = ["127.0.0.0/8"]  # the test's policy host is on loopback
+    replicas: int = 1  # (the relay's own setting: how many copies NATS keeps of its streams)
 
 
 class World:
@@ -148,7 +150,8 @@ async def replica(world: World):
         resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], world.dns.port, 3
         s = Settings(mta_sts_ca_file=str(world.ca.path), mta_sts_port=world.https.port, mta_sts_timeout=5,
                      **settings)
-        policies = StsPolicies(s, await open_bucket(nc.jetstream()), resolver, **({"clock": clock} if clock else {}))
+        await world.nats.provision(buckets=[sts_policies(s)])  # as the relay's provisioning does
+        policies = StsPolicies(s, await open_bucket(nc.jetstream(), sts_policies(s)), resolver, **({"clock": clock} if clock else {}))
         made.append(policies)
         return policies
 

@@ -123,9 +123,22 @@ def republish(bucket: str, keys: str):
     return RePublish(src=f"$KV.{bucket}.{keys}", dest=mirror_subject(bucket, keys))
 
 
+@dataclass(frozen=True)
+class KvSpec:
+    """A KV bucket as its service wants it: entries kept ``ttl`` seconds (0: until removed), and
+    with ``mirror_keys``, the writes of those keys republished for mirrors (``mirror_subject``)."""
+
+    bucket: str
+    ttl: float
+    replicas: int = 1
+    mirror_keys: str | None = None
+
+
 async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int = 1, mirror_keys: str | None = None):
-    """The KV bucket, created or brought to this TTL (a changed setting must not stop a restart);
-    with ``mirror_keys``, its writes of those keys republished for mirrors (``mirror_subject``)."""
+    """Provisioning's (submitd_common.provision): the KV bucket, created or brought to this TTL
+    (a changed setting must not stop a restart); with ``mirror_keys``, its writes of those keys
+    republished for mirrors. The services themselves may not create or change a stream
+    (``open_kv``): a stream's configuration can copy it elsewhere (republish, sources)."""
     from nats.js.api import KeyValueConfig
 
     again = republish(bucket, mirror_keys) if mirror_keys else None
@@ -137,11 +150,46 @@ async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int
         config = (await js.stream_info(f"KV_{bucket}")).config
         config.max_age = ttl
         config.num_replicas = replicas
-        config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
+        if ttl:
+            config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
         if again is not None:
             config.republish = again
         await js.update_stream(config)
     return await js.key_value(bucket)
+
+
+def _kv_drift(spec: KvSpec, config: StreamConfig) -> list[str]:
+    drift = []
+    if abs((config.max_age or 0) - spec.ttl) > 0.001:
+        drift.append(f"entries kept {config.max_age or 0:g} s, not {spec.ttl:g} s")
+    want = mirror_subject(spec.bucket, spec.mirror_keys) if spec.mirror_keys else None
+    have = config.republish.dest if config.republish else None
+    if have != want:
+        drift.append(f"writes republished to {have}, not {want}")
+    return drift
+
+
+async def open_kv(js: JetStreamContext, spec: KvSpec, *, every: float = 1.0):
+    """The bucket as provisioning made it, waited for while it is not there yet (the chart's
+    init container makes it before the service starts; ``make run`` and the tests likewise). A
+    bucket whose configuration differs from this service's settings is used as it is, and
+    said, loudly: a provisioning run with these settings brings it to them."""
+    tries = 0
+    while True:
+        try:
+            info = await js.stream_info(f"KV_{spec.bucket}")
+            break
+        except NotFoundError:
+            if tries % max(1, round(30 / every)) == 0:
+                log.warning("waiting for the %s bucket: not provisioned yet "
+                            "(`python -m submitd_<service> provision`, the chart's init container)", spec.bucket)
+            tries += 1
+            await asyncio.sleep(every)
+    drift = _kv_drift(spec, info.config)
+    if drift:
+        log.error("the %s bucket is not as this service's settings say (%s): run its provisioning "
+                  "with these settings", spec.bucket, "; ".join(drift))
+    return await js.key_value(spec.bucket)
 
 
 def check_server_version(nc: NATS) -> None:
@@ -170,21 +218,38 @@ def stream_config(cfg: QueueConfig) -> StreamConfig:
 
 
 async def wait_for_queue(js: JetStreamContext, every: float = 1.0) -> None:
-    """Return once the queue stream and the body store exist (the relay makes them)."""
+    """Return once the queue stream and the body store exist (the relay's provisioning makes them)."""
+    tries = 0
     while True:
         try:
             await js.stream_info(STREAM)
             await js.stream_info(f"OBJ_{BODY_BUCKET}")
             return
         except NotFoundError:
-            log.info("waiting for the queue stream (the relay creates it)")
+            if tries % max(1, round(30 / every)) == 0:
+                log.info("waiting for the queue stream (the relay's provisioning makes it)")
+        tries += 1
+        await asyncio.sleep(every)
+
+
+async def wait_for_consumer(js: JetStreamContext, durable: str = RELAY_DURABLE, every: float = 1.0):
+    """The queue's durable consumer as the relay's provisioning made it, waited for."""
+    tries = 0
+    while True:
+        try:
+            return await js.consumer_info(STREAM, durable)
+        except NotFoundError:
+            if tries % max(1, round(30 / every)) == 0:
+                log.warning("waiting for the queue's %s consumer: not provisioned yet "
+                            "(`python -m submitd_relay provision`, the chart's init container)", durable)
+        tries += 1
         await asyncio.sleep(every)
 
 
 async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool = True) -> None:
-    """Create the queue stream and the body store; with ``update``, bring an existing
-    stream to this configuration. The relay owns them: the internet-facing frontend may not
-    create or change a stream."""
+    """Provisioning's (submitd_common.provision): create the queue stream and the body store;
+    with ``update``, bring an existing stream to this configuration. No service may create or
+    change a stream itself (``wait_for_queue``)."""
     want = stream_config(cfg)
     try:
         await js.stream_info(STREAM)

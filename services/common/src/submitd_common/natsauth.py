@@ -1,13 +1,19 @@
 """Least privilege on NATS: what each service may publish and subscribe to, and nothing more.
 
 The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
-purges and reads nothing); the relay owns the stream and the body store, consumes the queue,
-reads and writes bodies, keeps its delivery records and publishes reports and events, but cannot
-touch the policy's buckets; the policy has its three KV buckets (and follows the lockout
-counters' writes as the server republishes them), and reads the app passwords (writing only
-their last-used times); the rewriter has no NATS access at all. ``submitctl`` (the operator's
-side) writes and revokes app passwords and does nothing else. Each service answers on its own
-inbox prefix (``_INBOX_<service>``), so no service can listen to another's replies.
+purges and reads nothing); the relay consumes the queue, reads and writes bodies, keeps its
+delivery records and publishes reports and events, but cannot touch the policy's buckets; the
+policy has its three KV buckets (and follows the lockout counters' writes as the server
+republishes them), and reads the app passwords (writing only their last-used times); the
+rewriter has no NATS access at all. ``submitctl`` (the operator's side) writes and revokes app
+passwords and does nothing else. Each service answers on its own inbox prefix
+(``_INBOX_<service>``), so no service can listen to another's replies.
+
+No service creates or changes a stream or a consumer: a stream's configuration can republish
+its writes anywhere in the account or source another stream into it, and a consumer's can aim
+deliveries at any subject, so whoever may write one has every stream's content. ``provision``
+(submitd_common.provision, run before each service starts with a password only it is given)
+creates and updates them, and may neither publish nor read a single message.
 
 The chart carries the same grants (``services.<name>.nats`` in values.yaml; a test keeps the two
 equal) and the local stack (``submitd_devkit``) writes them into its nats.conf.
@@ -34,15 +40,17 @@ def _direct_get(stream: str) -> list[str]:
 
 def _kv(bucket: str) -> list[str]:
     stream = f"KV_{bucket}"
-    return [f"$KV.{bucket}.>", *_stream(stream, "INFO", "CREATE", "UPDATE", "MSG.GET"), *_direct_get(stream)]
+    return [f"$KV.{bucket}.>", *_stream(stream, "INFO", "MSG.GET"), *_direct_get(stream)]
 
 
 _BODIES = f"OBJ_{q.BODY_BUCKET}"
 _BODY_STORE = [
     f"$O.{q.BODY_BUCKET}.>",  # chunks and the object's meta record
-    *_stream(_BODIES, "INFO", "CREATE", "PURGE", "MSG.GET"),
+    *_stream(_BODIES, "INFO", "PURGE", "MSG.GET"),
     *_direct_get(_BODIES),
 ]
+_POLICY_BUCKETS = [q.COUNTERS_BUCKET, q.AUTHFAIL_BUCKET, q.AUTHKNOWN_BUCKET, q.APPPASSWORDS_BUCKET]
+_RELAY_BUCKETS = [q.DELIVERY_BUCKET, q.TLSRPT_BUCKET, q.MTA_STS_BUCKET]
 _DURABLE = q.RELAY_DURABLE
 # App passwords are read without a consumer (submitd_common.apppasswords): a consumer grant would
 # let its holder aim deliveries at any subject.
@@ -67,9 +75,9 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "policy": {
         "publish": [
             *_kv(q.COUNTERS_BUCKET), *_kv(q.AUTHFAIL_BUCKET), *_kv(q.AUTHKNOWN_BUCKET),
-            # App passwords: read them, follow their changes, record when each was last used;
-            # create the (empty) bucket on a first start. Never write or purge one.
-            *_APP_READ, *_stream(f"KV_{_APP}", "CREATE"), f"$KV.{_APP}.{USED}.>",
+            # App passwords: read them, follow their changes, record when each was last used.
+            # Never write or purge one.
+            *_APP_READ, f"$KV.{_APP}.{USED}.>",
         ],
         # Lockout counters: their writes as stored, republished by the server (the buckets'
         # own subjects also carry compare-and-sets that lost); the budgets of COUNTERS only.
@@ -80,10 +88,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "publish": [
             q.SUBMIT_SUBJECT,  # reports (DSNs) and the admin API's retries
             f"{q.EVENTS_PREFIX}.>",
-            *_stream(q.STREAM, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
-            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}",
-            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}.>",
-            f"{API}.CONSUMER.DURABLE.CREATE.{q.STREAM}.{_DURABLE}",
+            *_stream(q.STREAM, "INFO", "MSG.GET", "MSG.DELETE"),
             f"{API}.CONSUMER.INFO.{q.STREAM}.{_DURABLE}",
             f"{API}.CONSUMER.MSG.NEXT.{q.STREAM}.{_DURABLE}",
             f"$JS.ACK.{q.STREAM}.{_DURABLE}.>",
@@ -93,6 +98,21 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             *_kv(q.MTA_STS_BUCKET),  # MTA-STS policies, shared by the replicas
         ],
         "subscribe": ["_INBOX_relay.>", q.ABANDONED_SUBJECT],
+    },
+    # Not a service: each service's provisioning (submitd_common.provision), run before it starts
+    # (the chart's init containers). It makes and changes the streams, buckets and the relay's
+    # consumer, and reads their configuration; no message, no publish, no other stream.
+    "provision": {
+        "publish": [
+            *_stream(q.STREAM, "INFO", "CREATE", "UPDATE"),
+            *_stream(_BODIES, "INFO", "CREATE", "UPDATE"),
+            *[a for b in _POLICY_BUCKETS + _RELAY_BUCKETS for a in _stream(f"KV_{b}", "INFO", "CREATE", "UPDATE")],
+            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}",
+            f"{API}.CONSUMER.CREATE.{q.STREAM}.{_DURABLE}.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{q.STREAM}.{_DURABLE}",
+            f"{API}.CONSUMER.INFO.{q.STREAM}.{_DURABLE}",
+        ],
+        "subscribe": ["_INBOX_provision.>"],
     },
     # Not a service: the operator's command line (``submitctl app-password``), with a user of its
     # own. It adds and revokes app passwords; the bucket is policy's to create.

@@ -45,7 +45,8 @@ async def _connect(options: dict):
         kv = await js.key_value(APPPASSWORDS_BUCKET)
     except BucketNotFoundError:
         await nc.close()
-        raise SiteError("there is no app-password store yet: policy creates it when it starts") from None
+        raise SiteError("there is no app-password store yet: policy's provisioning makes it before policy starts "
+                        "(with app passwords on)") from None
     except Exception as e:
         await nc.close()
         raise SiteError(f"NATS at {where}: {type(e).__name__} {e}") from e

@@ -185,6 +185,21 @@ class NatsServer:
         return {"NATS_USER": service, "NATS_PASSWORD": self.passwords[service],
                 "NATS_INBOX_PREFIX": natsauth.inbox_prefix(service)}
 
+    async def provision(self, **what) -> None:
+        """submitd_common.provision.provision(**what) as the provisioning user (for the tests that
+        run a service's parts in process: the services' own users may not make a stream)."""
+        import nats
+
+        from submitd_common import provision
+
+        creds = self.credentials("provision")
+        nc = await nats.connect(self.service_url, user=creds["NATS_USER"], password=creds["NATS_PASSWORD"],
+                                inbox_prefix=creds["NATS_INBOX_PREFIX"])
+        try:
+            await provision.provision(nc.jetstream(timeout=5), **what)
+        finally:
+            await nc.close()
+
     def start(self) -> "NatsServer":
         env = dict(os.environ)
         limit = self.memory_limit or cgroup_memory_limit()
@@ -363,12 +378,13 @@ class Stack:
         tmp.write_text(yaml.safe_dump(data))
         tmp.replace(self.users_file)
 
-    def service_env(self, name: str) -> dict[str, str]:
+    def service_env(self, name: str, *, nats_user: str | None = None) -> dict[str, str]:
         """The service's environment: its settings (by field name, checked against its settings
-        class) over this process's environment without any other SUBMITD_ variable."""
+        class) over this process's environment without any other SUBMITD_ variable. With
+        ``nats_user``, that NATS user's credentials instead of the service's own."""
         p = self.ports
         values: dict = {"nats_url": self.nats.service_url, "log_level": "INFO", "drain_seconds": 10}
-        values |= {k.lower(): v for k, v in self.nats.credentials(name).items()}
+        values |= {k.lower(): v for k, v in self.nats.credentials(nats_user or name).items()}
         if self.grpc_ca:
             values |= self.grpc_ca.credentials(name)
         if name == "policy":
@@ -442,21 +458,54 @@ class Stack:
     def start(self, services: tuple[str, ...] = SERVICES, *, abandon: Callable[[], bool] = _never) -> "Stack":
         """``abandon()``: polled while the services get ready; once it is true (make run's Ctrl-C
         while starting), StartAbandoned is raised, and what has started is stop()'s to stop.
-        The others start together and the frontend once they are ready, as its readiness
-        probe waits for them in a cluster: a frontend started with them finds no queue stream
-        (the relay makes it) and looks again a second later, and keeps a failed check of
+        The others start together (each after its provisioning, as the chart's init containers
+        run it) and the frontend once they are ready, as its readiness probe waits for them in
+        a cluster: a frontend started with them could find no queue stream yet and look again a second later, and keeps a failed check of
         policy or rewriter for a second (Health.fresh), so it was ready ~1 s later than this."""
         self.write_descriptor()
         if self.nats.proc is None:
             self.nats.start()
         for group in ([n for n in services if n != "frontend"], [n for n in services if n == "frontend"]):
+            self.provision(*(n for n in group if n in self.PROVISIONED))
             for name in group:
-                self.start_service(name)
+                self.start_service(name, provisioned=True)
             for name in group:
                 self.wait_ready(name, abandon=abandon)
         return self
 
-    def start_service(self, name: str) -> None:
+    # The services whose streams, buckets and consumer a provisioning run makes before they start
+    # (submitd_common.provision), as the chart's init containers do.
+    PROVISIONED = ("policy", "relay")
+
+    def provision(self, *names: str, timeout: float = 60) -> dict[str, int]:
+        """Run ``python -m submitd_<name> provision`` for each (at once) with the service's
+        settings and the provisioning user's NATS credentials (never the service's own), and wait
+        for them; each one's log goes to its service's. Their exit statuses are returned: a
+        failure (NATS down, say) is left to show in the service, which waits for what was not made."""
+        procs = {}
+        for name in names:
+            env = self.service_env(name, nats_user="provision")
+            argv = [f"submitd_{name}", "provision"]
+            if self.spawn is not None:
+                procs[name] = self.spawn(name, env, str(self.log_path(name)), argv=argv)
+            else:
+                with open(self.log_path(name), "ab") as log:
+                    procs[name] = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=log, stderr=log,
+                                                   start_new_session=True)
+        codes = {}
+        deadline = time.monotonic() + timeout
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+    def start_service(self, name: str, *, provisioned: bool = False) -> None:
+        """Start the service, after its provisioning (unless ``provisioned`` says it just ran)."""
+        if name in self.PROVISIONED and not provisioned:
+            self.provision(name)
         if self.spawn is not None:
             self.procs[name] = self.spawn(name, self.service_env(name), str(self.log_path(name)))
             return

@@ -127,7 +127,7 @@ async def amain() -> None:
     # No publish buffering while reconnecting: a publish during an outage must fail now
     # (the client gets 451), not be flushed later after the client was told to retry.
     nc = await jetstream.connect("submitd-frontend", settings.nats_options(), pending_size=0)
-    # The relay creates the queue (the frontend may not): wait for it before taking mail.
+    # The relay's provisioning makes the queue (the frontend may not): wait for it before taking mail.
     await jetstream.wait_for_queue(nc.jetstream())
     grpc_tls = grpcutil.MutualTLS.from_settings(settings)
     policy_ch = grpcutil.channel(settings.policy_target, grpc_tls)

@@ -12,7 +12,7 @@ from submitd_common.health import Health
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
-from . import admin
+from . import admin, streams
 from .apppasswords import AppPasswords
 from .counters import Counters
 from .mirror import KvMirror
@@ -47,19 +47,16 @@ async def amain() -> None:
 
     nc = await jetstream.connect("submitd-policy", settings.nats_options(), error_cb=nats_error)
     js = nc.jetstream()
-    # Windowed counters (rates, the logins' AUTH failure budgets) live two windows.
-    windows = max(2 * settings.rate_window, 2 * settings.auth_login_budget_seconds, 60)
+    # The buckets as provisioning made them (streams.py): the policy may not create or change a
+    # stream (submitd_common.provision).
     resync = settings.lockout_mirror_resync_seconds
     mirrors += [KvMirror(nc, jetstream.COUNTERS_BUCKET, jetstream.BUDGET_KEYS, resync_seconds=resync),
                 KvMirror(nc, jetstream.AUTHFAIL_BUCKET, resync_seconds=resync)]
-    rates = Counters(await jetstream.ensure_kv(js, jetstream.COUNTERS_BUCKET, windows, settings.replicas,
-                                               mirror_keys=jetstream.BUDGET_KEYS), mirrors[0])
-    authfail = Counters(await jetstream.ensure_kv(js, jetstream.AUTHFAIL_BUCKET, settings.auth_lockout_seconds,
-                                                  settings.replicas, mirror_keys=">"), mirrors[1])
+    rates = Counters(await jetstream.open_kv(js, streams.counters(settings)), mirrors[0])
+    authfail = Counters(await jetstream.open_kv(js, streams.lockouts(settings)), mirrors[1])
     for mirror in mirrors:
         await mirror.start()
-    known = Counters(await jetstream.ensure_kv(
-        js, jetstream.AUTHKNOWN_BUCKET, settings.auth_known_address_seconds, settings.replicas))
+    known = Counters(await jetstream.open_kv(js, streams.known_addresses(settings)))
 
     health = Health([SERVICE_NAME])
     health.add_check("nats", lambda: nc.is_connected)
@@ -112,6 +109,11 @@ def main() -> None:
 
     if sys.argv[1:2] == ["hash-password"]:
         hash_password_command()
+        return
+    if sys.argv[1:2] == ["provision"]:  # the chart's init container, with the provisioning user
+        from submitd_common import provision
+
+        provision.command("policy", streams.plan, Settings)
         return
     lifecycle.run(amain)
 

@@ -25,13 +25,12 @@ import asyncio
 import logging
 import time
 
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from prometheus_client import Counter, Gauge
 
 from submitd_common import apppasswords as records
 from submitd_common.apppasswords import AppPassword
-from submitd_common.jetstream import APPPASSWORDS_BUCKET, STREAM_NAME_IN_USE
+from submitd_common.jetstream import APPPASSWORDS_BUCKET
 
 from .directories.base import DirectoryUnavailable
 
@@ -70,9 +69,9 @@ class AppPasswords:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Follow the bucket and read it whole (opening it, or on a first start creating it). What
-        fails is retried in the background: meanwhile no app password is accepted, and policy
-        serves main passwords as ever."""
+        """Follow the bucket and read it whole (as provisioning made it: streams.app_passwords).
+        What fails is retried in the background: meanwhile no app password is accepted, and
+        policy serves main passwords as ever."""
         self._sub = await self.nc.subscribe(f"{_PREFIX}>", cb=self._on_change)
         try:
             await asyncio.wait_for(self.reload(), timeout)
@@ -81,17 +80,8 @@ class AppPasswords:
         self._supervisor = asyncio.create_task(self._keep_current())
 
     async def _open(self):
-        try:
-            return await self.js.key_value(APPPASSWORDS_BUCKET)
-        except BucketNotFoundError:
-            pass
-        try:
-            return await self.js.create_key_value(
-                KeyValueConfig(bucket=APPPASSWORDS_BUCKET, history=1, replicas=self.replicas))
-        except BadRequestError as e:
-            if e.err_code != STREAM_NAME_IN_USE:
-                raise
-            return await self.js.key_value(APPPASSWORDS_BUCKET)  # another replica made it
+        # As provisioning made it (streams.app_passwords); until then reload() fails and is retried.
+        return await self.js.key_value(APPPASSWORDS_BUCKET)
 
     async def close(self) -> None:
         for task in [self._supervisor, *self._tasks]:

@@ -12,7 +12,7 @@ from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
-from . import admin
+from . import admin, streams
 from .consumer import Relay
 from .delivery import NextHopPool
 from .queue import remove_abandoned_bodies
@@ -37,10 +37,9 @@ async def amain() -> None:
             relay.stranded.wake.set()  # a restarted server is where stranded entries come from
 
     nc = await jetstream.connect("submitd-relay", settings.nats_options(), reconnected_cb=reconnected)
-    # The relay owns the queue stream and the body store (the internet-facing frontend may not
-    # create or change them): created, or brought to these settings.
-    await jetstream.ensure_queue(nc.jetstream(), jetstream.QueueConfig(
-        max_bytes=settings.queue_max_bytes, replicas=settings.replicas))
+    # The queue stream and the body store, as provisioning made them (the relay may not create
+    # or change a stream: submitd_common.provision).
+    await jetstream.wait_for_queue(nc.jetstream())
     channel = grpcutil.channel(settings.rewriter_target, MutualTLS.from_settings(settings)) if settings.rewriter_target else None
     signer = Signer(channel, settings.rewriter_timeout) if channel else None
     # TLS reports (RFC 8460) are queued like DSNs: signed by the rewriter, delivered by a relay.
@@ -49,7 +48,7 @@ async def amain() -> None:
     sts = None
     if pool.planner is not None and settings.mta_sts:
         # MTA-STS policies (RFC 8461), cached for every replica in NATS KV.
-        sts = StsPolicies(settings, await open_bucket(nc.jetstream(), settings.replicas), pool.resolver.r,
+        sts = StsPolicies(settings, await open_bucket(nc.jetstream(), streams.sts_policies(settings)), pool.resolver.r,
                           reachable=pool.resolver.reachable)
         pool.planner.sts = sts
     relay = Relay(nc, pool, settings, signer)
@@ -92,6 +91,13 @@ async def amain() -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["provision"]:  # the chart's init container, with the provisioning user
+        from submitd_common import provision
+
+        provision.command("relay", streams.plan, Settings)
+        return
     lifecycle.run(amain)
 
 

@@ -12,7 +12,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 
 from submitd.v1 import queue_pb2
@@ -20,7 +19,7 @@ from submitd_common import jetstream, received
 from submitd_common.bodies import delete, sweep_unfinished
 from submitd_common.telemetry import extract_context
 
-from . import dsn, metrics, settle
+from . import dsn, metrics, settle, streams
 from .delivery import NextHopPool
 from .model import NextHopError, Outcome
 from .queue import QueuedBody, queue_metrics, sweep_orphaned_bodies
@@ -48,7 +47,7 @@ class Relay:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.reports = Reports(self.js, settings, signer)
-        self.state = StateStore(self.js, settings.max_lifetime + 2 * 86400, settings.replicas)
+        self.state = StateStore(self.js, streams.delivery_records(settings))
         self.acked = RecentAcks()
         self.delivering: set[str] = set()  # queue ids being delivered here now
         self.stranded = StrandedEntries(self.js, self.state, self.acked)
@@ -60,17 +59,14 @@ class Relay:
 
     async def start(self) -> None:
         await self.state.open()
-        # Created, or brought to these settings (nats-py's pull_subscribe binds to an existing
-        # consumer as it is: a changed ACK_WAIT would never apply).
-        await self.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(
-            name=DURABLE,
-            durable_name=DURABLE,
-            filter_subject=f"{jetstream.SUBJECT_PREFIX}.>",
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.s.ack_wait,
-            max_deliver=-1,
-            max_ack_pending=max(1000, self.s.connections * 4),
-        ))
+        # Made, or brought to these settings, by provisioning (streams.consumer): a consumer's
+        # configuration may aim its deliveries anywhere, so the relay may not write one.
+        info = await jetstream.wait_for_consumer(self.js, DURABLE)
+        want = streams.consumer(self.s)
+        if (info.config.ack_wait, info.config.max_ack_pending) != (want.ack_wait, want.max_ack_pending):
+            log.error("the queue's consumer is not as this relay's settings say (AckWait %s s, max ack pending "
+                      "%s; want %s s, %s): run its provisioning with these settings", info.config.ack_wait,
+                      info.config.max_ack_pending, want.ack_wait, want.max_ack_pending)
         self._sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=jetstream.STREAM)
 
     async def run(self) -> None:

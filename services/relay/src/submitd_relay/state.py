@@ -64,14 +64,13 @@ class DeliveryState:
 
 
 class StateStore:
-    def __init__(self, js: JetStreamContext, ttl: float, replicas: int = 1) -> None:
+    def __init__(self, js: JetStreamContext, spec: jetstream.KvSpec) -> None:
         self.js = js
-        self.ttl = ttl
-        self.replicas = replicas
+        self.spec = spec
         self.kv = None
 
     async def open(self) -> None:
-        self.kv = await jetstream.ensure_kv(self.js, jetstream.DELIVERY_BUCKET, self.ttl, self.replicas)
+        self.kv = await jetstream.open_kv(self.js, self.spec)  # as provisioning made it
 
     async def get(self, queue_id: str) -> DeliveryState:
         try:

@@ -178,9 +178,9 @@ def policy_domain(domain: str) -> str | None:
     return name if _DOMAIN.fullmatch(name) else None
 
 
-async def open_bucket(js, replicas: int = 1):
-    """The shared policy cache: a policy lives at most MAX_AGE_LIMIT, so does its entry."""
-    return await jetstream.ensure_kv(js, jetstream.MTA_STS_BUCKET, MAX_AGE_LIMIT, replicas)
+async def open_bucket(js, spec: jetstream.KvSpec):
+    """The shared policy cache, as provisioning made it (``spec``: streams.sts_policies)."""
+    return await jetstream.open_kv(js, spec)
 
 
 def _reachable_rule(settings) -> Callable[[str], bool]:

@@ -140,10 +140,9 @@ class TlsReporting:
         self.resolver = resolver
         if not self.s.tlsrpt:
             return
-        # Kept for three periods: a day's counts until its report went, its lock until no replica
-        # would try that day again.
-        ttl = 3 * max(self.s.tlsrpt_interval, self.s.tlsrpt_flush_interval)
-        self.kv = await jetstream.ensure_kv(self.js, jetstream.TLSRPT_BUCKET, ttl, self.s.replicas)
+        from ..streams import tls_reports
+
+        self.kv = await jetstream.open_kv(self.js, tls_reports(self.s))  # as provisioning made it
         self._tasks = [asyncio.create_task(self._flush_loop(), name="tlsrpt flush"),
                        asyncio.create_task(self._report_loop(), name="tlsrpt reports")]
 
