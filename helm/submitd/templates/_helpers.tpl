@@ -242,3 +242,63 @@ config: {path: /etc/submitd/config, volume: {configMap: {name: {{ $n }}-config}}
 {{- end -}}
 {{- toJson $env -}}
 {{- end -}}
+
+{{- /* A service container's environment: its settings, its NATS user's credentials (``natsUser``:
+     the service's own, or "provision" for its init container), tracing. */ -}}
+{{- define "submitd.containerEnv" -}}
+{{- $root := .root -}}
+{{- $name := .name -}}
+{{- $svc := .svc -}}
+{{- $mounts := .mounts -}}
+{{- $user := .natsUser -}}
+{{- $n := include "submitd.fullname" $root -}}
+{{- $prefix := printf "SUBMITD_%s_" (upper $name) }}
+{{- if include "submitd.natsGrants" (dict "root" $root "name" $name) }}
+- {name: {{ $prefix }}NATS_URL, value: {{ include "submitd.natsUrl" $root | quote }}}
+{{- if $root.Values.nats.enabled }}
+{{- if $root.Values.nats.auth.enabled }}
+- {name: {{ $prefix }}NATS_USER, value: {{ $user }}}
+- name: {{ $prefix }}NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ $n }}-nats-auth, key: {{ $user }}}}
+- {name: {{ $prefix }}NATS_INBOX_PREFIX, value: _INBOX_{{ $user }}}
+{{- end }}
+{{- else if $root.Values.externalNats.existingSecret }}
+- name: {{ $prefix }}NATS_USER
+  valueFrom: {secretKeyRef: {name: {{ $root.Values.externalNats.existingSecret }}, key: user, optional: true}}
+- name: {{ $prefix }}NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ $root.Values.externalNats.existingSecret }}, key: password, optional: true}}
+{{- end }}
+{{- end }}
+- {name: {{ $prefix }}LOG_LEVEL, value: {{ $svc.logLevel | quote }}}
+- {name: {{ $prefix }}DRAIN_SECONDS, value: {{ $svc.drainSeconds | quote }}}
+{{- range $key, $value := $svc.env }}
+- {name: {{ $prefix }}{{ $key }}, value: {{ tpl (toString $value) $root | quote }}}
+{{- end }}
+{{- if has "identity" $svc.mounts }}
+{{- range $key, $value := include "submitd.identityEnv" $root | fromJson }}
+- {name: {{ $prefix }}{{ $key }}, value: {{ toString $value | quote }}}
+{{- end }}
+{{- end }}
+{{- range $mount := $svc.mounts }}
+{{- range $key, $value := (get (get $mounts $mount) "env" | default dict) }}
+- {name: {{ $prefix }}{{ $key }}, value: {{ $value | quote }}}
+{{- end }}
+{{- end }}
+{{- range $key, $ref := (ternary dict $svc.secretEnv (eq $user "provision")) }}
+{{- $secret := tpl (toString $ref.secret) $root }}
+{{- if $secret }}
+- name: {{ $prefix }}{{ $key }}
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: {{ $ref.key }}}}
+{{- end }}
+{{- end }}
+- {name: OTEL_SERVICE_NAME, value: {{ $name }}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- {name: OTEL_RESOURCE_ATTRIBUTES, value: "k8s.pod.name=$(POD_NAME),k8s.namespace.name={{ $root.Release.Namespace }}"}
+{{- $otlp := $root.Values.tracing.otlpEndpoint | default (ternary (printf "http://%s-jaeger:4317" $n) "" $root.Values.jaeger.enabled) }}
+{{- if $otlp }}
+- {name: OTEL_EXPORTER_OTLP_ENDPOINT, value: {{ $otlp | quote }}}
+- {name: OTEL_TRACES_SAMPLER, value: {{ $root.Values.tracing.sampler | quote }}}
+- {name: OTEL_TRACES_SAMPLER_ARG, value: {{ $root.Values.tracing.samplerArg | quote }}}
+{{- end }}
+{{- end -}}
