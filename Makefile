@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl devkit
 
-.PHONY: all install proto run test bench bench-deps bench-nats-memory fuzz fault-queue constraints clean images image-test scale-test
+.PHONY: all install proto run test bench bench-deps bench-nats-memory soak fuzz fault-queue constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -63,6 +63,12 @@ fault-queue: install
 
 bench: install bench-deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# A soak: the whole stack under steady load, every process's memory each minute (issue 29).
+SOAK_MINUTES ?= 60
+SOAK_RATE ?= 100
+soak: install bench-deps
+	$(PY) scripts/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) $(SOAK_ARGS)
 
 # NATS memory bounded alone (issue 29): 60 x 24 MB at once, nats-server under a 1 GiB cgroup.
 bench-nats-memory: install bench-deps
