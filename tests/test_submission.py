@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import json
 import time
 import smtplib
 
@@ -195,3 +196,32 @@ def test_users_file_changes_apply_without_restart(make_stack):
     while not login_works():
         assert time.monotonic() < deadline, "the new user never became valid"
         time.sleep(0.3)
+
+
+def test_a_long_session_logs_how_many_it_queued_and_keeps_only_the_last_ids(stack):
+    # A client may keep one session for as many messages as it likes: the frontend keeps the
+    # queue ids its closing log line names to the last 100 (it kept every one: ~100 bytes a
+    # message, so a session of a million messages held ~100 MB), and counts them all.
+    from submitd_frontend.session import LOGGED_QUEUE_IDS
+
+    count = LOGGED_QUEUE_IDS + 20
+    ids = []
+    with logged_in(stack) as client:
+        for n in range(count):
+            client.mail(ALICE)
+            client.rcpt("bob@example.net")
+            code, text = client.data(HEADER + f"\r\nlong session {n}\r\n".encode())
+            assert code == 250
+            ids.append(text.decode().removeprefix("2.0.0 Ok: queued as "))
+
+    def closing() -> dict | None:
+        for line in reversed(stack.log_path("frontend").read_text().splitlines()):
+            if line.startswith("{") and '"session closed"' in line:
+                entry = json.loads(line)
+                if entry.get("queued_count") == count:
+                    return entry
+        return None
+
+    eventually(lambda: closing() is not None)
+    assert closing()["queued"] == ids[-LOGGED_QUEUE_IDS:], "the last ids, in order"
+    assert len(stack.sink.handler.wait_for(count, 30)) >= count

@@ -18,6 +18,7 @@ import base64
 import binascii
 import logging
 import time
+from collections import deque
 
 from opentelemetry import trace
 
@@ -31,6 +32,9 @@ from .settings import Settings
 from .state import Backends, Connection, State
 from .transaction import TransactionCommands
 from .wire import CommandInput, parse_command
+
+# The session's closing log line names the last this many queue ids (and counts them all).
+LOGGED_QUEUE_IDS = 100
 
 log = logging.getLogger("submitd.frontend")
 tracer = trace.get_tracer("submitd.frontend")
@@ -57,7 +61,10 @@ class Session(TransactionCommands):
         self.input = CommandInput()
         self.errors = 0
         self.junk = 0  # JUNK_COMMANDS since the last message queued
-        self.accepted: list[str] = []  # queue ids
+        # The queue ids of the last LOGGED_QUEUE_IDS messages accepted, and how many were (the
+        # session's closing log line): a client may keep one session for a million messages.
+        self.accepted: deque[str] = deque(maxlen=LOGGED_QUEUE_IDS)
+        self.accepted_count = 0
         self.refused = 0
 
     # -- the loop ---------------------------------------------------------------------------

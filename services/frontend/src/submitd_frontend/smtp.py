@@ -281,7 +281,8 @@ class SubmissionSMTP(SMTP):
                 log.info("session closed", extra={"fields": {
                     "session": self.session_id, "peer": self.client_address,
                     "user": dialog.state.user if dialog else None, "tls": self.tls_active,
-                    "queued": dialog.accepted if dialog else [], "refused": dialog.refused if dialog else 0,
+                    "queued": list(dialog.accepted) if dialog else [],
+                    "queued_count": dialog.accepted_count if dialog else 0, "refused": dialog.refused if dialog else 0,
                     "errors": dialog.errors if dialog else 0,
                 }})
                 if policy is not None:

@@ -4,6 +4,7 @@ the first octet to its reply. A part of :class:`~.session.Session` (which holds 
 from __future__ import annotations
 
 import logging
+from collections import deque
 import time
 
 from opentelemetry import trace
@@ -33,7 +34,8 @@ class TransactionCommands:
     client_address: str
     session_id: str
     junk: int
-    accepted: list[str]
+    accepted: deque[str]  # the last ones (the session's closing log line)
+    accepted_count: int
     refused: int
 
     def expired(self) -> bool:
@@ -215,6 +217,7 @@ class TransactionCommands:
         if accepted:
             self.junk = 0
             self.accepted.append(submission.envelope.queue_id)
+            self.accepted_count += 1
             metrics.SIZE.observe(submission.size)
         else:
             self.refused += 1
