@@ -138,24 +138,26 @@ class KubeApiDouble:
 
         def sync():
             time.sleep(self.kubelet_delay)
-            directory.mkdir(parents=True, exist_ok=True)
-            # keys.yaml / users.yaml last, so that a reader never sees it name a missing file
-            for key in sorted(files, key=lambda k: k.endswith(".yaml")):
-                tmp = directory / f".{key}.tmp"
-                tmp.write_bytes(files[key])
-                os.replace(tmp, directory / key)
-            for stale in {p.name for p in directory.iterdir() if not p.name.startswith(".")} - set(files):
-                (directory / stale).unlink()
+            self._write_mount(directory, files)
 
         threading.Thread(target=sync, daemon=True).start()
 
+    @staticmethod
+    def _write_mount(directory: Path, files: dict[str, bytes]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # keys.yaml / users.yaml last, so that a reader never sees it name a missing file
+        for key in sorted(files, key=lambda k: k.endswith(".yaml")):
+            tmp = directory / f".{key}.tmp"
+            tmp.write_bytes(files[key])
+            os.replace(tmp, directory / key)
+        for stale in {p.name for p in directory.iterdir() if not p.name.startswith(".")} - set(files):
+            (directory / stale).unlink()
+
     def sync_all(self) -> None:
-        """Every mounted Secret written out now (the pods' start)."""
-        delay, self.kubelet_delay = self.kubelet_delay, 0
-        for name in self.mounts:
-            self._kubelet(name)
-        time.sleep(0.3)
-        self.kubelet_delay = delay
+        """Every mounted Secret written out now, before this returns (the pods' start: a
+        service started next reads its files at once, and fails without them)."""
+        for name, directory in self.mounts.items():
+            self._write_mount(directory, self.secret_files(name))
 
     # -- HTTP ---------------------------------------------------------------------------------
 
