@@ -51,6 +51,8 @@ class KubeApiDouble:
         self.mounts = mounts or {}
         self.kubelet_delay = kubelet_delay
         self.lock = threading.Lock()
+        self.kubelet_lock = threading.Lock()  # one mount written at a time
+        self.mounted: dict[str, int] = {}  # Secret name -> the resourceVersion its mount holds
         self.version = 1000
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []  # method, path, headers
@@ -118,9 +120,14 @@ class KubeApiDouble:
         }
 
     def secret_files(self, name: str) -> dict[str, bytes]:
+        return self._secret(name)[1]
+
+    def _secret(self, name: str) -> tuple[int, dict[str, bytes]]:
+        """A Secret's resourceVersion and files, read together."""
         with self.lock:
             secret = self.objects[("Secret", name)]
-            return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+            return (int(secret["metadata"]["resourceVersion"]),
+                    {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()})
 
     def put_secret_files(self, name: str, files: dict[str, bytes]) -> None:
         """A change made by someone else (kubectl edit): a new resourceVersion."""
@@ -131,19 +138,30 @@ class KubeApiDouble:
         self._kubelet(name)
 
     def _kubelet(self, name: str) -> None:
+        """The Secret as it is now reaches its mount ``kubelet_delay`` seconds later. Syncs run
+        one at a time, and one that wakes after a later version's (a thread descheduled
+        under load) leaves the later version there: a mount never goes back."""
         directory = self.mounts.get(name)
         if directory is None:
             return
-        files = self.secret_files(name)
+        version, files = self._secret(name)
+        delay = self.kubelet_delay
 
         def sync():
-            time.sleep(self.kubelet_delay)
-            self._write_mount(directory, files)
+            time.sleep(delay)
+            self._write_mount(name, directory, version, files)
 
         threading.Thread(target=sync, daemon=True).start()
 
+    def _write_mount(self, name: str, directory: Path, version: int, files: dict[str, bytes]) -> None:
+        with self.kubelet_lock:
+            if self.mounted.get(name, 0) > version:
+                return
+            self.mounted[name] = version
+            self._write_files(directory, files)
+
     @staticmethod
-    def _write_mount(directory: Path, files: dict[str, bytes]) -> None:
+    def _write_files(directory: Path, files: dict[str, bytes]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         # keys.yaml / users.yaml last, so that a reader never sees it name a missing file
         for key in sorted(files, key=lambda k: k.endswith(".yaml")):
@@ -157,7 +175,7 @@ class KubeApiDouble:
         """Every mounted Secret written out now, before this returns (the pods' start: a
         service started next reads its files at once, and fails without them)."""
         for name, directory in self.mounts.items():
-            self._write_mount(directory, self.secret_files(name))
+            self._write_mount(name, directory, *self._secret(name))
 
     # -- HTTP ---------------------------------------------------------------------------------
 
