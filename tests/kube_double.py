@@ -57,7 +57,7 @@ class KubeApiDouble:
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []  # method, path, headers
         self.conflicts = 0
-        self.after_secret_get = None  # hook(name): a concurrent writer, for conflict tests
+        self.after_secret_get = None  # hook(name): a concurrent writer, run between a Secret GET's read and its answer
         for obj in objects:
             if obj["kind"] in ("Secret", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"):
                 self._store(copy.deepcopy(obj))
@@ -273,9 +273,12 @@ class KubeApiDouble:
                     obj = copy.deepcopy(double.objects.get((kind, name)))
                 if obj is None:
                     return self._status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
-                self._send(200, obj)
                 if kind == "Secret" and double.after_secret_get:
+                    # The concurrent writer goes between this read and the caller's write
+                    # whatever the scheduler does: before the answer is sent (after it, the
+                    # caller's PUT could come first).
                     double.after_secret_get(name)
+                self._send(200, obj)
 
             def _list(self, kind: str, query: dict) -> None:
                 terms = [t.split("=", 1) for t in query.get("labelSelector", "").split(",") if t]
