@@ -51,11 +51,13 @@ class KubeApiDouble:
         self.mounts = mounts or {}
         self.kubelet_delay = kubelet_delay
         self.lock = threading.Lock()
+        self.kubelet_lock = threading.Lock()  # one mount written at a time
+        self.mounted: dict[str, int] = {}  # Secret name -> the resourceVersion its mount holds
         self.version = 1000
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []  # method, path, headers
         self.conflicts = 0
-        self.after_secret_get = None  # hook(name): a concurrent writer, for conflict tests
+        self.after_secret_get = None  # hook(name): a concurrent writer, run between a Secret GET's read and its answer
         for obj in objects:
             if obj["kind"] in ("Secret", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"):
                 self._store(copy.deepcopy(obj))
@@ -118,9 +120,14 @@ class KubeApiDouble:
         }
 
     def secret_files(self, name: str) -> dict[str, bytes]:
+        return self._secret(name)[1]
+
+    def _secret(self, name: str) -> tuple[int, dict[str, bytes]]:
+        """A Secret's resourceVersion and files, read together."""
         with self.lock:
             secret = self.objects[("Secret", name)]
-            return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+            return (int(secret["metadata"]["resourceVersion"]),
+                    {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()})
 
     def put_secret_files(self, name: str, files: dict[str, bytes]) -> None:
         """A change made by someone else (kubectl edit): a new resourceVersion."""
@@ -131,31 +138,44 @@ class KubeApiDouble:
         self._kubelet(name)
 
     def _kubelet(self, name: str) -> None:
+        """The Secret as it is now reaches its mount ``kubelet_delay`` seconds later. Syncs run
+        one at a time, and one that wakes after a later version's (a thread descheduled
+        under load) leaves the later version there: a mount never goes back."""
         directory = self.mounts.get(name)
         if directory is None:
             return
-        files = self.secret_files(name)
+        version, files = self._secret(name)
+        delay = self.kubelet_delay
 
         def sync():
-            time.sleep(self.kubelet_delay)
-            directory.mkdir(parents=True, exist_ok=True)
-            # keys.yaml / users.yaml last, so that a reader never sees it name a missing file
-            for key in sorted(files, key=lambda k: k.endswith(".yaml")):
-                tmp = directory / f".{key}.tmp"
-                tmp.write_bytes(files[key])
-                os.replace(tmp, directory / key)
-            for stale in {p.name for p in directory.iterdir() if not p.name.startswith(".")} - set(files):
-                (directory / stale).unlink()
+            time.sleep(delay)
+            self._write_mount(name, directory, version, files)
 
         threading.Thread(target=sync, daemon=True).start()
 
+    def _write_mount(self, name: str, directory: Path, version: int, files: dict[str, bytes]) -> None:
+        with self.kubelet_lock:
+            if self.mounted.get(name, 0) > version:
+                return
+            self.mounted[name] = version
+            self._write_files(directory, files)
+
+    @staticmethod
+    def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # keys.yaml / users.yaml last, so that a reader never sees it name a missing file
+        for key in sorted(files, key=lambda k: k.endswith(".yaml")):
+            tmp = directory / f".{key}.tmp"
+            tmp.write_bytes(files[key])
+            os.replace(tmp, directory / key)
+        for stale in {p.name for p in directory.iterdir() if not p.name.startswith(".")} - set(files):
+            (directory / stale).unlink()
+
     def sync_all(self) -> None:
-        """Every mounted Secret written out now (the pods' start)."""
-        delay, self.kubelet_delay = self.kubelet_delay, 0
-        for name in self.mounts:
-            self._kubelet(name)
-        time.sleep(0.3)
-        self.kubelet_delay = delay
+        """Every mounted Secret written out now, before this returns (the pods' start: a
+        service started next reads its files at once, and fails without them)."""
+        for name, directory in self.mounts.items():
+            self._write_mount(name, directory, *self._secret(name))
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -253,9 +273,12 @@ class KubeApiDouble:
                     obj = copy.deepcopy(double.objects.get((kind, name)))
                 if obj is None:
                     return self._status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
-                self._send(200, obj)
                 if kind == "Secret" and double.after_secret_get:
+                    # The concurrent writer goes between this read and the caller's write
+                    # whatever the scheduler does: before the answer is sent (after it, the
+                    # caller's PUT could come first).
                     double.after_secret_get(name)
+                self._send(200, obj)
 
             def _list(self, kind: str, query: dict) -> None:
                 terms = [t.split("=", 1) for t in query.get("labelSelector", "").split(",") if t]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import smtplib
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -399,10 +400,13 @@ def test_auth_failures_per_client_get_421_and_a_disconnect(locking):
 def hashing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The default hashing memory and cost; five failures lock a login out from an address, a
     hundred the address. The probe in the cache test sends MAIL and RSET every 20 ms without
-    ever sending mail: past JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted."""
+    ever sending mail: past JUNK_COMMAND_LIMIT RSETs that is a junk session, so the limit is lifted.
+    The last AUTH of that test's burst of 16 waits for 8 hashes (two threads): on a loaded
+    machine (a hash takes over a second there) that is past the frontend's default 10 s for a
+    verdict, which would answer it 421 instead of the 535 the test expects; 30 s here."""
     yield from module_stack(tmp_path_factory.mktemp("hashing"), users=users(), argon2=None, env={
         "policy": {"AUTH_FAILURE_DELAY": "0.05", "AUTH_FAILURES_PER_LOGIN": "5", "AUTH_FAILURES_PER_CLIENT": "100"},
-        "frontend": {"JUNK_COMMAND_LIMIT": "100000"}})
+        "frontend": {"JUNK_COMMAND_LIMIT": "100000", "POLICY_TIMEOUT": "30"}})
 
 
 @pytest.fixture
@@ -456,19 +460,42 @@ def test_repeated_auth_uses_the_cache_and_a_burst_of_logins_neither_stalls_nor_b
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
+    # The 16 sessions are opened (EHLO, STARTTLS) first and send AUTH together once all are: the
+    # burst is of password checks, not of TLS handshakes on the frontend's loop. One unknown
+    # login first: the dummy hash unknown logins are checked against is made, so that each
+    # check of the burst is one hash.
+    assert auth_plain(stack, "nobody@example.test", "guess", "127.0.1.9") == 535
+    ready = threading.Barrier(17)
     base = rss_mb()
     with login(stack) as c, concurrent.futures.ThreadPoolExecutor(16) as pool:
-        burst = [pool.submit(auth_plain, stack, f"nobody{n}@example.test", "guess", f"127.0.1.{n % 8 + 1}")
+        burst = [pool.submit(timed_auth, stack, f"nobody{n}@example.test", "guess", f"127.0.1.{n % 8 + 1}", ready)
                  for n in range(16)]
-        peak, slowest = base, 0.0
+        try:
+            ready.wait(60)
+        except threading.BrokenBarrierError:
+            concurrent.futures.wait(burst)  # the session that could not be opened says why
+            for error in (f.exception() for f in burst):
+                if error is not None and not isinstance(error, threading.BrokenBarrierError):
+                    raise error from None
+            raise
+        peak, pairs = base, []
         while not all(f.done() for f in burst):
             t0 = time.perf_counter()
             assert c.mail(ALICE)[0] == 250 and c.rset()[0] == 250
-            slowest = max(slowest, time.perf_counter() - t0)
+            pairs.append(time.perf_counter() - t0)
             peak = max(peak, rss_mb())
             time.sleep(0.02)
-        assert sorted(f.result() for f in burst) == [535] * 16
-    assert slowest < 0.25, f"a MAIL/RSET pair waited {slowest * 1000:.0f} ms behind password hashing"
+        outcomes = [f.result() for f in burst]
+    assert [code for code, _ in outcomes] == [535] * 16
+    # A MAIL queued behind the hashes waits for at least a whole one (and, queued behind the
+    # burst, for several). What a hash takes is measured in this burst, under this machine's
+    # load: its 16 checks ran two at a time (password_hash_concurrency), so the last answer came
+    # after 8 hashes' time. A loaded machine slows the hashes and the pairs alike; its
+    # scheduler delays a pair by a fraction of a hash, not by one.
+    one_hash, slowest = max(seconds for _, seconds in outcomes) / 8, max(pairs)
+    assert slowest < one_hash, (
+        f"a MAIL/RSET pair waited {slowest * 1000:.0f} ms behind password hashing "
+        f"(a hash took {one_hash * 1000:.0f} ms in this burst; {len(pairs)} pairs)")
     assert peak - base < 200, f"policy grew {peak - base:.0f} MB during a burst of 16 logins"
 
 
@@ -565,14 +592,23 @@ def test_proxy_protocol_gives_policy_the_real_client(make_stack, raw):
     sock.close()
 
 
-def timed_auth(stack: Stack, user: str, password: str, source: str) -> tuple[int, float]:
-    """One AUTH PLAIN: its reply code and how long the reply took (the AUTH command alone)."""
+def timed_auth(stack: Stack, user: str, password: str, source: str,
+               ready: threading.Barrier | None = None) -> tuple[int, float]:
+    """One AUTH PLAIN: its reply code and how long the reply took (the AUTH command alone);
+    sent once every party of ``ready`` is there, when given."""
     import base64
 
     with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30, source_address=(source, 0)) as client:
-        client.ehlo("client.example.test")
-        client.starttls(context=insecure_context())
-        client.ehlo("client.example.test")
+        try:
+            client.ehlo("client.example.test")
+            client.starttls(context=insecure_context())
+            client.ehlo("client.example.test")
+        except BaseException:
+            if ready is not None:
+                ready.abort()  # the others (and the test) hear of it at once, not after the timeout
+            raise
+        if ready is not None:
+            ready.wait(60)
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         started = time.perf_counter()
         code = client.docmd("AUTH", f"PLAIN {token}")[0]
