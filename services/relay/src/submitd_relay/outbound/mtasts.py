@@ -11,6 +11,7 @@ The parsers are pure; ``StsPolicies`` does the lookups (§5), ``stsfetch`` the H
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -76,8 +77,7 @@ class StsPolicy:
 
     def lines(self) -> tuple[str, ...]:
         """The policy's lines without their terminators: TLS-RPT's "policy-string" (RFC 8460 §4.4)."""
-        lines = re.split(r"\r?\n", self.text)
-        return tuple(lines[:-1] if lines and lines[-1] == "" else lines)
+        return _lines(self.text)  # (every message's TLS result quotes them: split once per text)
 
     def matches(self, mx_host: str) -> bool:
         """Whether an MX host is one the policy names (§4.1): exactly, or by a ``*.`` pattern
@@ -148,9 +148,20 @@ _TXT = re.compile(r"v=STSv1((?:[ \t]*;[ \t]*[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[\x2
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _lines(text: str) -> tuple[str, ...]:
+    lines = re.split(r"\r?\n", text)
+    return tuple(lines[:-1] if lines and lines[-1] == "" else lines)
+
+
 def parse_txt(records: Iterable[str | bytes]) -> str | None:
     """The policy id the ``_mta-sts`` TXT records announce (each record its strings joined), or
     None: no STSv1 record, several, or an invalid one all mean "no policy announced" (§3.1)."""
+    return _parse_txt(tuple(records))
+
+
+@functools.lru_cache(maxsize=4096)  # every message to a domain reads its kept TXT answer again
+def _parse_txt(records: tuple[str | bytes, ...]) -> str | None:
     texts = [r.decode("latin-1") if isinstance(r, bytes) else r for r in records]
     announcing = [t for t in texts if re.match(r"v=STSv1[ \t]*;", t)]
     if len(announcing) != 1:
@@ -168,6 +179,7 @@ def parse_txt(records: Iterable[str | bytes]) -> str | None:
 _DOMAIN = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)+")
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every message; a pure function of the name
 def policy_domain(domain: str) -> str | None:
     """The domain in A-labels and lower case (also its KV key), or None for a name that cannot
     have a policy host."""
