@@ -270,15 +270,15 @@ def test_suspension_applies_without_restart(stack):
         c.rset()
         stack.users[SUSPENDED].extra["suspended"] = True
         stack.write_users()
-        deadline = time.monotonic() + 10
-        while True:
-            code, text = reply_of(c, f"MAIL FROM:<{SUSPENDED}>")
-            if code != 250:
-                break
-            c.rset()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert (code, text) == (550, "5.7.1 Account suspended")
+
+        def refused():
+            reply = reply_of(c, f"MAIL FROM:<{SUSPENDED}>")
+            if reply[0] == 250:
+                c.rset()
+                return None
+            return reply
+
+        assert eventually(refused, timeout=10, interval=0.2) == (550, "5.7.1 Account suspended")
     with pytest.raises(smtplib.SMTPAuthenticationError):
         login(stack, SUSPENDED, "suspended password")
 

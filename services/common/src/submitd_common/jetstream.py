@@ -174,17 +174,8 @@ async def open_kv(js: JetStreamContext, spec: KvSpec, *, every: float = 1.0):
     init container makes it before the service starts; ``make run`` and the tests likewise). A
     bucket whose configuration differs from this service's settings is used as it is, and
     said, loudly: a provisioning run with these settings brings it to them."""
-    tries = 0
-    while True:
-        try:
-            info = await js.stream_info(f"KV_{spec.bucket}")
-            break
-        except NotFoundError:
-            if tries % max(1, round(30 / every)) == 0:
-                log.warning("waiting for the %s bucket: not provisioned yet "
-                            "(`python -m submitd_<service> provision`, the chart's init container)", spec.bucket)
-            tries += 1
-            await asyncio.sleep(every)
+    info = await provisioned(lambda: js.stream_info(f"KV_{spec.bucket}"), f"the {spec.bucket} bucket",
+                             "submitd_<service>", every)
     drift = _kv_drift(spec, info.config)
     if drift:
         log.error("the %s bucket is not as this service's settings say (%s): run its provisioning "
@@ -217,33 +208,35 @@ def stream_config(cfg: QueueConfig) -> StreamConfig:
     )
 
 
-async def wait_for_queue(js: JetStreamContext, every: float = 1.0) -> None:
-    """Return once the queue stream and the body store exist (the relay's provisioning makes them)."""
+async def provisioned(lookup, what: str, service: str, every: float = 1.0):
+    """``lookup()``'s answer once what it asks for exists: waited for while NATS says it does not
+    (provisioning has not run yet), said every 30 s."""
     tries = 0
     while True:
         try:
-            await js.stream_info(STREAM)
-            await js.stream_info(f"OBJ_{BODY_BUCKET}")
-            return
+            return await lookup()
         except NotFoundError:
             if tries % max(1, round(30 / every)) == 0:
-                log.info("waiting for the queue stream (the relay's provisioning makes it)")
+                log.warning("waiting for %s: not provisioned yet (`python -m %s provision`, the chart's "
+                            "init container)", what, service)
         tries += 1
         await asyncio.sleep(every)
+
+
+async def wait_for_queue(js: JetStreamContext, every: float = 1.0) -> None:
+    """Return once the queue stream and the body store exist (the relay's provisioning makes them)."""
+
+    async def both():
+        await js.stream_info(STREAM)
+        await js.stream_info(f"OBJ_{BODY_BUCKET}")
+
+    await provisioned(both, "the queue stream and the body store", "submitd_relay", every)
 
 
 async def wait_for_consumer(js: JetStreamContext, durable: str = RELAY_DURABLE, every: float = 1.0):
     """The queue's durable consumer as the relay's provisioning made it, waited for."""
-    tries = 0
-    while True:
-        try:
-            return await js.consumer_info(STREAM, durable)
-        except NotFoundError:
-            if tries % max(1, round(30 / every)) == 0:
-                log.warning("waiting for the queue's %s consumer: not provisioned yet "
-                            "(`python -m submitd_relay provision`, the chart's init container)", durable)
-        tries += 1
-        await asyncio.sleep(every)
+    return await provisioned(lambda: js.consumer_info(STREAM, durable), f"the queue's {durable} consumer",
+                             "submitd_relay", every)
 
 
 async def ensure_queue(js: JetStreamContext, cfg: QueueConfig, *, update: bool = True) -> None:

@@ -63,7 +63,7 @@ async def amain() -> None:
     health.add_check("users_file", lambda: os.access(settings.users_file, os.R_OK))
     app_passwords = None
     if settings.app_passwords:  # every replica's own mirror of the bucket submitctl writes
-        app_passwords = AppPasswords(nc, replicas=settings.replicas, resync_seconds=settings.app_passwords_resync_seconds,
+        app_passwords = AppPasswords(nc, resync_seconds=settings.app_passwords_resync_seconds,
                                      last_used_seconds=settings.app_passwords_last_used_seconds)
         await app_passwords.start()
     service = PolicyService(settings, users, rates, authfail, known, app_passwords=app_passwords)

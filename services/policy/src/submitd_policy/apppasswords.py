@@ -33,6 +33,7 @@ from submitd_common.apppasswords import AppPassword
 from submitd_common.jetstream import APPPASSWORDS_BUCKET
 
 from .directories.base import DirectoryUnavailable
+from .localcopy import LocalCopy
 
 log = logging.getLogger("submitd.policy")
 
@@ -46,25 +47,21 @@ class AppPasswordsUnavailable(DirectoryUnavailable):
     """The password is one of the login's app passwords, but the mirror may be stale: 454."""
 
 
-class AppPasswords:
-    def __init__(self, nc, *, replicas: int = 1, last_used_seconds: float = 60, resync_seconds: float = 300,
-                 clock=time.time) -> None:
-        self.nc = nc
+class AppPasswords(LocalCopy):
+    what = "app passwords"
+
+    def __init__(self, nc, *, last_used_seconds: float = 60, resync_seconds: float = 300, clock=time.time) -> None:
+        super().__init__(nc, resync_seconds)
         self.js = nc.jetstream()
-        self.replicas = replicas
         self.last_used_seconds = last_used_seconds
-        self.resync_seconds = resync_seconds
         self.clock = clock
         self.kv = None
         self._entries: dict[str, dict[str, AppPassword]] = {}  # login hash -> id -> record
         self._used: dict[str, int] = {}  # used.* key -> last used (unix seconds), as stored
         self._written: dict[str, float] = {}  # used.* key -> when this replica last wrote it
         self._buffer: list[tuple[str, str | None, bytes]] | None = None  # changes seen during a read
-        self._loaded_at: float | None = None  # monotonic time of the last whole read
-        self._loaded_reconnects = -1
         self._sub = None
         self._tasks: set[asyncio.Task] = set()
-        self._supervisor: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -73,11 +70,7 @@ class AppPasswords:
         What fails is retried in the background: meanwhile no app password is accepted, and
         policy serves main passwords as ever."""
         self._sub = await self.nc.subscribe(f"{_PREFIX}>", cb=self._on_change)
-        try:
-            await asyncio.wait_for(self.reload(), timeout)
-        except Exception as e:
-            log.warning("app passwords not read yet: %s", type(e).__name__)
-        self._supervisor = asyncio.create_task(self._keep_current())
+        await self._start_reading(timeout)
 
     async def _open(self):
         # As provisioning made it (streams.app_passwords); until then reload() fails and is retried.
@@ -92,13 +85,6 @@ class AppPasswords:
                 await self._sub.unsubscribe()
             except Exception:  # (a closing connection)
                 pass
-
-    @property
-    def current(self) -> bool:
-        """Whether the mirror holds every change: read whole since the last reconnection, and
-        the connection up (so that no revocation can have been missed)."""
-        return (self._loaded_at is not None and self.nc.is_connected
-                and self.nc.stats["reconnects"] == self._loaded_reconnects)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
@@ -207,24 +193,7 @@ class AppPasswords:
         finally:
             self._buffer = None
         self._entries, self._used = entries, used
-        self._loaded_at, self._loaded_reconnects = time.monotonic(), reconnects
+        self._loaded(reconnects)
         ENTRIES.set(len(self))
         RELOADS.labels("ok").inc()
 
-    async def _keep_current(self, every: float = 0.5) -> None:
-        failures = 0
-        while True:
-            await asyncio.sleep(min(every * 2 ** failures, 10))
-            if not self.nc.is_connected:
-                continue
-            stale = self._loaded_at is None or self.nc.stats["reconnects"] != self._loaded_reconnects
-            if not stale and time.monotonic() - self._loaded_at < self.resync_seconds:
-                continue
-            try:
-                await self.reload()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                failures = min(failures + 1, 5)
-                log.warning("app passwords not read: %s", type(e).__name__)

@@ -37,6 +37,8 @@ from prometheus_client import Counter, Gauge
 
 from submitd_common.jetstream import mirror_subject
 
+from .localcopy import LocalCopy
+
 log = logging.getLogger("submitd.policy")
 
 ENTRIES = Gauge("submitd_policy_mirror_entries", "Counters in this replica's mirror of a KV bucket", ["bucket"])
@@ -50,14 +52,14 @@ class NotRepublished(RuntimeError):
     """The bucket's writes are not republished where the mirror listens: it would never hear one."""
 
 
-class KvMirror:
+class KvMirror(LocalCopy):
     def __init__(self, nc, bucket: str, keys: str = ">", *, resync_seconds: float = 300.0,
                  unheard_seconds: float = UNHEARD_SECONDS, clock=time.time) -> None:
-        self.nc = nc
+        super().__init__(nc, resync_seconds)
         self.js = nc.jetstream()
         self.bucket, self.keys = bucket, keys
+        self.what = f"mirror of {bucket}"
         self.stream = f"KV_{bucket}"
-        self.resync_seconds = resync_seconds
         self.unheard_seconds = unheard_seconds
         self.clock = clock
         self.max_age = 0.0  # the bucket's, from its configuration at each whole read (0: none)
@@ -65,13 +67,10 @@ class KvMirror:
         self._covered = keys.removesuffix(">")  # the keys mirrored: those starting with this
         self._entries: dict[str, tuple[int | None, int, float]] = {}  # key -> (value, revision, written)
         self._buffer: list[tuple[str, int | None, int, float]] | None = None  # applied during a read
-        self._loaded_at: float | None = None  # monotonic time of the last whole read
-        self._loaded_reconnects = -1
         self._heard = 0  # the newest revision heard from the server (its copy may come before KV's ack)
         self._unheard: tuple[int, float] | None = None  # an own write's revision, and when, not heard back yet
         self._deaf = False  # an own write was never heard back: answer nothing until a message comes
         self._sub = None
-        self._supervisor: asyncio.Task | None = None
         self._swept = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -80,11 +79,7 @@ class KvMirror:
         """Follow the bucket and read it whole; what fails is retried in the background (the
         counters read KV meanwhile)."""
         self._sub = await self.nc.subscribe(mirror_subject(self.bucket, self.keys), cb=self._on_message)
-        try:
-            await asyncio.wait_for(self.reload(), timeout)
-        except Exception as e:
-            log.warning("mirror of %s not read yet: %s", self.bucket, type(e).__name__)
-        self._supervisor = asyncio.create_task(self._keep_current())
+        await self._start_reading(timeout)
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -104,9 +99,9 @@ class KvMirror:
 
     @property
     def current(self) -> bool:
-        """Read whole since the last reconnection, and connected: no write can have been missed."""
-        return (self._loaded_at is not None and not self._deaf and self.nc.is_connected
-                and self.nc.stats["reconnects"] == self._loaded_reconnects)
+        """Read whole since the last reconnection, connected, and hearing its own writes: no write
+        can have been missed."""
+        return LocalCopy.current.fget(self) and not self._deaf
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -199,7 +194,7 @@ class KvMirror:
             self._buffer = None
         self._entries = entries
         self.max_age = config.get("max_age", 0) / 1e9  # nanoseconds
-        self._loaded_at, self._loaded_reconnects = time.monotonic(), reconnects
+        self._loaded(reconnects)
         ENTRIES.labels(self.bucket).set(len(entries))
         RELOADS.labels(self.bucket, "ok").inc()
 
@@ -235,27 +230,11 @@ class KvMirror:
                       "NATS user subscribe to %s?)", self.bucket, mirror_subject(self.bucket, self.keys))
             self._unheard, self._deaf = None, True
 
-    async def _keep_current(self, every: float = 0.5) -> None:
-        failures = 0
-        while True:
-            await asyncio.sleep(min(every * 2 ** failures, 10))
-            if time.monotonic() - self._swept >= 30:
-                self._swept = time.monotonic()
-                self.sweep()
-            self.check_heard()
-            if not self.nc.is_connected:
-                continue
-            stale = self._loaded_at is None or self.nc.stats["reconnects"] != self._loaded_reconnects
-            if not stale and time.monotonic() - self._loaded_at < self.resync_seconds:
-                continue
-            try:
-                await self.reload()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                failures = min(failures + 1, 5)
-                log.warning("mirror of %s not read: %s: %s", self.bucket, type(e).__name__, e)
+    def _tick(self) -> None:
+        if time.monotonic() - self._swept >= 30:
+            self._swept = time.monotonic()
+            self.sweep()
+        self.check_heard()
 
 
 def _count(data: bytes) -> int | None:
