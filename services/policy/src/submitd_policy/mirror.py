@@ -101,7 +101,7 @@ class KvMirror(LocalCopy):
     def current(self) -> bool:
         """Read whole since the last reconnection, connected, and hearing its own writes: no write
         can have been missed."""
-        return LocalCopy.current.fget(self) and not self._deaf
+        return not self._deaf and super().current
 
     def __len__(self) -> int:
         return len(self._entries)
