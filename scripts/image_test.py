@@ -586,7 +586,8 @@ def submit_and_check(cluster: Cluster, docs: list[dict], deployments: dict, sink
 def check_callers(cluster: Cluster) -> None:
     """The chart's mTLS between the containers, with the chart's certificates: policy answers a
     session from the frontend's certificate and refuses the relay's; the rewriter answers the
-    relay's on Rewrite (its reports) and refuses it on RewriteWhole (PERMISSION_DENIED)."""
+    relay's on Rewrite (its reports) and refuses it on RewriteWhole, and the frontend's on Rewrite
+    (it may only have messages queued: PERMISSION_DENIED)."""
     import grpc
 
     from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2, rewriter_pb2_grpc
@@ -629,8 +630,9 @@ def check_callers(cluster: Cluster) -> None:
     refused(policy, "relay")
     rewriter("relay", "Rewrite")
     refused(rewriter, "relay", "RewriteWhole")
+    refused(rewriter, "frontend", "Rewrite")
     print("  policy: frontend answered, relay PERMISSION_DENIED; rewriter: relay's Rewrite answered, "
-          "its RewriteWhole PERMISSION_DENIED")
+          "its RewriteWhole and the frontend's Rewrite PERMISSION_DENIED")
 
 
 def run_helm_test(cluster: Cluster, docs: list[dict]) -> None:

@@ -24,7 +24,8 @@ from submitd_devkit.testing.waiting import eventually
 from test_chart import CHART, KUBERNETES, by_kind, load, render
 
 SERVICES = ("frontend", "policy", "rewriter", "relay")
-ALLOWED = {"policy": ["mail-submitd-frontend"], "rewriter": ["mail-submitd-frontend", "mail-submitd-relay:Rewrite"]}
+ALLOWED = {"policy": ["mail-submitd-frontend"],
+           "rewriter": ["mail-submitd-frontend:SubmitMany", "mail-submitd-frontend:Submit", "mail-submitd-relay:Rewrite"]}
 
 
 def container(docs: list[dict], service: str) -> dict:
@@ -123,7 +124,7 @@ def test_callers_follow_the_calls_flags_of_any_service():
     assert "mail-submitd-archiver-grpc-tls" in by_kind(docs, "Secret")
     assert json.loads(env_of(docs, "rewriter")["GRPC_ALLOWED_CALLERS"]) == ALLOWED["rewriter"]
     frontend_only = render({"services": {"relay": {"calls": []}}})
-    assert json.loads(env_of(frontend_only, "rewriter")["GRPC_ALLOWED_CALLERS"]) == ["mail-submitd-frontend"]
+    assert json.loads(env_of(frontend_only, "rewriter")["GRPC_ALLOWED_CALLERS"]) == ALLOWED["rewriter"][:2]
     assert "mail-submitd-relay-grpc-tls" not in by_kind(frontend_only, "Secret"), "no gRPC, no certificate"
     for doc in docs:
         if doc["kind"] in ("Secret", "Deployment"):

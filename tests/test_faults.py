@@ -51,7 +51,7 @@ def grpc_status(stack: Stack, port: int) -> int:
 
 
 def test_nats_lost_before_end_of_data_gives_451_then_retry_is_delivered_once(make_stack):
-    stack: Stack = make_stack(env={"frontend": {"PUBLISH_TIMEOUT": "2"}})
+    stack: Stack = make_stack(env={"rewriter": {"PUBLISH_TIMEOUT": "2"}})
     with logged_in(stack) as client:
         client.mail(ALICE)
         client.rcpt("bob@example.net")
@@ -165,11 +165,16 @@ def test_health_follows_nats(make_stack):
     assert readyz(p.frontend_http)[0] == 200 and readyz(p.relay_http)[0] == 200
     assert grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.SERVING
     stack.nats.stop()
+    # The rewriter writes the queue: unready without NATS, and the frontend (which has no NATS
+    # of its own) unready because its rewriter is.
+    eventually(lambda: readyz(p.rewriter_http)[0] == 503)
+    assert readyz(p.rewriter_http)[1]["checks"]["nats"] is False
     eventually(lambda: readyz(p.frontend_http)[0] == 503)
-    assert readyz(p.frontend_http)[1]["checks"]["nats"] is False
+    assert readyz(p.frontend_http)[1]["checks"]["rewriter"] is False
     eventually(lambda: readyz(p.relay_http)[0] == 503)
     eventually(lambda: grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.NOT_SERVING)
     stack.nats.start()
+    eventually(lambda: readyz(p.rewriter_http)[0] == 200)
     eventually(lambda: readyz(p.frontend_http)[0] == 200)
     eventually(lambda: readyz(p.relay_http)[0] == 200)
     eventually(lambda: grpc_status(stack, p.policy) == health_pb2.HealthCheckResponse.SERVING)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from submitd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, rewriter_pb2, rewriter_pb2_grpc
+from submitd_common.ids import new_queue_id
 from submitd_devkit.certs import CertificateAuthority
 from submitd_devkit.stack import Stack
 from submitd_devkit.testing.users import ALICE, ALICE_PASSWORD
@@ -57,21 +58,23 @@ def health(stack: Stack, port: int, credentials: grpc.ChannelCredentials) -> int
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
-def rewrite(stack: Stack, credentials: grpc.ChannelCredentials, method: str) -> None:
-    """One message through the rewriter's ``Rewrite`` stream or its ``RewriteMany``/``RewriteWhole``."""
-    envelope = common_pb2.Envelope(queue_id="direct", return_path=ALICE, authenticated_user=ALICE,
+def rewrite(stack: Stack, credentials: grpc.ChannelCredentials, method: str, *, complete: bool = True):
+    """One message through one of the rewriter's methods: ``Rewrite`` and ``RewriteWhole`` hand the
+    signed message back, ``Submit`` and ``SubmitMany`` queue it. Returns what came back."""
+    envelope = common_pb2.Envelope(queue_id=new_queue_id(), return_path=ALICE, authenticated_user=ALICE,
                                    recipients=[common_pb2.Recipient(address="bob@example.net")])
+    requests = [rewriter_pb2.RewriteRequest(envelope=envelope), rewriter_pb2.RewriteRequest(chunk=MESSAGE)]
     with grpc.secure_channel(f"127.0.0.1:{stack.ports.rewriter}", credentials) as ch:
         stub = rewriter_pb2_grpc.RewriterStub(ch)
         whole = rewriter_pb2.WholeMessage(envelope=envelope, message=MESSAGE)
         if method == "Rewrite":
-            requests = [rewriter_pb2.RewriteRequest(envelope=envelope), rewriter_pb2.RewriteRequest(chunk=MESSAGE)]
-            list(stub.Rewrite(iter(requests), timeout=10))
-        elif method == "RewriteMany":
+            return list(stub.Rewrite(iter(requests), timeout=10))
+        if method == "Submit":  # (queued only once it is said to be whole)
+            return stub.Submit(iter(requests + [rewriter_pb2.RewriteRequest(end=True)] * complete), timeout=10)
+        if method == "SubmitMany":
             batch = rewriter_pb2.WholeBatch(items=[rewriter_pb2.WholeItem(id=1, message=whole)])
-            list(stub.RewriteMany(iter([batch]), timeout=10))
-        else:
-            stub.RewriteWhole(whole, timeout=10)
+            return [r.result for b in stub.SubmitMany(iter([batch]), timeout=10) for r in b.replies]
+        return stub.RewriteWhole(whole, timeout=10)
 
 
 def refused_in_log(stack: Stack, service: str) -> list[tuple[str, str]]:
@@ -131,14 +134,24 @@ def test_the_rewriter_signs_the_relays_reports_and_takes_nothing_else_from_it(ma
 
     # The relay may ask for Rewrite alone: a user's message through the frontend's methods, no.
     relay = stack.grpc_credentials("relay")
-    for method in ("RewriteMany", "RewriteWhole"):
+    for method in ("SubmitMany", "Submit", "RewriteWhole"):
         assert refusal(lambda: rewrite(stack, relay, method)) == grpc.StatusCode.PERMISSION_DENIED, method
+    # The frontend may only have what it signs queued: never a signed message handed back to it.
+    frontend = stack.grpc_credentials("frontend")
+    for method in ("Rewrite", "RewriteWhole"):
+        assert refusal(lambda: rewrite(stack, frontend, method)) == grpc.StatusCode.PERMISSION_DENIED, method
     # Policy never calls the rewriter; its certificate may not.
     assert refusal(lambda: rewrite(stack, stack.grpc_credentials("policy"), "Rewrite")) == grpc.StatusCode.PERMISSION_DENIED
-    rewrite(stack, stack.grpc_credentials("frontend"), "RewriteWhole")  # the same call, by the frontend
+    [answer] = rewrite(stack, frontend, "SubmitMany")  # the frontend's own call: queued
+    assert answer.queued
+    assert rewrite(stack, frontend, "Submit").queued
+    cut = rewrite(stack, frontend, "Submit", complete=False)  # a stream that just stops is no message
+    assert (cut.WhichOneof("result"), cut.reply.code) == ("reply", 451)
     assert refused_in_log(stack, "rewriter") == [
-        ("relay", "/submitd.v1.Rewriter/RewriteMany"), ("relay", "/submitd.v1.Rewriter/RewriteWhole"),
-        ("policy", "/submitd.v1.Rewriter/Rewrite")]
+        ("relay", "/submitd.v1.Rewriter/SubmitMany"), ("relay", "/submitd.v1.Rewriter/Submit"),
+        ("relay", "/submitd.v1.Rewriter/RewriteWhole"), ("frontend", "/submitd.v1.Rewriter/Rewrite"),
+        ("frontend", "/submitd.v1.Rewriter/RewriteWhole"), ("policy", "/submitd.v1.Rewriter/Rewrite")]
+    eventually(lambda: len(stack.sink.handler.messages) == 4, 30)  # and delivered
 
 
 def test_a_certificate_from_another_ca_is_refused_at_the_handshake(make_stack, tmp_path):
@@ -147,8 +160,8 @@ def test_a_certificate_from_another_ca_is_refused_at_the_handshake(make_stack, t
     cert, key = CertificateAuthority(tmp_path / "other-ca").issue("frontend")
     impostor = grpc.ssl_channel_credentials(ca, key.read_bytes(), cert.read_bytes())
     assert refusal(lambda: login_at_policy(stack, impostor)) == grpc.StatusCode.UNAVAILABLE
-    assert refusal(lambda: rewrite(stack, impostor, "RewriteWhole")) == grpc.StatusCode.UNAVAILABLE
+    assert refusal(lambda: rewrite(stack, impostor, "SubmitMany")) == grpc.StatusCode.UNAVAILABLE
     assert refusal(lambda: health(stack, stack.ports.policy, impostor)) == grpc.StatusCode.UNAVAILABLE
     # The stack's own "frontend" certificate, on the same calls, is answered.
     assert login_at_policy(stack, stack.grpc_credentials("frontend"))[1].authenticated_user == ALICE
-    rewrite(stack, stack.grpc_credentials("frontend"), "RewriteWhole")
+    assert rewrite(stack, stack.grpc_credentials("frontend"), "SubmitMany")[0].queued

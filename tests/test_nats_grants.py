@@ -25,7 +25,7 @@ from submitd_devkit.stack import nats_server_binary
 
 from test_chart import CHART, by_kind, render
 
-PASSWORDS = {"frontend": "pw-frontend", "policy": "pw-policy", "relay": "pw-relay", "rewriter": "pw-rewriter",
+PASSWORDS = {"rewriter": "pw-rewriter", "policy": "pw-policy", "relay": "pw-relay", "frontend": "pw-frontend",
              "submitctl": "pw-submitctl", "provision": "pw-provision"}
 
 
@@ -41,17 +41,17 @@ def test_only_services_that_use_nats_get_a_user_and_a_way_out():
         "nats": {"publish": ["archive.>"], "subscribe": ["_INBOX_archiver.>"]}}}})
     env = {name.removeprefix("mail-submitd-"): {e["name"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
            for name, d in by_kind(docs, "Deployment").items()}
-    assert not any("NATS" in e for e in env["rewriter"]), "the rewriter has no business on NATS"
-    for service in ("frontend", "policy", "relay", "archiver"):
+    assert not any("NATS" in e for e in env["frontend"]), "the frontend has no business on NATS"
+    for service in ("rewriter", "policy", "relay", "archiver"):
         assert f"SUBMITD_{service.upper()}_NATS_USER" in env[service]
         assert f"SUBMITD_{service.upper()}_NATS_INBOX_PREFIX" in env[service], "replies on its own inbox"
     # (and submitctl, the operator's app-password tool, which is no service: no Deployment, no way out)
     assert set(by_kind(docs, "Secret")["mail-submitd-nats-auth"]["data"]) == {
-        "frontend", "policy", "relay", "archiver", "submitctl", "provision"}
+        "rewriter", "policy", "relay", "archiver", "submitctl", "provision"}
     conf = by_kind(docs, "ConfigMap")["mail-submitd-nats"]["data"]["nats.conf"]
     assert '{user: archiver, password: $ARCHIVER_PASSWORD, permissions: {publish: {allow: ["archive.>"]}' in conf
     clients = by_kind(docs, "NetworkPolicy")["mail-submitd-nats-clients"]["spec"]["podSelector"]["matchExpressions"]
-    assert set(clients[1]["values"]) == {"frontend", "policy", "relay", "archiver"}
+    assert set(clients[1]["values"]) == {"rewriter", "policy", "relay", "archiver"}
 
 
 def test_only_the_init_containers_hold_the_provisioning_password():
@@ -150,26 +150,26 @@ def buckets(ttl: float = 60) -> list[jetstream.KvSpec]:
 
 
 async def _grants(url: str) -> None:
-    frontend = await As("frontend").connect(url)
+    rewriter = await As("rewriter").connect(url)
     policy = await As("policy").connect(url)
     relay = await As("relay").connect(url)
     provisioner = await As("provision").connect(url)
 
     # What each does in production, allowed. Provisioning makes the queue, the body store, every
     # bucket and the relay's consumer, and brings them to changed settings on the next start;
-    # the services open what it made. The frontend writes a body and queues an entry.
+    # the services open what it made. The rewriter writes a body and queues an entry.
     await provision.provision(provisioner.js, queue=jetstream.QueueConfig(), buckets=buckets(), consumers=[RELAY_CONSUMER])
     await provision.provision(provisioner.js, queue=jetstream.QueueConfig(max_bytes=1 << 29), buckets=buckets(120),
                               consumers=[RELAY_CONSUMER])
     assert (await relay.js.stream_info(jetstream.STREAM)).config.max_bytes == 1 << 29
-    await asyncio.wait_for(jetstream.wait_for_queue(frontend.js), 5)
-    writer = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q1", timeout=2)
+    await asyncio.wait_for(jetstream.wait_for_queue(rewriter.js), 5)
+    writer = BodyWriter(rewriter.js, jetstream.BODY_BUCKET, "q1", timeout=2)
     await writer.write(b"Subject: x\r\n\r\nbody\r\n")
     await writer.close()
-    await frontend.js.publish(jetstream.SUBMIT_SUBJECT, b"entry", timeout=2)
-    # A write the frontend abandons: it asks the relay, which removes the chunks.
+    await rewriter.js.publish(jetstream.SUBMIT_SUBJECT, b"entry", timeout=2)
+    # A write the rewriter abandons: it asks the relay, which removes the chunks.
     abandoned = await relay.nc.subscribe(jetstream.ABANDONED_SUBJECT, queue="relay")
-    dropped = BodyWriter(frontend.js, jetstream.BODY_BUCKET, "q2", timeout=2, abandon=lambda nuid: frontend.nc.publish(
+    dropped = BodyWriter(rewriter.js, jetstream.BODY_BUCKET, "q2", timeout=2, abandon=lambda nuid: rewriter.nc.publish(
         jetstream.ABANDONED_SUBJECT, json.dumps({"nuid": nuid}).encode()))
     await dropped.write(b"x" * (300 << 10))
     await dropped.abort()
@@ -204,8 +204,8 @@ async def _grants(url: str) -> None:
     await msg.ack_sync(timeout=2)
     await relay.nc.publish(f"{jetstream.EVENTS_PREFIX}.delivered", b"{}")
     await relay.nc.flush(2)
-    assert not frontend.errors + policy.errors + relay.errors + provisioner.errors
-    for c in (frontend, policy, relay, provisioner):
+    assert not rewriter.errors + policy.errors + relay.errors + provisioner.errors
+    for c in (rewriter, policy, relay, provisioner):
         c.js = c.nc.jetstream(timeout=0.5)  # a refused API request is never answered
 
     # No service may write a stream's or a consumer's configuration: with it, it could copy any
@@ -245,25 +245,25 @@ async def _grants(url: str) -> None:
     await provisioner.refused("delete the queue", lambda: provisioner.js.delete_stream(jetstream.STREAM))
     await provisioner.refused("make another stream", lambda: provisioner.js.add_stream(name="X", subjects=["x.>"]))
 
-    # The frontend writes new entries and bodies and nothing more: it may not consume the queue,
+    # The rewriter writes new entries and bodies and nothing more: it may not consume the queue,
     # change or purge the stream or the body store, read bodies (other users' mail) or entries,
     # delete anything, create a stream, or read the policy's or the relay's buckets.
-    await frontend.refused("consume the queue", lambda: frontend.js.add_consumer(
+    await rewriter.refused("consume the queue", lambda: rewriter.js.add_consumer(
         jetstream.STREAM, config=ConsumerConfig(durable_name="thief")))
-    await frontend.refused("shorten the queue's max age", lambda: frontend.js.update_stream(
+    await rewriter.refused("shorten the queue's max age", lambda: rewriter.js.update_stream(
         jetstream.stream_config(jetstream.QueueConfig())))
-    await frontend.refused("create the queue", lambda: jetstream.ensure_queue(frontend.js, jetstream.QueueConfig()))
-    await frontend.refused("purge the bodies", lambda: frontend.js.purge_stream(f"OBJ_{jetstream.BODY_BUCKET}"))
-    await frontend.refused("purge one body's chunks", lambda: purge_abandoned(frontend.js, jetstream.BODY_BUCKET, "A" * 22))
-    await frontend.refused("read a stored body", lambda: _read(frontend))
-    await frontend.refused("read a queue entry", lambda: frontend.js.get_msg(jetstream.STREAM, 1))
-    await frontend.refused("read a queue entry directly", lambda: frontend.js.get_msg(jetstream.STREAM, 1, direct=True))
-    await frontend.refused("delete a queue entry", lambda: frontend.js.delete_msg(jetstream.STREAM, 1))
-    await frontend.refused("create another stream", lambda: frontend.js.add_stream(name="X", subjects=["x.>"]))
-    await frontend.refused("write a delivery record", lambda: frontend.nc.publish(f"$KV.{jetstream.DELIVERY_BUCKET}.q1", b"{}"))
-    await frontend.refused("listen to the queue", lambda: frontend.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
-    await frontend.refused("read lockouts", lambda: frontend.js.key_value(jetstream.AUTHFAIL_BUCKET))
-    await frontend.refused("delete the queue", lambda: frontend.js.delete_stream(jetstream.STREAM))
+    await rewriter.refused("create the queue", lambda: jetstream.ensure_queue(rewriter.js, jetstream.QueueConfig()))
+    await rewriter.refused("purge the bodies", lambda: rewriter.js.purge_stream(f"OBJ_{jetstream.BODY_BUCKET}"))
+    await rewriter.refused("purge one body's chunks", lambda: purge_abandoned(rewriter.js, jetstream.BODY_BUCKET, "A" * 22))
+    await rewriter.refused("read a stored body", lambda: _read(rewriter))
+    await rewriter.refused("read a queue entry", lambda: rewriter.js.get_msg(jetstream.STREAM, 1))
+    await rewriter.refused("read a queue entry directly", lambda: rewriter.js.get_msg(jetstream.STREAM, 1, direct=True))
+    await rewriter.refused("delete a queue entry", lambda: rewriter.js.delete_msg(jetstream.STREAM, 1))
+    await rewriter.refused("create another stream", lambda: rewriter.js.add_stream(name="X", subjects=["x.>"]))
+    await rewriter.refused("write a delivery record", lambda: rewriter.nc.publish(f"$KV.{jetstream.DELIVERY_BUCKET}.q1", b"{}"))
+    await rewriter.refused("listen to the queue", lambda: rewriter.nc.subscribe(f"{jetstream.SUBJECT_PREFIX}.>"))
+    await rewriter.refused("read lockouts", lambda: rewriter.js.key_value(jetstream.AUTHFAIL_BUCKET))
+    await rewriter.refused("delete the queue", lambda: rewriter.js.delete_stream(jetstream.STREAM))
     # The policy has its three buckets only.
     await policy.refused("queue a message", lambda: policy.js.publish(jetstream.SUBMIT_SUBJECT, b"x", timeout=1))
     await policy.refused("read delivery records", lambda: policy.js.key_value(jetstream.DELIVERY_BUCKET))
@@ -282,22 +282,22 @@ async def _grants(url: str) -> None:
     await relay.refused("read where users log in from", lambda: relay.js.key_value(jetstream.AUTHKNOWN_BUCKET))
     await relay.refused("clear a lockout", lambda: relay.nc.publish(f"$KV.{jetstream.AUTHFAIL_BUCKET}.login", b"0"))
     await relay.refused("follow the lockouts", lambda: relay.nc.subscribe(jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET)))
-    await frontend.refused("follow the lockouts", lambda: frontend.nc.subscribe(
+    await rewriter.refused("follow the lockouts", lambda: rewriter.nc.subscribe(
         jetstream.mirror_subject(jetstream.AUTHFAIL_BUCKET)))
     await relay.refused("purge the queue", lambda: relay.js.purge_stream(jetstream.STREAM))
     await relay.refused("delete the queue", lambda: relay.js.delete_stream(jetstream.STREAM))
     # Nobody hears another's replies.
-    for me, other in ((frontend, "relay"), (relay, "policy"), (policy, "frontend")):
+    for me, other in ((rewriter, "relay"), (relay, "policy"), (policy, "rewriter")):
         await me.refused("read others' replies", lambda: me.nc.subscribe(f"{natsauth.inbox_prefix(other)}.>"))
         await me.refused("read every reply", lambda: me.nc.subscribe("_INBOX.>"))
-    for c in (frontend, policy, relay, provisioner):
+    for c in (rewriter, policy, relay, provisioner):
         await c.nc.close()
 
-    # The rewriter has no user at all (the Secret holds none for it).
+    # The frontend has no user at all (the Secret holds none for it).
     host, port = url.removeprefix("nats://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     assert (await reader.readline()).startswith(b"INFO ")
-    writer.write(b'CONNECT {"user":"rewriter","pass":"%s","verbose":false}\r\nPING\r\n' % PASSWORDS["rewriter"].encode())
+    writer.write(b'CONNECT {"user":"frontend","pass":"%s","verbose":false}\r\nPING\r\n' % PASSWORDS["frontend"].encode())
     assert (await reader.readline()).lower() == b"-err 'authorization violation'\r\n"
     writer.close()
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 
 import nats
 import pytest
@@ -90,10 +91,10 @@ def test_no_entry_in_flight_is_taken_for_stranded(make_stack, sink):
 
 
 def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
-    """NATS stalls (SIGSTOP) while it stores a message: the frontend answers 451 at its publish
-    timeout; when NATS goes on, the stored entry is withdrawn before the relay may send it, and
-    the client's second try is the one copy delivered."""
-    stack = make_stack(env={"frontend": {"PUBLISH_TIMEOUT": "2"}, "relay": {"STRANDED_CHECK_INTERVAL": "1"}})
+    """NATS stalls (SIGSTOP) while it stores a message: the rewriter gives up at its publish
+    timeout and the client is told 451; when NATS goes on, the stored entry is withdrawn before
+    the relay may send it, and the client's second try is the one copy delivered."""
+    stack = make_stack(env={"rewriter": {"PUBLISH_TIMEOUT": "2"}, "relay": {"STRANDED_CHECK_INTERVAL": "1"}})
     stack.stop_service("relay")  # so that only the withdrawal decides
     message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: twice?\r\n\r\nbody\r\n"
     with logged_in(stack) as client:
@@ -108,13 +109,48 @@ def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
         finally:
             os.kill(stack.nats.proc.pid, signal.SIGCONT)
         assert code == 451, text
-        eventually(lambda: sample(stack.ports.frontend_http, "submitd_frontend_withdrawals_total", outcome="stored") == 1, 20)
+        eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total", outcome="stored") == 1, 20)
         client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
     stack.start(services=("relay",))
     eventually(lambda: queue_depth(stack) == 0, 30)
     eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 10)
     sink.handler.wait_for(1, 20)
     assert len(sink.handler.messages) == 1, "the withdrawn copy never left"
+
+
+def test_a_message_the_frontend_gave_up_on_is_withdrawn_by_the_rewriter(make_stack, sink):
+    """The frontend stops waiting for the rewriter (its REWRITER_TIMEOUT, here shorter than the
+    rewriter's own publish timeout) while NATS stalls on the queue entry: the client is told
+    451 and will send the message again, so the frontend withdraws its item, the rewriter
+    withdraws what NATS stored, and only the second try is delivered."""
+    stack = make_stack(env={"relay": {"STRANDED_CHECK_INTERVAL": "1"}, "rewriter": {"PUBLISH_TIMEOUT": "60"},
+                            "frontend": {"REWRITER_TIMEOUT": "2"}})
+    stack.stop_service("relay")
+    message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: given up\r\n\r\nbody\r\n"
+    with logged_in(stack) as client:
+        client.mail(ALICE)
+        client.rcpt("bob@example.net")
+        client.send(b"DATA\r\n")
+        assert client.getreply()[0] == 354
+        os.kill(stack.nats.proc.pid, signal.SIGSTOP)
+        try:
+            client.send(message + b".\r\n")
+            code, text = client.getreply()
+            assert (code, text[:5]) == (451, b"4.3.0"), text
+            # Withdrawn at once, not at the rewriter's publish timeout (60 s).
+            eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total",
+                                      outcome="requested") == 1, 5)
+        finally:
+            os.kill(stack.nats.proc.pid, signal.SIGCONT)
+        eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total",
+                                  outcome="stored") == 1, 20)
+        client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
+    stack.start(services=("relay",))
+    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 30)
+    sink.handler.wait_for(1, 20)
+    time.sleep(1)
+    assert len(sink.handler.messages) == 1, "the copy the client was told 451 for never left"
 
 
 def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, sink):

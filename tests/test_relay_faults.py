@@ -155,7 +155,7 @@ def test_two_relays_share_the_queue_and_deliver_600_messages_once_each(make_stac
 def test_nats_restarted_while_600_messages_flow_loses_none_answered_250(make_stack, sink):
     # ACK_WAIT 10 s: an ack lost while NATS restarts is redelivered after it, within the wait.
     # Entries the consumer passed while NATS restarted are looked for every 2 s (stranded.py).
-    stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"frontend": {"PUBLISH_TIMEOUT": "3"},
+    stack = make_stack(trusted_networks=["127.0.0.1/32"], env={"rewriter": {"PUBLISH_TIMEOUT": "3"},
                                                                "relay": {"ACK_WAIT": "10", "STRANDED_CHECK_INTERVAL": "2"}})
     n_threads, per_thread = 4, 150  # make fault-queue runs the long version of this
     accepted: list[str] = []

@@ -1,7 +1,8 @@
 """Settings: environment variables with one prefix per service, plus an optional YAML file.
 
-A service declares ``class Settings(ServiceSettings)`` with ``env_prefix="SUBMITD_<SVC>_"``.
-The YAML file named by ``<PREFIX>CONFIG_FILE`` supplies values the environment does not.
+A service declares ``class Settings(ServiceSettings)`` with ``env_prefix="SUBMITD_<SVC>_"``
+(``BaseServiceSettings`` for one without NATS: the frontend). The YAML file named by
+``<PREFIX>CONFIG_FILE`` supplies values the environment does not.
 """
 
 from __future__ import annotations
@@ -12,15 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, YamlConfigSettingsSource
 
 
-class ServiceSettings(BaseSettings):
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
-    nats_credentials: str | None = Field(None, description="Path to a NATS .creds file")
-    nats_user: str | None = Field(None, description="NATS user name (user/password authentication)")
-    nats_password: str | None = Field(None, description="NATS password")
-    nats_inbox_prefix: str | None = Field(
-        None, description="Prefix of this service's reply subjects (default _INBOX; the chart sets _INBOX_<service>, "
-        "the only replies its NATS grants each user)"
-    )
+class BaseServiceSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level")
     drain_seconds: float = Field(20.0, description="How long a shutdown may wait for work in flight")
     grpc_tls_cert: str | None = Field(None, description="PEM certificate for service-to-service gRPC (mTLS)")
@@ -42,6 +35,17 @@ class ServiceSettings(BaseSettings):
         if path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+
+class ServiceSettings(BaseServiceSettings):
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    nats_credentials: str | None = Field(None, description="Path to a NATS .creds file")
+    nats_user: str | None = Field(None, description="NATS user name (user/password authentication)")
+    nats_password: str | None = Field(None, description="NATS password")
+    nats_inbox_prefix: str | None = Field(
+        None, description="Prefix of this service's reply subjects (default _INBOX; the chart sets _INBOX_<service>, "
+        "the only replies its NATS grants each user)"
+    )
 
     def nats_options(self) -> dict:
         options: dict = {"servers": [u.strip() for u in self.nats_url.split(",") if u.strip()]}

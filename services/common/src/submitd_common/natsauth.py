@@ -1,11 +1,12 @@
 """Least privilege on NATS: what each service may publish and subscribe to, and nothing more.
 
-The frontend publishes queue entries and writes new bodies, nothing more (it creates, changes,
+The rewriter publishes queue entries and writes new bodies, nothing more (it creates, changes,
 purges and reads nothing); the relay consumes the queue, reads and writes bodies, keeps its
 delivery records and publishes reports and events, but cannot touch the policy's buckets; the
 policy has its three KV buckets (and follows the lockout counters' writes as the server
 republishes them), and reads the app passwords (writing only their last-used times); the
-rewriter has no NATS access at all. ``submitctl`` (the operator's side) writes and revokes app
+internet-facing frontend has no NATS access at all (its messages reach the queue through the
+rewriter). ``submitctl`` (the operator's side) writes and revokes app
 passwords and does nothing else. Each service answers on its own inbox prefix
 (``_INBOX_<service>``), so no service can listen to another's replies.
 
@@ -58,10 +59,10 @@ _APP = q.APPPASSWORDS_BUCKET
 _APP_READ = [*_stream(f"KV_{_APP}", "INFO", "MSG.GET"), *_direct_get(f"KV_{_APP}")]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
-    # Internet-facing: it publishes new entries and writes new bodies (chunks, then the object's
-    # record), and may see whether the stream is there; nothing else. No stream is created,
-    # changed or purged by it, no body read; an abandoned write's chunks go by the relay.
-    "frontend": {
+    # The queue's writer: it publishes new entries and writes new bodies (chunks, then the
+    # object's record), and may see whether the stream is there; nothing else. No stream is
+    # created, changed or purged by it, no body read; an abandoned write's chunks go by the relay.
+    "rewriter": {
         "publish": [
             q.SUBMIT_SUBJECT,
             *_stream(q.STREAM, "INFO"),
@@ -70,7 +71,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$O.{q.BODY_BUCKET}.M.>",
             q.ABANDONED_SUBJECT,
         ],
-        "subscribe": ["_INBOX_frontend.>"],
+        "subscribe": ["_INBOX_rewriter.>"],
     },
     "policy": {
         "publish": [

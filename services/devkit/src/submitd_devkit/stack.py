@@ -383,8 +383,10 @@ class Stack:
         class) over this process's environment without any other SUBMITD_ variable. With
         ``nats_user``, that NATS user's credentials instead of the service's own."""
         p = self.ports
-        values: dict = {"nats_url": self.nats.service_url, "log_level": "INFO", "drain_seconds": 10}
-        values |= {k.lower(): v for k, v in self.nats.credentials(nats_user or name).items()}
+        values: dict = {"log_level": "INFO", "drain_seconds": 10}
+        nats = self.nats.credentials(nats_user or name)
+        if nats:  # (the frontend has no NATS)
+            values |= {"nats_url": self.nats.service_url} | {k.lower(): v for k, v in nats.items()}
         if self.grpc_ca:
             values |= self.grpc_ca.credentials(name)
         if name == "policy":

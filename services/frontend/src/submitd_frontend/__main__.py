@@ -13,14 +13,14 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from submitd.v1 import policy_pb2_grpc, rewriter_pb2_grpc
-from submitd_common import grpcutil, jetstream, lifecycle
+from submitd_common import grpcutil, lifecycle
 from submitd_common.health import Health
 from submitd_common.http import health_app, serve_http, split_hostport
 from submitd_common.logs import setup_logging
 from submitd_common.telemetry import setup_telemetry
 
 from . import replies
-from .backends import QueueWriter, Rewriter
+from .backends import Rewriter
 from .policy_client import PolicyStreams
 from .settings import Settings
 from .smtp import Backends, Balancers, Sessions, SubmissionSMTP
@@ -79,7 +79,7 @@ async def drain(sessions: Sessions, seconds: float) -> None:
         await asyncio.sleep(0.05)
     if sessions.active:
         # Out of time: the rest are cut too, and given a moment to clean up after themselves
-        # (a message being streamed removes its stored chunks) while NATS is still there.
+        # (a message being streamed cancels its Submit call: the rewriter removes what it stored).
         for s in list(sessions.active):
             if s.transport is not None:
                 s.transport.abort()  # close() of a TLS transport waits for the peer's goodbye
@@ -88,7 +88,7 @@ async def drain(sessions: Sessions, seconds: float) -> None:
             await asyncio.sleep(0.05)
 
 
-# Descriptors a frontend needs besides its sessions: NATS, gRPC channels, the HTTP server,
+# Descriptors a frontend needs besides its sessions: gRPC channels, the HTTP server,
 # listeners, files, and the connections still closing.
 SPARE_DESCRIPTORS = 256
 
@@ -124,11 +124,8 @@ async def amain() -> None:
     provider = setup_telemetry("frontend")
     open_file_limit(settings)
 
-    # No publish buffering while reconnecting: a publish during an outage must fail now
-    # (the client gets 451), not be flushed later after the client was told to retry.
-    nc = await jetstream.connect("submitd-frontend", settings.nats_options(), pending_size=0)
-    # The relay's provisioning makes the queue (the frontend may not): wait for it before taking mail.
-    await jetstream.wait_for_queue(nc.jetstream())
+    # No NATS here: the rewriter queues each message (the internet-facing process holds no
+    # credentials to the queue at all).
     grpc_tls = grpcutil.MutualTLS.from_settings(settings)
     policy_ch = grpcutil.channel(settings.policy_target, grpc_tls)
     rewriter_ch = grpcutil.channel(settings.rewriter_target, grpc_tls)
@@ -144,7 +141,6 @@ async def amain() -> None:
             timeout=settings.rewriter_timeout, connect_timeout=settings.backend_connect_timeout,
             max_age=settings.backend_stream_seconds,
         ),
-        queue=QueueWriter(nc, settings.publish_timeout),
     )
 
     servers: list[asyncio.Server] = []
@@ -152,10 +148,11 @@ async def amain() -> None:
     # Ready only once the SMTP listeners are bound: /readyz must never send clients to a
     # port that refuses them.
     health.add_check("listening", lambda: bool(servers) and all(s.is_serving() for s in servers))
-    health.add_check("nats", lambda: nc.is_connected)
     health.add_check("policy", lambda: grpcutil.remote_serving(policy_ch))
     health.add_check("policy_capabilities", backends.policy.refresh_capabilities)
-    health.add_check("rewriter", lambda: grpcutil.remote_serving(rewriter_ch))
+    # The rewriter serves only while it has the queue (its NATS connection): this check is
+    # also what lets DATA be taken again after the queue was away (Rewriter.queue_available).
+    health.add_check("rewriter", backends.rewriter.serving)
     stop_health = await health.start()
     http_host, http_port = split_hostport(settings.http_listen)
     bound_http, stop_http = await serve_http(health_app(health, "submitd frontend"), http_host, http_port)
@@ -188,8 +185,6 @@ async def amain() -> None:
     await health.check_now()
     log.info("frontend ready", extra={"fields": {"http_port": bound_http}})
 
-    stopping = asyncio.Event()
-    withdrawals = asyncio.create_task(backends.queue.withdrawals.run(stopping), name="withdrawals")
     await lifecycle.wait_for_signal()
     log.info("frontend draining", extra={"fields": {"sessions": len(sessions.active)}})
     await health.set_draining()
@@ -201,11 +196,8 @@ async def amain() -> None:
     await drain(sessions, settings.drain_seconds)
     for server in servers:
         server.close()
-    stopping.set()
-    await withdrawals  # one last try for what was given up during the drain
     await stop_http()
     await stop_health()
-    await jetstream.close(nc)
     await backends.policy.close()
     await backends.rewriter.close()
     await policy_ch.close()

@@ -8,10 +8,10 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from submitd_common.config import ServiceSettings
+from submitd_common.config import BaseServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(BaseServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SUBMITD_FRONTEND_", extra="forbid")
 
     hostname: str = Field(default_factory=socket.getfqdn, description="Name in the greeting and EHLO reply")
@@ -45,7 +45,6 @@ class Settings(ServiceSettings):
         "policy and rewriter replicas added since get their share); the old one ends when idle"
     )
     rewriter_timeout: float = Field(60.0, description="Seconds to wait for the rewriter")
-    publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement")
     command_timeout: float = Field(
         300.0, description="Seconds a whole command line may take to arrive (RFC 5321 §4.5.3.2)"
     )

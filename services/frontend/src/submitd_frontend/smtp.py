@@ -24,7 +24,7 @@ from submitd.v1 import policy_pb2
 
 from . import metrics, replies
 from .aiosmtpd_adapter import abandon_tls, aiosmtpd_state, start_tls
-from .backends import QueueWriter, Rewriter
+from .backends import Rewriter
 from .policy_client import PolicyStreams
 from .session import Session
 from .settings import Settings
@@ -42,7 +42,6 @@ class Backends:
     settings: Settings
     policy: PolicyStreams
     rewriter: Rewriter
-    queue: QueueWriter
 
 
 class Sessions:

@@ -1,11 +1,12 @@
-"""One message from the client's first octet of content to its final reply: the rewriter and
-the queue, never the socket.
+"""One message from the client's first octet of content to its final reply: the rewriter (which
+queues it), never the socket.
 
 Messages of up to one chunk (64 KiB, most mail) are kept and sent whole at the end: a batched
-RewriteMany item and an inline queue entry cost a fraction of a stream. A larger message is
-streamed as it arrives (:class:`~.backends.StreamedMessage`): through the rewriter, into the
-Object Store, and queued once its last chunk is stored. Either way at most one chunk of it is
-held here, and 250 comes only after JetStream acknowledged the queue entry.
+SubmitMany item and an inline queue entry cost a fraction of a stream. A larger message is
+streamed as it arrives (:class:`~.backends.StreamedMessage`) into a Submit call: the rewriter
+writes its output into the Object Store, and queues it once its last chunk is stored. Either way
+at most one chunk of it is held here, and 250 comes only after the rewriter said JetStream
+acknowledged the queue entry.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from submitd.v1 import common_pb2
 from submitd_common.replies import render
 
 from . import metrics, replies
-from .backends import CHUNK, BackendUnavailable, StreamedMessage
+from .backends import CHUNK, REWRITER_DOWN, BackendUnavailable, StreamedMessage
 
 log = logging.getLogger("submitd.frontend")
 _CLEANUPS: set[asyncio.Future] = set()  # abandoned streams still being removed (kept from the GC)
@@ -35,7 +36,7 @@ class SessionBackends:
 
     @property
     def queue_available(self) -> bool:
-        return self.backends.queue.available
+        return self.backends.rewriter.queue_available
 
     @property
     def auth_mechanisms(self) -> list[str]:
@@ -72,7 +73,7 @@ class Submission:
                 return
             self.buffer += content
             if len(self.buffer) > CHUNK:
-                self.stream = StreamedMessage(self.backends.rewriter, self.backends.queue, self.envelope)
+                self.stream = StreamedMessage(self.backends.rewriter, self.envelope)
                 first, self.buffer = bytes(self.buffer), bytearray()
                 await self.stream.start(first)
         except BackendUnavailable as e:
@@ -100,27 +101,22 @@ class Submission:
         if self.failure:
             span.set_attribute("smtp.reply.code", int(self.failure[:3]))
             return self.failure
-        queue = self.backends.queue
         try:
-            if self.stream is None:
-                with metrics.BACKEND_LATENCY.labels("rewriter").time():
-                    final_envelope, result = await self.backends.rewriter.rewrite(self.envelope, bytes(self.buffer))
-                self.buffer = bytearray()
-                if final_envelope is None:
-                    span.set_attribute("smtp.reply.code", result.code)
-                    return render(result)
-                await queue.publish(final_envelope, result)
-            else:
-                stream, self.stream = self.stream, None
-                with metrics.BACKEND_LATENCY.labels("rewriter").time():  # from the end of data
-                    final_envelope, prefix = await stream.finish()
-                if final_envelope is None:
-                    span.set_attribute("smtp.reply.code", prefix.code)
-                    return render(prefix)
-                await queue.publish_stored(final_envelope, prefix, stream.writer)
+            with metrics.BACKEND_LATENCY.labels("rewriter").time():  # (from the end of data)
+                if self.stream is None:
+                    result = await self.backends.rewriter.submit(self.envelope, bytes(self.buffer))
+                    self.buffer = bytearray()
+                else:
+                    stream, self.stream = self.stream, None
+                    result = await stream.finish()
         except BackendUnavailable as e:
             span.set_attribute("smtp.reply.code", e.reply.code)
             return _temporary(e.reply)
+        kind = result.WhichOneof("result")
+        if kind != "queued":
+            answer = result.reply if kind == "reply" else REWRITER_DOWN
+            span.set_attribute("smtp.reply.code", answer.code)
+            return _temporary(answer) if answer.code < 500 else render(answer)
         span.set_attribute("smtp.reply.code", 250)
         return replies.queued(self.envelope.queue_id)
 

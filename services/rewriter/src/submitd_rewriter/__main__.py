@@ -1,4 +1,4 @@
-"""submitd-rewriter: the gRPC message completion and signing service.
+"""submitd-rewriter: the gRPC message completion and signing service, and the queue's writer.
 
     submitd-rewriter                                   run the service
     submitd-rewriter dkim-keygen DOMAIN SELECTOR [--algorithm rsa|ed25519] --out KEY.pem
@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
 from submitd.v1 import rewriter_pb2, rewriter_pb2_grpc
-from submitd_common import lifecycle
+from submitd_common import jetstream, lifecycle
 from submitd_common.files import WatchedFile
 from submitd_common.health import Health
 from submitd_common.logs import setup_logging
@@ -22,6 +23,7 @@ from submitd_common.users import UserDB
 
 from . import dkim
 from .rules import load_rules
+from .queue import QueueWriter
 from .service import RewriterService
 from .settings import Settings
 
@@ -50,6 +52,25 @@ async def amain() -> None:
         rules = WatchedFile(settings.rewrite_rules_file, load_rules, settings.reload_interval, name="rewrite_rules")
         stops.append(rules.start())
     health = Health([SERVICE_NAME])
+
+    # The queue's writer: SERVING only while NATS is there, told at once when it goes or comes
+    # back (the frontend's readiness, and whether it takes DATA, follow this). No publish
+    # buffering while reconnecting: a publish during an outage must fail now (the client gets
+    # 451), not be flushed later after the client was told to retry.
+    async def disconnected() -> None:
+        log.warning("nats disconnected")
+        await health.check_now()
+
+    async def reconnected() -> None:
+        log.info("nats reconnected")
+        await health.check_now()
+
+    nc = await jetstream.connect("submitd-rewriter", settings.nats_options(), pending_size=0,
+                                 disconnected_cb=disconnected, reconnected_cb=reconnected)
+    # The relay's provisioning makes the queue (the rewriter may not): wait for it before taking mail.
+    await jetstream.wait_for_queue(nc.jetstream())
+    queue = QueueWriter(nc, settings.publish_timeout)
+    health.add_check("nats", lambda: nc.is_connected)
     for name, path in (
         ("users_file", settings.users_file),
         ("dkim_keys_file", settings.dkim_keys_file),
@@ -57,11 +78,16 @@ async def amain() -> None:
     ):
         if path:
             health.add_check(name, lambda path=path: os.access(path, os.R_OK))
-    service = RewriterService(settings, users, keys, rules)
+    service = RewriterService(settings, users, keys, rules, queue)
+    stopping = asyncio.Event()
+    withdrawals = asyncio.create_task(queue.withdrawals.run(stopping), name="withdrawals")
     await lifecycle.serve_grpc(
         "rewriter", settings, health, lambda s: rewriter_pb2_grpc.add_RewriterServicer_to_server(service, s),
         [m.name for m in SERVICE.methods], dkim_domains=sorted(keys.value) if keys else [],
     )
+    stopping.set()
+    await withdrawals  # one last try for what was given up during the drain
+    await jetstream.close(nc)
     for stop in stops:
         await stop()
     provider.shutdown()

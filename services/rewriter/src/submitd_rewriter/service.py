@@ -1,11 +1,15 @@
-"""The Rewriter gRPC service: envelope and chunks in; a reject, or envelope, chunks and the
-signature fields out."""
+"""The Rewriter gRPC service: a message in, completed, signed and queued (Submit, SubmitMany: the
+frontend's), or handed back (Rewrite, RewriteWhole: the relay's reports)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
+import nats.errors
+import nats.js.errors
 from prometheus_client import Counter
 from opentelemetry import trace
 
@@ -17,6 +21,7 @@ from submitd_common.users import UserDB
 
 from . import dkim, encoding, headers
 from .message import Options, Refused, addresses_of, rewrite_header
+from .queue import QUEUE_DOWN, QueueUnavailable, QueueWriter
 from .settings import Settings
 
 tracer = trace.get_tracer("submitd.rewriter")
@@ -26,6 +31,7 @@ ACTIONS = Counter("submitd_rewriter_actions_total", "Changes the rewriter made t
 SIGNATURES = Counter("submitd_dkim_signatures_total", "DKIM signatures added", ["algorithm"])
 REFUSED = Counter("submitd_rewriter_refused_total", "Messages the rewriter refused", ["code"])
 TOO_LARGE = reply(552, "5.3.4", "Message header section too large")
+GIVEN_UP = reply(451, "4.3.0", "Message incomplete, not queued")
 
 
 class RewriterService(rewriter_pb2_grpc.RewriterServicer):
@@ -35,8 +41,10 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         users: WatchedFile[UserDB] | None = None,
         keys: WatchedFile[dict[str, list[dkim.Key]]] | None = None,
         rules: WatchedFile | None = None,
+        queue: QueueWriter | None = None,
     ) -> None:
         self.settings = settings
+        self.queue = queue
         self.users = users
         self.keys = keys
         self.rules = rules
@@ -111,20 +119,144 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         with server_call(tracer, "/submitd.v1.Rewriter/RewriteWhole", context):
             return self.rewrite_whole(request)
 
-    async def RewriteMany(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Whole messages of many sessions on one stream; each batch is answered in one reply
-        message (rewriting is CPU only, so there is nothing to wait for in between)."""
-        async for batch in request_iterator:
-            replies = []
-            for item in batch.items:
-                with tracer.start_as_current_span(
-                    "submitd.v1.Rewriter/RewriteMany", context=extract_context(item.trace_context),
-                    kind=trace.SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.service": "submitd.v1.Rewriter", "rpc.method": "RewriteMany"},
-                ):
-                    result = self.rewrite_whole(item.message)
-                replies.append(rewriter_pb2.WholeReply(id=item.id, result=result))
-            yield rewriter_pb2.WholeReplies(replies=replies)
+    async def SubmitMany(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Whole messages of many sessions on one stream, each completed, signed and queued at
+        once, and answered when JetStream stored it; the replies that are ready together leave
+        as one stream message. A withdrawn item still being queued is withdrawn; when the stream
+        ends or breaks (the frontend went), so is every item still being queued."""
+        if self.queue is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this rewriter queues nothing")
+        ready: asyncio.Queue = asyncio.Queue()
+        working: dict[int, asyncio.Task] = {}
+
+        async def one(item) -> None:
+            with tracer.start_as_current_span(
+                "submitd.v1.Rewriter/SubmitMany", context=extract_context(item.trace_context),
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": "submitd.v1.Rewriter", "rpc.method": "SubmitMany"},
+            ):
+                result = await self.submit_whole(item.message)
+            ready.put_nowait(rewriter_pb2.SubmitReply(id=item.id, result=result))
+
+        def done(item_id: int, task: asyncio.Task) -> None:
+            if working.get(item_id) is task:
+                del working[item_id]
+            if not task.cancelled() and task.exception() is not None:
+                log.error("submission failed", exc_info=task.exception())
+                ready.put_nowait(rewriter_pb2.SubmitReply(
+                    id=item_id, result=rewriter_pb2.SubmitResult(reply=QUEUE_DOWN)))
+            if not working:
+                ready.put_nowait(None)  # (wakes the writer to see whether the stream is over)
+
+        async def read() -> None:
+            try:
+                await take(request_iterator)
+            finally:
+                ready.put_nowait(None)
+
+        async def take(requests) -> None:
+            async for batch in requests:
+                for item in batch.items:
+                    if item.withdraw:
+                        task = working.get(item.id)
+                        if task is not None:
+                            task.cancel()  # the publish under way is withdrawn (QueueWriter)
+                        continue
+                    task = asyncio.create_task(one(item))
+                    working[item.id] = task
+                    task.add_done_callback(lambda t, i=item.id: done(i, t))
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                first = await ready.get()
+                replies = [first] if first is not None else []
+                while not ready.empty():
+                    more = ready.get_nowait()
+                    if more is not None:
+                        replies.append(more)
+                if replies:
+                    yield rewriter_pb2.SubmitReplies(replies=replies)
+                if reader.done() and not working and ready.empty():
+                    reader.result()  # (a broken request stream ends the call with its error)
+                    return
+        finally:
+            reader.cancel()
+            for task in list(working.values()):
+                task.cancel()
+            await asyncio.gather(reader, *working.values(), return_exceptions=True)
+
+    async def submit_whole(self, message: rewriter_pb2.WholeMessage) -> rewriter_pb2.SubmitResult:
+        result = self.rewrite_whole(message)
+        if result.WhichOneof("result") == "reject":
+            return rewriter_pb2.SubmitResult(reply=result.reject)
+        envelope = result.accepted.envelope
+        try:
+            await self.queue.publish(envelope, result.accepted.message)
+        except QueueUnavailable as e:
+            return rewriter_pb2.SubmitResult(reply=e.reply, queue_unavailable=not self.queue.available)
+        return rewriter_pb2.SubmitResult(queued=envelope.queue_id)
+
+    async def Submit(self, request_iterator, context: grpc.aio.ServicerContext) -> rewriter_pb2.SubmitResult:
+        """A larger message: its output written into the Object Store as it is produced (at most
+        a few chunks waiting for NATS: a slow queue slows the call, and so the client), then
+        its queue entry. A refusal or a failure removes what was stored; a cancelled call
+        (the client went) removes it too, or withdraws the entry if it was being published."""
+        if self.queue is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this rewriter queues nothing")
+        with server_call(tracer, "/submitd.v1.Rewriter/Submit", context):
+            writer = None
+            whole = False
+
+            async def until_the_end():
+                # Only an explicit end makes the message whole: a stream that merely stops (a
+                # cancelled call can look like one that was finished) is never queued.
+                nonlocal whole
+                async for request in request_iterator:
+                    if request.WhichOneof("part") == "end":
+                        whole = True
+                        return
+                    yield request
+
+            try:
+                envelope, prefix = None, b""
+                async for part in self._rewrite(until_the_end(), context):
+                    kind = part.WhichOneof("part")
+                    if kind == "chunk":
+                        await writer.write(part.chunk)
+                    elif kind == "envelope":
+                        envelope = part.envelope
+                        writer = self.queue.body_writer(envelope.queue_id)
+                    elif kind == "prepend":
+                        prefix = part.prepend
+                    elif kind == "reject":
+                        trace.get_current_span().set_attribute("smtp.reply.code", part.reject.code)
+                        return rewriter_pb2.SubmitResult(reply=part.reject)
+                if not whole or context.cancelled():
+                    await self._abort(writer)
+                    return rewriter_pb2.SubmitResult(reply=GIVEN_UP)
+                await writer.close()
+            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as e:
+                log.warning("queue unavailable while storing a body: %r", e)
+                await self._abort(writer)
+                return rewriter_pb2.SubmitResult(reply=QUEUE_DOWN, queue_unavailable=not self.queue.available)
+            except BaseException:
+                await self._abort(writer)
+                raise
+            try:
+                await self.queue.publish_stored(envelope, prefix, writer)
+            except QueueUnavailable as e:
+                # Not removed: the entry may be stored after all (then withdrawn); an unused body
+                # goes by the relay's orphan sweep.
+                return rewriter_pb2.SubmitResult(reply=e.reply, queue_unavailable=not self.queue.available)
+            return rewriter_pb2.SubmitResult(queued=envelope.queue_id)
+
+    @staticmethod
+    async def _abort(writer) -> None:
+        if writer is not None and not writer.closed:
+            # Shielded: a cancelled call (the client went) still removes its chunks.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(writer.abort())
 
     def rewrite_whole(self, request: rewriter_pb2.WholeMessage) -> rewriter_pb2.WholeResult:
         split = headers.split_header(request.message) or header_only(request.message)

@@ -15,8 +15,9 @@ class Settings(ServiceSettings):
     http_listen: str = Field("0.0.0.0:8080", description="/healthz, /readyz and /metrics")
     listen: str = Field("0.0.0.0:50052", description="gRPC listen address host:port")
     grpc_allowed_callers: list[str] = Field(
-        ["frontend", "relay:Rewrite"], description="Under mutual TLS, the certificate names (commonName) that may "
-        "call, NAME:Method for one method only: the frontend, and the relay for the reports it has signed",
+        ["frontend:SubmitMany", "frontend:Submit", "relay:Rewrite"], description="Under mutual TLS, the certificate "
+        "names (commonName) that may call, NAME:Method for one method only: the frontend to queue users' messages, "
+        "and the relay for the reports it has signed (and queues itself)",
     )
     message_id_domain: str = Field(
         default_factory=socket.getfqdn, description="Domain part of the Message-IDs the rewriter adds"
@@ -25,6 +26,7 @@ class Settings(ServiceSettings):
     dovecot_passwd_file: str | None = Field(None, description="The policy's Dovecot passwd-file, if any")
     dkim_keys_file: str | None = Field(None, description="YAML list of DKIM keys (domain, selector, key_file)")
     rewrite_rules_file: str | None = Field(None, description="YAML address rewriting rules (RFC 6409 §8.8)")
+    publish_timeout: float = Field(10.0, description="Seconds to wait for the queue's acknowledgement of a message")
     reload_interval: float = Field(2.0, description="Seconds between checks of the files above")
     add_date: bool = Field(True, description="RFC 6409 §8.2: add a Date header when missing")
     fix_date: bool = Field(True, description="RFC 6409 §8.2: replace a Date that does not parse")

@@ -1,16 +1,17 @@
-"""Publishes the frontend gave up on, taken back.
+"""Publishes the rewriter gave up on, taken back.
 
 A queue entry is published and the client gets 250 only on JetStream's acknowledgement. When
 that acknowledgement does not come (NATS stalled or restarting), the client is told 451 and will
 send the message again, yet the first publish may have been stored all the same: delivered, it
-would reach the recipients twice. So every publish given up on this way is withdrawn, once NATS
-answers again:
+would reach the recipients twice. The same holds for a publish whose client went while it waited
+(the frontend cancelled the Submit call, or withdrew the SubmitMany item). So every publish given
+up on this way is withdrawn, once NATS answers again:
 
 1. a marker entry is published under the message's own ``Nats-Msg-Id`` (its queue id). If the
    server had stored the message, the marker is a duplicate and the acknowledgement names the
    stored entry's sequence; otherwise the marker itself is stored, and the relay drops it;
 2. if the message was stored, a second marker (``<queue id>.withdraw``) tells the relay to
-   remove the entry at that sequence. The frontend itself may not delete queue entries (least
+   remove the entry at that sequence. The rewriter itself may not delete queue entries (least
    privilege): the relay does, and counts the ones it was too late for
    (``submitd_queue_withdrawals_total{outcome="too_late"}``, a possible duplicate).
 
@@ -29,9 +30,9 @@ from prometheus_client import Counter
 from submitd.v1 import common_pb2, queue_pb2
 from submitd_common import jetstream
 
-log = logging.getLogger("submitd.frontend")
+log = logging.getLogger("submitd.rewriter")
 WITHDRAWALS = Counter(
-    "submitd_frontend_withdrawals_total",
+    "submitd_rewriter_withdrawals_total",
     "Publishes answered 451 without an acknowledgement, by what the withdrawal found "
     "(requested; stored: the relay is told to remove it; not_stored; abandoned: NATS never answered in time)",
     ["outcome"],
