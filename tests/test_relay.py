@@ -20,7 +20,7 @@ from relay_helpers import (
 from submitd_common import jetstream
 from submitd_devkit.dns import DnsServer
 from submitd_devkit.sink import Sink
-from submitd_devkit.testing.waiting import eventually
+from submitd_devkit.testing.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -396,6 +396,48 @@ async def test_delivery_record_refuses_a_stale_write(nats_server):
         assert (await one.get("Q1")).finished == ["a@example.net", "b@example.net"]
     finally:
         await nc.close()
+
+
+async def test_a_finished_record_goes_after_its_own_time_to_live(nats_server):
+    """A record kept for the bucket's max age (days) costs nats-server memory all that while
+    (its per-subject index): a finished message's last write carries FINISHED_RECORD_SECONDS of
+    its own and goes then, subject and all; a record still in use stays."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    from submitd_relay.state import DeliveryState, StateStore
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        spec = jetstream.KvSpec(jetstream.DELIVERY_BUCKET, 3600)
+        await nats_server.provision(buckets=[spec])
+        store = StateStore(nc.jetstream(), spec, finished_ttl=1)
+        await store.open()
+        deferred, done_at_once, done_later = DeliveryState(), DeliveryState(), DeliveryState()
+        deferred.record(1, "hop", "deferred", [], {"a@example.net": "451 4.3.0 later"})
+        await store.put("DEFERRED", deferred)
+        done_at_once.record(1, "hop", "delivered", ["a@example.net"], {})
+        await store.put("AT_ONCE", done_at_once, final=True)
+        done_later.record(1, "hop", "deferred", [], {})
+        await store.put("LATER", done_later)
+        stale = await store.get("LATER")
+        done_later.record(2, "hop", "delivered", ["a@example.net"], {})
+        await store.put("LATER", done_later, final=True)  # the update, compare-and-set as ever
+        with pytest.raises(KeyWrongLastSequenceError):
+            await store.put("LATER", stale, final=True)
+
+        async def subjects() -> int:
+            return len((await nc.jetstream().stream_info(f"KV_{jetstream.DELIVERY_BUCKET}", subjects_filter=">")).state.subjects or {})
+
+        assert await subjects() == 3
+        await eventually_async(lambda: subjects_are(subjects, 1), 10)  # the finished two: gone
+        assert (await store.get("DEFERRED")).attempts[0].result == "deferred"
+        assert (await store.get("AT_ONCE")).revision == (await store.get("LATER")).revision == 0
+    finally:
+        await nc.close()
+
+
+async def subjects_are(count, n: int) -> bool:
+    return await count() == n
 
 
 def test_opportunistic_tls_that_fails_falls_back_to_clear(make_stack, tmp_path):

@@ -154,6 +154,9 @@ async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float, replicas: int
             config.duplicate_window = min(config.duplicate_window or ttl, ttl)  # may not exceed max age
         if again is not None:
             config.republish = again
+        # Writes may carry a time to live of their own (the relay's finished delivery records):
+        # set on buckets made before that (nats-py sets it on those it creates).
+        config.allow_msg_ttl = True
         await js.update_stream(config)
     return await js.key_value(bucket)
 
@@ -166,6 +169,8 @@ def _kv_drift(spec: KvSpec, config: StreamConfig) -> list[str]:
     have = config.republish.dest if config.republish else None
     if have != want:
         drift.append(f"writes republished to {have}, not {want}")
+    if not config.allow_msg_ttl:
+        drift.append("no time to live of a write's own allowed")
     return drift
 
 

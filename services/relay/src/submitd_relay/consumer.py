@@ -47,7 +47,7 @@ class Relay:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.reports = Reports(self.js, settings, signer)
-        self.state = StateStore(self.js, streams.delivery_records(settings))
+        self.state = StateStore(self.js, streams.delivery_records(settings), settings.finished_record_seconds)
         self.acked = RecentAcks()
         self.delivering: set[str] = set()  # queue ids being delivered here now
         self.stranded = StrandedEntries(self.js, self.state, self.acked)
@@ -293,7 +293,7 @@ class Relay:
         deadline = time.monotonic() + self.s.ack_wait * 0.8
         while True:
             try:
-                await self.state.put(env.queue_id, state)
+                await self.state.put(env.queue_id, state, final=True)
                 return
             except Exception as e:
                 if time.monotonic() > deadline:
@@ -326,7 +326,7 @@ class Relay:
         # The record comes before anything else: from here on a crash cannot send to these
         # recipients again.
         if p.record_first:
-            await self.state.put(env.queue_id, state)
+            await self.state.put(env.queue_id, state, final=p.ack)
         await self._failpoint("after-record")
 
         self._count(qmsg, outcome, p.result, span)
@@ -348,7 +348,7 @@ class Relay:
         state.delay_notified = p.delay_notified
         state.finish(p.finished)
         if p.record_again:
-            await self.state.put(env.queue_id, state)
+            await self.state.put(env.queue_id, state, final=p.ack)
         if outcome.delivered:
             self.event("delivered", env, {"recipients": outcome.delivered, "attempt": attempt,
                                            "next_hop": outcome.next_hop})

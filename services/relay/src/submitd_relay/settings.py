@@ -76,6 +76,11 @@ class Settings(ServiceSettings, TlsReportingSettings, MtaStsSettings):
         description="Seconds before each retry; the last value repeats (RFC 5321 §4.5.4.1)",
     )
     max_lifetime: float = Field(5 * 86400, description="Seconds a message may stay queued before it bounces")
+    finished_record_seconds: float = Field(
+        7200.0, ge=1800.0, description="How long a finished message's delivery record is kept (what a redelivery "
+        "after a lost ack, a stranded entry or `submitctl queue show` reads); each costs nats-server about 300 "
+        "bytes of memory meanwhile. A record still in use (a deferred message) is kept for the message's lifetime"
+    )
     stranded_check_interval: float = Field(
         60.0, description="Seconds between checks for queue entries the consumer passed but the stream kept "
         "(also on start and after every NATS reconnect); 0 turns the check off"

@@ -64,9 +64,17 @@ class DeliveryState:
 
 
 class StateStore:
-    def __init__(self, js: JetStreamContext, spec: jetstream.KvSpec) -> None:
+    """The records. A record kept for the bucket's whole max age (the message's lifetime and two
+    days) costs nats-server memory all that while (its per-subject index: ~200 bytes a key,
+    without end at a steady rate), so a finished message's last write carries a time to live of
+    its own, ``finished_ttl``: long enough for everything that may still read it (a redelivery
+    after a lost ack, a stranded entry, the 30-minute duplicate window, the admin API's recent
+    history), short enough that the index stays the size of a few hours' mail."""
+
+    def __init__(self, js: JetStreamContext, spec: jetstream.KvSpec, finished_ttl: float | None = None) -> None:
         self.js = js
         self.spec = spec
+        self.finished_ttl = finished_ttl
         self.kv = None
 
     async def open(self) -> None:
@@ -79,11 +87,15 @@ class StateStore:
             return DeliveryState()
         return DeliveryState.from_bytes(entry.value, entry.revision) if entry.value else DeliveryState()
 
-    async def put(self, queue_id: str, state: DeliveryState) -> None:
+    async def put(self, queue_id: str, state: DeliveryState, *, final: bool = False) -> None:
         """Write the record only if nobody else wrote it since it was read (compare and set):
         two workers on one queue id (an admin retry, a second publish) cannot undo each
-        other's finished recipients. A conflict raises; the caller retries from a fresh read."""
+        other's finished recipients. A conflict raises; the caller retries from a fresh read.
+        ``final``: every recipient is finished, and the record goes after ``finished_ttl``."""
+        ttl = self.finished_ttl if final else None
         if state.revision:
-            state.revision = await self.kv.update(queue_id, state.to_bytes(), last=state.revision)
+            # (KeyValue.update takes no TTL; its own implementation does, with the same
+            # compare-and-set and the same KeyWrongLastSequenceError on a conflict.)
+            state.revision = await self.kv._update(queue_id, state.to_bytes(), last=state.revision, msg_ttl=ttl)
         else:
-            state.revision = await self.kv.create(queue_id, state.to_bytes())
+            state.revision = await self.kv.create(queue_id, state.to_bytes(), msg_ttl=ttl)
