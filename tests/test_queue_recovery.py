@@ -90,6 +90,36 @@ def test_no_entry_in_flight_is_taken_for_stranded(make_stack, sink):
     assert relay_metric(stack, "submitd_queue_stranded_total", outcome="requeued") == 0
 
 
+def end_of_data_while_nats_stalls(stack, client, message: bytes, while_stalled=lambda: None) -> tuple[int, bytes]:
+    """MAIL, RCPT and DATA, then the message's end while nats-server is stopped (SIGSTOP): its
+    reply, with ``while_stalled()`` run before NATS goes on."""
+    client.mail(ALICE)
+    client.rcpt("bob@example.net")
+    client.send(b"DATA\r\n")
+    assert client.getreply()[0] == 354
+    os.kill(stack.nats.proc.pid, signal.SIGSTOP)
+    try:
+        client.send(message + b".\r\n")
+        reply = client.getreply()
+        while_stalled()
+    finally:
+        os.kill(stack.nats.proc.pid, signal.SIGCONT)
+    return reply
+
+
+def withdrawals(stack, outcome: str) -> float:
+    return sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total", outcome=outcome)
+
+
+def only_the_retry_is_delivered(stack, sink) -> None:
+    stack.start(services=("relay",))
+    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 30)
+    sink.handler.wait_for(1, 20)
+    time.sleep(1)
+    assert len(sink.handler.messages) == 1, "the copy the client was told 451 for never left"
+
+
 def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
     """NATS stalls (SIGSTOP) while it stores a message: the rewriter gives up at its publish
     timeout and the client is told 451; when NATS goes on, the stored entry is withdrawn before
@@ -98,24 +128,11 @@ def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
     stack.stop_service("relay")  # so that only the withdrawal decides
     message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: twice?\r\n\r\nbody\r\n"
     with logged_in(stack) as client:
-        client.mail(ALICE)
-        client.rcpt("bob@example.net")
-        client.send(b"DATA\r\n")
-        assert client.getreply()[0] == 354
-        os.kill(stack.nats.proc.pid, signal.SIGSTOP)
-        try:
-            client.send(message + b".\r\n")
-            code, text = client.getreply()
-        finally:
-            os.kill(stack.nats.proc.pid, signal.SIGCONT)
+        code, text = end_of_data_while_nats_stalls(stack, client, message)
         assert code == 451, text
-        eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total", outcome="stored") == 1, 20)
+        eventually(lambda: withdrawals(stack, "stored") == 1, 20)
         client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
-    stack.start(services=("relay",))
-    eventually(lambda: queue_depth(stack) == 0, 30)
-    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 10)
-    sink.handler.wait_for(1, 20)
-    assert len(sink.handler.messages) == 1, "the withdrawn copy never left"
+    only_the_retry_is_delivered(stack, sink)
 
 
 def test_a_message_the_frontend_gave_up_on_is_withdrawn_by_the_rewriter(make_stack, sink):
@@ -128,29 +145,13 @@ def test_a_message_the_frontend_gave_up_on_is_withdrawn_by_the_rewriter(make_sta
     stack.stop_service("relay")
     message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: given up\r\n\r\nbody\r\n"
     with logged_in(stack) as client:
-        client.mail(ALICE)
-        client.rcpt("bob@example.net")
-        client.send(b"DATA\r\n")
-        assert client.getreply()[0] == 354
-        os.kill(stack.nats.proc.pid, signal.SIGSTOP)
-        try:
-            client.send(message + b".\r\n")
-            code, text = client.getreply()
-            assert (code, text[:5]) == (451, b"4.3.0"), text
-            # Withdrawn at once, not at the rewriter's publish timeout (60 s).
-            eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total",
-                                      outcome="requested") == 1, 5)
-        finally:
-            os.kill(stack.nats.proc.pid, signal.SIGCONT)
-        eventually(lambda: sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total",
-                                  outcome="stored") == 1, 20)
+        # Withdrawn at once, not at the rewriter's publish timeout (60 s).
+        code, text = end_of_data_while_nats_stalls(
+            stack, client, message, lambda: eventually(lambda: withdrawals(stack, "requested") == 1, 5))
+        assert (code, text[:5]) == (451, b"4.3.0"), text
+        eventually(lambda: withdrawals(stack, "stored") == 1, 20)
         client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
-    stack.start(services=("relay",))
-    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
-    eventually(lambda: queue_depth(stack) == 0, 30)
-    sink.handler.wait_for(1, 20)
-    time.sleep(1)
-    assert len(sink.handler.messages) == 1, "the copy the client was told 451 for never left"
+    only_the_retry_is_delivered(stack, sink)
 
 
 def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, sink):

@@ -121,41 +121,51 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
 
     async def SubmitMany(self, request_iterator, context: grpc.aio.ServicerContext):
         """Whole messages of many sessions on one stream, each completed, signed and queued at
-        once, and answered when JetStream stored it; the replies that are ready together leave
-        as one stream message. A withdrawn item still being queued is withdrawn; when the stream
-        ends or breaks (the frontend went), so is every item still being queued."""
+        once; a batch is answered in one stream message when JetStream stored all of it (they
+        were published together, and are acknowledged together), and batches answered together
+        share one. A withdrawn item still being queued is withdrawn; when the stream ends or
+        breaks (the frontend went), so is every item still being queued."""
         if self.queue is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this rewriter queues nothing")
-        ready: asyncio.Queue = asyncio.Queue()
+        ready: asyncio.Queue = asyncio.Queue()  # lists of replies; an empty one only wakes the writer
         working: dict[int, asyncio.Task] = {}
+        batches: set[asyncio.Task] = set()
 
-        async def one(item) -> None:
+        async def one(item) -> rewriter_pb2.SubmitReply:
             with tracer.start_as_current_span(
                 "submitd.v1.Rewriter/SubmitMany", context=extract_context(item.trace_context),
                 kind=trace.SpanKind.SERVER,
                 attributes={"rpc.system": "grpc", "rpc.service": "submitd.v1.Rewriter", "rpc.method": "SubmitMany"},
             ):
                 result = await self.submit_whole(item.message)
-            ready.put_nowait(rewriter_pb2.SubmitReply(id=item.id, result=result))
+            return rewriter_pb2.SubmitReply(id=item.id, result=result)
 
-        def done(item_id: int, task: asyncio.Task) -> None:
-            if working.get(item_id) is task:
-                del working[item_id]
-            if not task.cancelled() and task.exception() is not None:
-                log.error("submission failed", exc_info=task.exception())
-                ready.put_nowait(rewriter_pb2.SubmitReply(
-                    id=item_id, result=rewriter_pb2.SubmitResult(reply=QUEUE_DOWN)))
-            if not working:
-                ready.put_nowait(None)  # (wakes the writer to see whether the stream is over)
+        async def answer(tasks: list[tuple[int, asyncio.Task]]) -> None:
+            await asyncio.wait([task for _, task in tasks])
+            replies = []
+            for item_id, task in tasks:
+                if working.get(item_id) is task:
+                    del working[item_id]
+                if task.cancelled():
+                    continue  # withdrawn: nobody waits for it
+                if task.exception() is not None:
+                    log.error("submission failed", exc_info=task.exception())
+                    replies.append(rewriter_pb2.SubmitReply(
+                        id=item_id, result=rewriter_pb2.SubmitResult(reply=QUEUE_DOWN)))
+                else:
+                    replies.append(task.result())
+            batches.discard(asyncio.current_task())  # (before the writer looks whether all is done)
+            ready.put_nowait(replies)
 
         async def read() -> None:
             try:
                 await take(request_iterator)
             finally:
-                ready.put_nowait(None)
+                ready.put_nowait([])
 
         async def take(requests) -> None:
             async for batch in requests:
+                tasks = []
                 for item in batch.items:
                     if item.withdraw:
                         task = working.get(item.id)
@@ -164,27 +174,27 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                         continue
                     task = asyncio.create_task(one(item))
                     working[item.id] = task
-                    task.add_done_callback(lambda t, i=item.id: done(i, t))
+                    tasks.append((item.id, task))
+                if tasks:
+                    batches.add(asyncio.create_task(answer(tasks)))
 
         reader = asyncio.create_task(read())
         try:
             while True:
-                first = await ready.get()
-                replies = [first] if first is not None else []
+                replies = list(await ready.get())
                 while not ready.empty():
-                    more = ready.get_nowait()
-                    if more is not None:
-                        replies.append(more)
+                    replies += ready.get_nowait()
                 if replies:
                     yield rewriter_pb2.SubmitReplies(replies=replies)
-                if reader.done() and not working and ready.empty():
+                if reader.done() and not batches and ready.empty():
                     reader.result()  # (a broken request stream ends the call with its error)
                     return
         finally:
             reader.cancel()
-            for task in list(working.values()):
+            pending = [reader, *batches, *working.values()]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(reader, *working.values(), return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def submit_whole(self, message: rewriter_pb2.WholeMessage) -> rewriter_pb2.SubmitResult:
         result = self.rewrite_whole(message)
