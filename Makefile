@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/submitd/v1/*.proto)
 GEN    := services/common/src/submitd
 SERVICES := common frontend policy rewriter relay ctl devkit
 
-.PHONY: all install proto run test bench bench-deps bench-nats-memory soak fuzz fault-queue constraints clean images image-test scale-test
+.PHONY: all install proto run test bench bench-deps bench-nats-memory soak profile fuzz fault-queue constraints clean images image-test scale-test
 all: install
 
 # One virtualenv for the workspace; every service installed editable into it.
@@ -63,6 +63,12 @@ fault-queue: install
 
 bench: install bench-deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Flame graphs of each service under load (py-spy into .venv: a tool, not a dependency).
+PROFILE_ARGS ?=
+profile: install bench-deps
+	@test -x .venv/bin/py-spy || .venv/bin/pip install -q py-spy
+	$(PY) scripts/profile.py $(PROFILE_ARGS)
 
 # A soak: the whole stack under steady load, every process's memory each minute (issue 29).
 SOAK_MINUTES ?= 60

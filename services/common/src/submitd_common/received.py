@@ -15,6 +15,7 @@ signed, since a later hop of the same site may legitimately put its own above it
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
@@ -36,8 +37,20 @@ def hops(header: bytes) -> int:
     return len(_TRACE_FIELD.findall(b"\n" + header))
 
 
-def _date(now: datetime | None) -> str:
-    return format_datetime((now or datetime.now(timezone.utc)).astimezone())
+_current: tuple[int, str] = (-1, "")
+
+
+def date_text(now: datetime | None = None) -> str:
+    """An RFC 5322 date-time in the local zone, as Date and Received fields carry it. The current
+    one is worked out once a second (a second is its resolution; looking the local zone up cost
+    5% of the rewriter's CPU when done per field)."""
+    global _current
+    if now is not None:
+        return format_datetime(now.astimezone())
+    second = int(time.time())
+    if _current[0] != second:
+        _current = (second, format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone()))
+    return _current[1]
 
 
 def protocol(envelope: common_pb2.Envelope) -> str:
@@ -81,7 +94,7 @@ def field(envelope: common_pb2.Envelope, *, by: str, hide_client: bool, now: dat
         lines.append(f"\t(using {_comment(envelope.tls_version)} with cipher {_comment(envelope.tls_cipher or 'unknown')})")
     by_name = by if _DOMAIN.match(by) else "localhost"
     lines.append(f"\tby {by_name} (submitd) with {protocol(envelope)} id {envelope.queue_id}")
-    date = _date(now)
+    date = date_text(now)
     if len(envelope.recipients) == 1:
         lines.append(f"\tfor <{envelope.recipients[0].address}>; {date}")
     else:
@@ -92,4 +105,4 @@ def field(envelope: common_pb2.Envelope, *, by: str, hide_client: bool, now: dat
 def report_field(*, by: str, queue_id: str, now: datetime | None = None) -> bytes:
     """The Received field of a message submitd makes itself (a DSN): no client, as Postfix
     writes it for its own bounces."""
-    return f"Received: by {by} (submitd) id {queue_id}; {_date(now)}\r\n".encode("ascii", "replace")
+    return f"Received: by {by} (submitd) id {queue_id}; {date_text(now)}\r\n".encode("ascii", "replace")

@@ -10,8 +10,9 @@ import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import format_datetime
+from datetime import datetime
+
+from submitd_common.received import date_text
 
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 # Where one field ends: a line end that no folding white space follows, found by the regex
@@ -77,4 +78,4 @@ def new_message_id(domain: str) -> str:
 
 
 def new_date(now: datetime | None = None) -> str:
-    return format_datetime((now or datetime.now(timezone.utc)).astimezone())
+    return date_text(now)
