@@ -42,8 +42,9 @@ _current: tuple[int, str] = (-1, "")
 
 def date_text(now: datetime | None = None) -> str:
     """An RFC 5322 date-time in the local zone, as Date and Received fields carry it. The current
-    one is worked out once a second (a second is its resolution; looking the local zone up cost
-    5% of the rewriter's CPU when done per field)."""
+    one is worked out once a second (a second is its resolution): done per field it was 5% of
+    the rewriter's samples in a py-spy profile under load (4.5 µs a call measured alone, 0.14
+    now)."""
     global _current
     if now is not None:
         return format_datetime(now.astimezone())

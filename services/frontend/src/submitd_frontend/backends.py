@@ -90,7 +90,6 @@ class Rewriter:
         """A whole message (of up to 64 KiB) completed, signed and queued by the rewriter."""
         stream = await self.streams.get()
         request_id = next(self.streams.ids)
-        answered = False
         with client_call(tracer, "/submitd.v1.Rewriter/SubmitMany"):
             item = rewriter_pb2.WholeItem(
                 id=request_id, message=rewriter_pb2.WholeMessage(envelope=envelope, message=message),
@@ -98,12 +97,12 @@ class Rewriter:
             )
             try:
                 result = await stream.ask(item, request_id, self.timeout)
-                answered = True
-            finally:
-                if not answered and not stream.broken:
+            except BaseException:
+                if not stream.broken:
                     # Given up (the client went, or no answer in time): if it is still being
                     # queued, the rewriter withdraws it; the client will send it again.
                     stream.send(rewriter_pb2.WholeItem(id=request_id, withdraw=True), None)
+                raise
         return self.answered(result)
 
     async def close(self) -> None:

@@ -116,7 +116,7 @@ class Submission:
         if kind != "queued":
             answer = result.reply if kind == "reply" else REWRITER_DOWN
             span.set_attribute("smtp.reply.code", answer.code)
-            return _temporary(answer) if answer.code < 500 else render(answer)
+            return _temporary(answer)
         span.set_attribute("smtp.reply.code", 250)
         return replies.queued(self.envelope.queue_id)
 

@@ -204,8 +204,13 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
         try:
             await self.queue.publish(envelope, result.accepted.message)
         except QueueUnavailable as e:
-            return rewriter_pb2.SubmitResult(reply=e.reply, queue_unavailable=not self.queue.available)
+            return self._not_queued(e.reply)
         return rewriter_pb2.SubmitResult(queued=envelope.queue_id)
+
+    def _not_queued(self, smtp_reply) -> rewriter_pb2.SubmitResult:
+        """The queue did not take it: the reply, and whether the frontend should refuse DATA up
+        front until this rewriter serves again (NATS is away)."""
+        return rewriter_pb2.SubmitResult(reply=smtp_reply, queue_unavailable=not self.queue.available)
 
     async def Submit(self, request_iterator, context: grpc.aio.ServicerContext) -> rewriter_pb2.SubmitResult:
         """A larger message: its output written into the Object Store as it is produced (at most
@@ -249,7 +254,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as e:
                 log.warning("queue unavailable while storing a body: %r", e)
                 await self._abort(writer)
-                return rewriter_pb2.SubmitResult(reply=QUEUE_DOWN, queue_unavailable=not self.queue.available)
+                return self._not_queued(QUEUE_DOWN)
             except BaseException:
                 await self._abort(writer)
                 raise
@@ -258,7 +263,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
             except QueueUnavailable as e:
                 # Not removed: the entry may be stored after all (then withdrawn); an unused body
                 # goes by the relay's orphan sweep.
-                return rewriter_pb2.SubmitResult(reply=e.reply, queue_unavailable=not self.queue.available)
+                return self._not_queued(e.reply)
             return rewriter_pb2.SubmitResult(queued=envelope.queue_id)
 
     @staticmethod
