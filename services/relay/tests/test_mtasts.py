@@ -5,6 +5,7 @@ with a test CA, all on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from submitd_devkit.dns import DnsServer
 from submitd_devkit.mtasts import UNTRUSTED, WRONG_NAME, PolicyServer
 from submitd_devkit.stack import NatsServer
 from submitd_relay.outbound import results
+from submitd_relay.outbound.stsfetch import PolicyFetcher
 from submitd_relay.outbound.mtasts import (
     MAX_AGE_LIMIT, MtaStsSettings, StsPolicies, StsPolicyInvalid, open_bucket, parse_policy, parse_txt,
 )
@@ -137,6 +139,12 @@ def world(tmp_path_factory) -> Iterator[World]:
     assert not w.nats.violations(), "the relay's NATS grant does not cover the policy cache"
 
 
+def world_resolver(world: World) -> dns.asyncresolver.Resolver:
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], world.dns.port, 3
+    return resolver
+
+
 @pytest.fixture
 async def replica(world: World):
     """``await replica(**settings)``: a relay replica's StsPolicies, as the relay's NATS user."""
@@ -146,8 +154,7 @@ async def replica(world: World):
         nc = await nats.connect(world.nats.service_url, user="relay", password=world.nats.passwords["relay"],
                                 inbox_prefix="_INBOX_relay")
         connections.append(nc)
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], world.dns.port, 3
+        resolver = world_resolver(world)
         s = Settings(mta_sts_ca_file=str(world.ca.path), mta_sts_port=world.https.port, mta_sts_timeout=5,
                      **settings)
         await world.nats.provision(buckets=[sts_policies(s)])  # as the relay's provisioning does
@@ -239,6 +246,32 @@ async def test_a_policy_host_in_the_sites_own_network_is_never_asked(world, repl
     assert await (await replica(mx_internal_networks=[])).policy("internal.example") == (
         None, results.STS_POLICY_FETCH_ERROR)
     assert world.https.fetches["internal.example"] == 0
+
+
+def connections_to(port: int) -> int:
+    """This process's open TCP sockets connected to ``port`` (from /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # (the listing's own descriptor, closed by now)
+    with open("/proc/self/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and f"socket:[{row[9]}]" in ours)
+
+
+async def test_a_closed_fetcher_leaves_no_connection_open(world):
+    """Each fetch's connection is closed after its answer, and a TLS close waits for the host's
+    own goodbye: a fetcher closed (the relay stopping) waits for those, then cuts them, so no
+    socket outlives it (one left to the garbage collector stays open until then)."""
+    world.publish("closing.example", "1")
+    for round in range(3):
+        fetcher = PolicyFetcher(world_resolver(world), lambda address: True, port=world.https.port,
+                                ca_file=str(world.ca.path), timeout=5)
+        assert "STSv1" in await fetcher.fetch("closing.example")
+        await fetcher.close()
+        assert connections_to(world.https.port) == 0, f"round {round}"
 
 
 async def test_a_policy_is_refreshed_daily_and_never_applied_past_its_max_age(world, replica):

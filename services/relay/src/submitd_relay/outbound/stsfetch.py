@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 
 import aiohttp
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_POLICY_BYTES = 64 * 1024  # §3.3's suggested limit
 WELL_KNOWN = "/.well-known/mta-sts.txt"
+CLOSE_WAIT = 2.0  # for the TLS goodbyes of fetches just made, at close (then cut)
 
 
 class FetchFailed(Exception):
@@ -50,8 +52,8 @@ class PolicyFetcher:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(resolver=self.resolver, ssl=self.tls, use_dns_cache=False,
-                                             force_close=True)  # a fetch a day per domain: no idle sockets
+            connector = _Connector(resolver=self.resolver, ssl=self.tls, use_dns_cache=False,
+                                   force_close=True)  # a fetch a day per domain: no idle sockets
             self._session = aiohttp.ClientSession(
                 connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                 headers={"User-Agent": "submitd-relay (MTA-STS)"})
@@ -98,6 +100,37 @@ class PolicyFetcher:
             raise FetchFailed(results.STS_POLICY_INVALID, f"{url}: not UTF-8") from None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the session, and wait (at most CLOSE_WAIT seconds) for the TLS goodbyes of
+        connections still closing; any still open then are cut. A loop that ended first would
+        leave their sockets open until garbage collection."""
+        if self._session is None:
+            return
+        connector = self._session.connector
+        await self._session.close()
+        self._session = None
+        if isinstance(connector, _Connector):
+            await connector.closed_all(CLOSE_WAIT)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """Remembers the connections it made: each is closed after its one answer (force_close), and
+    a TLS close waits for the host's own close_notify (asyncio allows it 30 s), so a connection
+    may still be closing when the fetcher is; ``closed_all`` waits for those."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.made: weakref.WeakSet = weakref.WeakSet()
+
+    async def _create_connection(self, req, traces, timeout):
+        proto = await super()._create_connection(req, traces, timeout)
+        self.made.add(proto)
+        return proto
+
+    async def closed_all(self, timeout: float) -> None:
+        made = list(self.made)
+        waiting = [closed for closed in (proto.closed for proto in made) if closed is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        for proto in made:
+            if proto.transport is not None:
+                proto.abort()
