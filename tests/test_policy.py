@@ -57,11 +57,18 @@ def login(stack: Stack, user: str = ALICE, password: str = ALICE_PASSWORD, sourc
     return client
 
 
+# A client waits longer than the frontend does for a verdict (POLICY_TIMEOUT, 30 s in the hashing
+# stack), so that a verdict that came too late is read as the frontend's 421, not as the client's
+# own timeout (which smtplib reports as a dropped connection).
+AUTH_CLIENT_TIMEOUT = 60
+
+
 def auth_plain(stack: Stack, user: str, password: str, source: str) -> int:
     """One AUTH PLAIN attempt (smtplib's login() would try LOGIN after a failed PLAIN)."""
     import base64
 
-    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30, source_address=(source, 0)) as client:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=AUTH_CLIENT_TIMEOUT,
+                      source_address=(source, 0)) as client:
         client.ehlo("client.example.test")
         client.starttls(context=insecure_context())
         client.ehlo("client.example.test")
@@ -598,7 +605,8 @@ def timed_auth(stack: Stack, user: str, password: str, source: str,
     sent once every party of ``ready`` is there, when given."""
     import base64
 
-    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30, source_address=(source, 0)) as client:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=AUTH_CLIENT_TIMEOUT,
+                      source_address=(source, 0)) as client:
         try:
             client.ehlo("client.example.test")
             client.starttls(context=insecure_context())
