@@ -9,12 +9,19 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import struct
+import threading
+import time
 
+import grpc
 import nats
 import pytest
 from relay_helpers import body, envelope, queue_async, queue_depth, relay_only
 
+from submitd.v1 import common_pb2, rewriter_pb2, rewriter_pb2_grpc
 from submitd_common import jetstream
+from submitd_common.ids import new_queue_id
 from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
@@ -89,9 +96,9 @@ def test_no_entry_in_flight_is_taken_for_stranded(make_stack, sink):
     assert relay_metric(stack, "submitd_queue_stranded_total", outcome="requeued") == 0
 
 
-def end_of_data_while_nats_stalls(stack, client, message: bytes, while_stalled=lambda: None) -> tuple[int, bytes]:
-    """MAIL, RCPT and DATA, then the message's end while nats-server is stopped (SIGSTOP): its
-    reply, with ``while_stalled()`` run before NATS goes on."""
+def end_of_data_while_nats_stalls(stack, client, message: bytes, while_stalled=None):
+    """MAIL, RCPT and DATA, then the message's end while nats-server is stopped (SIGSTOP), and
+    ``while_stalled()`` (by default the reply) before NATS goes on; what it returned."""
     client.mail(ALICE)
     client.rcpt("bob@example.net")
     client.send(b"DATA\r\n")
@@ -99,25 +106,35 @@ def end_of_data_while_nats_stalls(stack, client, message: bytes, while_stalled=l
     os.kill(stack.nats.proc.pid, signal.SIGSTOP)
     try:
         client.send(message + b".\r\n")
-        reply = client.getreply()
-        while_stalled()
+        return while_stalled() if while_stalled is not None else client.getreply()
     finally:
         os.kill(stack.nats.proc.pid, signal.SIGCONT)
-    return reply
+
+
+def rewriter_metric(stack, name: str, **labels: str) -> float:
+    return sample(stack.ports.rewriter_http, name, **labels)
 
 
 def withdrawals(stack, outcome: str) -> float:
-    return sample(stack.ports.rewriter_http, "submitd_rewriter_withdrawals_total", outcome=outcome)
+    return rewriter_metric(stack, "submitd_rewriter_withdrawals_total", outcome=outcome)
+
+
+def rewriter_settled(stack) -> bool:
+    """No queue entry waits for JetStream, and every withdrawal asked for is done."""
+    done = sum(withdrawals(stack, outcome) for outcome in ("stored", "not_stored", "abandoned"))
+    return rewriter_metric(stack, "submitd_rewriter_publishes_waiting") == 0 and withdrawals(stack, "requested") == done
 
 
 def only_the_retry_is_delivered(stack, sink) -> None:
     stack.start(services=("relay",))
-    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
     sink.handler.wait_for(1, 20)
-    # Nothing left in the queue or in flight (a copy under way keeps its entry until its ack):
-    # what the next hop has now is all it gets.
+    # Nothing left in the queue or in flight (an entry leaves the stream only when it was
+    # delivered and acked, or withdrawn): what the next hop has now is all it gets.
     eventually(lambda: queue_depth(stack) == 0, 30)
     assert len(sink.handler.messages) == 1, "the copy the client was told 451 for never left"
+
+
+MESSAGE = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: twice?\r\n\r\nbody\r\n"
 
 
 def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
@@ -126,32 +143,97 @@ def test_a_publish_answered_451_is_withdrawn_not_delivered(make_stack, sink):
     the relay may send it, and the client's second try is the one copy delivered."""
     stack = make_stack(env={"rewriter": {"PUBLISH_TIMEOUT": "2"}, "relay": {"STRANDED_CHECK_INTERVAL": "1"}})
     stack.stop_service("relay")  # so that only the withdrawal decides
-    message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: twice?\r\n\r\nbody\r\n"
     with logged_in(stack) as client:
-        code, text = end_of_data_while_nats_stalls(stack, client, message)
+        code, text = end_of_data_while_nats_stalls(stack, client, MESSAGE)
         assert code == 451, text
         eventually(lambda: withdrawals(stack, "stored") == 1, 20)
-        client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
+        client.sendmail(ALICE, ["bob@example.net"], MESSAGE)  # the client tries again
     only_the_retry_is_delivered(stack, sink)
+    assert relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1
 
 
-def test_a_message_the_frontend_gave_up_on_is_withdrawn_by_the_rewriter(make_stack, sink):
-    """The frontend stops waiting for the rewriter (its REWRITER_TIMEOUT, here shorter than the
-    rewriter's own publish timeout) while NATS stalls on the queue entry: the client is told
-    451 and will send the message again, so the frontend withdraws its item, the rewriter
-    withdraws what NATS stored, and only the second try is delivered."""
+def test_a_message_whose_client_went_is_withdrawn_by_the_rewriter(make_stack, sink):
+    """The client goes while the rewriter waits for NATS (stalled) to store its message: the
+    frontend withdraws its item, the rewriter the entry NATS stored. The client heard no 250,
+    so it sends the message again, and only that copy is delivered."""
+    stack = make_stack(env={"relay": {"STRANDED_CHECK_INTERVAL": "1"}, "rewriter": {"PUBLISH_TIMEOUT": "60"}})
+    stack.stop_service("relay")
+
+    def leave_while_it_is_published():
+        eventually(lambda: rewriter_metric(stack, "submitd_rewriter_publishes_waiting") == 1, 10)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # (a reset: gone at once)
+        # Withdrawn at once, not at the rewriter's publish timeout (60 s).
+        eventually(lambda: withdrawals(stack, "requested") == 1, 10)
+
+    with logged_in(stack) as client:
+        end_of_data_while_nats_stalls(stack, client, MESSAGE, leave_while_it_is_published)
+    eventually(lambda: withdrawals(stack, "stored") == 1, 20)
+    with logged_in(stack) as client:
+        client.sendmail(ALICE, ["bob@example.net"], MESSAGE)  # the client tries again
+    only_the_retry_is_delivered(stack, sink)
+    assert relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1
+
+
+def test_a_message_the_frontend_gave_up_on_is_not_delivered(make_stack, sink):
+    """The frontend stops waiting for the rewriter (its REWRITER_TIMEOUT, shorter than the
+    rewriter's own publish timeout) while NATS stalls: the client is told 451 at once and sends
+    the message again; the copy it was told 451 for is withdrawn (or, if the rewriter had not
+    begun to publish it, never published), so only the second try is delivered."""
     stack = make_stack(env={"relay": {"STRANDED_CHECK_INTERVAL": "1"}, "rewriter": {"PUBLISH_TIMEOUT": "60"},
                             "frontend": {"REWRITER_TIMEOUT": "2"}})
     stack.stop_service("relay")
-    message = b"From: alice@example.test\r\nTo: bob@example.net\r\nSubject: given up\r\n\r\nbody\r\n"
     with logged_in(stack) as client:
-        # Withdrawn at once, not at the rewriter's publish timeout (60 s).
-        code, text = end_of_data_while_nats_stalls(
-            stack, client, message, lambda: eventually(lambda: withdrawals(stack, "requested") == 1, 5))
+        started = time.monotonic()
+        code, text = end_of_data_while_nats_stalls(stack, client, MESSAGE)
         assert (code, text[:5]) == (451, b"4.3.0"), text
-        eventually(lambda: withdrawals(stack, "stored") == 1, 20)
-        client.sendmail(ALICE, ["bob@example.net"], message)  # the client tries again
+        assert time.monotonic() - started < 30, "at REWRITER_TIMEOUT, not at the publish timeout"
+        eventually(lambda: rewriter_settled(stack), 20)
+        client.sendmail(ALICE, ["bob@example.net"], MESSAGE)  # the client tries again
     only_the_retry_is_delivered(stack, sink)
+
+
+@pytest.mark.parametrize("method", ["SubmitMany", "Submit"])
+def test_a_withdraw_that_crossed_its_queued_answer_still_withdraws_the_entry(make_stack, sink, method):
+    """The frontend gives up on a message just as JetStream acknowledges it: its withdraw and the
+    rewriter's "queued" cross. The client was told 451 and sends the message again, so the
+    entry already queued is withdrawn all the same. Made here in that order, with the frontend's
+    certificate: the withdraw is sent after the answer, on the item's own SubmitMany stream, or
+    (for a Submit call, which has none) on a SubmitMany stream by its queue id."""
+    stack = make_stack(env={"relay": {"STRANDED_CHECK_INTERVAL": "1"}})
+    stack.stop_service("relay")
+    envelope = common_pb2.Envelope(queue_id=new_queue_id(), return_path=ALICE, authenticated_user=ALICE,
+                                   recipients=[common_pb2.Recipient(address="bob@example.net")])
+    whole = rewriter_pb2.WholeMessage(envelope=envelope, message=MESSAGE)
+    answered = threading.Event()
+
+    def requests(first: list, withdraw_id: int):
+        yield from first
+        assert answered.wait(20)
+        yield rewriter_pb2.WholeBatch(items=[rewriter_pb2.WholeItem(
+            id=withdraw_id, withdraw=True, queue_id=envelope.queue_id)])
+
+    with grpc.secure_channel(f"127.0.0.1:{stack.ports.rewriter}", stack.grpc_credentials("frontend")) as ch:
+        stub = rewriter_pb2_grpc.RewriterStub(ch)
+        if method == "Submit":
+            answered.set()
+            result = stub.Submit(iter([rewriter_pb2.RewriteRequest(envelope=envelope),
+                                       rewriter_pb2.RewriteRequest(chunk=MESSAGE),
+                                       rewriter_pb2.RewriteRequest(end=True)]), timeout=10)
+            assert result.queued == envelope.queue_id
+            assert list(stub.SubmitMany(requests([], 0), timeout=10)) == [], "no answer to a withdraw"
+        else:
+            replies = stub.SubmitMany(requests([rewriter_pb2.WholeBatch(
+                items=[rewriter_pb2.WholeItem(id=1, message=whole)])], 1), timeout=30)
+            [reply] = next(replies).replies
+            assert reply.result.queued == envelope.queue_id
+            answered.set()
+            assert list(replies) == [], "no answer to a withdraw"
+    eventually(lambda: withdrawals(stack, "stored") == 1, 20)
+    stack.start(services=("relay",))
+    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    assert sink.handler.messages == [], "the copy the client was told 451 for never left"
 
 
 def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, sink):

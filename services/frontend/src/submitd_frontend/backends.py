@@ -59,6 +59,7 @@ class Rewriter:
         self.connect_timeout = connect_timeout
         self.queue_available = True
         self._probe: asyncio.Task | None = None
+        self._withdrawing: set[asyncio.Task] = set()
         self.streams = Streams(
             "rewriter", channel, count=streams, connect_timeout=connect_timeout, max_age=max_age, open_call=stub.SubmitMany,
             batch=lambda items: rewriter_pb2.WholeBatch(items=items),
@@ -98,16 +99,36 @@ class Rewriter:
             try:
                 result = await stream.ask(item, request_id, self.timeout)
             except BaseException:
-                if not stream.broken:
-                    # Given up (the client went, or no answer in time): if it is still being
-                    # queued, the rewriter withdraws it; the client will send it again.
-                    stream.send(rewriter_pb2.WholeItem(id=request_id, withdraw=True), None)
+                # Given up (the client went, no answer in time, the stream broke): the client
+                # will send it again, so the rewriter withdraws it if it is being queued or was.
+                self.withdraw(envelope.queue_id, request_id, stream)
                 raise
         return self.answered(result)
+
+    def withdraw(self, queue_id: str, request_id: int = 0, stream=None) -> None:
+        """A message given up on, whose client was told 4xx (or went): the rewriter withdraws it
+        if it is being queued, or was (its answer and our giving up crossed). Said on the item's
+        own ``stream`` while it works (an item still waiting there is cancelled), else on any."""
+        item = rewriter_pb2.WholeItem(id=request_id, withdraw=True, queue_id=queue_id)
+        if stream is not None and not stream.broken:
+            stream.send(item, None)
+            return
+        task = asyncio.ensure_future(self._withdraw_elsewhere(item))
+        self._withdrawing.add(task)
+        task.add_done_callback(self._withdrawing.discard)
+
+    async def _withdraw_elsewhere(self, item: rewriter_pb2.WholeItem) -> None:
+        try:
+            (await self.streams.get()).send(item, None)
+        except Exception as e:
+            log.warning("withdrawal not sent: if it was queued, the message may be delivered twice",
+                        extra={"fields": {"queue_id": item.queue_id, "error": repr(e)}})
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        if self._withdrawing:
+            await asyncio.wait(list(self._withdrawing), timeout=self.connect_timeout)
         await self.streams.close()
 
 
@@ -126,6 +147,7 @@ class StreamedMessage:
         self.call = None
         self.receiving: asyncio.Future | None = None
         self.pending = bytearray()  # content not yet sent: less than one STREAM_CHUNK
+        self.ended = False  # told it is whole: from then on the rewriter may queue it
 
     async def start(self, first: bytes) -> None:
         r = self.rewriter
@@ -175,6 +197,7 @@ class StreamedMessage:
         """The rewriter's answer: queued, refused, or the queue's 4xx."""
         try:
             await self._flush(final=True)
+            self.ended = True
             await self._write(rewriter_pb2.RewriteRequest(end=True))  # whole: queue it
             if not self.receiving.done():
                 with contextlib.suppress(grpc.aio.UsageError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
@@ -195,9 +218,13 @@ class StreamedMessage:
 
     async def abort(self) -> None:
         """Nothing of this message stays: the call is cancelled, and the rewriter removes what
-        it stored (or withdraws the entry it was publishing)."""
+        it stored (or withdraws the entry it was publishing). Once it was said to be whole, it
+        may have been queued as we gave up (the answer on its way): withdrawn then too."""
         if self.call is not None:
             self.call.cancel()
+        if self.ended:
+            self.ended = False
+            self.rewriter.withdraw(self.envelope.queue_id)
         if self.receiving is not None and not self.receiving.done():
             self.receiving.cancel()
             with contextlib.suppress(BaseException):

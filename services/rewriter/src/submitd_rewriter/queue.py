@@ -17,6 +17,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from opentelemetry import trace
+from prometheus_client import Gauge
 
 from submitd.v1 import common_pb2, queue_pb2
 from submitd_common import jetstream
@@ -31,6 +32,8 @@ log = logging.getLogger("submitd.rewriter")
 
 QUEUE_DOWN = reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
 QUEUE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
+WAITING = Gauge("submitd_rewriter_publishes_waiting",
+                "Queue entries published and not yet acknowledged by JetStream (their clients wait for the 250)")
 
 
 class QueueUnavailable(Exception):
@@ -102,6 +105,7 @@ class QueueWriter:
         # The relay continues this trace: every delivery attempt, however late, is a child
         # of this publish span.
         qmsg.trace_context.update(inject_context())
+        WAITING.inc()
         try:
             await publish()
         except asyncio.CancelledError:
@@ -119,3 +123,5 @@ class QueueWriter:
             # No answer is no refusal: the entry may be stored, and the client will send it again.
             self.withdrawals.add(qmsg.envelope.queue_id)
             raise QueueUnavailable(QUEUE_DOWN) from e
+        finally:
+            WAITING.dec()

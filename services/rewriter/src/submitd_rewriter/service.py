@@ -169,8 +169,13 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                 for item in batch.items:
                     if item.withdraw:
                         task = working.get(item.id)
-                        if task is not None:
+                        if task is not None and not task.done():
                             task.cancel()  # the publish under way is withdrawn (QueueWriter)
+                            continue
+                        # Queued already (its answer and the withdraw crossed), or on another call:
+                        # the client was told 451 and sends it again, so the entry is withdrawn.
+                        if item.queue_id:
+                            self.queue.withdrawals.add(item.queue_id)
                         continue
                     task = asyncio.create_task(one(item))
                     working[item.id] = task

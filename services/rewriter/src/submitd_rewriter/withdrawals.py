@@ -46,10 +46,18 @@ class Withdrawals:
         self.timeout = timeout
         self.keep_for = keep_for  # inside the stream's duplicate window (30 minutes)
         self.pending: dict[str, float] = {}
+        # Withdrawn lately: asked again (a cancelled Submit call and the frontend's withdraw of
+        # it both ask), it is not done twice. Kept as long as a pending one.
+        self.done: dict[str, float] = {}
         self.wake = asyncio.Event()
 
     def add(self, queue_id: str) -> None:
-        self.pending.setdefault(queue_id, time.monotonic())
+        now = time.monotonic()
+        for old in [q for q, at in self.done.items() if now - at > self.keep_for]:
+            del self.done[old]
+        if queue_id in self.pending or queue_id in self.done:
+            return
+        self.pending[queue_id] = now
         WITHDRAWALS.labels("requested").inc()
         log.warning("publish given up: withdrawing it", extra={"fields": {"queue_id": queue_id}})
         self.wake.set()
@@ -82,6 +90,7 @@ class Withdrawals:
                 log.info("withdrawal of %s not done yet: %r", queue_id, e)
                 return
             del self.pending[queue_id]
+            self.done[queue_id] = time.monotonic()
             WITHDRAWALS.labels(outcome).inc()
             log.warning("publish withdrawn", extra={"fields": {"queue_id": queue_id, "outcome": outcome}})
 
