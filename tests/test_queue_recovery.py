@@ -26,6 +26,7 @@ from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
 from submitd_devkit.testing.waiting import eventually
+from submitd_rewriter.queue import QueueWriter
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -119,10 +120,13 @@ def withdrawals(stack, outcome: str) -> float:
     return rewriter_metric(stack, "submitd_rewriter_withdrawals_total", outcome=outcome)
 
 
-def rewriter_settled(stack) -> bool:
-    """No queue entry waits for JetStream, and every withdrawal asked for is done."""
+def rewriter_settled(stack, withdraws: int) -> bool:
+    """The frontend's ``withdraws`` have reached the rewriter, no queue entry waits for JetStream,
+    and every withdrawal they asked for is done."""
     done = sum(withdrawals(stack, outcome) for outcome in ("stored", "not_stored", "abandoned"))
-    return rewriter_metric(stack, "submitd_rewriter_publishes_waiting") == 0 and withdrawals(stack, "requested") == done
+    return (rewriter_metric(stack, "submitd_rewriter_withdraws_received_total") == withdraws
+            and rewriter_metric(stack, "submitd_rewriter_publishes_waiting") == 0
+            and withdrawals(stack, "requested") == done)
 
 
 def only_the_retry_is_delivered(stack, sink) -> None:
@@ -188,7 +192,7 @@ def test_a_message_the_frontend_gave_up_on_is_not_delivered(make_stack, sink):
         code, text = end_of_data_while_nats_stalls(stack, client, MESSAGE)
         assert (code, text[:5]) == (451, b"4.3.0"), text
         assert time.monotonic() - started < 30, "at REWRITER_TIMEOUT, not at the publish timeout"
-        eventually(lambda: rewriter_settled(stack), 20)
+        eventually(lambda: rewriter_settled(stack, withdraws=1), 20)
         client.sendmail(ALICE, ["bob@example.net"], MESSAGE)  # the client tries again
     only_the_retry_is_delivered(stack, sink)
 
@@ -234,6 +238,43 @@ def test_a_withdraw_that_crossed_its_queued_answer_still_withdraws_the_entry(mak
     eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
     eventually(lambda: queue_depth(stack) == 0, 20)
     assert sink.handler.messages == [], "the copy the client was told 451 for never left"
+
+
+def test_a_publish_cancelled_as_it_is_acknowledged_is_withdrawn(make_stack, sink):
+    """The rewriter's publish is cancelled (its client went, the frontend gave up) at the moment
+    JetStream's acknowledgement arrives: Python 3.11's asyncio.wait_for, inside nats-py, then
+    returns the acknowledgement and drops the cancel, so the entry is queued although nobody
+    will be told 250. It is withdrawn all the same (a rewriter's QueueWriter, in this process,
+    on the stack's NATS; the cancel made to come with the acknowledgement)."""
+    stack = relay_only(make_stack, STRANDED_CHECK_INTERVAL=1)
+    stack.stop_service("relay")
+    env = envelope()
+
+    async def go() -> None:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            writer = QueueWriter(nc, timeout=5)
+            publish = writer.js.publish
+
+            async def acknowledged_then_cancelled(*args, **kwargs):
+                ack = await publish(*args, **kwargs)
+                asyncio.current_task().cancel()  # (what wait_for swallows, as it returns the ack)
+                return ack
+
+            writer.js.publish = acknowledged_then_cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.create_task(writer.publish(env, body("cancelled")))
+            assert env.queue_id in writer.withdrawals.pending
+            await writer.withdrawals.flush()
+            assert not writer.withdrawals.pending
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+    stack.start(services=("relay",))
+    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    assert sink.handler.messages == [], "queued while its client was told 451, and sent"
 
 
 def test_an_entry_this_relay_delivered_and_acked_is_not_sent_again(make_stack, sink):

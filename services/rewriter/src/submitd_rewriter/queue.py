@@ -108,6 +108,10 @@ class QueueWriter:
         WAITING.inc()
         try:
             await publish()
+            if asyncio.current_task().cancelling():
+                # Cancelled as the acknowledgement came: asyncio.wait_for (Python 3.11) returns
+                # the result and drops the cancel. The client went or was told 451 all the same.
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             self.withdrawals.add(qmsg.envelope.queue_id)  # the client went: it will send it again
             raise

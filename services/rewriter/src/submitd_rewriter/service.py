@@ -19,7 +19,7 @@ from submitd_common.replies import reply
 from submitd_common.telemetry import extract_context, server_call
 from submitd_common.users import UserDB
 
-from . import dkim, encoding, headers
+from . import dkim, encoding, headers, withdrawals
 from .message import Options, Refused, addresses_of, rewrite_header
 from .queue import QUEUE_DOWN, QueueUnavailable, QueueWriter
 from .settings import Settings
@@ -168,6 +168,7 @@ class RewriterService(rewriter_pb2_grpc.RewriterServicer):
                 tasks = []
                 for item in batch.items:
                     if item.withdraw:
+                        withdrawals.ASKED.inc()
                         task = working.get(item.id)
                         if task is not None and not task.done():
                             task.cancel()  # the publish under way is withdrawn (QueueWriter)

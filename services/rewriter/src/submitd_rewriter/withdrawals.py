@@ -37,6 +37,11 @@ WITHDRAWALS = Counter(
     "(requested; stored: the relay is told to remove it; not_stored; abandoned: NATS never answered in time)",
     ["outcome"],
 )
+ASKED = Counter(
+    "submitd_rewriter_withdraws_received_total",
+    "Withdraw items received from the frontend (messages it gave up on); each becomes a withdrawal "
+    "when the message was being published or was queued",
+)
 
 
 class Withdrawals:
