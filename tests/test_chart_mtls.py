@@ -84,6 +84,10 @@ def test_without_mtls_the_chart_refuses_to_render_unless_told_it_is_insecure():
         assert not [k for k in env_of(docs, service) if k.startswith("GRPC_")], service
     for service in ("policy", "rewriter"):  # the kubelet's plaintext gRPC probe works again
         assert "grpc" in container(docs, service)["readinessProbe"]
+        # ...for readiness alone: their gRPC health is NOT_SERVING while NATS is away, and a NATS
+        # outage must not restart them.
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container(docs, service)[probe]["httpGet"]["path"] == "/healthz", (service, probe)
     with helm.Chart.load(str(CHART)) as chart:  # the one shared certificate is gone
         with pytest.raises(helm.HelmError, match="existingSecret"):
             chart.validate_schema({"grpcTls": {"existingSecret": "submitd-grpc-mtls"}})
