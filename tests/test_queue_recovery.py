@@ -26,6 +26,7 @@ from submitd_devkit.testing.metrics import sample
 from submitd_devkit.testing.users import ALICE
 from submitd_devkit.testing.smtp import logged_in
 from submitd_devkit.testing.waiting import eventually
+from submitd_frontend.backends import CHUNK, Rewriter, StreamedMessage
 from submitd_rewriter.queue import QueueWriter
 
 pytestmark = pytest.mark.timeout(90)
@@ -238,6 +239,40 @@ def test_a_withdraw_that_crossed_its_queued_answer_still_withdraws_the_entry(mak
     eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
     eventually(lambda: queue_depth(stack) == 0, 20)
     assert sink.handler.messages == [], "the copy the client was told 451 for never left"
+
+
+def test_a_large_message_given_up_on_after_its_end_is_withdrawn(make_stack, sink):
+    """A message streamed to the rewriter in a Submit call of its own is given up on after it was
+    said to be whole, while the rewriter's "queued" is on its way (made here by holding the
+    answer back, with the frontend's own classes in this process and its certificate): the
+    frontend withdraws it by its queue id on a SubmitMany stream, so the entry is not delivered."""
+    stack = make_stack(env={"relay": {"STRANDED_CHECK_INTERVAL": "1"}})
+    stack.stop_service("relay")
+    env = common_pb2.Envelope(queue_id=new_queue_id(), return_path=ALICE, authenticated_user=ALICE,
+                              recipients=[common_pb2.Recipient(address="bob@example.net")])
+    large = MESSAGE + b"x" * 100 + b"\r\n" * 2000 + b"y" * 200_000 + b"\r\n"
+
+    async def go() -> None:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{stack.ports.rewriter}", stack.grpc_credentials("frontend")) as ch:
+            rewriter = Rewriter(rewriter_pb2_grpc.RewriterStub(ch), ch, streams=1, timeout=30, connect_timeout=5,
+                                max_age=300)
+            message = StreamedMessage(rewriter, env)
+            await message.start(large[:CHUNK])
+            await message.send(large[CHUNK:])
+            answer, message.receiving = message.receiving, asyncio.get_running_loop().create_future()
+            finishing = asyncio.create_task(message.finish())
+            assert (await asyncio.wait_for(answer, 20)).queued == env.queue_id, "queued by the rewriter"
+            finishing.cancel()  # the client goes, its answer still on the way
+            with pytest.raises(asyncio.CancelledError):
+                await finishing
+            await rewriter.close()  # (sends what it has to)
+
+    asyncio.run(go())
+    eventually(lambda: withdrawals(stack, "stored") == 1, 20)
+    stack.start(services=("relay",))
+    eventually(lambda: relay_metric(stack, "submitd_queue_withdrawals_total", outcome="removed") == 1, 20)
+    eventually(lambda: queue_depth(stack) == 0, 20)
+    assert sink.handler.messages == [], "queued while its client went, and sent"
 
 
 def test_a_publish_cancelled_as_it_is_acknowledged_is_withdrawn(make_stack, sink):

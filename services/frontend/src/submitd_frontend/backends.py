@@ -129,7 +129,7 @@ class Rewriter:
             self._probe.cancel()
         if self._withdrawing:
             await asyncio.wait(list(self._withdrawing), timeout=self.connect_timeout)
-        await self.streams.close()
+        await self.streams.close(flush=self.connect_timeout)  # withdraws still to be sent go
 
 
 class StreamedMessage:

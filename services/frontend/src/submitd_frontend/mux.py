@@ -14,6 +14,7 @@ one is half-closed once nothing is waiting on it and no session is bound to it a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -75,6 +76,8 @@ class Multiplexer:
         self.retired = False
         self._closing = False
         self._wake = asyncio.Event()
+        self._sent = asyncio.Event()  # set while nothing waits to be written
+        self._sent.set()
         self._writer = asyncio.create_task(self._write_loop(), name=f"{name} stream writer")
         self._reader = asyncio.create_task(self._read_loop(), name=f"{name} stream reader")
 
@@ -87,6 +90,7 @@ class Multiplexer:
             future = asyncio.get_running_loop().create_future()
             self.pending[request_id] = future
         self.outbox.append(request)
+        self._sent.clear()
         self._wake.set()
         return future
 
@@ -132,6 +136,8 @@ class Multiplexer:
                     self._wake.set()  # the rest in the next message
                 if batch:
                     await self.call.write(self._batch(batch))
+                if not self.outbox:
+                    self._sent.set()
                 if self._closing and not self.outbox:
                     await self.call.done_writing()
                     return
@@ -173,7 +179,12 @@ class Multiplexer:
         self._writer.cancel()
         self.call.cancel()
 
-    async def close(self) -> None:
+    async def close(self, flush: float = 0.0) -> None:
+        """Cancel the stream; what is queued to be sent goes first, for at most ``flush``
+        seconds (the frontend's last withdraws, at shutdown)."""
+        if flush and not self.broken and not self._sent.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._sent.wait(), flush)
         if not self.broken:
             self.broken = True
             self.call.cancel()
@@ -214,5 +225,5 @@ class Streams:
                 current = self._streams[slot] = self._open()
         return current
 
-    async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._streams if s is not None), return_exceptions=True)
+    async def close(self, flush: float = 0.0) -> None:
+        await asyncio.gather(*(s.close(flush) for s in self._streams if s is not None), return_exceptions=True)
