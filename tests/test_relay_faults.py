@@ -68,7 +68,7 @@ def test_relay_killed_after_recording_the_delivery_sends_no_second_copy(make_sta
     sink.handler.rcpt_replies["carol@example.net"] = "451 4.2.1 carol's mailbox busy"
     qid = queue(stack, envelope(["bob@example.net", "carol@example.net"]), body("recorded"))
     sink.handler.wait_for(1, 15)
-    eventually(lambda: "failpoint after-record reached" in stack.log_tail("relay", 5))
+    eventually(lambda: "failpoint after-record reached" in stack.log_path("relay").read_text())
     stack.stop_service("relay", sig=signal.SIGKILL)
     del stack.extra_env["relay"]["FAILPOINT"]
     del sink.handler.rcpt_replies["carol@example.net"]
