@@ -18,6 +18,7 @@ from submitd_devkit.dns import DnsServer
 from submitd_devkit.mtasts import UNTRUSTED, WRONG_NAME, PolicyServer
 from submitd_devkit.stack import NatsServer
 from submitd_relay.outbound import results
+from submitd_relay.outbound import stsfetch
 from submitd_relay.outbound.stsfetch import PolicyFetcher
 from submitd_relay.outbound.mtasts import (
     MAX_AGE_LIMIT, MtaStsSettings, StsPolicies, StsPolicyInvalid, open_bucket, parse_policy, parse_txt,
@@ -261,11 +262,14 @@ def connections_to(port: int) -> int:
     return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and f"socket:[{row[9]}]" in ours)
 
 
-async def test_a_closed_fetcher_leaves_no_connection_open(world):
+@pytest.mark.parametrize("deaf_after", [0, 2], ids=["goodbye-awaited", "cut"])
+async def test_a_closed_fetcher_leaves_no_connection_open(world, monkeypatch, deaf_after):
     """Each fetch's connection is closed after its answer, and a TLS close waits for the host's
-    own goodbye: a fetcher closed (the relay stopping) waits for those, then cuts them, so no
-    socket outlives it (one left to the garbage collector stays open until then)."""
-    world.publish("closing.example", "1")
+    own goodbye: a fetcher closed (the relay stopping) waits for those, then cuts them (a host
+    that says no goodbye in time), so no socket outlives it (one left to the garbage collector
+    stays open until then)."""
+    monkeypatch.setattr(stsfetch, "CLOSE_WAIT", 0.5)
+    world.publish("closing.example", "1", deaf_after=deaf_after)
     for round in range(3):
         fetcher = PolicyFetcher(world_resolver(world), lambda address: True, port=world.https.port,
                                 ca_file=str(world.ca.path), timeout=5)

@@ -35,6 +35,7 @@ class Served:
     location: str | None = None  # with a 3xx status: a redirect
     certificate: str = GOOD  # GOOD, WRONG_NAME (the test CA's, for another name) or UNTRUSTED (another CA's)
     chunked: bool = False  # no Content-Length: the body in chunks
+    deaf_after: float = 0.0  # after answering, read nothing on that connection for this long (no TLS goodbye)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,16 @@ class PolicyServer:
         headers = {"Location": served.location} if served.location else {}
         headers["Content-Type"] = served.content_type
         body = (served.text or "").encode()
+        if served.deaf_after:
+            # The answer, written by hand; then a host that neither reads, nor answers the
+            # client's close_notify, nor closes, for ``deaf_after`` seconds.
+            transport = request.transport
+            head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
+            transport.write(f"HTTP/1.1 {served.status} OK\r\n{head}\r\n".encode() + body)
+            transport.pause_reading()
+            await asyncio.sleep(served.deaf_after)
+            transport.abort()
+            raise asyncio.CancelledError  # (no answer of aiohttp's own)
         if not served.chunked:
             return web.Response(status=served.status, body=body, headers=headers)
         response = web.StreamResponse(status=served.status, headers=headers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import weakref
 from collections.abc import Callable
 
 import aiohttp
@@ -113,24 +112,35 @@ class PolicyFetcher:
 
 
 class _Connector(aiohttp.TCPConnector):
-    """Remembers the connections it made: each is closed after its one answer (force_close), and
-    a TLS close waits for the host's own close_notify (asyncio allows it 30 s), so a connection
-    may still be closing when the fetcher is; ``closed_all`` waits for those."""
+    """Remembers its connections while they are open: each is closed after its one answer
+    (force_close), and a TLS close waits for the host's own close_notify (asyncio allows it
+    30 s), so a connection may still be closing when the fetcher is; ``closed_all`` waits for
+    those, then cuts them. (By id, not weakly: uvloop's transports take no weak references.)"""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.made: weakref.WeakSet = weakref.WeakSet()
+        self.open: dict[int, tuple[asyncio.Future, asyncio.Transport | None]] = {}
 
     async def _create_connection(self, req, traces, timeout):
         proto = await super()._create_connection(req, traces, timeout)
-        self.made.add(proto)
+        closed = proto.closed  # (resolved when the connection is lost)
+        if closed is not None:
+            key = id(proto)
+            # The protocol lets go of its transport as soon as it is closed: kept here.
+            self.open[key] = (closed, proto.transport)
+            closed.add_done_callback(lambda done, key=key: self._lost(key, done))
         return proto
 
+    def _lost(self, key: int, done: asyncio.Future) -> None:
+        self.open.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # (a connection lost with an error: nobody else asks)
+
     async def closed_all(self, timeout: float) -> None:
-        made = list(self.made)
-        waiting = [closed for closed in (proto.closed for proto in made) if closed is not None]
-        if waiting:
-            await asyncio.wait(waiting, timeout=timeout)
-        for proto in made:
-            if proto.transport is not None:
-                proto.abort()
+        if self.open:
+            await asyncio.wait([closed for closed, _ in self.open.values()], timeout=timeout)
+        for _, transport in list(self.open.values()):
+            if transport is not None:
+                transport.abort()
+        self.open.clear()
+        await asyncio.sleep(0)  # their sockets close now
