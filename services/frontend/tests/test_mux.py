@@ -30,6 +30,7 @@ class Written:
     def __init__(self) -> None:
         self.messages: list[policy_pb2.SessionBatch] = []
         self.replies: asyncio.Queue = asyncio.Queue()
+        self.half_closed = False
 
     async def write(self, message) -> None:
         self.messages.append(message)
@@ -39,7 +40,7 @@ class Written:
         return await self.replies.get()
 
     async def done_writing(self) -> None:
-        pass
+        self.half_closed = True
 
     def cancel(self) -> None:
         pass
@@ -61,3 +62,27 @@ async def test_a_thousand_12_kb_auth_lines_at_once_leave_in_messages_grpc_accept
     for task in (mux._writer, mux._reader):
         task.cancel()
     await asyncio.gather(mux._writer, mux._reader, return_exceptions=True)
+
+
+async def test_a_request_given_up_on_leaves_nothing_pending_so_a_retired_stream_closes():
+    """A caller that stops waiting (its client went) may never get a reply: the rewriter answers
+    no withdrawn item. Its request no longer counts as pending, so a retired stream half-closes
+    once its sessions are done, instead of staying open for good."""
+    call = Written()
+    mux = Multiplexer("rewriter", call, lambda items: policy_pb2.SessionBatch(requests=items),
+                      lambda batch: [], lambda: ConnectionError("rewriter"))
+    mux.bind()
+    asking = asyncio.create_task(mux.ask(auth(1), 1, timeout=30))
+    await asyncio.sleep(0)
+    asking.cancel()
+    await asyncio.gather(asking, return_exceptions=True)
+    assert mux.pending == {}
+    mux.retire()
+    mux.release()
+    for _ in range(50):
+        if call.half_closed:
+            break
+        await asyncio.sleep(0)
+    assert call.half_closed, "the retired stream was half-closed"
+    await call.replies.put(None)
+    await mux.close()

@@ -110,7 +110,7 @@ class Rewriter:
         if it is being queued, or was (its answer and our giving up crossed). Said on the item's
         own ``stream`` while it works (an item still waiting there is cancelled), else on any."""
         item = rewriter_pb2.WholeItem(id=request_id, withdraw=True, queue_id=queue_id)
-        if stream is not None and not stream.broken:
+        if stream is not None and stream.writable:
             stream.send(item, None)
             return
         task = asyncio.ensure_future(self._withdraw_elsewhere(item))
@@ -127,9 +127,11 @@ class Rewriter:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        # Withdraws still to be sent go, and are read, within one BACKEND_CONNECT_TIMEOUT.
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
         if self._withdrawing:
             await asyncio.wait(list(self._withdrawing), timeout=self.connect_timeout)
-        await self.streams.close(flush=self.connect_timeout)  # withdraws still to be sent go
+        await self.streams.close(flush=max(0.1, deadline - asyncio.get_running_loop().time()))
 
 
 class StreamedMessage:

@@ -76,21 +76,23 @@ class Multiplexer:
         self.retired = False
         self._closing = False
         self._wake = asyncio.Event()
-        self._sent = asyncio.Event()  # set while nothing waits to be written
-        self._sent.set()
         self._writer = asyncio.create_task(self._write_loop(), name=f"{name} stream writer")
         self._reader = asyncio.create_task(self._read_loop(), name=f"{name} stream reader")
 
+    @property
+    def writable(self) -> bool:
+        """Takes requests: neither broken nor half-closing (a half-closed stream sends nothing more)."""
+        return not self.broken and not self._closing
+
     def send(self, request, request_id: int | None) -> asyncio.Future | None:
         """Queue ``request``; with an id, the future of its reply."""
-        if self.broken:
+        if not self.writable:
             raise self._error()
         future = None
         if request_id is not None:
             future = asyncio.get_running_loop().create_future()
             self.pending[request_id] = future
         self.outbox.append(request)
-        self._sent.clear()
         self._wake.set()
         return future
 
@@ -103,6 +105,10 @@ class Multiplexer:
             return await future
         finally:
             timer.cancel()
+            # Given up (cancelled): no reply may ever come (the rewriter answers no withdrawn
+            # item), and a retired stream closes only once nothing is pending.
+            if self.pending.pop(request_id, None) is not None:
+                self._close_if_done()
 
     def _expire(self, request_id: int) -> None:
         future = self.pending.pop(request_id, None)
@@ -136,8 +142,6 @@ class Multiplexer:
                     self._wake.set()  # the rest in the next message
                 if batch:
                     await self.call.write(self._batch(batch))
-                if not self.outbox:
-                    self._sent.set()
                 if self._closing and not self.outbox:
                     await self.call.done_writing()
                     return
@@ -180,11 +184,15 @@ class Multiplexer:
         self.call.cancel()
 
     async def close(self, flush: float = 0.0) -> None:
-        """Cancel the stream; what is queued to be sent goes first, for at most ``flush``
-        seconds (the frontend's last withdraws, at shutdown)."""
-        if flush and not self.broken and not self._sent.is_set():
+        """Cancel the stream. With ``flush``, it is first half-closed once what is queued is
+        written, and the other side's end of it awaited, for at most ``flush`` seconds: then
+        what was sent has been read (the frontend's last withdraws, at shutdown)."""
+        if flush and not self.broken:
+            if not self._closing:
+                self._closing = True
+                self._wake.set()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._sent.wait(), flush)
+                await asyncio.wait_for(asyncio.shield(self._reader), flush)
         if not self.broken:
             self.broken = True
             self.call.cancel()
@@ -211,8 +219,11 @@ class Streams:
         self._streams: list[Multiplexer | None] = [None] * max(1, count)
         self._turn = itertools.cycle(range(len(self._streams)))
         self.ids = itertools.count(1)
+        self._closed = False
 
     async def get(self) -> Multiplexer:
+        if self._closed:
+            raise self._error()
         slot = next(self._turn)
         current = self._streams[slot]
         if current is not None and not current.broken and time.monotonic() - current.opened_at > self.max_age:
@@ -226,4 +237,5 @@ class Streams:
         return current
 
     async def close(self, flush: float = 0.0) -> None:
+        self._closed = True
         await asyncio.gather(*(s.close(flush) for s in self._streams if s is not None), return_exceptions=True)

@@ -33,7 +33,7 @@ log = logging.getLogger("submitd.rewriter")
 QUEUE_DOWN = reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
 QUEUE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
 WAITING = Gauge("submitd_rewriter_publishes_waiting",
-                "Queue entries published and not yet acknowledged by JetStream (their clients wait for the 250)")
+                "Queue publishes not yet acknowledged by JetStream (their clients wait for the 250)")
 
 
 class QueueUnavailable(Exception):

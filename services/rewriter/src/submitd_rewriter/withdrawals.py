@@ -58,8 +58,8 @@ class Withdrawals:
 
     def add(self, queue_id: str) -> None:
         now = time.monotonic()
-        for old in [q for q, at in self.done.items() if now - at > self.keep_for]:
-            del self.done[old]
+        while self.done and now - next(iter(self.done.values())) > self.keep_for:
+            del self.done[next(iter(self.done))]  # (oldest first: kept in the order done)
         if queue_id in self.pending or queue_id in self.done:
             return
         self.pending[queue_id] = now

@@ -128,14 +128,17 @@ def queued(stack: Stack) -> int:
 
 def settled(stack: Stack) -> Stack:
     """A module's stack for its next test, when what the tests before it started has ended:
-    their mail has reached the next hop (the queue is empty) and no password check of theirs is
-    still running in policy (a client that gave up on a slow one leaves it to finish); then the
-    next hop forgets their mail. For module stacks whose tests count mail or hashes."""
+    their mail has reached the next hop (the queue is empty), no password check of theirs is
+    still running in policy (a client that gave up on a slow one leaves it to finish), and
+    policy holds none of their sessions; then the next hop forgets their mail. For module
+    stacks whose tests count mail, hashes or sessions."""
     from .metrics import sample
     from .waiting import eventually
 
     eventually(lambda: queued(stack) == 0, timeout=30)
     eventually(lambda: sample(stack.ports.policy_http, "submitd_policy_password_hash_pending") == 0, timeout=30)
+    # Their sessions forgotten by policy too (it hears of a session's end after the client has gone).
+    eventually(lambda: sample(stack.ports.policy_http, "submitd_policy_sessions") == 0, timeout=30)
     stack.sink.handler.reset()
     return stack
 
