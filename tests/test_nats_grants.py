@@ -387,3 +387,31 @@ async def _app_password_grants(url: str) -> None:
     await mirror.close()
     for c in (policy, operator, relay):
         await c.nc.close()
+
+
+def test_a_local_nats_made_before_a_user_was_removed_starts_without_it(tmp_path):
+    """`make run`'s var/ from before the frontend lost its NATS user still names it in its
+    passwords file: the dev kit's nats-server starts all the same (it failed with a KeyError),
+    keeps the passwords it knew, and the removed user cannot log in."""
+    from submitd_devkit.stack import NatsServer
+
+    root = tmp_path / "nats"
+    root.mkdir()
+    (root / "passwords.json").write_text(json.dumps({"frontend": "pw-frontend", "policy": "pw-kept"}))
+    server = NatsServer(root).start()
+
+    async def login(user: str, password: str) -> bool:
+        try:
+            nc = await nats.connect(server.service_url, user=user, password=password, allow_reconnect=False,
+                                    max_reconnect_attempts=0, connect_timeout=2)
+        except Exception:
+            return False
+        await nc.close()
+        return True
+
+    try:
+        assert server.passwords["policy"] == "pw-kept" and "frontend" not in server.passwords
+        assert asyncio.run(login("policy", "pw-kept"))
+        assert not asyncio.run(login("frontend", "pw-frontend"))
+    finally:
+        server.stop()

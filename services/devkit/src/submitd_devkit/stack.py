@@ -140,8 +140,10 @@ class NatsServer:
         self.passwords_file = secrets
         known = json.loads(secrets.read_text()) if secrets.exists() else {}
         names = [*natsauth.PERMISSIONS, "admin"]
-        if set(names) - set(known):  # a new directory, or one made before a user was added
-            known |= {n: secrets_module.token_urlsafe(18) for n in names if n not in known}
+        if set(names) != set(known):
+            # A new directory, or one made before a user was added or removed (the frontend's,
+            # gone since it reaches NATS through the rewriter): a removed user has no password.
+            known = {n: known.get(n) or secrets_module.token_urlsafe(18) for n in names}
             secrets.write_text(json.dumps(known))
             secrets.chmod(0o600)
         self.passwords: dict[str, str] = known
