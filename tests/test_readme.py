@@ -35,8 +35,10 @@ def demo(make_stack, tmp_path):
     var.mkdir()
     (var / "demo-password").write_text("demo passphrase\n")
     (var / "admin-token").write_text("readme-token\n")
-    stack = make_stack(users={DEMO: User("demo passphrase", [DEMO])},
+    stack = make_stack(start=False, users={DEMO: User("demo passphrase", [DEMO])},
                        env={"relay": {"ADMIN_TOKEN_FILE": str(var / "admin-token")}})
+    stack.make_dkim_keys("example.test")  # as `make run` makes them
+    stack.start()
     return stack, tmp_path
 
 
@@ -53,6 +55,9 @@ def test_the_swaks_and_python_examples_submit_mail(demo):
     assert [m.mail_from for m in got] == [DEMO, DEMO]
     for m in got:
         assert re.search(rb"(?mi)^Message-ID: <", m.data) and re.search(rb"(?m)^Date: ", m.data), m.data[:400]
+        # "two DKIM signatures (RSA and Ed25519)", as the README says the message arrives
+        assert sorted(re.findall(rb"(?m)^DKIM-Signature: v=1; a=([\w-]+);", m.data)) == [b"ed25519-sha256", b"rsa-sha256"], \
+            m.data[:600]
 
 
 def test_the_queue_admin_curl_example_answers(demo):
