@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from submitd.v1 import policy_pb2
+from submitd_devkit.testing.waiting import eventually_async
 from submitd_frontend.mux import BATCH_BYTES, Multiplexer, take_batch
 
 
@@ -73,16 +74,12 @@ async def test_a_request_given_up_on_leaves_nothing_pending_so_a_retired_stream_
                       lambda batch: [], lambda: ConnectionError("rewriter"))
     mux.bind()
     asking = asyncio.create_task(mux.ask(auth(1), 1, timeout=30))
-    await asyncio.sleep(0)
+    await eventually_async(lambda: 1 in mux.pending, 5)
     asking.cancel()
     await asyncio.gather(asking, return_exceptions=True)
     assert mux.pending == {}
     mux.retire()
     mux.release()
-    for _ in range(50):
-        if call.half_closed:
-            break
-        await asyncio.sleep(0)
-    assert call.half_closed, "the retired stream was half-closed"
+    await eventually_async(lambda: call.half_closed, 5)  # the retired stream was half-closed
     await call.replies.put(None)
     await mux.close()

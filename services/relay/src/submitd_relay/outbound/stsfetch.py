@@ -104,11 +104,10 @@ class PolicyFetcher:
         leave their sockets open until garbage collection."""
         if self._session is None:
             return
-        connector = self._session.connector
+        connector = self._session.connector  # (a _Connector: session() makes no other)
         await self._session.close()
         self._session = None
-        if isinstance(connector, _Connector):
-            await connector.closed_all(CLOSE_WAIT)
+        await connector.closed_all(CLOSE_WAIT)
 
 
 class _Connector(aiohttp.TCPConnector):
